@@ -1,0 +1,142 @@
+"""The bank: accounts placed on shards by a stable function of their id, transfers as
+global transactions, and the invariants, read from the shards themselves.
+
+Each shard has `accounts` (balance never negative, enforced by a CHECK) and `ledger`,
+one row per applied transfer leg, keyed by (transfer id, leg). A transfer is one
+global transaction: the debit leg (an UPDATE that must touch exactly one row, which it
+does only when the balance suffices), the credit leg, and both ledger rows.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import psycopg
+
+from twopc_common.values import Statement, exactly
+
+SCHEMA = [
+    "DROP TABLE IF EXISTS ledger",
+    "DROP TABLE IF EXISTS accounts",
+    """CREATE TABLE accounts (
+        id bigint PRIMARY KEY,
+        balance bigint NOT NULL CHECK (balance >= 0)
+    )""",
+    """CREATE TABLE ledger (
+        transfer_id text NOT NULL,
+        leg text NOT NULL CHECK (leg IN ('debit', 'credit')),
+        account bigint NOT NULL,
+        amount bigint NOT NULL CHECK (amount > 0),
+        PRIMARY KEY (transfer_id, leg)
+    )""",
+]
+
+
+def shard_of(account: int, shards: Sequence[str]) -> str:
+    """Stable placement: the same account lands on the same shard in every run."""
+    return shards[zlib.crc32(str(account).encode()) % len(shards)]
+
+
+def create_schema(dsns: Mapping[str, str]) -> None:
+    for dsn in dsns.values():
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            # A leftover prepared transaction would block DROP TABLE forever.
+            conn.execute("SET lock_timeout = '10s'")
+            for statement in SCHEMA:
+                conn.execute(statement)
+
+
+def open_accounts(dsns: Mapping[str, str], accounts: int, balance: int) -> None:
+    shards = list(dsns)
+    placed: dict[str, list[tuple[int, int]]] = defaultdict(list)
+    for account in range(1, accounts + 1):
+        placed[shard_of(account, shards)].append((account, balance))
+    for shard, rows in placed.items():
+        with psycopg.connect(dsns[shard]) as conn, conn.cursor() as cur:
+            cur.executemany("INSERT INTO accounts (id, balance) VALUES (%s, %s)", rows)
+
+
+def transfer(
+    transfer_id: str, source: int, target: int, amount: int, shards: Sequence[str]
+) -> dict[str, list[Statement]]:
+    """The branches of one transfer. Both legs on one shard make a single branch,
+    which the coordinator commits in one phase."""
+    if amount <= 0:
+        raise ValueError(f"amount must be positive, got {amount}")
+    if source == target:
+        raise ValueError("source and target must differ")
+    debit = [
+        Statement(
+            "UPDATE accounts SET balance = balance - %s WHERE id = %s AND balance >= %s",
+            (amount, source, amount),
+            exactly(1),
+        ),
+        Statement(
+            "INSERT INTO ledger (transfer_id, leg, account, amount) VALUES (%s, 'debit', %s, %s)",
+            (transfer_id, source, amount),
+        ),
+    ]
+    credit = [
+        Statement(
+            "UPDATE accounts SET balance = balance + %s WHERE id = %s",
+            (amount, target),
+            exactly(1),
+        ),
+        Statement(
+            "INSERT INTO ledger (transfer_id, leg, account, amount) VALUES (%s, 'credit', %s, %s)",
+            (transfer_id, target, amount),
+        ),
+    ]
+    branches: dict[str, list[Statement]] = defaultdict(list)
+    branches[shard_of(source, shards)] += debit
+    branches[shard_of(target, shards)] += credit
+    return dict(branches)
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """What the shards hold, read in one pass."""
+
+    total: int
+    accounts: int
+    negative: tuple[int, ...]
+    legs: Mapping[str, frozenset[str]]
+    prepared: Mapping[str, tuple[str, ...]]
+
+    def half_applied(self) -> list[str]:
+        return sorted(t for t, legs in self.legs.items() if legs != {"debit", "credit"})
+
+
+def snapshot(dsns: Mapping[str, str]) -> Snapshot:
+    total = count = 0
+    negative: list[int] = []
+    legs: dict[str, set[str]] = defaultdict(set)
+    prepared: dict[str, tuple[str, ...]] = {}
+    for shard, dsn in dsns.items():
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            row = conn.execute("SELECT coalesce(sum(balance), 0), count(*) FROM accounts").fetchone()
+            assert row is not None
+            total += int(row[0])
+            count += int(row[1])
+            negative += [
+                int(r[0]) for r in conn.execute("SELECT id FROM accounts WHERE balance < 0")
+            ]
+            for transfer_id, leg in conn.execute("SELECT transfer_id, leg FROM ledger"):
+                legs[str(transfer_id)].add(str(leg))
+            prepared[shard] = tuple(
+                str(r[0]) for r in conn.execute("SELECT gid FROM pg_prepared_xacts")
+            )
+    return Snapshot(
+        total=total,
+        accounts=count,
+        negative=tuple(sorted(negative)),
+        legs={t: frozenset(v) for t, v in legs.items()},
+        prepared=prepared,
+    )
+
+
+def applied(snap: Snapshot, transfer_ids: Iterable[str]) -> dict[str, bool]:
+    return {t: snap.legs.get(t) == {"debit", "credit"} for t in transfer_ids}

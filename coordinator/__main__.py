@@ -1,0 +1,153 @@
+"""`twopc-coordinator`: run the coordinator daemon."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import sys
+
+import grpc
+
+from coordinator.config import CoordinatorConfig
+from coordinator.decision_log import DecisionLog
+from coordinator.engine import Coordinator
+from coordinator.participants import ParticipantClient
+from coordinator.service import CoordinatorService
+from twopc_common import failpoints, log
+from twopc_common.cli import named_addresses, positive, wait_for_termination
+from twopc_common.errors import TwoPCError
+from twopc_common.ids import check_name
+from twopc_pb import coordinator_pb2_grpc as cgrpc
+
+
+class StartupError(TwoPCError):
+    """The daemon cannot start (port taken, log unwritable, ...)."""
+
+
+async def serve(config: CoordinatorConfig) -> None:
+    decision_log = DecisionLog(config.log_path, batch_max=config.log_batch_max)
+    try:
+        decision_log.open()
+    except Exception as exc:
+        raise StartupError(f"cannot open decision log {config.log_path}: {exc}") from exc
+    clients = {
+        name: ParticipantClient(name, address, config.rpc_timeout, config.limits.max_message_bytes)
+        for name, address in config.participants.items()
+    }
+    engine = Coordinator(config, decision_log, clients)
+    engine.log.info("starting", epoch=decision_log.epoch, participants=len(clients))
+    await engine.recover()
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", config.limits.max_message_bytes),
+            ("grpc.so_reuseport", 0),
+        ]
+    )
+    cgrpc.add_CoordinatorServicer_to_server(CoordinatorService(engine), server)
+    if server.add_insecure_port(config.listen) == 0:
+        raise StartupError(f"cannot listen on {config.listen}")
+    await server.start()
+    engine.log.info("serving", listen=config.listen, epoch=decision_log.epoch)
+    tasks = [
+        asyncio.create_task(engine.recovery_loop()),
+        asyncio.create_task(engine.reap_idle_transactions()),
+    ]
+    try:
+        await wait_for_termination()
+    finally:
+        engine.log.info("stopping")
+        await server.stop(config.shutdown_grace)
+        for task in tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await engine.close()
+        decision_log.close()
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[CoordinatorConfig, str]:
+    d = CoordinatorConfig(id="-", log_path="-")
+    p = argparse.ArgumentParser(
+        prog="twopc-coordinator",
+        description="Two-phase-commit coordinator for PostgreSQL participant agents.",
+    )
+    p.add_argument("--id", required=True, help="this coordinator's name (in every txid)")
+    p.add_argument("--log", required=True, metavar="PATH", help="SQLite decision log")
+    p.add_argument("--listen", default=d.listen, help="HOST:PORT to serve gRPC on")
+    p.add_argument(
+        "--participant",
+        action="append",
+        default=[],
+        metavar="NAME=HOST:PORT",
+        help="a participant agent (repeatable)",
+    )
+    p.add_argument(
+        "--prepare-timeout",
+        type=positive,
+        default=d.prepare_timeout,
+        metavar="SECONDS",
+        help="votes missing after it mean abort",
+    )
+    p.add_argument(
+        "--rpc-timeout",
+        type=positive,
+        default=d.rpc_timeout,
+        metavar="SECONDS",
+        help="deadline of every other call to a participant",
+    )
+    p.add_argument(
+        "--phase2-backoff-max",
+        type=positive,
+        default=d.phase2_backoff_max,
+        metavar="SECONDS",
+        help="cap of the phase-2 retry backoff",
+    )
+    p.add_argument(
+        "--transaction-idle-timeout",
+        type=positive,
+        default=d.transaction_idle_timeout,
+        metavar="SECONDS",
+    )
+    p.add_argument(
+        "--recovery-interval",
+        type=positive,
+        default=d.recovery_interval,
+        metavar="SECONDS",
+        help="period of the in-doubt branch scan",
+    )
+    p.add_argument("--log-level", default=os.environ.get("TWOPC_LOG_LEVEL", "INFO"))
+    a = p.parse_args(argv)
+    try:
+        config = CoordinatorConfig(
+            id=check_name("coordinator", a.id),
+            log_path=a.log,
+            listen=a.listen,
+            participants=named_addresses(a.participant, "--participant"),
+            prepare_timeout=a.prepare_timeout,
+            rpc_timeout=a.rpc_timeout,
+            phase2_backoff_max=a.phase2_backoff_max,
+            transaction_idle_timeout=a.transaction_idle_timeout,
+            recovery_interval=a.recovery_interval,
+        )
+    except (TwoPCError, argparse.ArgumentTypeError) as exc:
+        p.error(str(exc))
+    return config, a.log_level
+
+
+def main(argv: list[str] | None = None) -> None:
+    config, level = parse_args(argv)
+    log.setup(level)
+    try:
+        failpoints.configure_from_env()
+    except ValueError as exc:
+        sys.exit(f"twopc-coordinator: {exc}")
+    try:
+        asyncio.run(serve(config))
+    except StartupError as exc:
+        sys.exit(f"twopc-coordinator: {exc}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,42 @@
+"""The coordinator's configuration: every timeout, limit and retry policy, named."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from twopc_common.limits import Limits
+
+
+@dataclass(frozen=True, slots=True)
+class CoordinatorConfig:
+    id: str
+    """This coordinator's name; it is part of every transaction id it assigns."""
+    log_path: str
+    """Path of the SQLite decision log."""
+    listen: str = "127.0.0.1:7000"
+    """HOST:PORT the gRPC server binds."""
+    participants: dict[str, str] = field(default_factory=dict)
+    """Participant name -> HOST:PORT of its agent."""
+    prepare_timeout: float = 5.0
+    """Seconds to collect every vote; a vote missing after it means ABORT."""
+    rpc_timeout: float = 3.0
+    """Deadline of every other call to a participant (Execute, Commit, Abort, ...)."""
+    phase2_backoff_initial: float = 0.05
+    """First delay before a failed Commit/Abort is retried."""
+    phase2_backoff_max: float = 5.0
+    """Cap of the exponential backoff; phase 2 is retried forever, never given up."""
+    transaction_idle_timeout: float = 60.0
+    """An interactive transaction without calls for this long is rolled back."""
+    recovery_interval: float = 5.0
+    """Seconds between scans of the participants for in-doubt branches."""
+    startup_recovery_timeout: float = 5.0
+    """How long start-up waits for participants to list their in-doubt branches before
+    serving anyway (unreachable ones are resolved by the periodic scan)."""
+    retention: float = 7 * 24 * 3600.0
+    """Seconds completed transactions (and their idempotency keys) stay in the log."""
+    log_batch_max: int = 512
+    """Most decision-log records written under one fsync (group commit)."""
+    shutdown_grace: float = 2.0
+    """Seconds in-flight RPCs get to finish on SIGTERM."""
+    limits: Limits = field(default_factory=Limits)
+    """Request limits."""

@@ -1,0 +1,681 @@
+"""The coordinator's engine: runs global transactions through the protocol in
+`coordinator.protocol`, with the decision log and the participant clients as effects.
+
+Guarantees:
+- prepare goes to every participant in parallel and the decision is taken when every
+  vote is in, on the first NO, or when the prepare timeout expires, whichever is first;
+- a COMMIT decision is durable in the decision log before any Commit is sent;
+- phase 2 is retried with capped exponential backoff until every participant
+  acknowledged; only then is the transaction forgotten from memory;
+- a transaction stays in memory from its first id to its completion, so recovery,
+  which only aborts branches of transactions that are neither in memory nor logged as
+  committed, never races a live one;
+- idempotency keys: a retry of a keyed Run joins the live transaction or returns the
+  logged outcome; the key is in memory until its record is durable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import itertools
+import time
+from collections.abc import Coroutine, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from coordinator.config import CoordinatorConfig
+from coordinator.decision_log import DecisionLog, LogRecord
+from coordinator.participants import ParticipantClient, PrepareReply
+from coordinator.protocol import (
+    FINAL,
+    AbortCause,
+    Ballot,
+    TxState,
+    Vote,
+    backoff,
+    decide,
+    transition,
+)
+from twopc_common import failpoints
+from twopc_common.errors import (
+    Aborted,
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    TwoPCError,
+    Unavailable,
+)
+from twopc_common.ids import TransactionId
+from twopc_common.log import EventLogger
+from twopc_common.values import Statement, StatementResult
+
+BranchResults = tuple[tuple[str, tuple[StatementResult, ...]], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    transaction_id: str
+    committed: bool
+    cause: AbortCause | None = None
+    culprit: str = ""
+    reason: str = ""
+    results: BranchResults = ()
+    one_phase: bool = False
+    completed: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        """What the log keeps for an idempotent replay (read results are not kept)."""
+        return {
+            "committed": self.committed,
+            "cause": self.cause.value if self.cause else None,
+            "culprit": self.culprit,
+            "reason": self.reason,
+            "one_phase": self.one_phase,
+        }
+
+    @classmethod
+    def from_record(cls, record: LogRecord) -> Outcome:
+        data = record.outcome
+        return cls(
+            transaction_id=record.transaction_id,
+            committed=bool(data["committed"]),
+            cause=AbortCause(data["cause"]) if data.get("cause") else None,
+            culprit=data.get("culprit", ""),
+            reason=data.get("reason", ""),
+            one_phase=bool(data.get("one_phase", False)),
+            completed=record.state != "committing",
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class TransactionInfo:
+    transaction_id: str
+    outcome: str  # committed | aborted | in_progress | unknown
+    state: TxState | None
+    participants: tuple[str, ...] = ()
+    age_seconds: float = 0.0
+    pending_acks: tuple[str, ...] = ()
+
+
+@dataclass
+class _Tx:
+    id: str
+    state: TxState
+    created: float = field(default_factory=time.time)
+    last_used: float = field(default_factory=time.monotonic)
+    participants: list[str] = field(default_factory=list)
+    key: str | None = None
+    request_hash: str | None = None
+    busy: int = 0
+    pending: set[str] = field(default_factory=set)
+    outcome: asyncio.Future[Outcome] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+    completed: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class Coordinator:
+    def __init__(
+        self,
+        config: CoordinatorConfig,
+        log: DecisionLog,
+        clients: Mapping[str, ParticipantClient],
+    ) -> None:
+        self.config = config
+        self.id = config.id
+        self.decision_log = log
+        self.clients = dict(clients)
+        self.log = EventLogger("coordinator", config.id)
+        self.counters: collections.Counter[str] = collections.Counter()
+        self.recovered = False
+        self._live: dict[str, _Tx] = {}
+        self._keys: dict[str, _Tx] = {}
+        self._sequence = itertools.count(1)
+        self._background: set[asyncio.Task[None]] = set()
+
+    # -- bookkeeping ----------------------------------------------------------------
+
+    def _new_tx(self, state: TxState = TxState.ACTIVE) -> _Tx:
+        txid = str(TransactionId(self.id, self.decision_log.epoch, next(self._sequence)))
+        tx = self._live[txid] = _Tx(txid, state)
+        return tx
+
+    def _forget(self, tx: _Tx) -> None:
+        self._live.pop(tx.id, None)
+        if tx.key is not None and self._keys.get(tx.key) is tx:
+            del self._keys[tx.key]
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _client(self, participant: str) -> ParticipantClient:
+        client = self.clients.get(participant)
+        if client is None:
+            raise NotFound(f"unknown participant {participant!r}")
+        return client
+
+    def _check_branches(self, branches: Sequence[tuple[str, Sequence[Statement]]]) -> None:
+        if not branches:
+            raise InvalidArgument("a transaction needs at least one branch")
+        if len(branches) > self.config.limits.max_branches:
+            raise InvalidArgument(
+                f"{len(branches)} branches, the limit is {self.config.limits.max_branches}"
+            )
+        seen: set[str] = set()
+        for participant, statements in branches:
+            self._client(participant)
+            if participant in seen:
+                raise InvalidArgument(f"participant {participant!r} appears in two branches")
+            seen.add(participant)
+            if not statements:
+                raise InvalidArgument(f"branch on {participant!r} has no statements")
+
+    # -- one-shot transactions ------------------------------------------------------
+
+    async def run(
+        self,
+        branches: Sequence[tuple[str, Sequence[Statement]]],
+        key: str | None = None,
+        request_hash: str | None = None,
+        wait: bool = False,
+    ) -> Outcome:
+        self._check_branches(branches)
+        if key is None:
+            tx = self._new_tx()
+        else:
+            if len(key.encode()) > self.config.limits.max_idempotency_key_bytes:
+                raise InvalidArgument(
+                    f"idempotency key longer than "
+                    f"{self.config.limits.max_idempotency_key_bytes} bytes"
+                )
+            joined = self._keys.get(key)
+            if joined is not None:
+                if joined.request_hash != request_hash:
+                    raise AlreadyExists(f"idempotency key {key!r} was used for another request")
+                self.counters["idempotent_replays"] += 1
+                return await self._answer(joined, wait)
+            tx = self._new_tx()
+            tx.key, tx.request_hash = key, request_hash
+            self._keys[key] = tx
+            record = await self.decision_log.by_key(key)
+            if record is not None:
+                self._forget(tx)
+                if record.request_hash != request_hash:
+                    error = AlreadyExists(f"idempotency key {key!r} was used for another request")
+                    tx.outcome.set_exception(error)
+                    tx.outcome.exception()  # retrieved: waiters re-raise it themselves
+                    raise error
+                outcome = Outcome.from_record(record)
+                tx.outcome.set_result(outcome)
+                self.counters["idempotent_replays"] += 1
+                return outcome
+        return await self._finish(tx, {p: tuple(s) for p, s in branches}, wait)
+
+    async def _answer(self, tx: _Tx, wait: bool) -> Outcome:
+        outcome = await asyncio.shield(tx.outcome)
+        if wait and not outcome.completed:
+            await tx.completed.wait()
+            outcome = replace(outcome, completed=True)
+        return outcome
+
+    async def _finish(
+        self, tx: _Tx, work: Mapping[str, tuple[Statement, ...]], wait: bool
+    ) -> Outcome:
+        """Prepare, decide, log, start phase 2; answer once the decision is durable."""
+        participants = tuple(work)
+        tx.participants = list(participants)
+        tx.state = transition(tx.state, TxState.PREPARING)
+        try:
+            await failpoints.hit("coordinator.before_prepare")
+            if len(participants) == 1:
+                await self._one_phase(tx, participants[0], work[participants[0]])
+            else:
+                await self._two_phase(tx, work)
+        except Exception as exc:
+            # Nothing is decided unless the outcome is set: presumed abort covers it.
+            if not tx.outcome.done():
+                self._abort(
+                    tx,
+                    AbortCause.COORDINATOR_RESTART,
+                    "",
+                    f"coordinator error: {exc!r}",
+                    tuple(tx.participants),
+                )
+            raise
+        return await self._answer(tx, wait)
+
+    async def _two_phase(self, tx: _Tx, work: Mapping[str, tuple[Statement, ...]]) -> None:
+        participants = tuple(work)
+        ballots, results = await self._collect_votes(tx, work)
+        decision = decide(participants, ballots)
+        await failpoints.hit("coordinator.after_votes_before_decision")
+        if not decision.commit:
+            assert decision.cause is not None
+            outcome = self._abort(
+                tx, decision.cause, decision.culprit, decision.reason, decision.phase2, results
+            )
+            if tx.key is not None:
+                await self.decision_log.record_abort(
+                    tx.id,
+                    participants,
+                    tx.created,
+                    outcome.to_json(),
+                    tx.key,
+                    tx.request_hash or "",
+                )
+            return
+        outcome = Outcome(tx.id, True, results=results)
+        if not decision.phase2:  # every vote READ_ONLY: nothing to commit anywhere
+            await self._complete_without_phase2(tx, outcome)
+            return
+        await self.decision_log.record_commit(
+            tx.id, decision.phase2, tx.created, outcome.to_json(), tx.key, tx.request_hash
+        )
+        await failpoints.hit("coordinator.after_decision_logged")
+        tx.state = transition(tx.state, TxState.COMMITTING)
+        self.counters["committed_two_phase"] += 1
+        self.log.info(
+            "decided", txid=tx.id, decision="commit", participants=",".join(decision.phase2)
+        )
+        tx.outcome.set_result(outcome)
+        self._spawn(self._deliver(tx, decision.phase2, commit=True))
+
+    async def _collect_votes(
+        self, tx: _Tx, work: Mapping[str, tuple[Statement, ...]]
+    ) -> tuple[dict[str, Ballot], BranchResults]:
+        timeout = self.config.prepare_timeout
+        calls = {
+            asyncio.create_task(self.clients[p].prepare(tx.id, work[p], False, timeout)): p
+            for p in work
+        }
+        ballots: dict[str, Ballot] = {}
+        results: dict[str, tuple[StatementResult, ...]] = {}
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        pending: set[asyncio.Task[PrepareReply]] = set(calls)
+        try:
+            while pending and (remaining := deadline - loop.time()) > 0:
+                done, pending = await asyncio.wait(
+                    pending, timeout=remaining, return_when=asyncio.FIRST_COMPLETED
+                )
+                for task in done:
+                    reply = task.result()
+                    ballots[calls[task]] = reply.ballot
+                    results[calls[task]] = reply.results
+                if any(b.vote is Vote.NO for b in ballots.values()):
+                    break  # the outcome is known: do not wait for the slow ones
+                if pending and ballots:
+                    await failpoints.hit("coordinator.after_some_votes")
+        finally:
+            for task in pending:
+                task.cancel()
+        return ballots, tuple((p, results[p]) for p in work if p in results)
+
+    async def _one_phase(
+        self, tx: _Tx, participant: str, statements: tuple[Statement, ...]
+    ) -> None:
+        """A single branch commits without PREPARE and needs no decision record. If its
+        answer is lost, an Abort fences it: acknowledged means it did not commit (and
+        never will), FAILED_PRECONDITION means it had committed."""
+        client = self.clients[participant]
+        reply = await client.prepare(tx.id, statements, True, self.config.prepare_timeout)
+        ballot = reply.ballot
+        results = ((participant, reply.results),) if reply.results else ()
+        if ballot.vote is Vote.NO:
+            outcome = self._abort(tx, AbortCause.VOTE_NO, participant, ballot.reason, (), results)
+        elif ballot.vote in (Vote.COMMITTED_ONE_PHASE, Vote.READ_ONLY):
+            outcome = Outcome(tx.id, True, results=results, one_phase=True)
+        else:
+            committed = await self._fence_one_phase(tx, participant)
+            if committed:
+                outcome = Outcome(tx.id, True, one_phase=True)
+            else:
+                cause = (
+                    AbortCause.PREPARE_TIMEOUT
+                    if ballot.vote is Vote.TIMEOUT
+                    else AbortCause.PARTICIPANT_UNAVAILABLE
+                )
+                outcome = self._abort(tx, cause, participant, ballot.reason, ())
+        if outcome.committed:
+            self.counters["committed_one_phase"] += 1
+            self.log.info("committed_one_phase", txid=tx.id, participant=participant)
+            await self._complete_without_phase2(tx, outcome)
+        elif tx.key is not None:
+            await self.decision_log.record_abort(
+                tx.id, (participant,), tx.created, outcome.to_json(), tx.key, tx.request_hash or ""
+            )
+
+    async def _fence_one_phase(self, tx: _Tx, participant: str) -> bool:
+        for attempt in itertools.count():
+            try:
+                await self.clients[participant].abort(tx.id)
+                return False
+            except FailedPrecondition:
+                return True
+            except TwoPCError as exc:
+                self.log.warning(
+                    "one_phase_fence_retry", txid=tx.id, participant=participant, error=str(exc)
+                )
+                await asyncio.sleep(
+                    backoff(
+                        attempt, self.config.phase2_backoff_initial, self.config.phase2_backoff_max
+                    )
+                )
+        raise AssertionError("unreachable")
+
+    async def _complete_without_phase2(self, tx: _Tx, outcome: Outcome) -> None:
+        if tx.key is not None:
+            await self.decision_log.record_commit(
+                tx.id,
+                tuple(tx.participants),
+                tx.created,
+                outcome.to_json(),
+                tx.key,
+                tx.request_hash,
+                completed=True,
+            )
+        tx.state = transition(tx.state, TxState.COMMITTED)
+        tx.outcome.set_result(replace(outcome, completed=True))
+        tx.completed.set()
+        self._forget(tx)
+
+    def _abort(
+        self,
+        tx: _Tx,
+        cause: AbortCause,
+        culprit: str,
+        reason: str,
+        phase2: tuple[str, ...],
+        results: BranchResults = (),
+    ) -> Outcome:
+        """Decide ABORT (no record needed) and start telling `phase2`."""
+        tx.state = transition(tx.state, TxState.ABORTING)
+        outcome = Outcome(tx.id, False, cause, culprit, reason, results)
+        tx.outcome.set_result(outcome)
+        self.counters[f"aborted_{cause.value}"] += 1
+        self.log.info(
+            "decided",
+            txid=tx.id,
+            decision="abort",
+            cause=cause.value,
+            culprit=culprit,
+            reason=reason,
+        )
+        self._spawn(self._deliver(tx, phase2, commit=False))
+        return outcome
+
+    # -- phase 2 --------------------------------------------------------------------
+
+    async def _deliver(self, tx: _Tx, participants: tuple[str, ...], commit: bool) -> None:
+        tx.pending = set(participants)
+        await asyncio.gather(*(self._deliver_one(tx, p, commit) for p in participants))
+        if commit:
+            await failpoints.hit("coordinator.before_mark_complete")
+            await self._retry(lambda: self.decision_log.mark_complete(tx.id), tx, "mark_complete")
+            tx.state = transition(tx.state, TxState.COMMITTED)
+        else:
+            tx.state = transition(tx.state, TxState.ABORTED)
+        tx.completed.set()
+        self._forget(tx)
+        self.log.info("completed", txid=tx.id, outcome="committed" if commit else "aborted")
+
+    async def _deliver_one(self, tx: _Tx, participant: str, commit: bool) -> None:
+        client = self.clients[participant]
+        for attempt in itertools.count():
+            try:
+                if commit:
+                    await client.commit(tx.id)
+                else:
+                    await client.abort(tx.id)
+            except FailedPrecondition as exc:
+                # The branch is in the other final state: only an operator's heuristic
+                # decision can do that, and retrying cannot undo it.
+                self.counters["heuristic_hazards"] += 1
+                self.log.error(
+                    "heuristic_hazard", txid=tx.id, participant=participant, error=str(exc)
+                )
+                break
+            except TwoPCError as exc:
+                self.counters["phase2_retries"] += 1
+                if attempt % 10 == 0:
+                    self.log.warning(
+                        "phase2_retry",
+                        txid=tx.id,
+                        participant=participant,
+                        attempt=attempt,
+                        error=str(exc),
+                    )
+                await asyncio.sleep(
+                    backoff(
+                        attempt, self.config.phase2_backoff_initial, self.config.phase2_backoff_max
+                    )
+                )
+                continue
+            break
+        tx.pending.discard(participant)
+        if commit and tx.pending:
+            await failpoints.hit("coordinator.after_some_commits")
+
+    async def _retry(self, step: Any, tx: _Tx, what: str) -> None:
+        for attempt in itertools.count():
+            try:
+                await step()
+                return
+            except Exception as exc:
+                self.log.error("retrying", txid=tx.id, step=what, error=repr(exc))
+                await asyncio.sleep(
+                    backoff(
+                        attempt, self.config.phase2_backoff_initial, self.config.phase2_backoff_max
+                    )
+                )
+
+    # -- interactive transactions ---------------------------------------------------
+
+    def begin(self) -> str:
+        return self._new_tx().id
+
+    def _live_tx(self, txid: str) -> _Tx:
+        TransactionId.parse(txid)
+        tx = self._live.get(txid)
+        if tx is None:
+            raise NotFound(f"no live transaction {txid} (unknown, or already finished)")
+        return tx
+
+    async def execute(
+        self, txid: str, participant: str, statements: Sequence[Statement]
+    ) -> list[StatementResult]:
+        tx = self._live_tx(txid)
+        client = self._client(participant)
+        if not statements:
+            raise InvalidArgument("Execute needs at least one statement")
+        if tx.state is not TxState.ACTIVE:
+            raise FailedPrecondition(f"transaction {txid} is {tx.state.value}")
+        if participant not in tx.participants:
+            if len(tx.participants) >= self.config.limits.max_branches:
+                raise InvalidArgument(f"the limit is {self.config.limits.max_branches} branches")
+            tx.participants.append(participant)
+        tx.busy += 1
+        try:
+            return await client.execute(txid, statements)
+        except (Aborted, Unavailable, FailedPrecondition) as exc:
+            if tx.state is TxState.ACTIVE:
+                cause = (
+                    AbortCause.PARTICIPANT_UNAVAILABLE
+                    if isinstance(exc, Unavailable)
+                    else AbortCause.EXECUTE_FAILED
+                )
+                self._abort(tx, cause, participant, str(exc), tuple(tx.participants))
+            raise Aborted(f"transaction {txid} aborted: {exc}") from exc
+        finally:
+            tx.busy -= 1
+            tx.last_used = time.monotonic()
+
+    async def commit(self, txid: str, wait: bool) -> Outcome:
+        tx = self._live_tx(txid)
+        if tx.state is not TxState.ACTIVE:
+            return await self._answer(tx, wait)  # a repeated Commit, or after an abort
+        if tx.busy:
+            raise FailedPrecondition(f"transaction {txid} has an Execute in progress")
+        if not tx.participants:
+            await self._complete_without_phase2(tx, Outcome(tx.id, True, one_phase=True))
+            return await self._answer(tx, wait)
+        return await self._finish(tx, {p: () for p in tx.participants}, wait)
+
+    async def rollback(self, txid: str) -> Outcome:
+        tx = self._live_tx(txid)
+        if tx.state is TxState.ACTIVE:
+            return self._abort(
+                tx,
+                AbortCause.CLIENT_ROLLBACK,
+                "",
+                "rolled back by the client",
+                tuple(tx.participants),
+            )
+        outcome = await asyncio.shield(tx.outcome)
+        if outcome.committed:
+            raise FailedPrecondition(f"transaction {txid} has committed")
+        return outcome
+
+    async def reap_idle_transactions(self) -> None:
+        period = min(1.0, self.config.transaction_idle_timeout / 4)
+        while True:
+            await asyncio.sleep(period)
+            deadline = time.monotonic() - self.config.transaction_idle_timeout
+            for tx in list(self._live.values()):
+                if tx.state is TxState.ACTIVE and not tx.busy and tx.last_used < deadline:
+                    self._abort(
+                        tx,
+                        AbortCause.IDLE_TIMEOUT,
+                        "",
+                        "interactive transaction idle",
+                        tuple(tx.participants),
+                    )
+
+    # -- status ---------------------------------------------------------------------
+
+    async def get(self, txid: str) -> TransactionInfo:
+        parsed = TransactionId.parse(txid)
+        tx = self._live.get(txid)
+        if tx is not None:
+            if tx.state in (TxState.COMMITTING, TxState.COMMITTED):
+                outcome = "committed"
+            elif tx.state in (TxState.ABORTING, TxState.ABORTED):
+                outcome = "aborted"
+            else:
+                outcome = "in_progress"
+            return TransactionInfo(
+                txid,
+                outcome,
+                tx.state,
+                tuple(tx.participants),
+                time.time() - tx.created,
+                tuple(sorted(tx.pending)),
+            )
+        record = await self.decision_log.get(txid)
+        if record is not None:
+            state = TxState(record.state)
+            return TransactionInfo(
+                txid,
+                "aborted" if state is TxState.ABORTED else "committed",
+                state,
+                record.participants,
+                time.time() - record.created_at,
+            )
+        if parsed.coordinator != self.id:
+            raise NotFound(f"transaction {txid} belongs to coordinator {parsed.coordinator}")
+        if not self.recovered:
+            raise Unavailable("recovery has not finished; ask again")
+        return TransactionInfo(txid, "unknown", None)
+
+    def in_flight(self) -> list[TransactionInfo]:
+        now = time.time()
+        return [
+            TransactionInfo(
+                tx.id,
+                "in_progress" if tx.state not in FINAL else tx.state.value,
+                tx.state,
+                tuple(tx.participants),
+                now - tx.created,
+                tuple(sorted(tx.pending)),
+            )
+            for tx in self._live.values()
+        ]
+
+    # -- recovery -------------------------------------------------------------------
+
+    async def recover(self) -> None:
+        """Start-up recovery, before serving: re-drive logged commits, then resolve the
+        participants' in-doubt branches (bounded wait; the periodic scan finishes)."""
+        for record in self.decision_log.incomplete_commits():
+            tx = _Tx(
+                record.transaction_id,
+                TxState.COMMITTING,
+                created=record.created_at,
+                participants=list(record.participants),
+            )
+            tx.outcome.set_result(Outcome.from_record(record))
+            self._live[tx.id] = tx
+            self.counters["recovered_commits"] += 1
+            self.log.info("recovering_commit", txid=tx.id)
+            self._spawn(self._deliver(tx, record.participants, commit=True))
+        # Everything not logged as committed by now can never commit: safe to say so.
+        self.recovered = True
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(
+                self.resolve_in_doubt(), timeout=self.config.startup_recovery_timeout
+            )
+
+    async def resolve_in_doubt(self) -> None:
+        await asyncio.gather(*(self._resolve_on(p) for p in self.clients))
+
+    async def _resolve_on(self, participant: str) -> None:
+        client = self.clients[participant]
+        try:
+            branches = await client.list_prepared(self.id)
+        except TwoPCError as exc:
+            self.log.warning("in_doubt_scan_failed", participant=participant, error=str(exc))
+            return
+        for branch in branches:
+            txid = branch.transaction_id
+            if txid in self._live:
+                continue  # a live transaction: the protocol itself will finish it
+            record = await self.decision_log.get(txid)
+            commit = record is not None and record.state in ("committing", "committed")
+            try:
+                if commit:
+                    await client.commit(txid)
+                else:
+                    await client.abort(txid)
+            except TwoPCError as exc:
+                self.log.warning(
+                    "in_doubt_resolve_failed", txid=txid, participant=participant, error=str(exc)
+                )
+                continue
+            self.counters["in_doubt_committed" if commit else "in_doubt_aborted"] += 1
+            self.log.info(
+                "in_doubt_resolved",
+                txid=txid,
+                participant=participant,
+                outcome="commit" if commit else "abort",
+            )
+
+    async def recovery_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.recovery_interval)
+            try:
+                await self.resolve_in_doubt()
+                await self.decision_log.prune(time.time() - self.config.retention)
+            except Exception as exc:
+                self.log.error("recovery_scan_failed", error=repr(exc))
+
+    async def close(self) -> None:
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        for client in self.clients.values():
+            await client.close()

@@ -1,0 +1,135 @@
+"""The coordinator's side of the participant service: one long-lived gRPC channel per
+agent, every call with a deadline, results as domain objects.
+
+Transport failures are part of the protocol here: a Prepare that times out or cannot
+reach its agent is a missing vote (Ballot TIMEOUT or UNAVAILABLE), not an exception.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import grpc
+
+from coordinator.protocol import Ballot, Vote
+from twopc_common.errors import Unavailable
+from twopc_common.grpc_errors import error_for
+from twopc_common.values import Statement, StatementResult, result_from_pb, statement_to_pb
+from twopc_pb import participant_pb2 as pb
+from twopc_pb import participant_pb2_grpc as pgrpc
+
+_VOTES = {
+    pb.YES: Vote.YES,
+    pb.NO: Vote.NO,
+    pb.READ_ONLY: Vote.READ_ONLY,
+    pb.COMMITTED_ONE_PHASE: Vote.COMMITTED_ONE_PHASE,
+}
+
+_UNREACHABLE = (
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.CANCELLED,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class PrepareReply:
+    ballot: Ballot
+    results: tuple[StatementResult, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class InDoubtBranch:
+    transaction_id: str
+    age_seconds: float
+
+
+def _error(exc: grpc.aio.AioRpcError, participant: str) -> Exception:
+    message = f"participant {participant}: {exc.details() or exc.code().name}"
+    if exc.code() in _UNREACHABLE:
+        return Unavailable(message)
+    return error_for(exc.code(), message)
+
+
+class ParticipantClient:
+    def __init__(self, name: str, address: str, rpc_timeout: float, max_message: int) -> None:
+        self.name = name
+        self.address = address
+        self._rpc_timeout = rpc_timeout
+        self._channel = grpc.aio.insecure_channel(
+            address,
+            options=[
+                ("grpc.max_receive_message_length", max_message),
+                ("grpc.max_send_message_length", max_message),
+                # Notice a dead peer on an idle channel rather than at the next call.
+                ("grpc.keepalive_time_ms", 10_000),
+                ("grpc.keepalive_timeout_ms", 5_000),
+                # Reconnect quickly after a partition heals.
+                ("grpc.initial_reconnect_backoff_ms", 100),
+                ("grpc.max_reconnect_backoff_ms", 2_000),
+            ],
+        )
+        self._stub = pgrpc.ParticipantStub(self._channel)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def prepare(
+        self, txid: str, statements: Sequence[Statement], one_phase: bool, timeout: float
+    ) -> PrepareReply:
+        request = pb.PrepareRequest(
+            transaction_id=txid,
+            statements=[statement_to_pb(s) for s in statements],
+            one_phase=one_phase,
+        )
+        try:
+            reply = await self._stub.Prepare(request, timeout=timeout)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                return PrepareReply(Ballot(Vote.TIMEOUT, "no vote before the prepare timeout"))
+            if exc.code() in _UNREACHABLE:
+                return PrepareReply(Ballot(Vote.UNAVAILABLE, exc.details() or "unreachable"))
+            return PrepareReply(Ballot(Vote.NO, f"{exc.code().name}: {exc.details()}"))
+        vote = _VOTES.get(reply.vote)
+        if vote is None:
+            return PrepareReply(Ballot(Vote.NO, f"unknown vote {reply.vote}"))
+        reason = f"{reply.reason}" if reply.reason else ""
+        return PrepareReply(Ballot(vote, reason), tuple(result_from_pb(r) for r in reply.results))
+
+    async def execute(self, txid: str, statements: Sequence[Statement]) -> list[StatementResult]:
+        request = pb.BranchExecuteRequest(
+            transaction_id=txid, statements=[statement_to_pb(s) for s in statements]
+        )
+        try:
+            reply = await self._stub.Execute(request, timeout=self._rpc_timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise _error(exc, self.name) from exc
+        return [result_from_pb(r) for r in reply.results]
+
+    async def commit(self, txid: str) -> bool:
+        try:
+            ack = await self._stub.Commit(
+                pb.BranchRef(transaction_id=txid), timeout=self._rpc_timeout
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise _error(exc, self.name) from exc
+        return bool(ack.changed)
+
+    async def abort(self, txid: str) -> bool:
+        try:
+            ack = await self._stub.Abort(
+                pb.BranchRef(transaction_id=txid), timeout=self._rpc_timeout
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise _error(exc, self.name) from exc
+        return bool(ack.changed)
+
+    async def list_prepared(self, coordinator_id: str) -> list[InDoubtBranch]:
+        try:
+            reply = await self._stub.ListPrepared(
+                pb.ListPreparedRequest(coordinator_id=coordinator_id), timeout=self._rpc_timeout
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise _error(exc, self.name) from exc
+        return [InDoubtBranch(b.transaction_id, b.age_seconds) for b in reply.branches]

@@ -1,0 +1,156 @@
+"""The coordinator's gRPC servicer: protobuf in, engine calls, protobuf out.
+
+Engine calls are shielded from the caller's cancellation: a client that disconnects
+or whose deadline expires must not interrupt a transaction between its decision and
+its log record; the transaction finishes either way and a retry learns its outcome.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import Awaitable
+from typing import TypeVar
+
+from coordinator.engine import Coordinator, Outcome, TransactionInfo
+from coordinator.protocol import AbortCause, TxState
+from twopc_common.grpc_errors import Context, translate_errors
+from twopc_common.values import results_to_pb, statements_from_pb
+from twopc_pb import coordinator_pb2 as pb
+from twopc_pb import coordinator_pb2_grpc as cgrpc
+from twopc_pb import types_pb2
+
+T = TypeVar("T")
+
+_CAUSES = {
+    AbortCause.VOTE_NO: pb.VOTE_NO,
+    AbortCause.PREPARE_TIMEOUT: pb.PREPARE_TIMEOUT,
+    AbortCause.PARTICIPANT_UNAVAILABLE: pb.PARTICIPANT_UNAVAILABLE,
+    AbortCause.CLIENT_ROLLBACK: pb.CLIENT_ROLLBACK,
+    AbortCause.EXECUTE_FAILED: pb.EXECUTE_FAILED,
+    AbortCause.COORDINATOR_RESTART: pb.COORDINATOR_RESTART,
+    AbortCause.IDLE_TIMEOUT: pb.CLIENT_ROLLBACK,
+}
+_OUTCOMES = {
+    "committed": pb.COMMITTED,
+    "aborted": pb.ABORTED,
+    "in_progress": pb.IN_PROGRESS,
+    "unknown": pb.UNKNOWN,
+}
+_STATES = {
+    TxState.ACTIVE: pb.ACTIVE,
+    TxState.PREPARING: pb.PREPARING,
+    TxState.COMMITTING: pb.COMMITTING,
+    TxState.ABORTING: pb.ABORTING,
+    TxState.COMMITTED: pb.STATE_COMMITTED,
+    TxState.ABORTED: pb.STATE_ABORTED,
+}
+
+
+def outcome_to_pb(outcome: Outcome) -> pb.TransactionOutcome:
+    return pb.TransactionOutcome(
+        transaction_id=outcome.transaction_id,
+        outcome=pb.COMMITTED if outcome.committed else pb.ABORTED,
+        abort_cause=_CAUSES[outcome.cause] if outcome.cause else pb.ABORT_CAUSE_UNSPECIFIED,
+        abort_participant=outcome.culprit,
+        abort_reason=outcome.reason,
+        results=[
+            types_pb2.BranchResults(participant=p, results=results_to_pb(r))
+            for p, r in outcome.results
+        ],
+        one_phase=outcome.one_phase,
+        completed=outcome.completed,
+    )
+
+
+def info_to_pb(info: TransactionInfo) -> pb.TransactionStatus:
+    return pb.TransactionStatus(
+        transaction_id=info.transaction_id,
+        outcome=_OUTCOMES[info.outcome],
+        state=_STATES[info.state] if info.state else pb.STATE_UNKNOWN,
+        participants=info.participants,
+        age_seconds=info.age_seconds,
+        pending_acks=info.pending_acks,
+    )
+
+
+async def _shielded(call: Awaitable[T]) -> T:
+    return await asyncio.shield(asyncio.ensure_future(call))
+
+
+class CoordinatorService(cgrpc.CoordinatorServicer):
+    def __init__(self, engine: Coordinator) -> None:
+        self._engine = engine
+        self._limits = engine.config.limits
+
+    @translate_errors
+    async def Run(self, request: pb.RunRequest, context: Context) -> pb.TransactionOutcome:
+        branches = [
+            (
+                b.participant,
+                statements_from_pb(b.statements, self._limits, f"branch {b.participant!r}"),
+            )
+            for b in request.branches
+        ]
+        key = request.idempotency_key or None
+        request_hash = None
+        if key is not None:
+            canonical = pb.RunRequest(branches=request.branches)
+            request_hash = hashlib.sha256(
+                canonical.SerializeToString(deterministic=True)
+            ).hexdigest()
+        outcome = await _shielded(
+            self._engine.run(branches, key, request_hash, request.wait_for_completion)
+        )
+        return outcome_to_pb(outcome)
+
+    @translate_errors
+    async def Begin(self, request: pb.BeginRequest, context: Context) -> pb.BeginResponse:
+        return pb.BeginResponse(transaction_id=self._engine.begin())
+
+    @translate_errors
+    async def Execute(self, request: pb.ExecuteRequest, context: Context) -> pb.ExecuteResponse:
+        statements = statements_from_pb(request.statements, self._limits, "Execute")
+        results = await _shielded(
+            self._engine.execute(request.transaction_id, request.participant, statements)
+        )
+        return pb.ExecuteResponse(results=results_to_pb(results))
+
+    @translate_errors
+    async def Commit(self, request: pb.CommitRequest, context: Context) -> pb.TransactionOutcome:
+        outcome = await _shielded(
+            self._engine.commit(request.transaction_id, request.wait_for_completion)
+        )
+        return outcome_to_pb(outcome)
+
+    @translate_errors
+    async def Rollback(
+        self, request: pb.RollbackRequest, context: Context
+    ) -> pb.TransactionOutcome:
+        return outcome_to_pb(await _shielded(self._engine.rollback(request.transaction_id)))
+
+    @translate_errors
+    async def GetTransaction(
+        self, request: pb.GetTransactionRequest, context: Context
+    ) -> pb.TransactionStatus:
+        return info_to_pb(await self._engine.get(request.transaction_id))
+
+    @translate_errors
+    async def ListTransactions(
+        self, request: pb.ListTransactionsRequest, context: Context
+    ) -> pb.ListTransactionsResponse:
+        return pb.ListTransactionsResponse(
+            transactions=[info_to_pb(i) for i in self._engine.in_flight()]
+        )
+
+    @translate_errors
+    async def Status(self, request: pb.StatusRequest, context: Context) -> pb.CoordinatorStatus:
+        counters = dict(self._engine.counters)
+        counters.update(self._engine.decision_log.stats)
+        counters["live_transactions"] = len(self._engine.in_flight())
+        return pb.CoordinatorStatus(
+            coordinator_id=self._engine.id,
+            epoch=self._engine.decision_log.epoch,
+            recovered=self._engine.recovered,
+            counters=counters,
+        )

@@ -1,0 +1,123 @@
+"""`twopc-participant`: run one participant agent in front of one PostgreSQL database."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import sys
+
+import grpc
+
+from participant.agent import Agent
+from participant.config import ParticipantConfig
+from participant.recovery import Recovery
+from participant.service import ParticipantService
+from participant.store import ConfigurationError, Store
+from twopc_common import failpoints, log
+from twopc_common.cli import named_addresses, positive, wait_for_termination
+from twopc_common.errors import TwoPCError
+from twopc_common.ids import check_name
+from twopc_pb import participant_pb2_grpc as pgrpc
+
+
+async def serve(config: ParticipantConfig) -> None:
+    store = Store(config)
+    await store.open()
+    agent = Agent(config, store)
+    recovery = Recovery(agent)
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", config.limits.max_message_bytes),
+            ("grpc.so_reuseport", 0),
+        ]
+    )
+    pgrpc.add_ParticipantServicer_to_server(ParticipantService(agent, recovery), server)
+    if server.add_insecure_port(config.listen) == 0:
+        raise ConfigurationError(f"cannot listen on {config.listen}")
+    await server.start()
+    agent.log.info("serving", listen=config.listen)
+    tasks = [
+        asyncio.create_task(agent.reap_idle_branches()),
+        asyncio.create_task(recovery.run_forever()),
+    ]
+    try:
+        await wait_for_termination()
+    finally:
+        agent.log.info("stopping")
+        await server.stop(config.shutdown_grace)
+        for task in tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await agent.close()
+        await recovery.close()
+        await store.close()
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[ParticipantConfig, str]:
+    d = ParticipantConfig(id="-", dsn="-")
+    p = argparse.ArgumentParser(
+        prog="twopc-participant",
+        description="Participant agent: wraps one PostgreSQL database for the coordinator.",
+    )
+    p.add_argument("--id", required=True, help="this participant's name")
+    p.add_argument("--dsn", required=True, help="libpq connection string of the database")
+    p.add_argument("--listen", default=d.listen, help="HOST:PORT to serve gRPC on")
+    p.add_argument(
+        "--coordinator",
+        action="append",
+        default=[],
+        metavar="NAME=HOST:PORT",
+        help="a coordinator to ask about in-doubt branches (repeatable)",
+    )
+    p.add_argument("--pool-min-size", type=int, default=d.pool_min_size)
+    p.add_argument("--pool-max-size", type=int, default=d.pool_max_size)
+    p.add_argument("--lock-timeout", type=positive, default=d.lock_timeout, metavar="SECONDS")
+    p.add_argument(
+        "--statement-timeout", type=positive, default=d.statement_timeout, metavar="SECONDS"
+    )
+    p.add_argument(
+        "--idle-branch-timeout", type=positive, default=d.idle_branch_timeout, metavar="SECONDS"
+    )
+    p.add_argument(
+        "--recovery-interval", type=positive, default=d.recovery_interval, metavar="SECONDS"
+    )
+    p.add_argument("--recovery-grace", type=float, default=d.recovery_grace, metavar="SECONDS")
+    p.add_argument("--log-level", default=os.environ.get("TWOPC_LOG_LEVEL", "INFO"))
+    a = p.parse_args(argv)
+    try:
+        config = ParticipantConfig(
+            id=check_name("participant", a.id),
+            dsn=a.dsn,
+            listen=a.listen,
+            coordinators=named_addresses(a.coordinator, "--coordinator"),
+            pool_min_size=a.pool_min_size,
+            pool_max_size=a.pool_max_size,
+            lock_timeout=a.lock_timeout,
+            statement_timeout=a.statement_timeout,
+            idle_branch_timeout=a.idle_branch_timeout,
+            recovery_interval=a.recovery_interval,
+            recovery_grace=a.recovery_grace,
+        )
+    except (TwoPCError, argparse.ArgumentTypeError) as exc:
+        p.error(str(exc))
+    return config, a.log_level
+
+
+def main(argv: list[str] | None = None) -> None:
+    config, level = parse_args(argv)
+    log.setup(level)
+    try:
+        failpoints.configure_from_env()
+    except ValueError as exc:
+        sys.exit(f"twopc-participant: {exc}")
+    try:
+        asyncio.run(serve(config))
+    except ConfigurationError as exc:
+        sys.exit(f"twopc-participant: {exc}")
+
+
+if __name__ == "__main__":
+    main()

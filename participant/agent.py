@@ -1,0 +1,242 @@
+"""The agent's branch logic: open branches, votes, phase 2 and the idle-branch reaper.
+
+Guarantees:
+- one branch per transaction id at a time; its operations are serialised by its lock;
+- an Abort interrupts a branch at work (query cancel) and wins over a later Prepare:
+  finished branches are remembered (tombstones), so a Prepare or Execute that arrives
+  after the Abort is refused instead of opening a new branch;
+- a YES vote is only given for a branch PostgreSQL confirmed as prepared;
+- once prepared, the branch is only finished by Commit or Abort (or by recovery
+  asking the coordinator), never by a timer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+
+from participant.branch_state import BranchState, check_transition
+from participant.config import ParticipantConfig
+from participant.store import AsyncConn, BranchFailed, PreparedBranch, Store
+from twopc_common import failpoints
+from twopc_common.errors import Aborted, FailedPrecondition, InvalidArgument
+from twopc_common.ids import TransactionId
+from twopc_common.log import EventLogger
+from twopc_common.values import Statement, StatementResult
+
+
+class Vote(Enum):
+    YES = "yes"
+    NO = "no"
+    READ_ONLY = "read_only"
+    COMMITTED_ONE_PHASE = "committed_one_phase"
+
+
+@dataclass(frozen=True, slots=True)
+class VoteResult:
+    vote: Vote
+    reason: str = ""
+    sqlstate: str = ""
+    results: tuple[StatementResult, ...] = ()
+
+
+@dataclass
+class _Branch:
+    transaction_id: str
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    conn: AsyncConn | None = None
+    state: BranchState = BranchState.ACTIVE
+    last_used: float = field(default_factory=time.monotonic)
+    abort_reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class _Tombstone:
+    state: BranchState
+    reason: str = ""
+
+
+class Agent:
+    def __init__(self, config: ParticipantConfig, store: Store) -> None:
+        self.config = config
+        self.store = store
+        self.log = EventLogger("participant", config.id)
+        self.counters: collections.Counter[str] = collections.Counter()
+        self._branches: dict[str, _Branch] = {}
+        self._finished: collections.OrderedDict[str, _Tombstone] = collections.OrderedDict()
+
+    # -- bookkeeping ----------------------------------------------------------------
+
+    def _remember(self, txid: str, state: BranchState, reason: str = "") -> None:
+        self._finished[txid] = _Tombstone(state, reason)
+        self._finished.move_to_end(txid)
+        while len(self._finished) > self.config.tombstones:
+            self._finished.popitem(last=False)
+
+    def _open(self, txid: str) -> _Branch:
+        """The live branch of txid, opened if new. No await: atomic in the event loop."""
+        TransactionId.parse(txid)
+        branch = self._branches.get(txid)
+        if branch is not None:
+            return branch
+        gone = self._finished.get(txid)
+        if gone is not None:
+            why = f": {gone.reason}" if gone.reason else ""
+            raise FailedPrecondition(f"branch of {txid} is already {gone.state.value}{why}")
+        branch = self._branches[txid] = _Branch(txid)
+        self.counters["branches_opened"] += 1
+        return branch
+
+    async def _connection(self, branch: _Branch) -> AsyncConn:
+        if branch.conn is None:
+            branch.conn = await self.store.connect_branch()
+        return branch.conn
+
+    async def _close(self, branch: _Branch, state: BranchState, reason: str = "") -> None:
+        """Roll back (unless prepared or committed), release the connection, forget."""
+        branch.state = check_transition(branch.state, state, branch.transaction_id)
+        if branch.conn is not None:
+            if state is BranchState.ABORTED:
+                await self.store.rollback(branch.conn)
+            await self.store.release(branch.conn)
+            branch.conn = None
+        self._branches.pop(branch.transaction_id, None)
+        self._remember(branch.transaction_id, state, reason)
+
+    # -- the protocol ---------------------------------------------------------------
+
+    async def execute(self, txid: str, statements: Sequence[Statement]) -> list[StatementResult]:
+        if not statements:
+            raise InvalidArgument("Execute needs at least one statement")
+        branch = self._open(txid)
+        async with branch.lock:
+            if branch.state is not BranchState.ACTIVE:
+                raise FailedPrecondition(f"branch of {txid} is {branch.state.value}")
+            try:
+                conn = await self._connection(branch)
+                if branch.abort_reason:
+                    raise BranchFailed(f"aborted while waiting: {branch.abort_reason}")
+                results = await self.store.execute(conn, statements)
+            except BranchFailed as exc:
+                await self._close(branch, BranchState.ABORTED, exc.reason)
+                self.log.info("branch_failed", txid=txid, reason=exc.reason)
+                raise Aborted(f"branch on {self.config.id} failed: {exc.reason}") from exc
+            branch.last_used = time.monotonic()
+            return results
+
+    async def prepare(
+        self, txid: str, statements: Sequence[Statement], one_phase: bool
+    ) -> VoteResult:
+        try:
+            branch = self._open(txid)
+        except FailedPrecondition as exc:
+            gone = self._finished.get(txid)
+            if gone is not None and gone.state is BranchState.PREPARED and not one_phase:
+                return VoteResult(Vote.YES)  # a repeated Prepare
+            return VoteResult(Vote.NO, str(exc))
+        async with branch.lock:
+            if branch.state is not BranchState.ACTIVE:
+                return VoteResult(Vote.NO, f"branch of {txid} is {branch.state.value}")
+            try:
+                conn = await self._connection(branch)
+                if branch.abort_reason:
+                    raise BranchFailed(f"aborted while waiting: {branch.abort_reason}")
+                results = tuple(await self.store.execute(conn, statements))
+                await failpoints.hit("participant.before_prepare")
+                if one_phase:
+                    await self.store.commit_one_phase(conn, txid, self.config.id)
+                    await self._close(branch, BranchState.COMMITTED)
+                    self.counters["committed_one_phase"] += 1
+                    self.log.info("committed_one_phase", txid=txid)
+                    return VoteResult(Vote.COMMITTED_ONE_PHASE, results=results)
+                wrote = await self.store.prepare(conn, txid, self.config.id)
+            except BranchFailed as exc:
+                await self._close(branch, BranchState.ABORTED, exc.reason)
+                self.counters["votes_no"] += 1
+                self.log.info("vote", txid=txid, vote="no", reason=exc.reason)
+                return VoteResult(Vote.NO, exc.reason, exc.sqlstate)
+            if not wrote:
+                await self._close(branch, BranchState.COMMITTED)
+                self.counters["votes_read_only"] += 1
+                self.log.info("vote", txid=txid, vote="read_only")
+                return VoteResult(Vote.READ_ONLY, results=results)
+            await self._close(branch, BranchState.PREPARED)
+            self.counters["votes_yes"] += 1
+            self.log.info("vote", txid=txid, vote="yes")
+            await failpoints.hit("participant.after_prepare_before_vote")
+            return VoteResult(Vote.YES, results=results)
+
+    async def commit(self, txid: str) -> bool:
+        TransactionId.parse(txid)
+        branch = self._branches.get(txid)
+        if branch is not None:
+            raise FailedPrecondition(f"branch of {txid} is {branch.state.value}, not prepared")
+        await failpoints.hit("participant.before_commit_prepared")
+        changed = await self.store.finish_prepared(txid, self.config.id, commit=True)
+        await failpoints.hit("participant.after_commit_prepared")
+        self._remember(txid, BranchState.COMMITTED)
+        self.counters["committed" if changed else "commit_repeats"] += 1
+        self.log.info("committed", txid=txid, changed=changed)
+        return changed
+
+    async def abort(self, txid: str, reason: str = "coordinator abort") -> bool:
+        TransactionId.parse(txid)
+        branch = self._branches.get(txid)
+        if branch is not None:
+            branch.abort_reason = reason
+            if branch.lock.locked() and branch.conn is not None:
+                # Interrupt a statement waiting on a lock rather than wait behind it.
+                await branch.conn.cancel_safe(timeout=2.0)
+            async with branch.lock:
+                if branch.state is BranchState.ACTIVE:
+                    await self._close(branch, BranchState.ABORTED, reason)
+                    self.counters["aborted_active"] += 1
+                    self.log.info("aborted", txid=txid, prepared=False, reason=reason)
+                    return True
+        await failpoints.hit("participant.before_rollback_prepared")
+        changed = await self.store.finish_prepared(txid, self.config.id, commit=False)
+        await failpoints.hit("participant.after_rollback_prepared")
+        self._remember(txid, BranchState.ABORTED, reason)
+        self.counters["aborted" if changed else "abort_repeats"] += 1
+        self.log.info("aborted", txid=txid, prepared=changed, reason=reason)
+        return changed
+
+    async def list_prepared(self, coordinator_id: str) -> list[PreparedBranch]:
+        branches = await self.store.prepared_branches(self.config.id)
+        return [
+            b
+            for b in branches
+            if TransactionId.parse(b.transaction_id).coordinator == coordinator_id
+        ]
+
+    @property
+    def open_branches(self) -> int:
+        return len(self._branches)
+
+    # -- housekeeping ---------------------------------------------------------------
+
+    async def reap_idle_branches(self) -> None:
+        """Roll back interactive branches whose coordinator went quiet before Prepare."""
+        period = min(1.0, self.config.idle_branch_timeout / 4)
+        while True:
+            await asyncio.sleep(period)
+            deadline = time.monotonic() - self.config.idle_branch_timeout
+            for branch in list(self._branches.values()):
+                if branch.last_used < deadline and not branch.lock.locked():
+                    async with branch.lock:
+                        if branch.state is BranchState.ACTIVE and branch.last_used < deadline:
+                            await self._close(branch, BranchState.ABORTED, "idle branch timeout")
+                            self.counters["idle_branches_rolled_back"] += 1
+                            self.log.info("idle_branch_rolled_back", txid=branch.transaction_id)
+
+    async def close(self) -> None:
+        for branch in list(self._branches.values()):
+            if branch.conn is not None:
+                await self.store.rollback(branch.conn)
+                await self.store.release(branch.conn)
+                branch.conn = None
+        self._branches.clear()

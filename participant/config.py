@@ -1,0 +1,48 @@
+"""The participant agent's configuration: every timeout and limit, named and documented."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from twopc_common.limits import Limits
+
+
+@dataclass(frozen=True, slots=True)
+class ParticipantConfig:
+    id: str
+    """This participant's name; the coordinator enlists it by this name."""
+    dsn: str
+    """libpq connection string of the PostgreSQL database this agent wraps."""
+    listen: str = "127.0.0.1:7001"
+    """HOST:PORT the gRPC server binds."""
+    coordinators: dict[str, str] = field(default_factory=dict)
+    """Coordinator id -> HOST:PORT, asked for the outcome of in-doubt branches."""
+    pool_min_size: int = 2
+    """Connections the pool keeps open."""
+    pool_max_size: int = 20
+    """Most connections the pool opens; one per branch at work."""
+    pool_timeout: float = 10.0
+    """Seconds a branch waits for a pooled connection before it fails (NO vote)."""
+    lock_timeout: float = 5.0
+    """PostgreSQL lock_timeout: a statement waiting this long on a lock fails (NO vote).
+    It is also what breaks cross-shard deadlocks, which PostgreSQL cannot see."""
+    statement_timeout: float = 30.0
+    """PostgreSQL statement_timeout for branch statements."""
+    idle_branch_timeout: float = 30.0
+    """An interactive branch idle this long before Prepare is rolled back; a later
+    Prepare votes NO."""
+    recovery_interval: float = 2.0
+    """Seconds between scans for in-doubt prepared branches."""
+    recovery_grace: float = 2.0
+    """A prepared branch younger than this is left to the live protocol."""
+    coordinator_rpc_timeout: float = 3.0
+    """Deadline of the GetTransaction calls recovery makes."""
+    marker_retention: float = 7 * 24 * 3600.0
+    """Seconds committed-branch markers are kept (they make Commit idempotent)."""
+    tombstones: int = 100_000
+    """Finished branches remembered in memory, so a late Prepare or Execute after an
+    Abort is refused instead of opening a new branch."""
+    shutdown_grace: float = 2.0
+    """Seconds in-flight RPCs get to finish on SIGTERM."""
+    limits: Limits = field(default_factory=Limits)
+    """Request limits."""

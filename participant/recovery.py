@@ -1,0 +1,100 @@
+"""Participant recovery: resolve in-doubt prepared branches by asking their coordinator.
+
+Runs at start and then periodically. A prepared branch younger than the grace period is
+left to the live protocol. An older one is resolved only on its coordinator's word:
+COMMITTED -> COMMIT PREPARED; ABORTED or UNKNOWN (no record after the coordinator's own
+recovery: presumed abort) -> ROLLBACK PREPARED. If the coordinator is unreachable,
+still deciding, or not configured here, the branch keeps waiting and is reported: a
+participant that voted YES never decides alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+
+import grpc
+
+from participant.agent import Agent
+from twopc_common.errors import TwoPCError
+from twopc_common.ids import TransactionId
+from twopc_pb import coordinator_pb2 as cpb
+from twopc_pb import coordinator_pb2_grpc as cgrpc
+
+
+class Recovery:
+    def __init__(self, agent: Agent) -> None:
+        self._agent = agent
+        self._config = agent.config
+        self._stubs: dict[str, cgrpc.CoordinatorStub] = {}
+        self._channels: list[grpc.aio.Channel] = []
+        self.waiting = 0
+        """Prepared branches still waiting for their coordinator after the last scan."""
+
+    def _stub(self, coordinator_id: str) -> cgrpc.CoordinatorStub | None:
+        if coordinator_id not in self._stubs:
+            address = self._config.coordinators.get(coordinator_id)
+            if address is None:
+                return None
+            channel = grpc.aio.insecure_channel(address)
+            self._channels.append(channel)
+            self._stubs[coordinator_id] = cgrpc.CoordinatorStub(channel)
+        return self._stubs[coordinator_id]
+
+    async def run_forever(self) -> None:
+        while True:
+            try:
+                await self.scan()
+            except Exception as exc:  # the database may be down: try again next period
+                self._agent.log.warning("recovery_scan_failed", error=repr(exc))
+            await asyncio.sleep(self._config.recovery_interval)
+
+    async def scan(self) -> None:
+        log = self._agent.log
+        branches = await self._agent.store.prepared_branches(self._config.id)
+        now = dt.datetime.now(dt.UTC)
+        waiting = 0
+        for branch in branches:
+            age = (now - branch.prepared_at).total_seconds() if branch.prepared_at else 0.0
+            if age < self._config.recovery_grace:
+                continue
+            txid = branch.transaction_id
+            coordinator = TransactionId.parse(txid).coordinator
+            stub = self._stub(coordinator)
+            if stub is None:
+                waiting += 1
+                log.warning("in_doubt_unknown_coordinator", txid=txid, coordinator=coordinator)
+                continue
+            try:
+                status = await stub.GetTransaction(
+                    cpb.GetTransactionRequest(transaction_id=txid),
+                    timeout=self._config.coordinator_rpc_timeout,
+                )
+            except grpc.aio.AioRpcError as exc:
+                waiting += 1
+                log.warning(
+                    "in_doubt_coordinator_unreachable",
+                    txid=txid,
+                    age=round(age, 1),
+                    code=exc.code().name,
+                )
+                continue
+            try:
+                if status.outcome == cpb.COMMITTED:
+                    await self._agent.commit(txid)
+                    self._agent.counters["recovered_commits"] += 1
+                elif status.outcome in (cpb.ABORTED, cpb.UNKNOWN):
+                    await self._agent.abort(txid, "recovery: coordinator says aborted")
+                    self._agent.counters["recovered_aborts"] += 1
+                else:
+                    waiting += 1
+                    log.info("in_doubt_in_progress", txid=txid, age=round(age, 1))
+            except TwoPCError as exc:
+                waiting += 1
+                log.warning("in_doubt_resolve_failed", txid=txid, error=str(exc))
+        self.waiting = waiting
+        self._agent.counters["in_doubt_waiting_scans"] += 1 if waiting else 0
+
+    async def close(self) -> None:
+        for channel in self._channels:
+            await channel.close()

@@ -1,0 +1,81 @@
+"""The participant's gRPC servicer: protobuf in, domain calls, protobuf out."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from participant.agent import Agent, Vote
+from participant.recovery import Recovery
+from twopc_common.grpc_errors import Context, translate_errors
+from twopc_common.values import results_to_pb, statements_from_pb
+from twopc_pb import participant_pb2 as pb
+from twopc_pb import participant_pb2_grpc as pgrpc
+
+_VOTES = {
+    Vote.YES: pb.YES,
+    Vote.NO: pb.NO,
+    Vote.READ_ONLY: pb.READ_ONLY,
+    Vote.COMMITTED_ONE_PHASE: pb.COMMITTED_ONE_PHASE,
+}
+
+
+class ParticipantService(pgrpc.ParticipantServicer):
+    def __init__(self, agent: Agent, recovery: Recovery) -> None:
+        self._agent = agent
+        self._recovery = recovery
+        self._limits = agent.config.limits
+
+    @translate_errors
+    async def Execute(
+        self, request: pb.BranchExecuteRequest, context: Context
+    ) -> pb.BranchExecuteResponse:
+        statements = statements_from_pb(request.statements, self._limits, "Execute")
+        results = await self._agent.execute(request.transaction_id, statements)
+        return pb.BranchExecuteResponse(results=results_to_pb(results))
+
+    @translate_errors
+    async def Prepare(self, request: pb.PrepareRequest, context: Context) -> pb.PrepareResponse:
+        statements = statements_from_pb(request.statements, self._limits, "Prepare")
+        vote = await self._agent.prepare(request.transaction_id, statements, request.one_phase)
+        return pb.PrepareResponse(
+            vote=_VOTES[vote.vote],
+            reason=vote.reason,
+            sqlstate=vote.sqlstate,
+            results=results_to_pb(vote.results),
+        )
+
+    @translate_errors
+    async def Commit(self, request: pb.BranchRef, context: Context) -> pb.Ack:
+        return pb.Ack(changed=await self._agent.commit(request.transaction_id))
+
+    @translate_errors
+    async def Abort(self, request: pb.BranchRef, context: Context) -> pb.Ack:
+        return pb.Ack(changed=await self._agent.abort(request.transaction_id))
+
+    @translate_errors
+    async def ListPrepared(
+        self, request: pb.ListPreparedRequest, context: Context
+    ) -> pb.ListPreparedResponse:
+        now = dt.datetime.now(dt.UTC)
+        branches = await self._agent.list_prepared(request.coordinator_id)
+        return pb.ListPreparedResponse(
+            branches=[
+                pb.PreparedBranch(
+                    transaction_id=b.transaction_id,
+                    gid=b.gid,
+                    age_seconds=(now - b.prepared_at).total_seconds() if b.prepared_at else 0.0,
+                )
+                for b in branches
+            ]
+        )
+
+    @translate_errors
+    async def Status(
+        self, request: pb.ParticipantStatusRequest, context: Context
+    ) -> pb.ParticipantStatus:
+        return pb.ParticipantStatus(
+            participant_id=self._agent.config.id,
+            open_branches=self._agent.open_branches,
+            prepared_branches=self._recovery.waiting,
+            counters=dict(self._agent.counters),
+        )

@@ -1,0 +1,255 @@
+"""Everything the agent does to PostgreSQL: the pool, branch work, prepare, phase 2,
+markers and the scan for prepared branches.
+
+Branch transactions run on ordinary pooled connections and are prepared with an
+explicit `PREPARE TRANSACTION` whose command tag is checked: PostgreSQL answers it on
+an already-failed transaction with a silent `ROLLBACK`, and psycopg's `tpc_prepare()`
+neither reports the tag nor lets the connection go back to the pool before phase 2.
+Phase 2 and recovery use psycopg's two-phase API (`Xid`, `tpc_commit`, `tpc_rollback`,
+`tpc_recover`) on any idle connection, which is also what works after a restart.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import psycopg
+from psycopg import sql
+from psycopg.pq import TransactionStatus
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
+
+from participant.config import ParticipantConfig
+from twopc_common import ids
+from twopc_common.errors import FailedPrecondition, TwoPCError, Unavailable
+from twopc_common.values import Statement, StatementResult
+
+MARKER_TABLE = "twopc_branch_marker"
+
+_CREATE_MARKER = f"""
+CREATE TABLE IF NOT EXISTS {MARKER_TABLE} (
+    gid text PRIMARY KEY,
+    transaction_id text NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now()
+)"""
+
+AsyncConn = psycopg.AsyncConnection[tuple[object, ...]]
+
+
+class BranchFailed(TwoPCError):
+    """The branch's work failed; the branch is rolled back and votes NO."""
+
+    def __init__(self, reason: str, sqlstate: str = "") -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.sqlstate = sqlstate
+
+
+class ConfigurationError(TwoPCError):
+    """The database cannot host branches (for example max_prepared_transactions = 0)."""
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedBranch:
+    transaction_id: str
+    gid: str
+    prepared_at: dt.datetime | None
+
+
+def _ms(seconds: float) -> int:
+    return max(1, int(seconds * 1000))
+
+
+class Store:
+    def __init__(self, config: ParticipantConfig) -> None:
+        self._config = config
+        options = " ".join(
+            [
+                f"-c lock_timeout={_ms(config.lock_timeout)}",
+                f"-c statement_timeout={_ms(config.statement_timeout)}",
+                # A safety net under the agent's own idle-branch timer.
+                f"-c idle_in_transaction_session_timeout={_ms(config.idle_branch_timeout * 2)}",
+            ]
+        )
+        self.pool: AsyncConnectionPool[AsyncConn] = AsyncConnectionPool(
+            config.dsn,
+            min_size=config.pool_min_size,
+            max_size=config.pool_max_size,
+            timeout=config.pool_timeout,
+            kwargs={"options": options, "application_name": f"twopc-participant-{config.id}"},
+            open=False,
+            name=f"participant-{config.id}",
+        )
+
+    async def open(self) -> None:
+        """Check the database can host branches, create the marker table, open the pool."""
+        try:
+            conn = await psycopg.AsyncConnection.connect(self._config.dsn, autocommit=True)
+        except psycopg.OperationalError as exc:
+            raise ConfigurationError(f"cannot connect to {self._config.dsn!r}: {exc}") from exc
+        async with conn:
+            cur = await conn.execute("SHOW max_prepared_transactions")
+            row = await cur.fetchone()
+            if row is None or int(str(row[0])) == 0:
+                raise ConfigurationError(
+                    "max_prepared_transactions is 0 on this database, so it cannot "
+                    "prepare branches: set max_prepared_transactions (for example 100) "
+                    "in postgresql.conf and restart PostgreSQL"
+                )
+            await conn.execute(_CREATE_MARKER)
+        await self.pool.open(wait=True, timeout=self._config.pool_timeout)
+
+    async def close(self) -> None:
+        await self.pool.close()
+
+    # -- branch work ----------------------------------------------------------------
+
+    async def connect_branch(self) -> AsyncConn:
+        try:
+            return await self.pool.getconn()
+        except Exception as exc:
+            raise BranchFailed(f"no database connection: {exc}") from exc
+
+    async def release(self, conn: AsyncConn) -> None:
+        await self.pool.putconn(conn)
+
+    @staticmethod
+    async def execute(conn: AsyncConn, statements: Sequence[Statement]) -> list[StatementResult]:
+        """Run statements in the branch; a failure or broken expectation raises."""
+        results = []
+        try:
+            async with conn.cursor() as cur:
+                for i, st in enumerate(statements, 1):
+                    await cur.execute(st.sql.encode(), st.params or None)
+                    rows: tuple[tuple[object, ...], ...] = ()
+                    columns: tuple[str, ...] = ()
+                    if cur.description is not None:
+                        columns = tuple(c.name for c in cur.description)
+                        rows = tuple(await cur.fetchall())
+                    if st.expect is not None and (why := st.expect.violation(cur.rowcount)):
+                        raise BranchFailed(f"statement {i}: {why}")
+                    results.append(StatementResult(cur.rowcount, columns, rows))
+        except psycopg.Error as exc:
+            raise BranchFailed(_describe(exc), exc.sqlstate or "") from exc
+        return results
+
+    @staticmethod
+    async def rollback(conn: AsyncConn) -> None:
+        if conn.closed:
+            return
+        # A broken connection has no transaction left to roll back; the pool
+        # discards it on return.
+        with contextlib.suppress(psycopg.Error):
+            await conn.rollback()
+
+    @staticmethod
+    async def prepare(conn: AsyncConn, transaction_id: str, participant_id: str) -> bool:
+        """Write the branch marker and PREPARE. False: the branch wrote nothing, so it
+        was committed locally and needs no phase 2 (READ_ONLY)."""
+        if conn.info.transaction_status == TransactionStatus.INERROR:
+            raise BranchFailed("branch transaction already failed")
+        xid = ids.branch_xid(transaction_id, participant_id)
+        try:
+            async with conn.cursor() as cur:
+                await cur.execute(
+                    f"INSERT INTO {MARKER_TABLE} (gid, transaction_id) "
+                    "SELECT %s, %s WHERE pg_current_xact_id_if_assigned() IS NOT NULL",
+                    (str(xid), transaction_id),
+                )
+                if cur.rowcount == 0:
+                    await conn.commit()
+                    return False
+                await cur.execute(sql.SQL("PREPARE TRANSACTION {}").format(str(xid)))
+                if cur.statusmessage != "PREPARE TRANSACTION":
+                    raise BranchFailed(
+                        f"PREPARE TRANSACTION answered {cur.statusmessage!r}: "
+                        "the branch had already failed and was rolled back"
+                    )
+        except psycopg.Error as exc:
+            raise BranchFailed(_describe(exc), exc.sqlstate or "") from exc
+        return True
+
+    @staticmethod
+    async def commit_one_phase(conn: AsyncConn, transaction_id: str, participant_id: str) -> None:
+        """Commit the only branch of a transaction at once, marker included, so a later
+        Abort can tell that it committed."""
+        if conn.info.transaction_status == TransactionStatus.INERROR:
+            raise BranchFailed("branch transaction already failed")
+        xid = ids.branch_xid(transaction_id, participant_id)
+        try:
+            await conn.execute(
+                f"INSERT INTO {MARKER_TABLE} (gid, transaction_id) VALUES (%s, %s)",
+                (str(xid), transaction_id),
+            )
+            await conn.commit()
+        except psycopg.Error as exc:
+            raise BranchFailed(_describe(exc), exc.sqlstate or "") from exc
+
+    # -- phase 2 --------------------------------------------------------------------
+
+    async def finish_prepared(self, transaction_id: str, participant_id: str, commit: bool) -> bool:
+        """COMMIT or ROLLBACK PREPARED. True if this call changed the branch, False if it
+        was already in the asked state; FailedPrecondition if it is in the other one."""
+        xid = ids.branch_xid(transaction_id, participant_id)
+        try:
+            async with self.pool.connection() as conn:
+                try:
+                    if commit:
+                        await conn.tpc_commit(xid)
+                    else:
+                        await conn.tpc_rollback(xid)
+                    return True
+                except psycopg.errors.UndefinedObject:
+                    committed = await self._has_marker(conn, str(xid))
+        except (psycopg.OperationalError, PoolTimeout) as exc:
+            raise Unavailable(f"database unavailable: {exc}") from exc
+        if commit and not committed:
+            raise FailedPrecondition(
+                f"branch of {transaction_id} is not prepared and did not commit"
+            )
+        if not commit and committed:
+            raise FailedPrecondition(f"branch of {transaction_id} has committed")
+        return False
+
+    @staticmethod
+    async def _has_marker(conn: AsyncConn, gid: str) -> bool:
+        cur = await conn.execute(f"SELECT 1 FROM {MARKER_TABLE} WHERE gid = %s", (gid,))
+        found = await cur.fetchone() is not None
+        await conn.rollback()
+        return found
+
+    async def has_committed(self, transaction_id: str, participant_id: str) -> bool:
+        async with self.pool.connection() as conn:
+            return await self._has_marker(conn, str(ids.branch_xid(transaction_id, participant_id)))
+
+    # -- recovery -------------------------------------------------------------------
+
+    async def prepared_branches(self, participant_id: str) -> list[PreparedBranch]:
+        """This system's prepared branches in this database, for this participant."""
+        async with self.pool.connection() as conn:
+            xids = await conn.tpc_recover()
+            await conn.rollback()
+        return [
+            PreparedBranch(x.gtrid, str(x), x.prepared)
+            for x in xids
+            if ids.is_ours(x) and x.bqual == participant_id
+        ]
+
+    async def prune_markers(self) -> int:
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(
+                f"DELETE FROM {MARKER_TABLE} WHERE created_at < now() - make_interval(secs => %s)",
+                (self._config.marker_retention,),
+            )
+            await conn.commit()
+            return cur.rowcount
+
+
+def _describe(exc: psycopg.Error) -> str:
+    diag = exc.diag
+    message = diag.message_primary or str(exc).strip()
+    if diag.constraint_name:
+        message += f" (constraint {diag.constraint_name})"
+    return f"{exc.sqlstate or 'error'}: {message}" if exc.sqlstate else message

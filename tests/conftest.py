@@ -1,0 +1,102 @@
+"""Fixtures: real PostgreSQL clusters (one set per test session), real daemons on
+loopback, and the bank schema reset before each test that uses it."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from bank_demo import bank
+from twopc_harness.daemons import wait_until
+from twopc_harness.postgres import PostgresCluster, start_clusters, stop_clusters
+from twopc_harness.system import LocalSystem, start_system
+
+# Short timeouts so that faults resolve quickly in tests; generous enough for a loaded
+# 2-core machine.
+COORDINATOR_ARGS = ["--prepare-timeout", "3", "--recovery-interval", "1", "--rpc-timeout", "3",
+                    "--phase2-backoff-max", "0.5"]
+PARTICIPANT_ARGS = ["--lock-timeout", "2", "--recovery-interval", "0.5",
+                    "--recovery-grace", "1", "--idle-branch-timeout", "10"]
+
+_ids = itertools.count(1)
+
+
+@pytest.fixture(scope="session")
+def clusters(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[PostgresCluster]]:
+    started = start_clusters(3, tmp_path_factory.mktemp("pg"))
+    yield started
+    stop_clusters(started)
+
+
+SystemFactory = Callable[..., LocalSystem]
+
+
+@pytest.fixture
+def make_system(
+    clusters: list[PostgresCluster], tmp_path: Path
+) -> Iterator[SystemFactory]:
+    """Start daemons over the session's clusters, with flags of the test's choosing.
+    Every system gets its own coordinator id so that systems never resolve each
+    other's branches."""
+    started: list[LocalSystem] = []
+
+    def make(coordinator_args: list[str] | None = None,
+             participant_args: list[str] | None = None) -> LocalSystem:
+        system = start_system(
+            clusters=clusters,
+            workdir=tmp_path / f"system{len(started) + 1}",
+            coordinator_args=COORDINATOR_ARGS + (coordinator_args or []),
+            participant_args=PARTICIPANT_ARGS + (participant_args or []),
+            coordinator_id=f"coord{next(_ids)}",
+        )
+        started.append(system)
+        return system
+
+    yield make
+    for system in started:
+        system.stop()
+
+
+@pytest.fixture(scope="session")
+def shared_system(
+    clusters: list[PostgresCluster], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LocalSystem]:
+    """One system for the tests that do not kill or reconfigure daemons."""
+    system = start_system(
+        clusters=clusters,
+        workdir=tmp_path_factory.mktemp("shared"),
+        coordinator_args=COORDINATOR_ARGS,
+        participant_args=PARTICIPANT_ARGS,
+        coordinator_id="shared",
+    )
+    yield system
+    system.stop()
+
+
+def dsns(system: LocalSystem) -> dict[str, str]:
+    return {shard: system.dsn(shard) for shard in system.shard_names}
+
+
+def reset_bank(system: LocalSystem, accounts: int = 20, balance: int = 100) -> None:
+    bank.create_schema(dsns(system))
+    bank.open_accounts(dsns(system), accounts, balance)
+
+
+def wait_no_prepared(system: LocalSystem, timeout: float = 30.0) -> None:
+    wait_until(
+        lambda: not any(system.prepared_transactions().values()),
+        timeout,
+        "no prepared transaction on any shard",
+    )
+
+
+@pytest.fixture
+def system(shared_system: LocalSystem) -> Iterator[LocalSystem]:
+    """The shared system with a fresh bank (20 accounts of 100) and, after the test,
+    the check that nothing was left prepared."""
+    reset_bank(shared_system)
+    yield shared_system
+    wait_no_prepared(shared_system)

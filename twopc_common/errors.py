@@ -1,0 +1,35 @@
+"""The project's exceptions: one root, one class per gRPC status we answer with.
+
+Both daemons raise these from their logic; the servicers translate them to gRPC
+status codes in one place (`twopc_common.grpc_errors`).
+"""
+
+from __future__ import annotations
+
+
+class TwoPCError(Exception):
+    """Root of every error this project raises on purpose."""
+
+
+class InvalidArgument(TwoPCError):
+    """The request is malformed or breaks a documented limit."""
+
+
+class NotFound(TwoPCError):
+    """An unknown participant, transaction or branch."""
+
+
+class AlreadyExists(TwoPCError):
+    """An idempotency key reused with a different request."""
+
+
+class FailedPrecondition(TwoPCError):
+    """The request is well-formed but the transaction is in the wrong state for it."""
+
+
+class Unavailable(TwoPCError):
+    """A dependency (PostgreSQL, a peer daemon) cannot be reached; retrying may help."""
+
+
+class Aborted(TwoPCError):
+    """The transaction was aborted while serving the request."""

@@ -1,0 +1,62 @@
+"""The one place where project errors become gRPC status codes (and back).
+
+Servicer methods are wrapped with `translate_errors`: a TwoPCError becomes its status
+code with the error's message; anything unexpected becomes INTERNAL and is logged.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+
+from twopc_common import errors
+
+_CODES: list[tuple[type[errors.TwoPCError], grpc.StatusCode]] = [
+    (errors.InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
+    (errors.NotFound, grpc.StatusCode.NOT_FOUND),
+    (errors.AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
+    (errors.FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
+    (errors.Unavailable, grpc.StatusCode.UNAVAILABLE),
+    (errors.Aborted, grpc.StatusCode.ABORTED),
+]
+
+_ERRORS = {code: cls for cls, code in _CODES}
+
+R = TypeVar("R")
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+def status_for(exc: BaseException) -> grpc.StatusCode:
+    for cls, code in _CODES:
+        if isinstance(exc, cls):
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+def error_for(code: grpc.StatusCode, message: str) -> errors.TwoPCError:
+    """A status received from a peer, as the project error it stands for."""
+    cls = _ERRORS.get(code)
+    if cls is None:
+        return errors.Unavailable(f"{code.name}: {message}")
+    return cls(message)
+
+
+def translate_errors(
+    method: Callable[..., Awaitable[R]],
+) -> Callable[..., Awaitable[R]]:
+    @functools.wraps(method)
+    async def wrapper(self: Any, request: Any, context: Context) -> R:
+        try:
+            return await method(self, request, context)
+        except errors.TwoPCError as exc:
+            await context.abort(status_for(exc), str(exc))
+        except Exception as exc:
+            logging.getLogger("twopc").exception("internal error in %s", method.__name__)
+            await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {exc!r}")
+        raise AssertionError("unreachable: context.abort raises")
+
+    return wrapper

@@ -1,0 +1,62 @@
+"""Transaction ids and PostgreSQL gids.
+
+A transaction id is `<coordinator id>.<epoch>.<sequence>`: the coordinator id lets many
+coordinators share participants, the epoch (bumped durably at every coordinator start)
+makes ids unique forever without logging each one, the sequence counts within an epoch.
+
+A branch's gid is psycopg's XA form of Xid(FORMAT_ID, transaction id, participant id),
+so `tpc_recover()` parses it back and the format id tells our branches from anyone
+else's prepared transactions in the same database.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from psycopg import Xid
+
+from twopc_common.errors import InvalidArgument
+
+# "2PC1" in ASCII; any fixed 31-bit number would do, it only has to be ours.
+FORMAT_ID = 0x32504331
+
+_NAME = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
+
+
+def check_name(kind: str, name: str) -> str:
+    """Validate a coordinator or participant id: 1-32 of [A-Za-z0-9_-]."""
+    if not _NAME.match(name):
+        raise InvalidArgument(f"{kind} id {name!r} must be 1-32 characters of [A-Za-z0-9_-]")
+    return name
+
+
+@dataclass(frozen=True, slots=True)
+class TransactionId:
+    coordinator: str
+    epoch: int
+    sequence: int
+
+    def __str__(self) -> str:
+        return f"{self.coordinator}.{self.epoch}.{self.sequence}"
+
+    @classmethod
+    def parse(cls, text: str) -> TransactionId:
+        parts = text.rsplit(".", 2)
+        if len(parts) != 3 or not _NAME.match(parts[0]):
+            raise InvalidArgument(f"malformed transaction id {text!r}")
+        try:
+            epoch, sequence = int(parts[1]), int(parts[2])
+        except ValueError:
+            raise InvalidArgument(f"malformed transaction id {text!r}") from None
+        if epoch < 0 or sequence < 0:
+            raise InvalidArgument(f"malformed transaction id {text!r}")
+        return cls(parts[0], epoch, sequence)
+
+
+def branch_xid(transaction_id: str, participant_id: str) -> Xid:
+    return Xid.from_parts(FORMAT_ID, transaction_id, participant_id)
+
+
+def is_ours(xid: Xid) -> bool:
+    return xid.format_id == FORMAT_ID and xid.bqual is not None

@@ -1,0 +1,25 @@
+"""Documented request limits, shared by both daemons and checked before any work.
+
+A request over a limit is refused with INVALID_ARGUMENT and a message naming the limit;
+a request over the gRPC message size is refused by gRPC with RESOURCE_EXHAUSTED.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_branches: int = 32
+    """Participants one transaction may enlist."""
+    max_statements_per_branch: int = 1000
+    """Statements one Run branch or one Execute call may carry."""
+    max_sql_bytes: int = 65536
+    """Length of one statement's SQL text."""
+    max_params_per_statement: int = 1000
+    """Parameters one statement may bind."""
+    max_message_bytes: int = 4 * 1024 * 1024
+    """Largest gRPC message either daemon accepts (gRPC answers RESOURCE_EXHAUSTED)."""
+    max_idempotency_key_bytes: int = 200
+    """Length of an idempotency key."""

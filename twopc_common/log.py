@@ -1,0 +1,61 @@
+"""Structured log lines: `ts=... level=... daemon=... event=... key=value ...`.
+
+Every line about a transaction carries `txid=...`, so one grep over the daemons' logs
+tells a transaction's whole story.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from typing import Any
+
+
+def _quote(value: object) -> str:
+    text = str(value)
+    if text == "" or any(c in text for c in ' "=\n'):
+        return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+    return text
+
+
+class EventLogger:
+    def __init__(self, daemon: str, name: str) -> None:
+        self._daemon = daemon
+        self._logger = logging.getLogger(f"twopc.{daemon}")
+        self._name = name
+
+    def _emit(self, level: int, event: str, fields: dict[str, Any]) -> None:
+        if not self._logger.isEnabledFor(level):
+            return
+        ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
+        parts = [
+            f"ts={ts}Z",
+            f"level={logging.getLevelName(level).lower()}",
+            f"daemon={self._daemon}",
+            f"id={self._name}",
+            f"event={event}",
+        ]
+        parts += [f"{k}={_quote(v)}" for k, v in fields.items() if v is not None]
+        self._logger.log(level, " ".join(parts))
+
+    def debug(self, event: str, **fields: Any) -> None:
+        self._emit(logging.DEBUG, event, fields)
+
+    def info(self, event: str, **fields: Any) -> None:
+        self._emit(logging.INFO, event, fields)
+
+    def warning(self, event: str, **fields: Any) -> None:
+        self._emit(logging.WARNING, event, fields)
+
+    def error(self, event: str, **fields: Any) -> None:
+        self._emit(logging.ERROR, event, fields)
+
+
+def setup(level: str = "INFO") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    root = logging.getLogger("twopc")
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    root.propagate = False

@@ -1,0 +1,192 @@
+"""Statements and results as frozen domain objects, and their protobuf conversion.
+
+Protobuf types stop at the servicers and the client library: everything else works
+with `Statement` and `StatementResult`. Parameters travel typed and are bound by
+PostgreSQL, never interpolated into SQL text.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import decimal
+import json
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from twopc_common.errors import InvalidArgument
+from twopc_common.limits import Limits
+from twopc_pb import types_pb2 as pb
+
+SqlValue = None | bool | int | float | str | bytes | decimal.Decimal
+ExpectOp = Literal["exactly", "at_least", "at_most"]
+
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+
+
+@dataclass(frozen=True, slots=True)
+class Expectation:
+    op: ExpectOp
+    count: int
+
+    def violation(self, rows_affected: int) -> str | None:
+        """Why `rows_affected` breaks this rule, or None when it holds."""
+        ok = {
+            "exactly": rows_affected == self.count,
+            "at_least": rows_affected >= self.count,
+            "at_most": rows_affected <= self.count,
+        }[self.op]
+        if ok:
+            return None
+        return f"expected {self.op.replace('_', ' ')} {self.count} row(s), got {rows_affected}"
+
+
+@dataclass(frozen=True, slots=True)
+class Statement:
+    sql: str
+    params: tuple[SqlValue, ...] = ()
+    expect: Expectation | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StatementResult:
+    rows_affected: int
+    columns: tuple[str, ...] = ()
+    rows: tuple[tuple[object, ...], ...] = ()
+
+
+def exactly(n: int) -> Expectation:
+    return Expectation("exactly", n)
+
+
+# -- protobuf -> domain -------------------------------------------------------------
+
+
+def _param_from_pb(value: pb.Value, where: str) -> SqlValue:
+    kind = value.WhichOneof("kind")
+    if kind is None:
+        raise InvalidArgument(f"{where} has no value; set is_null for SQL NULL")
+    if kind == "is_null":
+        return None
+    if kind == "decimal_value":
+        try:
+            number = decimal.Decimal(value.decimal_value)
+        except decimal.InvalidOperation:
+            raise InvalidArgument(f"{where}: {value.decimal_value!r} is not a decimal") from None
+        if not number.is_finite():
+            raise InvalidArgument(f"{where}: decimal must be finite")
+        return number
+    if kind == "other_value":
+        raise InvalidArgument(f"{where}: other_value is for results only; send a typed value")
+    result: SqlValue = getattr(value, kind)
+    return result
+
+
+def statements_from_pb(
+    statements: Sequence[pb.Statement], limits: Limits, where: str
+) -> tuple[Statement, ...]:
+    """Validate and convert; `where` names the branch in error messages."""
+    if len(statements) > limits.max_statements_per_branch:
+        raise InvalidArgument(
+            f"{where}: {len(statements)} statements, the limit is "
+            f"{limits.max_statements_per_branch} per branch"
+        )
+    out = []
+    for i, st in enumerate(statements, 1):
+        label = f"{where} statement {i}"
+        if not st.sql.strip():
+            raise InvalidArgument(f"{label}: empty SQL")
+        if len(st.sql.encode()) > limits.max_sql_bytes:
+            raise InvalidArgument(f"{label}: SQL longer than {limits.max_sql_bytes} bytes")
+        if len(st.params) > limits.max_params_per_statement:
+            raise InvalidArgument(
+                f"{label}: {len(st.params)} parameters, the limit is "
+                f"{limits.max_params_per_statement}"
+            )
+        params = tuple(
+            _param_from_pb(p, f"{label} parameter {j}") for j, p in enumerate(st.params, 1)
+        )
+        expect = None
+        if st.HasField("expect"):
+            rule = st.expect.WhichOneof("rule")
+            if rule is None:
+                raise InvalidArgument(f"{label}: expectation has no rule")
+            expect = Expectation(rule, getattr(st.expect, rule))
+        out.append(Statement(st.sql, params, expect))
+    return tuple(out)
+
+
+# -- domain -> protobuf -------------------------------------------------------------
+
+
+def value_to_pb(value: object) -> pb.Value:
+    """Any value psycopg loads; types without a field come back as text."""
+    if value is None:
+        return pb.Value(is_null=True)
+    if isinstance(value, bool):
+        return pb.Value(bool_value=value)
+    if isinstance(value, int):
+        if _INT64_MIN <= value <= _INT64_MAX:
+            return pb.Value(int_value=value)
+        return pb.Value(decimal_value=str(value))
+    if isinstance(value, float):
+        return pb.Value(float_value=value)
+    if isinstance(value, decimal.Decimal):
+        return pb.Value(decimal_value=str(value))
+    if isinstance(value, str):
+        return pb.Value(text_value=value)
+    if isinstance(value, bytes | bytearray | memoryview):
+        return pb.Value(bytes_value=bytes(value))
+    if isinstance(value, dt.date | dt.time | dt.datetime):
+        return pb.Value(other_value=value.isoformat())
+    if isinstance(value, dict | list):
+        return pb.Value(other_value=json.dumps(value, default=str))
+    if isinstance(value, uuid.UUID | dt.timedelta):
+        return pb.Value(other_value=str(value))
+    return pb.Value(other_value=str(value))
+
+
+def param_to_pb(value: SqlValue) -> pb.Value:
+    """Client side: refuse what the server could not bind, before sending."""
+    if value is not None and not isinstance(
+        value, bool | int | float | str | bytes | decimal.Decimal
+    ):
+        raise InvalidArgument(f"unsupported parameter type {type(value).__name__}")
+    return value_to_pb(value)
+
+
+def statement_to_pb(st: Statement) -> pb.Statement:
+    msg = pb.Statement(sql=st.sql, params=[param_to_pb(p) for p in st.params])
+    if st.expect is not None:
+        setattr(msg.expect, st.expect.op, st.expect.count)
+    return msg
+
+
+def result_to_pb(result: StatementResult) -> pb.StatementResult:
+    return pb.StatementResult(
+        rows_affected=result.rows_affected,
+        columns=result.columns,
+        rows=[pb.Row(values=[value_to_pb(v) for v in row]) for row in result.rows],
+    )
+
+
+def value_from_pb(value: pb.Value) -> object:
+    kind = value.WhichOneof("kind")
+    if kind is None or kind == "is_null":
+        return None
+    if kind == "decimal_value":
+        return decimal.Decimal(value.decimal_value)
+    return getattr(value, kind)
+
+
+def result_from_pb(result: pb.StatementResult) -> StatementResult:
+    return StatementResult(
+        rows_affected=result.rows_affected,
+        columns=tuple(result.columns),
+        rows=tuple(tuple(value_from_pb(v) for v in row.values) for row in result.rows),
+    )
+
+
+def results_to_pb(results: Iterable[StatementResult]) -> list[pb.StatementResult]:
+    return [result_to_pb(r) for r in results]

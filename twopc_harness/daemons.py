@@ -1,0 +1,157 @@
+"""The coordinator and participant daemons as real child processes: started from their
+console entry points, probed for readiness over gRPC, stopped with SIGTERM or killed
+with SIGKILL, and restarted with the same flags.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+
+from twopc_harness.postgres import HarnessError
+from twopc_pb import coordinator_pb2, coordinator_pb2_grpc, participant_pb2, participant_pb2_grpc
+
+
+@dataclass
+class Daemon:
+    name: str
+    argv: list[str]
+    address: str
+    logfile: Path
+    env: dict[str, str] = field(default_factory=dict)
+    process: subprocess.Popen[bytes] | None = None
+
+    def start(
+        self, wait: bool = True, timeout: float = 60.0, env: dict[str, str] | None = None
+    ) -> None:
+        """Start (again). `env` adds variables for this start only (e.g. failpoints)."""
+        if self.running:
+            raise HarnessError(f"{self.name} is already running")
+        self.logfile.parent.mkdir(parents=True, exist_ok=True)
+        full_env = {**os.environ, **self.env, **(env or {})}
+        with open(self.logfile, "ab") as log:
+            self.process = subprocess.Popen(
+                self.argv,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=full_env,
+                start_new_session=True,
+            )
+        if wait:
+            self.wait_ready(timeout)
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def _probe(self, channel: grpc.Channel) -> None:
+        raise NotImplementedError
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        with grpc.insecure_channel(self.address) as channel:
+            while time.monotonic() < deadline:
+                if not self.running:
+                    raise HarnessError(f"{self.name} exited at start:\n{self.log_tail()}")
+                try:
+                    self._probe(channel)
+                    return
+                except grpc.RpcError:
+                    time.sleep(0.05)
+        raise HarnessError(f"{self.name} not ready after {timeout}s:\n{self.log_tail()}")
+
+    def kill(self) -> None:
+        """SIGKILL: no cleanup, no flush: a crash."""
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+    def wait_exit(self, timeout: float) -> int:
+        assert self.process is not None
+        return self.process.wait(timeout)
+
+    def log_tail(self, chars: int = 3000) -> str:
+        try:
+            return self.logfile.read_text(errors="replace")[-chars:]
+        except FileNotFoundError:
+            return ""
+
+
+class CoordinatorDaemon(Daemon):
+    def _probe(self, channel: grpc.Channel) -> None:
+        stub = coordinator_pb2_grpc.CoordinatorStub(channel)
+        stub.Status(coordinator_pb2.StatusRequest(), timeout=1.0)
+
+
+class ParticipantDaemon(Daemon):
+    def _probe(self, channel: grpc.Channel) -> None:
+        stub = participant_pb2_grpc.ParticipantStub(channel)
+        stub.Status(participant_pb2.ParticipantStatusRequest(), timeout=1.0)
+
+
+def coordinator_daemon(
+    name: str,
+    listen: str,
+    log_path: Path,
+    participants: dict[str, str],
+    logfile: Path,
+    extra: list[str] | None = None,
+) -> CoordinatorDaemon:
+    argv = [
+        sys.executable,
+        "-m",
+        "coordinator",
+        "--id",
+        name,
+        "--listen",
+        listen,
+        "--log",
+        str(log_path),
+    ]
+    for participant, address in participants.items():
+        argv += ["--participant", f"{participant}={address}"]
+    return CoordinatorDaemon(name, argv + (extra or []), listen, logfile)
+
+
+def participant_daemon(
+    name: str,
+    listen: str,
+    dsn: str,
+    coordinators: dict[str, str],
+    logfile: Path,
+    extra: list[str] | None = None,
+) -> ParticipantDaemon:
+    argv = [sys.executable, "-m", "participant", "--id", name, "--listen", listen, "--dsn", dsn]
+    for coordinator, address in coordinators.items():
+        argv += ["--coordinator", f"{coordinator}={address}"]
+    return ParticipantDaemon(name, argv + (extra or []), listen, logfile)
+
+
+def wait_until(
+    condition: Callable[[], bool], timeout: float, what: str, interval: float = 0.05
+) -> None:
+    """Poll `condition` until it holds; fail with `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(interval)
+    if not condition():
+        raise AssertionError(f"timed out after {timeout}s waiting for {what}")

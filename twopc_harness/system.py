@@ -1,0 +1,125 @@
+"""A whole local deployment: N PostgreSQL shards, one participant agent per shard and
+a coordinator, all real processes on loopback, in one work folder.
+
+Used by the tests, the quick-start scenario, the demo and the benchmarks.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psycopg
+
+from coordinator.client import CoordinatorClient
+from twopc_harness.daemons import (
+    CoordinatorDaemon,
+    ParticipantDaemon,
+    coordinator_daemon,
+    participant_daemon,
+)
+from twopc_harness.postgres import PostgresCluster, free_port, start_clusters, stop_clusters
+
+COORDINATOR_ID = "coord1"
+
+
+@dataclass
+class LocalSystem:
+    workdir: Path
+    clusters: list[PostgresCluster]
+    participants: dict[str, ParticipantDaemon] = field(default_factory=dict)
+    coordinator: CoordinatorDaemon | None = None
+    owns_clusters: bool = True
+
+    @property
+    def shard_names(self) -> list[str]:
+        return list(self.participants)
+
+    def dsn(self, shard: str) -> str:
+        return self.clusters[self.shard_names.index(shard)].dsn
+
+    def cluster(self, shard: str) -> PostgresCluster:
+        return self.clusters[self.shard_names.index(shard)]
+
+    def connect(self, shard: str) -> psycopg.Connection[tuple[object, ...]]:
+        return psycopg.connect(self.dsn(shard), autocommit=True)
+
+    def client(self, timeout: float = 30.0) -> CoordinatorClient:
+        assert self.coordinator is not None
+        return CoordinatorClient(self.coordinator.address, timeout=timeout)
+
+    def daemons(self) -> list[CoordinatorDaemon | ParticipantDaemon]:
+        found: list[CoordinatorDaemon | ParticipantDaemon] = list(self.participants.values())
+        if self.coordinator is not None:
+            found.append(self.coordinator)
+        return found
+
+    def prepared_transactions(self) -> dict[str, list[str]]:
+        """Every shard's prepared transactions (gids)."""
+        out = {}
+        for shard in self.shard_names:
+            with self.connect(shard) as conn:
+                rows = conn.execute("SELECT gid FROM pg_prepared_xacts").fetchall()
+            out[shard] = [str(r[0]) for r in rows]
+        return out
+
+    def stop(self) -> None:
+        for daemon in self.daemons():
+            daemon.stop()
+        if self.owns_clusters:
+            stop_clusters(self.clusters)
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def start_system(
+    shards: int = 3,
+    workdir: Path | None = None,
+    clusters: list[PostgresCluster] | None = None,
+    coordinator_args: list[str] | None = None,
+    participant_args: list[str] | None = None,
+    start_daemons: bool = True,
+    coordinator_id: str = COORDINATOR_ID,
+) -> LocalSystem:
+    """Start clusters (unless given), agents and the coordinator; wait until all serve."""
+    workdir = Path(workdir or tempfile.mkdtemp(prefix="twopc-"))
+    owns = clusters is None
+    if clusters is None:
+        clusters = start_clusters(shards, workdir / "pg")
+    system = LocalSystem(workdir, clusters, owns_clusters=owns)
+    try:
+        coord_address = f"127.0.0.1:{free_port()}"
+        for i, cluster in enumerate(clusters, 1):
+            name = f"shard{i}"
+            system.participants[name] = participant_daemon(
+                name,
+                f"127.0.0.1:{free_port()}",
+                cluster.dsn,
+                {coordinator_id: coord_address},
+                workdir / "logs" / f"{name}.log",
+                participant_args,
+            )
+        system.coordinator = coordinator_daemon(
+            coordinator_id,
+            coord_address,
+            workdir / "decisions.sqlite",
+            {n: d.address for n, d in system.participants.items()},
+            workdir / "logs" / "coordinator.log",
+            coordinator_args,
+        )
+        if start_daemons:
+            start_all(system)
+    except BaseException:
+        system.stop()
+        raise
+    return system
+
+
+def start_all(system: LocalSystem) -> None:
+    with ThreadPoolExecutor(len(system.participants) or 1) as pool:
+        for future in [pool.submit(d.start) for d in system.participants.values()]:
+            future.result()
+    assert system.coordinator is not None
+    system.coordinator.start()

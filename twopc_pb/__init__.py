@@ -1,0 +1,1 @@
+"""Generated from protos/twopc_pb by scripts/gen_protos.py. Do not edit."""

@@ -1,0 +1,115 @@
+from twopc_pb import types_pb2 as _types_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Vote(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    VOTE_UNSPECIFIED: _ClassVar[Vote]
+    YES: _ClassVar[Vote]
+    NO: _ClassVar[Vote]
+    READ_ONLY: _ClassVar[Vote]
+    COMMITTED_ONE_PHASE: _ClassVar[Vote]
+VOTE_UNSPECIFIED: Vote
+YES: Vote
+NO: Vote
+READ_ONLY: Vote
+COMMITTED_ONE_PHASE: Vote
+
+class BranchRef(_message.Message):
+    __slots__ = ("transaction_id",)
+    TRANSACTION_ID_FIELD_NUMBER: _ClassVar[int]
+    transaction_id: str
+    def __init__(self, transaction_id: _Optional[str] = ...) -> None: ...
+
+class BranchExecuteRequest(_message.Message):
+    __slots__ = ("transaction_id", "statements")
+    TRANSACTION_ID_FIELD_NUMBER: _ClassVar[int]
+    STATEMENTS_FIELD_NUMBER: _ClassVar[int]
+    transaction_id: str
+    statements: _containers.RepeatedCompositeFieldContainer[_types_pb2.Statement]
+    def __init__(self, transaction_id: _Optional[str] = ..., statements: _Optional[_Iterable[_Union[_types_pb2.Statement, _Mapping]]] = ...) -> None: ...
+
+class BranchExecuteResponse(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[_types_pb2.StatementResult]
+    def __init__(self, results: _Optional[_Iterable[_Union[_types_pb2.StatementResult, _Mapping]]] = ...) -> None: ...
+
+class PrepareRequest(_message.Message):
+    __slots__ = ("transaction_id", "statements", "one_phase")
+    TRANSACTION_ID_FIELD_NUMBER: _ClassVar[int]
+    STATEMENTS_FIELD_NUMBER: _ClassVar[int]
+    ONE_PHASE_FIELD_NUMBER: _ClassVar[int]
+    transaction_id: str
+    statements: _containers.RepeatedCompositeFieldContainer[_types_pb2.Statement]
+    one_phase: bool
+    def __init__(self, transaction_id: _Optional[str] = ..., statements: _Optional[_Iterable[_Union[_types_pb2.Statement, _Mapping]]] = ..., one_phase: _Optional[bool] = ...) -> None: ...
+
+class PrepareResponse(_message.Message):
+    __slots__ = ("vote", "reason", "sqlstate", "results")
+    VOTE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    SQLSTATE_FIELD_NUMBER: _ClassVar[int]
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    vote: Vote
+    reason: str
+    sqlstate: str
+    results: _containers.RepeatedCompositeFieldContainer[_types_pb2.StatementResult]
+    def __init__(self, vote: _Optional[_Union[Vote, str]] = ..., reason: _Optional[str] = ..., sqlstate: _Optional[str] = ..., results: _Optional[_Iterable[_Union[_types_pb2.StatementResult, _Mapping]]] = ...) -> None: ...
+
+class Ack(_message.Message):
+    __slots__ = ("changed",)
+    CHANGED_FIELD_NUMBER: _ClassVar[int]
+    changed: bool
+    def __init__(self, changed: _Optional[bool] = ...) -> None: ...
+
+class ListPreparedRequest(_message.Message):
+    __slots__ = ("coordinator_id",)
+    COORDINATOR_ID_FIELD_NUMBER: _ClassVar[int]
+    coordinator_id: str
+    def __init__(self, coordinator_id: _Optional[str] = ...) -> None: ...
+
+class PreparedBranch(_message.Message):
+    __slots__ = ("transaction_id", "gid", "age_seconds")
+    TRANSACTION_ID_FIELD_NUMBER: _ClassVar[int]
+    GID_FIELD_NUMBER: _ClassVar[int]
+    AGE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    transaction_id: str
+    gid: str
+    age_seconds: float
+    def __init__(self, transaction_id: _Optional[str] = ..., gid: _Optional[str] = ..., age_seconds: _Optional[float] = ...) -> None: ...
+
+class ListPreparedResponse(_message.Message):
+    __slots__ = ("branches",)
+    BRANCHES_FIELD_NUMBER: _ClassVar[int]
+    branches: _containers.RepeatedCompositeFieldContainer[PreparedBranch]
+    def __init__(self, branches: _Optional[_Iterable[_Union[PreparedBranch, _Mapping]]] = ...) -> None: ...
+
+class ParticipantStatusRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ParticipantStatus(_message.Message):
+    __slots__ = ("participant_id", "open_branches", "prepared_branches", "counters")
+    class CountersEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    PARTICIPANT_ID_FIELD_NUMBER: _ClassVar[int]
+    OPEN_BRANCHES_FIELD_NUMBER: _ClassVar[int]
+    PREPARED_BRANCHES_FIELD_NUMBER: _ClassVar[int]
+    COUNTERS_FIELD_NUMBER: _ClassVar[int]
+    participant_id: str
+    open_branches: int
+    prepared_branches: int
+    counters: _containers.ScalarMap[str, int]
+    def __init__(self, participant_id: _Optional[str] = ..., open_branches: _Optional[int] = ..., prepared_branches: _Optional[int] = ..., counters: _Optional[_Mapping[str, int]] = ...) -> None: ...
