@@ -16,10 +16,26 @@ from twopc_harness.system import LocalSystem, start_system
 
 # Short timeouts so that faults resolve quickly in tests; generous enough for a loaded
 # 2-core machine.
-COORDINATOR_ARGS = ["--prepare-timeout", "3", "--recovery-interval", "1", "--rpc-timeout", "3",
-                    "--phase2-backoff-max", "0.5"]
-PARTICIPANT_ARGS = ["--lock-timeout", "2", "--recovery-interval", "0.5",
-                    "--recovery-grace", "1", "--idle-branch-timeout", "10"]
+COORDINATOR_ARGS = [
+    "--prepare-timeout",
+    "3",
+    "--recovery-interval",
+    "1",
+    "--rpc-timeout",
+    "3",
+    "--phase2-backoff-max",
+    "0.5",
+]
+PARTICIPANT_ARGS = [
+    "--lock-timeout",
+    "2",
+    "--recovery-interval",
+    "0.5",
+    "--recovery-grace",
+    "1",
+    "--idle-branch-timeout",
+    "10",
+]
 
 _ids = itertools.count(1)
 
@@ -35,16 +51,15 @@ SystemFactory = Callable[..., LocalSystem]
 
 
 @pytest.fixture
-def make_system(
-    clusters: list[PostgresCluster], tmp_path: Path
-) -> Iterator[SystemFactory]:
+def make_system(clusters: list[PostgresCluster], tmp_path: Path) -> Iterator[SystemFactory]:
     """Start daemons over the session's clusters, with flags of the test's choosing.
     Every system gets its own coordinator id so that systems never resolve each
     other's branches."""
     started: list[LocalSystem] = []
 
-    def make(coordinator_args: list[str] | None = None,
-             participant_args: list[str] | None = None) -> LocalSystem:
+    def make(
+        coordinator_args: list[str] | None = None, participant_args: list[str] | None = None
+    ) -> LocalSystem:
         system = start_system(
             clusters=clusters,
             workdir=tmp_path / f"system{len(started) + 1}",

@@ -35,7 +35,9 @@ def ledger_rows(system: LocalSystem, tag: str) -> dict[str, int]:
     out = {}
     for shard in system.shard_names:
         with system.connect(shard) as conn:
-            row = conn.execute("SELECT count(*) FROM ledger WHERE transfer_id = %s", (tag,)).fetchone()
+            row = conn.execute(
+                "SELECT count(*) FROM ledger WHERE transfer_id = %s", (tag,)
+            ).fetchone()
             assert row is not None
             out[shard] = int(row[0])
     return out
@@ -44,8 +46,9 @@ def ledger_rows(system: LocalSystem, tag: str) -> dict[str, int]:
 def test_transaction_over_three_shards_commits_everywhere(system: LocalSystem) -> None:
     with system.client() as client:
         # Answered once the decision is durable; wait for phase 2 before reading shards.
-        outcome = client.run(insert({"shard1": 1, "shard2": 2, "shard3": 3}, "t3"),
-                             wait_for_completion=True)
+        outcome = client.run(
+            insert({"shard1": 1, "shard2": 2, "shard3": 3}, "t3"), wait_for_completion=True
+        )
     assert outcome.committed and not outcome.one_phase
     assert ledger_rows(system, "t3") == {"shard1": 1, "shard2": 1, "shard3": 1}
     assert system.prepared_transactions() == {"shard1": [], "shard2": [], "shard3": []}
@@ -63,8 +66,14 @@ def test_wait_for_completion_answers_after_phase_two(system: LocalSystem) -> Non
 @pytest.mark.parametrize(
     ("statement", "reason"),
     [
-        (Statement("UPDATE accounts SET balance = balance - 1000 WHERE id = 1 AND balance >= 1000",
-                   (), exactly(1)), "expected exactly 1 row(s), got 0"),
+        (
+            Statement(
+                "UPDATE accounts SET balance = balance - 1000 WHERE id = 1 AND balance >= 1000",
+                (),
+                exactly(1),
+            ),
+            "expected exactly 1 row(s), got 0",
+        ),
         (Statement("UPDATE accounts SET balance = balance - 1000"), "accounts_balance_check"),
         (Statement("UPDAET accounts SET balance = 0"), "syntax error"),
     ],
@@ -92,10 +101,18 @@ def test_interactive_transaction_reads_then_writes_two_shards(system: LocalSyste
         read = tx.execute("shard1", "SELECT balance FROM accounts WHERE id = %s", (a1,))
         assert read.columns == ("balance",)
         assert read.rows == ((100,),)
-        tx.execute("shard2", "UPDATE accounts SET balance = balance + %s WHERE id = %s",
-                   (5, a2), exactly(1))
-        tx.execute("shard3", "UPDATE accounts SET balance = balance + %s WHERE id = %s",
-                   (7, a3), exactly(1))
+        tx.execute(
+            "shard2",
+            "UPDATE accounts SET balance = balance + %s WHERE id = %s",
+            (5, a2),
+            exactly(1),
+        )
+        tx.execute(
+            "shard3",
+            "UPDATE accounts SET balance = balance + %s WHERE id = %s",
+            (7, a3),
+            exactly(1),
+        )
     assert tx.outcome is not None and tx.outcome.committed
     assert balance(system, "shard2", a2) == 105
     assert balance(system, "shard3", a3) == 107
@@ -153,13 +170,16 @@ def test_read_only_branch_votes_read_only_and_skips_phase_two(system: LocalSyste
 
 
 def test_every_statement_result_comes_back_typed(system: LocalSystem) -> None:
-    sql = ("SELECT %s::int AS i, %s::numeric AS n, %s::text AS t, %s::bytea AS b, "
-           "%s::bool AS f, NULL::int AS z, %s::float8 AS d, DATE '2024-02-29' AS day")
+    sql = (
+        "SELECT %s::int AS i, %s::numeric AS n, %s::text AS t, %s::bytea AS b, "
+        "%s::bool AS f, NULL::int AS z, %s::float8 AS d, DATE '2024-02-29' AS day"
+    )
     params = (7, decimal.Decimal("12.50"), "x", b"\x00\x01", True, 2.5)
     with system.client() as client:
         outcome = client.run({"shard1": [Statement(sql, params)]})
     assert outcome.results is not None
     result = outcome.results["shard1"][0]
     assert result.columns == ("i", "n", "t", "b", "f", "z", "d", "day")
-    assert result.rows == ((7, decimal.Decimal("12.50"), "x", b"\x00\x01", True, None, 2.5,
-                            "2024-02-29"),)
+    assert result.rows == (
+        (7, decimal.Decimal("12.50"), "x", b"\x00\x01", True, None, 2.5, "2024-02-29"),
+    )

@@ -23,6 +23,10 @@ class AlreadyExists(TwoPCError):
     """An idempotency key reused with a different request."""
 
 
+class ResourceExhausted(TwoPCError):
+    """The request is larger than the receiver accepts (gRPC message size)."""
+
+
 class FailedPrecondition(TwoPCError):
     """The request is well-formed but the transaction is in the wrong state for it."""
 

@@ -22,12 +22,16 @@ from twopc_common.errors import InvalidArgument
 FORMAT_ID = 0x32504331
 
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
+# psycopg (like XA) caps gtrid at 64 characters: 24 for the coordinator id leaves room
+# for two 19-digit numbers and the dots.
+_MAX_LENGTH = {"coordinator": 24, "participant": 32}
 
 
 def check_name(kind: str, name: str) -> str:
-    """Validate a coordinator or participant id: 1-32 of [A-Za-z0-9_-]."""
-    if not _NAME.match(name):
-        raise InvalidArgument(f"{kind} id {name!r} must be 1-32 characters of [A-Za-z0-9_-]")
+    """Validate a coordinator id (1-24 of [A-Za-z0-9_-]) or participant id (1-32)."""
+    longest = _MAX_LENGTH.get(kind, 32)
+    if not _NAME.match(name) or len(name) > longest:
+        raise InvalidArgument(f"{kind} id {name!r} must be 1-{longest} characters of [A-Za-z0-9_-]")
     return name
 
 

@@ -1,0 +1,174 @@
+"""Bad input gets the right gRPC status and a message saying what was wrong, and
+leaves no prepared transaction and no changed row behind."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterator
+
+import grpc
+import pytest
+
+from bank_demo import bank
+from coordinator.client import Statement
+from tests.conftest import dsns
+from twopc_harness.system import LocalSystem
+from twopc_pb import coordinator_pb2 as cpb
+from twopc_pb import coordinator_pb2_grpc as cgrpc
+from twopc_pb import participant_pb2 as ppb
+from twopc_pb import participant_pb2_grpc as pgrpc
+from twopc_pb import types_pb2 as tpb
+
+UPDATE = "UPDATE accounts SET balance = 0"
+
+
+@pytest.fixture
+def stub(system: LocalSystem) -> Iterator[cgrpc.CoordinatorStub]:
+    assert system.coordinator is not None
+    before = bank.snapshot(dsns(system))
+    with grpc.insecure_channel(system.coordinator.address) as channel:
+        yield cgrpc.CoordinatorStub(channel)
+    after = bank.snapshot(dsns(system))
+    assert after.total == before.total and after.legs == before.legs
+    assert not any(after.prepared.values())
+
+
+def stmt(sql: str = UPDATE, *params: tpb.Value) -> tpb.Statement:
+    return tpb.Statement(sql=sql, params=list(params))
+
+
+def branch(participant: str, *statements: tpb.Statement) -> cpb.Branch:
+    return cpb.Branch(participant=participant, statements=list(statements))
+
+
+def status_of(call: object) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.RpcError) as caught:
+        call()  # type: ignore[operator]
+    error = caught.value
+    return error.code(), error.details()  # type: ignore[attr-defined]
+
+
+def test_unknown_participant_is_not_found(stub: cgrpc.CoordinatorStub) -> None:
+    request = cpb.RunRequest(branches=[branch("shard1", stmt()), branch("nowhere", stmt())])
+    code, details = status_of(lambda: stub.Run(request))
+    assert code == grpc.StatusCode.NOT_FOUND and "nowhere" in details
+
+
+@pytest.mark.parametrize(
+    ("request_", "message"),
+    [
+        (cpb.RunRequest(), "at least one branch"),
+        (cpb.RunRequest(branches=[branch("shard1")]), "no statements"),
+        (cpb.RunRequest(branches=[branch("shard1", stmt("   "))]), "empty SQL"),
+        (
+            cpb.RunRequest(branches=[branch("shard1", stmt()), branch("shard1", stmt())]),
+            "two branches",
+        ),
+        (
+            cpb.RunRequest(branches=[branch("shard1", stmt("SELECT %s", tpb.Value()))]),
+            "parameter 1 has no value",
+        ),
+        (
+            cpb.RunRequest(
+                branches=[branch("shard1", stmt("SELECT %s", tpb.Value(other_value="x")))]
+            ),
+            "results only",
+        ),
+        (
+            cpb.RunRequest(
+                branches=[branch("shard1", stmt("SELECT %s", tpb.Value(decimal_value="1,5")))]
+            ),
+            "not a decimal",
+        ),
+        (cpb.RunRequest(branches=[branch("shard1", *[stmt()] * 1001)]), "limit is 1000"),
+        (
+            cpb.RunRequest(
+                branches=[branch("shard1", stmt("SELECT 1"))], idempotency_key="k" * 201
+            ),
+            "idempotency key longer",
+        ),
+    ],
+    ids=[
+        "no-branches",
+        "empty-branch",
+        "empty-sql",
+        "duplicate-branch",
+        "unset-value",
+        "result-only-type",
+        "bad-decimal",
+        "too-many-statements",
+        "long-key",
+    ],
+)
+def test_invalid_run_is_invalid_argument(
+    stub: cgrpc.CoordinatorStub, request_: cpb.RunRequest, message: str
+) -> None:
+    code, details = status_of(lambda: stub.Run(request_))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in details
+
+
+def test_oversized_request_is_resource_exhausted(stub: cgrpc.CoordinatorStub) -> None:
+    big = stmt("SELECT %s", tpb.Value(text_value="x" * (5 * 1024 * 1024)))
+    request = cpb.RunRequest(branches=[branch("shard1", big)])
+    code, _ = status_of(lambda: stub.Run(request))
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_execute_on_unknown_or_finished_transaction(stub: cgrpc.CoordinatorStub) -> None:
+    request = cpb.ExecuteRequest(
+        transaction_id="shared.1.999999", participant="shard1", statements=[stmt("SELECT 1")]
+    )
+    code, details = status_of(lambda: stub.Execute(request))
+    assert code == grpc.StatusCode.NOT_FOUND and "shared.1.999999" in details
+
+    txid = stub.Begin(cpb.BeginRequest()).transaction_id
+    stub.Execute(
+        cpb.ExecuteRequest(transaction_id=txid, participant="shard1", statements=[stmt("SELECT 1")])
+    )
+    stub.Commit(cpb.CommitRequest(transaction_id=txid, wait_for_completion=True))
+    again = cpb.ExecuteRequest(transaction_id=txid, participant="shard1", statements=[stmt(UPDATE)])
+    code, details = status_of(lambda: stub.Execute(again))
+    assert code == grpc.StatusCode.NOT_FOUND and "already finished" in details
+
+
+def test_malformed_transaction_id_is_invalid_argument(stub: cgrpc.CoordinatorStub) -> None:
+    code, details = status_of(
+        lambda: stub.GetTransaction(cpb.GetTransactionRequest(transaction_id="not-an-id"))
+    )
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "not-an-id" in details
+
+
+def test_execute_on_unknown_participant_or_empty(stub: cgrpc.CoordinatorStub) -> None:
+    txid = stub.Begin(cpb.BeginRequest()).transaction_id
+    code, _ = status_of(
+        lambda: stub.Execute(
+            cpb.ExecuteRequest(transaction_id=txid, participant="nowhere", statements=[stmt()])
+        )
+    )
+    assert code == grpc.StatusCode.NOT_FOUND
+    code, _ = status_of(
+        lambda: stub.Execute(cpb.ExecuteRequest(transaction_id=txid, participant="shard1"))
+    )
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    stub.Rollback(cpb.RollbackRequest(transaction_id=txid))
+
+
+def test_client_refuses_unsupported_parameter_types(system: LocalSystem) -> None:
+    from twopc_common.errors import InvalidArgument
+
+    with system.client() as client, pytest.raises(InvalidArgument, match="datetime"):
+        client.run({"shard1": [Statement("SELECT %s", (dt.datetime.now(),))]})  # type: ignore[arg-type]
+
+
+def test_participant_refuses_commit_of_a_branch_never_prepared(system: LocalSystem) -> None:
+    address = system.participants["shard1"].address
+    with grpc.insecure_channel(address) as channel:
+        participant = pgrpc.ParticipantStub(channel)
+        code, details = status_of(
+            lambda: participant.Commit(ppb.BranchRef(transaction_id="shared.1.424242"))
+        )
+        assert code == grpc.StatusCode.FAILED_PRECONDITION
+        assert "not prepared" in details
+        code, _ = status_of(lambda: participant.Commit(ppb.BranchRef(transaction_id="x")))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT

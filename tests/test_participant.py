@@ -1,0 +1,110 @@
+"""The participant agent against real PostgreSQL: start-up checks, the silent-rollback
+trap, idempotent phase 2, and late messages after an abort."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+import psycopg
+import pytest
+
+from participant.config import ParticipantConfig
+from participant.store import MARKER_TABLE, BranchFailed, Store
+from twopc_harness.postgres import free_port, start_clusters, stop_clusters
+from twopc_harness.system import LocalSystem
+from twopc_pb import participant_pb2 as ppb
+from twopc_pb import participant_pb2_grpc as pgrpc
+from twopc_pb import types_pb2 as tpb
+
+
+def run_agent(dsn: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "participant",
+            "--id",
+            "p1",
+            "--dsn",
+            dsn,
+            "--listen",
+            f"127.0.0.1:{free_port()}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_agent_refuses_a_database_without_prepared_transactions(tmp_path: Path) -> None:
+    clusters = start_clusters(1, tmp_path / "pg", {"max_prepared_transactions": "0"}, "noprep")
+    try:
+        done = run_agent(clusters[0].dsn)
+    finally:
+        stop_clusters(clusters)
+    assert done.returncode != 0
+    assert "max_prepared_transactions is 0" in done.stderr
+
+
+def test_agent_says_clearly_when_the_database_does_not_answer() -> None:
+    done = run_agent(f"host=127.0.0.1 port={free_port()} user=postgres connect_timeout=2")
+    assert done.returncode != 0
+    assert "cannot connect" in done.stderr
+
+
+def test_agent_creates_its_marker_table(system: LocalSystem) -> None:
+    for shard in system.shard_names:
+        with system.connect(shard) as conn:
+            row = conn.execute("SELECT to_regclass(%s)", (MARKER_TABLE,)).fetchone()
+        assert row == (MARKER_TABLE,)
+
+
+def test_prepare_of_a_failed_transaction_is_refused_not_silently_rolled_back(
+    system: LocalSystem,
+) -> None:
+    async def scenario() -> None:
+        store = Store(ParticipantConfig(id="trap", dsn=system.dsn("shard1"), pool_min_size=1))
+        await store.open()
+        try:
+            conn = await store.connect_branch()
+            with pytest.raises(psycopg.errors.DivisionByZero):
+                await conn.execute("SELECT 1 / 0")
+            with pytest.raises(BranchFailed, match="already failed"):
+                await store.prepare(conn, "trap.1.1", "trap")
+            await store.rollback(conn)
+            await store.release(conn)
+            assert await store.prepared_branches("trap") == []
+        finally:
+            await store.close()
+
+    asyncio.run(scenario())
+
+
+def test_commit_and_abort_are_idempotent_and_exact(system: LocalSystem) -> None:
+    txid = "shared.999.1"
+    insert = tpb.Statement(sql="INSERT INTO ledger VALUES ('idem', 'debit', 1, 1)")
+    with grpc.insecure_channel(system.participants["shard1"].address) as channel:
+        agent = pgrpc.ParticipantStub(channel)
+        vote = agent.Prepare(ppb.PrepareRequest(transaction_id=txid, statements=[insert]))
+        assert vote.vote == ppb.YES
+        listed = agent.ListPrepared(ppb.ListPreparedRequest(coordinator_id="shared"))
+        assert [b.transaction_id for b in listed.branches] == [txid]
+        assert agent.Commit(ppb.BranchRef(transaction_id=txid)).changed
+        assert not agent.Commit(ppb.BranchRef(transaction_id=txid)).changed  # a retry
+        with pytest.raises(grpc.RpcError) as caught:
+            agent.Abort(ppb.BranchRef(transaction_id=txid))
+        assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION  # type: ignore[attr-defined]
+        # A second transaction aborted before its Prepare arrived: the late Prepare
+        # must vote NO instead of preparing a branch nobody will finish.
+        late = "shared.999.2"
+        assert not agent.Abort(ppb.BranchRef(transaction_id=late)).changed
+        vote = agent.Prepare(ppb.PrepareRequest(transaction_id=late, statements=[insert]))
+        assert vote.vote == ppb.NO and "aborted" in vote.reason
+    with system.connect("shard1") as conn:
+        rows = conn.execute("SELECT count(*) FROM ledger WHERE transfer_id = 'idem'").fetchone()
+    assert rows == (1,)
+    assert not any(system.prepared_transactions().values())

@@ -1,0 +1,113 @@
+"""The coordinator's decision logic and transition table, as pure functions."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from coordinator.protocol import (
+    AbortCause,
+    Ballot,
+    IllegalTransition,
+    TxState,
+    Vote,
+    backoff,
+    decide,
+    transition,
+)
+from participant.branch_state import BranchState, check_transition
+from twopc_common.errors import FailedPrecondition
+
+P = ("a", "b", "c")
+
+
+def test_all_yes_commits_and_tells_every_yes_voter() -> None:
+    decision = decide(P, {p: Ballot(Vote.YES) for p in P})
+    assert decision.commit and decision.phase2 == P
+
+
+def test_read_only_voters_are_left_out_of_phase_two() -> None:
+    ballots = {"a": Ballot(Vote.YES), "b": Ballot(Vote.READ_ONLY), "c": Ballot(Vote.YES)}
+    assert decide(P, ballots).phase2 == ("a", "c")
+
+
+def test_missing_vote_aborts_and_the_silent_one_still_hears_abort() -> None:
+    decision = decide(P, {"a": Ballot(Vote.YES), "b": Ballot(Vote.YES)})
+    assert not decision.commit
+    assert decision.cause is AbortCause.PREPARE_TIMEOUT and decision.culprit == "c"
+    assert decision.phase2 == P  # "c" may have prepared after all
+
+
+def test_a_no_is_reported_before_a_missing_vote() -> None:
+    ballots = {"a": Ballot(Vote.UNAVAILABLE, "down"), "b": Ballot(Vote.NO, "not enough money")}
+    decision = decide(P, ballots)
+    assert decision.cause is AbortCause.VOTE_NO and decision.culprit == "b"
+    assert decision.reason == "not enough money"
+    assert "b" not in decision.phase2  # a NO voter already rolled back
+
+
+def test_decision_is_commit_exactly_when_no_vote_is_no_or_missing() -> None:
+    """Exhaustively over every combination of votes for three participants."""
+    options = [None, *Vote]
+    for combo in itertools.product(options, repeat=3):
+        ballots = {p: Ballot(v) for p, v in zip(P, combo, strict=True) if v is not None}
+        decision = decide(P, ballots)
+        expect_commit = all(
+            v in (Vote.YES, Vote.READ_ONLY, Vote.COMMITTED_ONE_PHASE) for v in combo
+        )
+        assert decision.commit == expect_commit, combo
+        if decision.commit:
+            assert set(decision.phase2) == {
+                p for p, v in zip(P, combo, strict=True) if v is Vote.YES
+            }
+        else:
+            # Everyone who might hold a prepared branch is told to abort.
+            might_be_prepared = {
+                p
+                for p, v in zip(P, combo, strict=True)
+                if v in (None, Vote.YES, Vote.TIMEOUT, Vote.UNAVAILABLE)
+            }
+            assert set(decision.phase2) == might_be_prepared
+
+
+def test_transition_table_allows_only_the_protocol() -> None:
+    legal = {
+        (TxState.ACTIVE, TxState.PREPARING),
+        (TxState.ACTIVE, TxState.ABORTING),
+        (TxState.ACTIVE, TxState.COMMITTED),
+        (TxState.PREPARING, TxState.COMMITTING),
+        (TxState.PREPARING, TxState.ABORTING),
+        (TxState.PREPARING, TxState.COMMITTED),
+        (TxState.COMMITTING, TxState.COMMITTED),
+        (TxState.ABORTING, TxState.ABORTED),
+    }
+    for a, b in itertools.product(TxState, repeat=2):
+        if (a, b) in legal:
+            assert transition(a, b) is b
+        else:
+            with pytest.raises(IllegalTransition):
+                transition(a, b)
+
+
+def test_a_committing_transaction_can_never_abort() -> None:
+    for state in (TxState.COMMITTING, TxState.COMMITTED):
+        with pytest.raises(IllegalTransition):
+            transition(state, TxState.ABORTING)
+
+
+def test_prepared_branch_only_leaves_on_commit_or_abort() -> None:
+    assert (
+        check_transition(BranchState.PREPARED, BranchState.COMMITTED, "t") is BranchState.COMMITTED
+    )
+    with pytest.raises(FailedPrecondition):
+        check_transition(BranchState.COMMITTED, BranchState.ABORTED, "t")
+    with pytest.raises(FailedPrecondition):
+        check_transition(BranchState.PREPARED, BranchState.ACTIVE, "t")
+
+
+def test_backoff_grows_and_is_capped() -> None:
+    delays = [backoff(i, 0.05, 5.0) for i in range(20)]
+    assert delays[0] == 0.05 and delays[1] == 0.1
+    assert delays == sorted(delays) and max(delays) == 5.0
+    assert backoff(10_000, 0.05, 5.0) == 5.0
