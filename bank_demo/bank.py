@@ -35,6 +35,9 @@ SCHEMA = [
 ]
 
 
+BOTH_LEGS = frozenset({"debit", "credit"})
+
+
 def shard_of(account: int, shards: Sequence[str]) -> str:
     """Stable placement: the same account lands on the same shard in every run."""
     return shards[zlib.crc32(str(account).encode()) % len(shards)]
@@ -107,7 +110,7 @@ class Snapshot:
     prepared: Mapping[str, tuple[str, ...]]
 
     def half_applied(self) -> list[str]:
-        return sorted(t for t, legs in self.legs.items() if legs != {"debit", "credit"})
+        return sorted(t for t, legs in self.legs.items() if legs != BOTH_LEGS)
 
 
 def snapshot(dsns: Mapping[str, str]) -> Snapshot:
@@ -139,4 +142,4 @@ def snapshot(dsns: Mapping[str, str]) -> Snapshot:
 
 
 def applied(snap: Snapshot, transfer_ids: Iterable[str]) -> dict[str, bool]:
-    return {t: snap.legs.get(t) == {"debit", "credit"} for t in transfer_ids}
+    return {t: snap.legs.get(t) == BOTH_LEGS for t in transfer_ids}

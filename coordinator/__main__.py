@@ -27,7 +27,7 @@ class StartupError(TwoPCError):
 
 
 async def serve(config: CoordinatorConfig) -> None:
-    decision_log = DecisionLog(config.log_path, batch_max=config.log_batch_max)
+    decision_log = DecisionLog(config.log_path, config.id, batch_max=config.log_batch_max)
     try:
         decision_log.open()
     except Exception as exc:
@@ -71,7 +71,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[CoordinatorConfig, str]:
     d = CoordinatorConfig(id="-", log_path="-")
     p = argparse.ArgumentParser(
         prog="twopc-coordinator",
-        description="Two-phase-commit coordinator for PostgreSQL participant agents.",
+        description="Two-phase-commit coordinator for PostgreSQL participant agents. "
+        "`twopc-coordinator inspect --help` shows the operator's view.",
     )
     p.add_argument("--id", required=True, help="this coordinator's name (in every txid)")
     p.add_argument("--log", required=True, metavar="PATH", help="SQLite decision log")
@@ -117,6 +118,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[CoordinatorConfig, str]:
         metavar="SECONDS",
         help="period of the in-doubt branch scan",
     )
+    p.add_argument(
+        "--allow-failpoints",
+        action="store_true",
+        help="accept the SetFailpoints admin call (tests only)",
+    )
     p.add_argument("--log-level", default=os.environ.get("TWOPC_LOG_LEVEL", "INFO"))
     a = p.parse_args(argv)
     try:
@@ -130,6 +136,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[CoordinatorConfig, str]:
             phase2_backoff_max=a.phase2_backoff_max,
             transaction_idle_timeout=a.transaction_idle_timeout,
             recovery_interval=a.recovery_interval,
+            allow_failpoints=a.allow_failpoints,
         )
     except (TwoPCError, argparse.ArgumentTypeError) as exc:
         p.error(str(exc))
@@ -137,7 +144,13 @@ def parse_args(argv: list[str] | None = None) -> tuple[CoordinatorConfig, str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    config, level = parse_args(argv)
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["inspect"]:
+        from coordinator.inspect import main as inspect
+
+        inspect(args[1:])
+        return
+    config, level = parse_args(args)
     log.setup(level)
     try:
         failpoints.configure_from_env()

@@ -38,5 +38,7 @@ class CoordinatorConfig:
     """Most decision-log records written under one fsync (group commit)."""
     shutdown_grace: float = 2.0
     """Seconds in-flight RPCs get to finish on SIGTERM."""
+    allow_failpoints: bool = False
+    """Accept the SetFailpoints admin call (a test hook that can crash the daemon)."""
     limits: Limits = field(default_factory=Limits)
     """Request limits."""

@@ -80,8 +80,9 @@ _STOP = object()
 
 
 class DecisionLog:
-    def __init__(self, path: str, batch_max: int = 512) -> None:
+    def __init__(self, path: str, coordinator_id: str, batch_max: int = 512) -> None:
         self._path = path
+        self.coordinator_id = coordinator_id
         self._batch_max = batch_max
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._writer: threading.Thread | None = None
@@ -97,7 +98,8 @@ class DecisionLog:
         return conn
 
     def open(self) -> None:
-        """Create the schema if needed, bump the epoch durably, start the writer."""
+        """Create the schema if needed, check the log is this coordinator's, bump the
+        epoch durably, start the writer."""
         writer = self._connect()
         mode = writer.execute("PRAGMA journal_mode = WAL").fetchone()[0]
         if mode != "wal":
@@ -105,12 +107,19 @@ class DecisionLog:
         writer.execute("PRAGMA synchronous = FULL")
         writer.executescript(_SCHEMA)
         writer.execute("BEGIN IMMEDIATE")
+        owner = writer.execute("SELECT value FROM meta WHERE key = 'coordinator_id'").fetchone()
+        if owner is not None and owner[0] != self.coordinator_id:
+            writer.execute("ROLLBACK")
+            writer.close()
+            # Another coordinator's decisions would be misread as ours, and its
+            # transaction ids could be reissued: refuse.
+            raise ValueError(f"this decision log belongs to coordinator {owner[0]!r}")
         row = writer.execute("SELECT value FROM meta WHERE key = 'epoch'").fetchone()
         self.epoch = (int(row[0]) if row else 0) + 1
-        writer.execute(
-            "INSERT INTO meta (key, value) VALUES ('epoch', ?) "
+        writer.executemany(
+            "INSERT INTO meta (key, value) VALUES (?, ?) "
             "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-            (str(self.epoch),),
+            [("epoch", str(self.epoch)), ("coordinator_id", self.coordinator_id)],
         )
         writer.execute("COMMIT")
         self._reader = self._connect()

@@ -14,6 +14,7 @@ from typing import TypeVar
 
 from coordinator.engine import Coordinator, Outcome, TransactionInfo
 from coordinator.protocol import AbortCause, TxState
+from twopc_common import failpoints
 from twopc_common.grpc_errors import Context, translate_errors
 from twopc_common.values import results_to_pb, statements_from_pb
 from twopc_pb import coordinator_pb2 as pb
@@ -153,4 +154,13 @@ class CoordinatorService(cgrpc.CoordinatorServicer):
             epoch=self._engine.decision_log.epoch,
             recovered=self._engine.recovered,
             counters=counters,
+        )
+
+    @translate_errors
+    async def SetFailpoints(
+        self, request: types_pb2.FailpointsRequest, context: Context
+    ) -> types_pb2.FailpointsResponse:
+        allowed = self._engine.config.allow_failpoints
+        return types_pb2.FailpointsResponse(
+            active=failpoints.configure_remotely(allowed, request.spec)
         )

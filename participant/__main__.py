@@ -85,6 +85,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[ParticipantConfig, str]:
         "--recovery-interval", type=positive, default=d.recovery_interval, metavar="SECONDS"
     )
     p.add_argument("--recovery-grace", type=float, default=d.recovery_grace, metavar="SECONDS")
+    p.add_argument(
+        "--allow-failpoints",
+        action="store_true",
+        help="accept the SetFailpoints admin call (tests only)",
+    )
     p.add_argument("--log-level", default=os.environ.get("TWOPC_LOG_LEVEL", "INFO"))
     a = p.parse_args(argv)
     try:
@@ -100,6 +105,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[ParticipantConfig, str]:
             idle_branch_timeout=a.idle_branch_timeout,
             recovery_interval=a.recovery_interval,
             recovery_grace=a.recovery_grace,
+            allow_failpoints=a.allow_failpoints,
         )
     except (TwoPCError, argparse.ArgumentTypeError) as exc:
         p.error(str(exc))

@@ -6,10 +6,12 @@ import datetime as dt
 
 from participant.agent import Agent, Vote
 from participant.recovery import Recovery
+from twopc_common import failpoints
 from twopc_common.grpc_errors import Context, translate_errors
 from twopc_common.values import results_to_pb, statements_from_pb
 from twopc_pb import participant_pb2 as pb
 from twopc_pb import participant_pb2_grpc as pgrpc
+from twopc_pb import types_pb2
 
 _VOTES = {
     Vote.YES: pb.YES,
@@ -78,4 +80,13 @@ class ParticipantService(pgrpc.ParticipantServicer):
             open_branches=self._agent.open_branches,
             prepared_branches=self._recovery.waiting,
             counters=dict(self._agent.counters),
+        )
+
+    @translate_errors
+    async def SetFailpoints(
+        self, request: types_pb2.FailpointsRequest, context: Context
+    ) -> types_pb2.FailpointsResponse:
+        allowed = self._agent.config.allow_failpoints
+        return types_pb2.FailpointsResponse(
+            active=failpoints.configure_remotely(allowed, request.spec)
         )

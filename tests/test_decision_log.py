@@ -11,7 +11,7 @@ from coordinator.decision_log import DecisionLog
 def test_epoch_is_bumped_at_every_open(tmp_path: Path) -> None:
     epochs = []
     for _ in range(3):
-        log = DecisionLog(str(tmp_path / "log.sqlite"))
+        log = DecisionLog(str(tmp_path / "log.sqlite"), "c")
         log.open()
         epochs.append(log.epoch)
         log.close()
@@ -22,7 +22,7 @@ def test_commit_records_survive_reopen_until_complete(tmp_path: Path) -> None:
     path = str(tmp_path / "log.sqlite")
 
     async def write() -> None:
-        log = DecisionLog(path)
+        log = DecisionLog(path, "c")
         log.open()
         await log.record_commit("c.1.1", ("a", "b"), 1.0, {"committed": True})
         await log.record_commit("c.1.2", ("a",), 1.0, {"committed": True}, "key", "hash")
@@ -30,7 +30,7 @@ def test_commit_records_survive_reopen_until_complete(tmp_path: Path) -> None:
         log.close()
 
     asyncio.run(write())
-    log = DecisionLog(path)
+    log = DecisionLog(path, "c")
     log.open()
     try:
         assert [r.transaction_id for r in log.incomplete_commits()] == ["c.1.1"]
@@ -42,7 +42,7 @@ def test_commit_records_survive_reopen_until_complete(tmp_path: Path) -> None:
 
 
 def test_concurrent_commits_share_fsyncs(tmp_path: Path) -> None:
-    log = DecisionLog(str(tmp_path / "log.sqlite"))
+    log = DecisionLog(str(tmp_path / "log.sqlite"), "c")
     log.open()
 
     async def many() -> None:
@@ -60,3 +60,14 @@ def test_concurrent_commits_share_fsyncs(tmp_path: Path) -> None:
         assert log.stats["log_fsync_batches"] < 100, log.stats
     finally:
         log.close()
+
+
+def test_a_log_refuses_another_coordinator(tmp_path: Path) -> None:
+    import pytest
+
+    path = str(tmp_path / "log.sqlite")
+    log = DecisionLog(path, "c")
+    log.open()
+    log.close()
+    with pytest.raises(ValueError, match="belongs to coordinator 'c'"):
+        DecisionLog(path, "other").open()

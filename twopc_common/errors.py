@@ -31,6 +31,10 @@ class FailedPrecondition(TwoPCError):
     """The request is well-formed but the transaction is in the wrong state for it."""
 
 
+class PermissionDenied(TwoPCError):
+    """The daemon is not configured to allow this call."""
+
+
 class Unavailable(TwoPCError):
     """A dependency (PostgreSQL, a peer daemon) cannot be reached; retrying may help."""
 

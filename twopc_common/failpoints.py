@@ -24,7 +24,7 @@ import random
 import re
 from dataclasses import dataclass, field
 
-from twopc_common.errors import TwoPCError
+from twopc_common.errors import InvalidArgument, PermissionDenied, TwoPCError
 
 ENV_VAR = "TWOPC_FAILPOINTS"
 FAILPOINT_EXIT_CODE = 86
@@ -78,6 +78,17 @@ def configure(spec: str) -> None:
             old.released.set()
         if point.task != "off":
             _active[name] = point
+
+
+def configure_remotely(allowed: bool, spec: str) -> dict[str, str]:
+    """The admin call's logic, shared by both daemons' servicers."""
+    if not allowed:
+        raise PermissionDenied("failpoints are disabled: start the daemon with --allow-failpoints")
+    try:
+        configure(spec)
+    except ValueError as exc:
+        raise InvalidArgument(str(exc)) from None
+    return active()
 
 
 def configure_from_env() -> None:

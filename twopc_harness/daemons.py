@@ -17,7 +17,13 @@ from pathlib import Path
 import grpc
 
 from twopc_harness.postgres import HarnessError
-from twopc_pb import coordinator_pb2, coordinator_pb2_grpc, participant_pb2, participant_pb2_grpc
+from twopc_pb import (
+    coordinator_pb2,
+    coordinator_pb2_grpc,
+    participant_pb2,
+    participant_pb2_grpc,
+    types_pb2,
+)
 
 
 @dataclass
@@ -54,6 +60,14 @@ class Daemon:
 
     def _probe(self, channel: grpc.Channel) -> None:
         raise NotImplementedError
+
+    def _set_failpoints(self, channel: grpc.Channel, spec: str) -> dict[str, str]:
+        raise NotImplementedError
+
+    def set_failpoints(self, spec: str) -> dict[str, str]:
+        """Switch failpoints in the running daemon (it must run with --allow-failpoints)."""
+        with grpc.insecure_channel(self.address) as channel:
+            return self._set_failpoints(channel, spec)
 
     def wait_ready(self, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
@@ -99,11 +113,21 @@ class CoordinatorDaemon(Daemon):
         stub = coordinator_pb2_grpc.CoordinatorStub(channel)
         stub.Status(coordinator_pb2.StatusRequest(), timeout=1.0)
 
+    def _set_failpoints(self, channel: grpc.Channel, spec: str) -> dict[str, str]:
+        stub = coordinator_pb2_grpc.CoordinatorStub(channel)
+        reply = stub.SetFailpoints(types_pb2.FailpointsRequest(spec=spec), timeout=5.0)
+        return dict(reply.active)
+
 
 class ParticipantDaemon(Daemon):
     def _probe(self, channel: grpc.Channel) -> None:
         stub = participant_pb2_grpc.ParticipantStub(channel)
         stub.Status(participant_pb2.ParticipantStatusRequest(), timeout=1.0)
+
+    def _set_failpoints(self, channel: grpc.Channel, spec: str) -> dict[str, str]:
+        stub = participant_pb2_grpc.ParticipantStub(channel)
+        reply = stub.SetFailpoints(types_pb2.FailpointsRequest(spec=spec), timeout=5.0)
+        return dict(reply.active)
 
 
 def coordinator_daemon(

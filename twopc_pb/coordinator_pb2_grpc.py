@@ -4,6 +4,7 @@ import grpc
 import warnings
 
 from twopc_pb import coordinator_pb2 as twopc__pb_dot_coordinator__pb2
+from twopc_pb import types_pb2 as twopc__pb_dot_types__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -74,6 +75,11 @@ class CoordinatorStub:
                 request_serializer=twopc__pb_dot_coordinator__pb2.StatusRequest.SerializeToString,
                 response_deserializer=twopc__pb_dot_coordinator__pb2.CoordinatorStatus.FromString,
                 _registered_method=True)
+        self.SetFailpoints = channel.unary_unary(
+                '/twopc.v1.Coordinator/SetFailpoints',
+                request_serializer=twopc__pb_dot_types__pb2.FailpointsRequest.SerializeToString,
+                response_deserializer=twopc__pb_dot_types__pb2.FailpointsResponse.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -133,6 +139,13 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetFailpoints(self, request, context):
+        """Test hook (off unless --allow-failpoints): switch failpoints at run time.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -175,6 +188,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.Status,
                     request_deserializer=twopc__pb_dot_coordinator__pb2.StatusRequest.FromString,
                     response_serializer=twopc__pb_dot_coordinator__pb2.CoordinatorStatus.SerializeToString,
+            ),
+            'SetFailpoints': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetFailpoints,
+                    request_deserializer=twopc__pb_dot_types__pb2.FailpointsRequest.FromString,
+                    response_serializer=twopc__pb_dot_types__pb2.FailpointsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -393,6 +411,33 @@ class Coordinator:
             '/twopc.v1.Coordinator/Status',
             twopc__pb_dot_coordinator__pb2.StatusRequest.SerializeToString,
             twopc__pb_dot_coordinator__pb2.CoordinatorStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetFailpoints(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/twopc.v1.Coordinator/SetFailpoints',
+            twopc__pb_dot_types__pb2.FailpointsRequest.SerializeToString,
+            twopc__pb_dot_types__pb2.FailpointsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -24,13 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14twopc_pb/types.proto\x12\x08twopc.v1\"\xc1\x01\n\x05Value\x12\x11\n\x07is_null\x18\x01 \x01(\x08H\x00\x12\x14\n\nbool_value\x18\x02 \x01(\x08H\x00\x12\x13\n\tint_value\x18\x03 \x01(\x12H\x00\x12\x15\n\x0b\x66loat_value\x18\x04 \x01(\x01H\x00\x12\x14\n\ntext_value\x18\x05 \x01(\tH\x00\x12\x15\n\x0b\x62ytes_value\x18\x06 \x01(\x0cH\x00\x12\x17\n\rdecimal_value\x18\x07 \x01(\tH\x00\x12\x15\n\x0bother_value\x18\x08 \x01(\tH\x00\x42\x06\n\x04kind\"O\n\x0b\x45xpectation\x12\x11\n\x07\x65xactly\x18\x01 \x01(\x04H\x00\x12\x12\n\x08\x61t_least\x18\x02 \x01(\x04H\x00\x12\x11\n\x07\x61t_most\x18\x03 \x01(\x04H\x00\x42\x06\n\x04rule\"`\n\tStatement\x12\x0b\n\x03sql\x18\x01 \x01(\t\x12\x1f\n\x06params\x18\x02 \x03(\x0b\x32\x0f.twopc.v1.Value\x12%\n\x06\x65xpect\x18\x03 \x01(\x0b\x32\x15.twopc.v1.Expectation\"&\n\x03Row\x12\x1f\n\x06values\x18\x01 \x03(\x0b\x32\x0f.twopc.v1.Value\"V\n\x0fStatementResult\x12\x15\n\rrows_affected\x18\x01 \x01(\x03\x12\x0f\n\x07\x63olumns\x18\x02 \x03(\t\x12\x1b\n\x04rows\x18\x03 \x03(\x0b\x32\r.twopc.v1.Row\"P\n\rBranchResults\x12\x13\n\x0bparticipant\x18\x01 \x01(\t\x12*\n\x07results\x18\x02 \x03(\x0b\x32\x19.twopc.v1.StatementResultb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14twopc_pb/types.proto\x12\x08twopc.v1\"\xc1\x01\n\x05Value\x12\x11\n\x07is_null\x18\x01 \x01(\x08H\x00\x12\x14\n\nbool_value\x18\x02 \x01(\x08H\x00\x12\x13\n\tint_value\x18\x03 \x01(\x12H\x00\x12\x15\n\x0b\x66loat_value\x18\x04 \x01(\x01H\x00\x12\x14\n\ntext_value\x18\x05 \x01(\tH\x00\x12\x15\n\x0b\x62ytes_value\x18\x06 \x01(\x0cH\x00\x12\x17\n\rdecimal_value\x18\x07 \x01(\tH\x00\x12\x15\n\x0bother_value\x18\x08 \x01(\tH\x00\x42\x06\n\x04kind\"O\n\x0b\x45xpectation\x12\x11\n\x07\x65xactly\x18\x01 \x01(\x04H\x00\x12\x12\n\x08\x61t_least\x18\x02 \x01(\x04H\x00\x12\x11\n\x07\x61t_most\x18\x03 \x01(\x04H\x00\x42\x06\n\x04rule\"`\n\tStatement\x12\x0b\n\x03sql\x18\x01 \x01(\t\x12\x1f\n\x06params\x18\x02 \x03(\x0b\x32\x0f.twopc.v1.Value\x12%\n\x06\x65xpect\x18\x03 \x01(\x0b\x32\x15.twopc.v1.Expectation\"&\n\x03Row\x12\x1f\n\x06values\x18\x01 \x03(\x0b\x32\x0f.twopc.v1.Value\"V\n\x0fStatementResult\x12\x15\n\rrows_affected\x18\x01 \x01(\x03\x12\x0f\n\x07\x63olumns\x18\x02 \x03(\t\x12\x1b\n\x04rows\x18\x03 \x03(\x0b\x32\r.twopc.v1.Row\"P\n\rBranchResults\x12\x13\n\x0bparticipant\x18\x01 \x01(\t\x12*\n\x07results\x18\x02 \x03(\x0b\x32\x19.twopc.v1.StatementResult\"!\n\x11\x46\x61ilpointsRequest\x12\x0c\n\x04spec\x18\x01 \x01(\t\"}\n\x12\x46\x61ilpointsResponse\x12\x38\n\x06\x61\x63tive\x18\x01 \x03(\x0b\x32(.twopc.v1.FailpointsResponse.ActiveEntry\x1a-\n\x0b\x41\x63tiveEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'twopc_pb.types_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_FAILPOINTSRESPONSE_ACTIVEENTRY']._loaded_options = None
+  _globals['_FAILPOINTSRESPONSE_ACTIVEENTRY']._serialized_options = b'8\001'
   _globals['_VALUE']._serialized_start=35
   _globals['_VALUE']._serialized_end=228
   _globals['_EXPECTATION']._serialized_start=230
@@ -43,4 +45,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STATEMENTRESULT']._serialized_end=535
   _globals['_BRANCHRESULTS']._serialized_start=537
   _globals['_BRANCHRESULTS']._serialized_end=617
+  _globals['_FAILPOINTSREQUEST']._serialized_start=619
+  _globals['_FAILPOINTSREQUEST']._serialized_end=652
+  _globals['_FAILPOINTSRESPONSE']._serialized_start=654
+  _globals['_FAILPOINTSRESPONSE']._serialized_end=779
+  _globals['_FAILPOINTSRESPONSE_ACTIVEENTRY']._serialized_start=734
+  _globals['_FAILPOINTSRESPONSE_ACTIVEENTRY']._serialized_end=779
 # @@protoc_insertion_point(module_scope)

@@ -69,3 +69,22 @@ class BranchResults(_message.Message):
     participant: str
     results: _containers.RepeatedCompositeFieldContainer[StatementResult]
     def __init__(self, participant: _Optional[str] = ..., results: _Optional[_Iterable[_Union[StatementResult, _Mapping]]] = ...) -> None: ...
+
+class FailpointsRequest(_message.Message):
+    __slots__ = ("spec",)
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    spec: str
+    def __init__(self, spec: _Optional[str] = ...) -> None: ...
+
+class FailpointsResponse(_message.Message):
+    __slots__ = ("active",)
+    class ActiveEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    ACTIVE_FIELD_NUMBER: _ClassVar[int]
+    active: _containers.ScalarMap[str, str]
+    def __init__(self, active: _Optional[_Mapping[str, str]] = ...) -> None: ...
