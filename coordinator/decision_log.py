@@ -11,7 +11,9 @@ Guarantees:
 
 Rows: `committing` (decision durable, phase 2 under way), `committed` (every
 participant acknowledged), `aborted` (written only for transactions with an
-idempotency key, so a retry returns the same outcome). No row means abort.
+idempotency key, so a retry returns the same outcome), `one_phase` (a keyed
+single-branch commit was sent and its outcome is not known yet: recovery asks the
+participant). No row means abort.
 Inspect it with `sqlite-utils rows LOG transactions` or `twopc-coordinator inspect`.
 """
 
@@ -35,7 +37,7 @@ CREATE TABLE IF NOT EXISTS meta (
 );
 CREATE TABLE IF NOT EXISTS transactions (
     id TEXT PRIMARY KEY,
-    state TEXT NOT NULL CHECK (state IN ('committing', 'committed', 'aborted')),
+    state TEXT NOT NULL CHECK (state IN ('one_phase', 'committing', 'committed', 'aborted')),
     participants TEXT NOT NULL,
     idempotency_key TEXT UNIQUE,
     request_hash TEXT,
@@ -250,6 +252,50 @@ class DecisionLog:
             forced=True,
         )
 
+    async def record_one_phase_intent(
+        self,
+        transaction_id: str,
+        participant: str,
+        created_at: float,
+        idempotency_key: str,
+        request_hash: str,
+    ) -> None:
+        """Force the key of a single-branch transaction to disk before its one-phase
+        commit is sent: a retry after a crash must find it, or it would run twice."""
+        now = time.time()
+        self._check_open()
+        await self._write(
+            lambda c: c.execute(
+                "INSERT INTO transactions (id, state, participants, idempotency_key, "
+                "request_hash, outcome, created_at, decided_at) "
+                "VALUES (?, 'one_phase', ?, ?, ?, '{}', ?, ?)",
+                (
+                    transaction_id,
+                    json.dumps([participant]),
+                    idempotency_key,
+                    request_hash,
+                    created_at,
+                    now,
+                ),
+            ),
+            forced=True,
+        )
+
+    async def resolve_one_phase(self, transaction_id: str, outcome: dict[str, Any]) -> None:
+        """The one-phase outcome is known. Not forced: if lost, recovery asks the
+        participant again and gets the same answer."""
+        now = time.time()
+        state = "committed" if outcome["committed"] else "aborted"
+        self._check_open()
+        await self._write(
+            lambda c: c.execute(
+                "UPDATE transactions SET state = ?, outcome = ?, decided_at = ?, "
+                "completed_at = ? WHERE id = ? AND state = 'one_phase'",
+                (state, json.dumps(outcome), now, now, transaction_id),
+            ),
+            forced=False,
+        )
+
     async def mark_complete(self, transaction_id: str) -> None:
         """Every participant acknowledged the commit. Not forced: losing it only means
         phase 2 is delivered once more after a crash, which is idempotent."""
@@ -269,7 +315,8 @@ class DecisionLog:
         self._check_open()
         await self._write(
             lambda c: c.execute(
-                "DELETE FROM transactions WHERE state != 'committing' AND decided_at < ?",
+                "DELETE FROM transactions WHERE state IN ('committed', 'aborted') "
+                "AND decided_at < ?",
                 (older_than,),
             ),
             forced=False,
@@ -300,3 +347,6 @@ class DecisionLog:
 
     def incomplete_commits(self) -> list[LogRecord]:
         return self._query("SELECT * FROM transactions WHERE state = 'committing'")
+
+    def unresolved_one_phase(self) -> list[LogRecord]:
+        return self._query("SELECT * FROM transactions WHERE state = 'one_phase'")

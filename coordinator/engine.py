@@ -210,6 +210,14 @@ class Coordinator:
                     tx.outcome.set_exception(error)
                     tx.outcome.exception()  # retrieved: waiters re-raise it themselves
                     raise error
+                if record.state == "one_phase":
+                    unresolved = Unavailable(
+                        f"the outcome of {record.transaction_id} (key {key!r}) is being "
+                        "resolved after a restart; retry"
+                    )
+                    tx.outcome.set_exception(unresolved)
+                    tx.outcome.exception()
+                    raise unresolved
                 outcome = Outcome.from_record(record)
                 tx.outcome.set_result(outcome)
                 self.counters["idempotent_replays"] += 1
@@ -323,32 +331,41 @@ class Coordinator:
         answer is lost, an Abort fences it: acknowledged means it did not commit (and
         never will), FAILED_PRECONDITION means it had committed."""
         client = self.clients[participant]
+        if tx.key is not None:
+            await self.decision_log.record_one_phase_intent(
+                tx.id, participant, tx.created, tx.key, tx.request_hash or ""
+            )
         reply = await client.prepare(tx.id, statements, True, self.config.prepare_timeout)
+        await failpoints.hit("coordinator.after_one_phase_reply")
         ballot = reply.ballot
         results = ((participant, reply.results),) if reply.results else ()
-        if ballot.vote is Vote.NO:
-            outcome = self._abort(tx, AbortCause.VOTE_NO, participant, ballot.reason, (), results)
-        elif ballot.vote in (Vote.COMMITTED_ONE_PHASE, Vote.READ_ONLY):
-            outcome = Outcome(tx.id, True, results=results, one_phase=True)
+        if ballot.vote in (Vote.COMMITTED_ONE_PHASE, Vote.READ_ONLY):
+            committed = True
+        elif ballot.vote is Vote.NO:
+            committed = False
         else:
             committed = await self._fence_one_phase(tx, participant)
-            if committed:
-                outcome = Outcome(tx.id, True, one_phase=True)
-            else:
-                cause = (
-                    AbortCause.PREPARE_TIMEOUT
-                    if ballot.vote is Vote.TIMEOUT
-                    else AbortCause.PARTICIPANT_UNAVAILABLE
-                )
-                outcome = self._abort(tx, cause, participant, ballot.reason, ())
-        if outcome.committed:
+        if ballot.vote is Vote.NO:
+            cause: AbortCause = AbortCause.VOTE_NO
+        elif ballot.vote is Vote.TIMEOUT:
+            cause = AbortCause.PREPARE_TIMEOUT
+        else:
+            cause = AbortCause.PARTICIPANT_UNAVAILABLE
+        outcome = (
+            Outcome(tx.id, True, results=results, one_phase=True)
+            if committed
+            else Outcome(tx.id, False, cause, participant, ballot.reason, results, one_phase=True)
+        )
+        # The key's record is resolved before the key leaves memory, so that a retry
+        # finds either the live transaction or its outcome.
+        if tx.key is not None:
+            await self.decision_log.resolve_one_phase(tx.id, outcome.to_json())
+        if committed:
             self.counters["committed_one_phase"] += 1
             self.log.info("committed_one_phase", txid=tx.id, participant=participant)
-            await self._complete_without_phase2(tx, outcome)
-        elif tx.key is not None:
-            await self.decision_log.record_abort(
-                tx.id, (participant,), tx.created, outcome.to_json(), tx.key, tx.request_hash or ""
-            )
+            await self._complete_without_phase2(tx, outcome, logged=True)
+        else:
+            self._abort(tx, cause, participant, ballot.reason, (), results)
 
     async def _fence_one_phase(self, tx: _Tx, participant: str) -> bool:
         for attempt in itertools.count():
@@ -368,8 +385,10 @@ class Coordinator:
                 )
         raise AssertionError("unreachable")
 
-    async def _complete_without_phase2(self, tx: _Tx, outcome: Outcome) -> None:
-        if tx.key is not None:
+    async def _complete_without_phase2(
+        self, tx: _Tx, outcome: Outcome, logged: bool = False
+    ) -> None:
+        if tx.key is not None and not logged:
             await self.decision_log.record_commit(
                 tx.id,
                 tuple(tx.participants),
@@ -578,13 +597,18 @@ class Coordinator:
             )
         record = await self.decision_log.get(txid)
         if record is not None:
+            age = time.time() - record.created_at
+            if record.state == "one_phase":
+                return TransactionInfo(
+                    txid, "in_progress", TxState.PREPARING, record.participants, age
+                )
             state = TxState(record.state)
             return TransactionInfo(
                 txid,
                 "aborted" if state is TxState.ABORTED else "committed",
                 state,
                 record.participants,
-                time.time() - record.created_at,
+                age,
             )
         if parsed.coordinator != self.id:
             raise NotFound(f"transaction {txid} belongs to coordinator {parsed.coordinator}")
@@ -623,12 +647,39 @@ class Coordinator:
             self.counters["recovered_commits"] += 1
             self.log.info("recovering_commit", txid=tx.id)
             self._spawn(self._deliver(tx, record.participants, commit=True))
+        for record in self.decision_log.unresolved_one_phase():
+            self._spawn(self._resolve_one_phase(record))
         # Everything not logged as committed by now can never commit: safe to say so.
         self.recovered = True
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(
                 self.resolve_in_doubt(), timeout=self.config.startup_recovery_timeout
             )
+
+    async def _resolve_one_phase(self, record: LogRecord) -> None:
+        """A keyed one-phase commit whose answer died with the previous incarnation:
+        the Abort fence tells whether it committed, and makes sure it never will if
+        it did not."""
+        (participant,) = record.participants
+        tx = _Tx(record.transaction_id, TxState.PREPARING, created=record.created_at)
+        committed = await self._fence_one_phase(tx, participant)
+        if committed:
+            outcome = Outcome(tx.id, True, one_phase=True, completed=True)
+        else:
+            outcome = Outcome(
+                tx.id,
+                False,
+                AbortCause.COORDINATOR_RESTART,
+                participant,
+                "coordinator restarted before the answer",
+                one_phase=True,
+            )
+        await self._retry(
+            lambda: self.decision_log.resolve_one_phase(tx.id, outcome.to_json()),
+            tx,
+            "resolve_one_phase",
+        )
+        self.log.info("one_phase_resolved", txid=tx.id, committed=committed)
 
     async def resolve_in_doubt(self) -> None:
         await asyncio.gather(*(self._resolve_on(p) for p in self.clients))

@@ -214,3 +214,29 @@ def test_agents_wait_out_a_long_coordinator_outage(make_system: SystemFactory) -
     system.coordinator.start()
     check_atomic(system, "outage", "commit", told)
     wait_no_prepared(system)
+
+
+def test_keyed_one_phase_commit_is_not_repeated_after_a_coordinator_crash(
+    crash_system: LocalSystem,
+) -> None:
+    """The single branch committed, the coordinator died before it recorded that: a
+    retry with the same key must learn COMMITTED, not run the branch again."""
+    system = crash_system
+    prepare_table(system)
+    assert system.coordinator is not None
+    system.coordinator.set_failpoints("coordinator.after_one_phase_reply=1*crash")
+    branch = {"shard1": [Statement("INSERT INTO twopc_test_rows VALUES ('once')")]}
+    with system.client(timeout=20) as client:
+        with pytest.raises(TransportError):
+            client.run(branch, idempotency_key="once")
+        assert system.coordinator.wait_exit(30) == FAILPOINT_EXIT_CODE
+        system.coordinator.start()
+        outcome: Outcome | None = None
+        deadline = time.monotonic() + RECOVERY_BOUND
+        while outcome is None and time.monotonic() < deadline:
+            try:
+                outcome = client.run(branch, idempotency_key="once")
+            except TransportError:  # still resolving the outcome: ask again
+                time.sleep(0.1)
+    assert outcome is not None and outcome.committed
+    assert rows(system, "once")["shard1"] == 1
