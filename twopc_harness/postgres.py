@@ -122,7 +122,7 @@ class PostgresCluster:
             "listen_addresses": "'127.0.0.1'",
             "port": str(self.port),
             "unix_socket_directories": "''",
-            "max_prepared_transactions": "200",
+            "max_prepared_transactions": "1000",
             "max_connections": "300",
             "shared_buffers": "64MB",
             "logging_collector": "off",
