@@ -29,7 +29,7 @@ async def _transfers(system: LocalSystem, args: argparse.Namespace, rng: random.
     counts: Counter[str] = Counter()
     seen: dict[str, bool] = {}
     deadline = time.monotonic() + args.duration
-    async with AsyncCoordinatorClient(system.coordinator.address, timeout=30) as client:
+    async with AsyncCoordinatorClient(system.client_address, timeout=30) as client:
 
         async def worker(w: int) -> None:
             n = 0

@@ -21,7 +21,7 @@ from enum import Enum
 
 from participant.branch_state import BranchState, check_transition
 from participant.config import ParticipantConfig
-from participant.store import AsyncConn, BranchFailed, PreparedBranch, Store
+from participant.store import AsyncConn, BranchFailed, OutcomeUnknown, PreparedBranch, Store
 from twopc_common import failpoints
 from twopc_common.errors import Aborted, FailedPrecondition, InvalidArgument
 from twopc_common.ids import TransactionId
@@ -107,6 +107,14 @@ class Agent:
         self._branches.pop(branch.transaction_id, None)
         self._remember(branch.transaction_id, state, reason)
 
+    async def _discard(self, branch: _Branch) -> None:
+        """Forget a branch whose fate only the database knows (its connection broke)."""
+        branch.state = check_transition(branch.state, BranchState.IN_DOUBT, branch.transaction_id)
+        if branch.conn is not None:
+            await self.store.release(branch.conn)
+            branch.conn = None
+        self._branches.pop(branch.transaction_id, None)
+
     # -- the protocol ---------------------------------------------------------------
 
     async def execute(self, txid: str, statements: Sequence[Statement]) -> list[StatementResult]:
@@ -159,6 +167,13 @@ class Agent:
                 self.counters["votes_no"] += 1
                 self.log.info("vote", txid=txid, vote="no", reason=exc.reason)
                 return VoteResult(Vote.NO, exc.reason, exc.sqlstate)
+            except OutcomeUnknown as exc:
+                # No vote, and no tombstone: the coordinator's Abort will look at the
+                # database itself (prepared branch, marker row) and answer truthfully.
+                await self._discard(branch)
+                self.counters["outcome_unknown"] += 1
+                self.log.warning("outcome_unknown", txid=txid, error=str(exc))
+                raise
             if not wrote:
                 await self._close(branch, BranchState.COMMITTED)
                 self.counters["votes_read_only"] += 1

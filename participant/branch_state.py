@@ -4,6 +4,7 @@
        |                   |
        +--one-phase--> COMMITTED
        +----abort----> ABORTED <--abort--+
+       +--connection lost while settling--> IN_DOUBT --(the database says)--> either
 
 A prepared branch only ever leaves PREPARED on the coordinator's word (or recovery
 asking the coordinator): nothing here times it out. An illegal transition raises and
@@ -22,12 +23,16 @@ class BranchState(enum.Enum):
     PREPARED = "prepared"
     COMMITTED = "committed"
     ABORTED = "aborted"
+    # The connection broke during PREPARE TRANSACTION or a one-phase COMMIT: only the
+    # database knows whether it happened.
+    IN_DOUBT = "in_doubt"
 
 
 _ALLOWED: dict[BranchState, frozenset[BranchState]] = {
     BranchState.ACTIVE: frozenset(
-        {BranchState.PREPARED, BranchState.COMMITTED, BranchState.ABORTED}
+        {BranchState.PREPARED, BranchState.COMMITTED, BranchState.ABORTED, BranchState.IN_DOUBT}
     ),
+    BranchState.IN_DOUBT: frozenset({BranchState.COMMITTED, BranchState.ABORTED}),
     BranchState.PREPARED: frozenset({BranchState.COMMITTED, BranchState.ABORTED}),
     BranchState.COMMITTED: frozenset(),
     BranchState.ABORTED: frozenset(),

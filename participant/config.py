@@ -39,6 +39,8 @@ class ParticipantConfig:
     """Deadline of the GetTransaction calls recovery makes."""
     marker_retention: float = 7 * 24 * 3600.0
     """Seconds committed-branch markers are kept (they make Commit idempotent)."""
+    marker_prune_interval: float = 3600.0
+    """Seconds between deletions of markers older than the retention."""
     tombstones: int = 100_000
     """Finished branches remembered in memory, so a late Prepare or Execute after an
     Abort is refused instead of opening a new branch."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import time
 
 import grpc
 
@@ -42,9 +43,14 @@ class Recovery:
         return self._stubs[coordinator_id]
 
     async def run_forever(self) -> None:
+        next_prune = 0.0
         while True:
             try:
                 await self.scan()
+                if time.monotonic() >= next_prune:
+                    pruned = await self._agent.store.prune_markers()
+                    self._agent.log.info("markers_pruned", count=pruned)
+                    next_prune = time.monotonic() + self._config.marker_prune_interval
             except Exception as exc:  # the database may be down: try again next period
                 self._agent.log.warning("recovery_scan_failed", error=repr(exc))
             await asyncio.sleep(self._config.recovery_interval)

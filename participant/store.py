@@ -11,9 +11,10 @@ Phase 2 and recovery use psycopg's two-phase API (`Xid`, `tpc_commit`, `tpc_roll
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import datetime as dt
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 
 import psycopg
@@ -45,6 +46,13 @@ class BranchFailed(TwoPCError):
         super().__init__(reason)
         self.reason = reason
         self.sqlstate = sqlstate
+
+
+class OutcomeUnknown(Unavailable):
+    """The connection broke while PostgreSQL ran the statement that settles a branch
+    (PREPARE TRANSACTION, or the COMMIT of a one-phase branch): it may or may not have
+    happened. Voting NO here would be a lie if it did; only a later look at the
+    database (pg_prepared_xacts, the marker row) can tell, which is what an Abort does."""
 
 
 class ConfigurationError(TwoPCError):
@@ -82,6 +90,7 @@ class Store:
             open=False,
             name=f"participant-{config.id}",
         )
+        self._purge: asyncio.Task[None] | None = None
 
     async def open(self) -> None:
         """Check the database can host branches, create the marker table, open the pool."""
@@ -113,7 +122,17 @@ class Store:
             raise BranchFailed(f"no database connection: {exc}") from exc
 
     async def release(self, conn: AsyncConn) -> None:
+        broken = conn.broken
         await self.pool.putconn(conn)
+        if broken:
+            self._purge_broken()
+
+    def _purge_broken(self) -> None:
+        """One connection broke (database restarted, network cut): its idle siblings
+        probably did too. Have the pool test them now rather than hand each to a
+        branch that would fail on it."""
+        if self._purge is None or self._purge.done():
+            self._purge = asyncio.create_task(self.pool.check())
 
     @staticmethod
     async def execute(conn: AsyncConn, statements: Sequence[Statement]) -> list[StatementResult]:
@@ -161,7 +180,7 @@ class Store:
                 if cur.rowcount == 0:
                     await conn.commit()
                     return False
-                await cur.execute(sql.SQL("PREPARE TRANSACTION {}").format(str(xid)))
+                await _settle(conn, cur.execute(sql.SQL("PREPARE TRANSACTION {}").format(str(xid))))
                 if cur.statusmessage != "PREPARE TRANSACTION":
                     raise BranchFailed(
                         f"PREPARE TRANSACTION answered {cur.statusmessage!r}: "
@@ -183,7 +202,7 @@ class Store:
                 f"INSERT INTO {MARKER_TABLE} (gid, transaction_id) VALUES (%s, %s)",
                 (str(xid), transaction_id),
             )
-            await conn.commit()
+            await _settle(conn, conn.commit())
         except psycopg.Error as exc:
             raise BranchFailed(_describe(exc), exc.sqlstate or "") from exc
 
@@ -204,6 +223,7 @@ class Store:
                 except psycopg.errors.UndefinedObject:
                     committed = await self._has_marker(conn, str(xid))
         except (psycopg.OperationalError, PoolTimeout) as exc:
+            self._purge_broken()
             raise Unavailable(f"database unavailable: {exc}") from exc
         if commit and not committed:
             raise FailedPrecondition(
@@ -219,10 +239,6 @@ class Store:
         found = await cur.fetchone() is not None
         await conn.rollback()
         return found
-
-    async def has_committed(self, transaction_id: str, participant_id: str) -> bool:
-        async with self.pool.connection() as conn:
-            return await self._has_marker(conn, str(ids.branch_xid(transaction_id, participant_id)))
 
     # -- recovery -------------------------------------------------------------------
 
@@ -245,6 +261,17 @@ class Store:
             )
             await conn.commit()
             return cur.rowcount
+
+
+async def _settle(conn: AsyncConn, statement: Awaitable[object]) -> None:
+    """Run the statement that settles a branch; a lost connection makes its outcome
+    unknown rather than failed."""
+    try:
+        await statement
+    except psycopg.OperationalError as exc:
+        if conn.broken:
+            raise OutcomeUnknown(f"connection to the database lost while settling: {exc}") from exc
+        raise
 
 
 def _describe(exc: psycopg.Error) -> str:

@@ -77,7 +77,7 @@ def run_expecting_a_crash(
 
     async def go() -> Outcome | None:
         assert system.coordinator is not None
-        async with AsyncCoordinatorClient(system.coordinator.address, timeout=20) as client:
+        async with AsyncCoordinatorClient(system.client_address, timeout=20) as client:
             try:
                 return await client.run(branches)
             except TransportError:

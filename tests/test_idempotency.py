@@ -77,7 +77,7 @@ def test_concurrent_duplicates_run_once(system: LocalSystem) -> None:
 
     async def burst() -> set[str]:
         assert system.coordinator is not None
-        async with AsyncCoordinatorClient(system.coordinator.address) as client:
+        async with AsyncCoordinatorClient(system.client_address) as client:
             outcomes = await asyncio.gather(
                 *(client.run(request, idempotency_key="key-4") for _ in range(20))
             )

@@ -26,7 +26,7 @@ async def one_round(
 ) -> None:
     assert system.coordinator is not None
     shards = system.shard_names
-    async with AsyncCoordinatorClient(system.coordinator.address, timeout=15) as client:
+    async with AsyncCoordinatorClient(system.client_address, timeout=15) as client:
 
         async def transfer(i: int) -> None:
             tid = f"r{round_no}-{i}"

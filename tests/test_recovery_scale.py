@@ -33,7 +33,7 @@ def test_a_thousand_in_doubt_branches_are_resolved_after_a_coordinator_crash(
 
     async def pile_up() -> None:
         assert system.coordinator is not None
-        async with AsyncCoordinatorClient(system.coordinator.address, timeout=120) as client:
+        async with AsyncCoordinatorClient(system.client_address, timeout=120) as client:
 
             async def one(i: int) -> None:
                 a, b = PAIRS[i % len(PAIRS)]

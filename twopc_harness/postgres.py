@@ -12,6 +12,7 @@ from __future__ import annotations
 import glob
 import os
 import pwd
+import random
 import shutil
 import socket
 import subprocess
@@ -29,11 +30,35 @@ class HarnessError(RuntimeError):
     """The local test infrastructure could not be set up."""
 
 
+_handed_out: set[int] = set()
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
+    """A free loopback port for a server to bind later. It is taken from below the
+    kernel's ephemeral range, so that no outgoing connection (nor a proxy listening on
+    port 0) can grab it between now and the bind."""
+    low = _ephemeral_range()[0]
+    rng = random.Random()
+    for _ in range(1000):
+        port = rng.randrange(15000, max(15001, low))
+        if port in _handed_out:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
         return port
+    raise HarnessError("no free port below the ephemeral range")
 
 
 def find_bindir() -> Path:
@@ -87,7 +112,13 @@ class PostgresCluster:
 
     @property
     def dsn(self) -> str:
-        return f"host=127.0.0.1 port={self.port} user=postgres dbname=postgres connect_timeout=5"
+        return self.dsn_via(f"127.0.0.1:{self.port}")
+
+    @staticmethod
+    def dsn_via(address: str) -> str:
+        """The DSN of this cluster reached at `address` (for example through a proxy)."""
+        host, _, port = address.rpartition(":")
+        return f"host={host} port={port} user=postgres dbname=postgres connect_timeout=5"
 
     @property
     def logfile(self) -> Path:

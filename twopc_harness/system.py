@@ -21,6 +21,7 @@ from twopc_harness.daemons import (
     coordinator_daemon,
     participant_daemon,
 )
+from twopc_harness.network import FaultNetwork, start_network
 from twopc_harness.postgres import PostgresCluster, free_port, start_clusters, stop_clusters
 
 COORDINATOR_ID = "coord1"
@@ -33,6 +34,10 @@ class LocalSystem:
     participants: dict[str, ParticipantDaemon] = field(default_factory=dict)
     coordinator: CoordinatorDaemon | None = None
     owns_clusters: bool = True
+    network: FaultNetwork | None = None
+    """Toxiproxy on every path, when the system was started with faults=True."""
+    client_address: str = ""
+    """Where applications reach the coordinator (through its proxy, if any)."""
 
     @property
     def shard_names(self) -> list[str]:
@@ -48,8 +53,7 @@ class LocalSystem:
         return psycopg.connect(self.dsn(shard), autocommit=True)
 
     def client(self, timeout: float = 30.0) -> CoordinatorClient:
-        assert self.coordinator is not None
-        return CoordinatorClient(self.coordinator.address, timeout=timeout)
+        return CoordinatorClient(self.client_address, timeout=timeout)
 
     def daemons(self) -> list[CoordinatorDaemon | ParticipantDaemon]:
         found: list[CoordinatorDaemon | ParticipantDaemon] = list(self.participants.values())
@@ -69,6 +73,8 @@ class LocalSystem:
     def stop(self) -> None:
         for daemon in self.daemons():
             daemon.stop()
+        if self.network is not None:
+            self.network.stop()
         if self.owns_clusters:
             stop_clusters(self.clusters)
             shutil.rmtree(self.workdir, ignore_errors=True)
@@ -82,30 +88,41 @@ def start_system(
     participant_args: list[str] | None = None,
     start_daemons: bool = True,
     coordinator_id: str = COORDINATOR_ID,
+    faults: bool = False,
 ) -> LocalSystem:
-    """Start clusters (unless given), agents and the coordinator; wait until all serve."""
+    """Start clusters (unless given), agents and the coordinator; wait until all serve.
+    With `faults`, every network path goes through its own Toxiproxy proxy."""
     workdir = Path(workdir or tempfile.mkdtemp(prefix="twopc-"))
     owns = clusters is None
     if clusters is None:
         clusters = start_clusters(shards, workdir / "pg")
     system = LocalSystem(workdir, clusters, owns_clusters=owns)
     try:
+        network = system.network = start_network() if faults else None
+
+        def route(name: str, upstream: str) -> str:
+            return network.add(name, upstream) if network is not None else upstream
+
         coord_address = f"127.0.0.1:{free_port()}"
+        agent_routes = {}
         for i, cluster in enumerate(clusters, 1):
             name = f"shard{i}"
+            listen = f"127.0.0.1:{free_port()}"
             system.participants[name] = participant_daemon(
                 name,
-                f"127.0.0.1:{free_port()}",
-                cluster.dsn,
-                {coordinator_id: coord_address},
+                listen,
+                cluster.dsn_via(route(f"{name}_postgres", f"127.0.0.1:{cluster.port}")),
+                {coordinator_id: route(f"{name}_coordinator", coord_address)},
                 workdir / "logs" / f"{name}.log",
                 participant_args,
             )
+            agent_routes[name] = route(f"coordinator_{name}", listen)
+        system.client_address = route("client_coordinator", coord_address)
         system.coordinator = coordinator_daemon(
             coordinator_id,
             coord_address,
             workdir / "decisions.sqlite",
-            {n: d.address for n, d in system.participants.items()},
+            agent_routes,
             workdir / "logs" / "coordinator.log",
             coordinator_args,
         )

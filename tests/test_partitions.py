@@ -1,0 +1,294 @@
+"""Network faults through Toxiproxy on every path: partitions, latency, resets and a
+cut client. Each scenario ends with the network healed and asserts atomicity (every
+shard agrees, and with what the client was told) and liveness (nothing left prepared
+within RECOVERY_BOUND seconds)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import sqlite3
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import pytest
+
+from bank_demo import bank
+from coordinator.client import AsyncCoordinatorClient, Outcome, Statement, TransportError
+from tests.conftest import COORDINATOR_ARGS, PARTICIPANT_ARGS, dsns, reset_bank, wait_no_prepared
+from twopc_harness.daemons import wait_until
+from twopc_harness.network import FaultNetwork
+from twopc_harness.postgres import PostgresCluster
+from twopc_harness.system import LocalSystem, start_system
+
+RECOVERY_BOUND = 20.0
+PREPARE_TIMEOUT = 2.0
+SHARDS = ("shard1", "shard2", "shard3")
+
+
+@pytest.fixture(scope="module")
+def net_system(
+    clusters: list[PostgresCluster], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LocalSystem]:
+    system = start_system(
+        clusters=clusters,
+        workdir=tmp_path_factory.mktemp("net"),
+        coordinator_args=[
+            *COORDINATOR_ARGS,
+            "--prepare-timeout",
+            str(PREPARE_TIMEOUT),
+            "--allow-failpoints",
+        ],
+        participant_args=PARTICIPANT_ARGS,
+        coordinator_id="net",
+        faults=True,
+    )
+    yield system
+    system.stop()
+
+
+@pytest.fixture
+def net(net_system: LocalSystem) -> Iterator[LocalSystem]:
+    for shard in SHARDS:
+        with net_system.connect(shard) as conn:
+            conn.execute("CREATE TABLE IF NOT EXISTS twopc_test_rows (tag text)")
+    yield net_system
+    network(net_system).heal()
+    assert net_system.coordinator is not None
+    net_system.coordinator.set_failpoints("coordinator.after_decision_logged=off")
+    wait_no_prepared(net_system, RECOVERY_BOUND)
+
+
+def network(system: LocalSystem) -> FaultNetwork:
+    assert system.network is not None
+    return system.network
+
+
+def work(tag: str, shards: tuple[str, ...] = SHARDS) -> dict[str, list[Statement]]:
+    return {s: [Statement("INSERT INTO twopc_test_rows VALUES (%s)", (tag,))] for s in shards}
+
+
+def rows(system: LocalSystem, tag: str) -> dict[str, int]:
+    out = {}
+    for shard in SHARDS:
+        with system.connect(shard) as conn:
+            row = conn.execute(
+                "SELECT count(*) FROM twopc_test_rows WHERE tag = %s", (tag,)
+            ).fetchone()
+        assert row is not None
+        out[shard] = int(row[0])
+    return out
+
+
+def check_atomic(system: LocalSystem, tag: str, shards: tuple[str, ...], committed: bool) -> None:
+    def settled() -> bool:
+        counts = rows(system, tag)
+        return len({counts[s] for s in shards}) == 1 and not any(
+            system.prepared_transactions().values()
+        )
+
+    wait_until(settled, RECOVERY_BOUND, f"every shard to agree on {tag}")
+    assert all(rows(system, tag)[s] == int(committed) for s in shards), rows(system, tag)
+
+
+def decision_logged(system: LocalSystem) -> bool:
+    """A COMMIT decision is in the coordinator's log and phase 2 not finished."""
+    path = system.workdir / "decisions.sqlite"
+    with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as conn:
+        row = conn.execute("SELECT count(*) FROM transactions WHERE state = 'committing'")
+        return bool(row.fetchone()[0])
+
+
+def run_in_background(system: LocalSystem, branches: dict[str, list[Statement]]) -> Future[Outcome]:
+    pool = ThreadPoolExecutor(1)
+    future = pool.submit(lambda: system.client(timeout=30).run(branches))
+    pool.shutdown(wait=False)
+    return future
+
+
+def test_silent_agent_during_prepare_aborts_after_the_prepare_timeout(net: LocalSystem) -> None:
+    # Shard 2 gets the Prepare (and prepares) but its vote never comes back.
+    network(net)["coordinator_shard2"].add_toxic(
+        type="timeout", stream="downstream", attributes={"timeout": 0}, name="blackhole"
+    )
+    started = time.monotonic()
+    with net.client() as client:
+        outcome = client.run(work("silent"))
+    elapsed = time.monotonic() - started
+    assert not outcome.committed
+    assert outcome.abort_cause == "PREPARE_TIMEOUT" and outcome.abort_participant == "shard2"
+    assert PREPARE_TIMEOUT * 0.9 <= elapsed < PREPARE_TIMEOUT + 5, elapsed
+    network(net).heal()
+    check_atomic(net, "silent", SHARDS, committed=False)
+
+
+def test_agent_cut_off_during_prepare_aborts(net: LocalSystem) -> None:
+    with network(net)["coordinator_shard3"].down(), net.client() as client:
+        outcome = client.run(work("cut"))
+    assert not outcome.committed and outcome.abort_participant == "shard3"
+    assert outcome.abort_cause in ("PARTICIPANT_UNAVAILABLE", "PREPARE_TIMEOUT")
+    check_atomic(net, "cut", SHARDS, committed=False)
+
+
+def test_agent_cut_off_after_the_decision_commits_once_healed(net: LocalSystem) -> None:
+    assert net.coordinator is not None
+    net.coordinator.set_failpoints("coordinator.after_decision_logged=1*sleep(1500)")
+    told = run_in_background(net, work("late"))
+    wait_until(lambda: decision_logged(net), 10, "the commit decision in the log")
+    # Partition shard 2 from the coordinator in both directions.
+    network(net)["coordinator_shard2"].disable()
+    network(net)["shard2_coordinator"].disable()
+    outcome = told.result(timeout=30)
+    assert outcome.committed
+    wait_until(lambda: rows(net, "late")["shard1"] == 1, 10, "shard1 to commit")
+    # Cut off, shard 2 keeps its prepared branch: it does not decide alone.
+    assert len(net.prepared_transactions()["shard2"]) == 1
+    assert rows(net, "late")["shard2"] == 0
+    network(net).heal()
+    check_atomic(net, "late", SHARDS, committed=True)
+
+
+def test_agent_cut_from_its_database_mid_transaction_aborts_everywhere(net: LocalSystem) -> None:
+    with net.client() as client:
+        tx = client.begin()
+        tx.execute("shard1", "INSERT INTO twopc_test_rows VALUES ('dbcut')")
+        tx.execute("shard2", "INSERT INTO twopc_test_rows VALUES ('dbcut')")
+        with network(net)["shard2_postgres"].down():
+            outcome = tx.commit()
+    assert not outcome.committed and outcome.abort_participant == "shard2"
+    check_atomic(net, "dbcut", ("shard1", "shard2"), committed=False)
+
+
+def test_slow_path_aborts_without_blocking_other_transactions(net: LocalSystem) -> None:
+    network(net)["coordinator_shard3"].add_toxic(
+        type="latency",
+        stream="upstream",
+        attributes={"latency": int(PREPARE_TIMEOUT * 2000)},
+        name="slow",
+    )
+    slow = run_in_background(net, work("slow", ("shard1", "shard3")))
+    latencies = []
+    with net.client() as client:
+        deadline = time.monotonic() + PREPARE_TIMEOUT
+        while time.monotonic() < deadline:
+            started = time.monotonic()
+            assert client.run(work("fast", ("shard1", "shard2"))).committed
+            latencies.append(time.monotonic() - started)
+    outcome = slow.result(timeout=30)
+    assert not outcome.committed and outcome.abort_cause == "PREPARE_TIMEOUT"
+    assert outcome.abort_participant == "shard3"
+    # Transactions not touching the slow path kept flowing meanwhile.
+    assert len(latencies) >= 3 and max(latencies) < PREPARE_TIMEOUT, latencies
+    network(net).heal()
+    check_atomic(net, "slow", ("shard1", "shard3"), committed=False)
+
+
+@pytest.mark.parametrize(
+    ("toxic", "attributes"),
+    [("reset_peer", {"timeout": 0}), ("timeout", {"timeout": 300})],
+)
+def test_broken_connection_during_commit_is_retried_until_done(
+    net: LocalSystem, toxic: str, attributes: dict[str, int]
+) -> None:
+    assert net.coordinator is not None
+    tag = f"retry-{toxic}"
+    net.coordinator.set_failpoints("coordinator.after_decision_logged=1*sleep(1000)")
+    told = run_in_background(net, work(tag))
+    wait_until(lambda: decision_logged(net), 10, "the commit decision in the log")
+    network(net)["shard2_coordinator"].disable()  # only the coordinator may finish it
+    network(net)["coordinator_shard2"].add_toxic(
+        type=toxic, stream="upstream", attributes=attributes, name="broken"
+    )
+    assert told.result(timeout=30).committed
+
+    def retries() -> int:
+        with net.client() as client:
+            return int(client.status().counters.get("phase2_retries", 0))
+
+    before = retries()
+    wait_until(lambda: retries() > before, 20, "phase 2 to be retried")
+    network(net).heal()
+    check_atomic(net, tag, SHARDS, committed=True)
+
+
+def test_client_cut_after_sending_gets_the_true_outcome_once_on_retry(net: LocalSystem) -> None:
+    with net.client(timeout=PREPARE_TIMEOUT) as client:
+        client.status()  # connected before the cut: the request does leave
+        network(net)["client_coordinator"].add_toxic(
+            type="timeout", stream="downstream", attributes={"timeout": 0}, name="deaf"
+        )
+        with pytest.raises(TransportError):
+            client.run(work("deaf"), idempotency_key="deaf-1")
+    network(net).heal()
+    with net.client() as client:
+        replays = client.status().counters.get("idempotent_replays", 0)
+        outcome = client.run(work("deaf"), idempotency_key="deaf-1", wait_for_completion=True)
+        assert client.status().counters.get("idempotent_replays", 0) == replays + 1
+    assert outcome.committed
+    check_atomic(net, "deaf", SHARDS, committed=True)  # applied exactly once
+
+
+FLAPPABLE = [
+    "client_coordinator",
+    "coordinator_shard1",
+    "coordinator_shard2",
+    "coordinator_shard3",
+    "shard1_postgres",
+    "shard2_postgres",
+    "shard3_coordinator",
+]
+
+
+@pytest.mark.parametrize(
+    "seconds", [10, pytest.param(60, marks=pytest.mark.chaos)], ids=["10s", "60s"]
+)
+def test_flapping_partitions_during_concurrent_transfers(net: LocalSystem, seconds: int) -> None:
+    seed = int(os.environ.get("TWOPC_SEED", random.randrange(2**32)))
+    print(f"seed={seed} (rerun with TWOPC_SEED={seed})")
+    rng = random.Random(seed)
+    reset_bank(net, 40, 100)
+    shards = net.shard_names
+    seen: dict[str, bool] = {}
+    proxies = network(net)
+
+    async def transfers(worker: int, until: float) -> None:
+        async with AsyncCoordinatorClient(net.client_address, timeout=10) as client:
+            n = 0
+            while time.monotonic() < until:
+                n += 1
+                tid = f"f{worker}-{n}"
+                source, target = rng.sample(range(1, 41), 2)
+                branches = bank.transfer(tid, source, target, rng.randint(1, 20), shards)
+                for _ in range(50):  # retry with the same key until answered
+                    try:
+                        seen[tid] = (await client.run(branches, idempotency_key=tid)).committed
+                        break
+                    except TransportError:
+                        await asyncio.sleep(0.2)
+
+    async def flap(until: float) -> None:
+        while time.monotonic() < until:
+            proxy = proxies[rng.choice(FLAPPABLE)]
+            await asyncio.to_thread(proxy.disable)
+            await asyncio.sleep(rng.uniform(0.1, 0.5))
+            await asyncio.to_thread(proxy.enable)
+            await asyncio.sleep(rng.uniform(0.1, 0.5))
+
+    async def scenario() -> None:
+        until = time.monotonic() + seconds
+        await asyncio.gather(flap(until), *(transfers(w, until) for w in range(8)))
+
+    asyncio.run(scenario())
+    proxies.heal()
+    wait_no_prepared(net, 60)
+    snap = bank.snapshot(dsns(net))
+    applied = bank.applied(snap, seen)
+    committed = [t for t, ok in seen.items() if ok]
+    print(f"answered={len(seen)} committed={len(committed)}")
+    assert snap.total == 40 * 100 and not snap.negative
+    assert not snap.half_applied()
+    assert all(applied[t] for t in committed)
+    assert not any(applied[t] for t, ok in seen.items() if not ok)
+    assert committed
