@@ -1,9 +1,13 @@
-"""`bank-demo`: cross-shard bank transfers through the coordinator, checked from the
-shards themselves.
+"""`bank-demo`: cross-shard bank transfers that stay correct while partitions and
+crashes hit them, proved from the shards themselves.
 
-`bank-demo run` (the default) starts everything on this machine: PostgreSQL shards,
-one participant agent each and the coordinator; opens accounts; runs concurrent
-transfers; then proves the invariants and prints a report.
+    bank-demo [run]   start everything on this machine (PostgreSQL shards, Toxiproxy on
+                      every path, agents, coordinator), transfer money concurrently while
+                      a fault schedule plays, heal, wait for recovery, check, report
+    bank-demo run --coordinator HOST:PORT --shard shard1=DSN ... [--toxiproxy-url URL]
+                      the same against an existing deployment (e.g. docker compose)
+    bank-demo check --shard shard1=DSN ... [--transfers FILE]
+                      the invariant checker alone; exit status 1 on any FAIL
 """
 
 from __future__ import annotations
@@ -11,106 +15,377 @@ from __future__ import annotations
 import argparse
 import asyncio
 import random
+import signal
 import sys
+import threading
 import time
-from collections import Counter
+from dataclasses import asdict
 from pathlib import Path
+from typing import NoReturn
 
-from bank_demo import bank
-from coordinator.client import AsyncCoordinatorClient, TransportError
+import psycopg
+
+from bank_demo import bank, checker, report
+from bank_demo.faults import (
+    PRESETS,
+    FaultEvent,
+    FaultPlayer,
+    ScheduleError,
+    load_schedule,
+    make_schedule,
+    schedule_json,
+)
+from bank_demo.workload import Workload, WorkloadConfig, in_doubt
+from coordinator.client import CoordinatorClient
+from twopc_common.errors import TwoPCError
+from twopc_common.ids import check_name
+from twopc_harness.network import FaultNetwork, attach_network
 from twopc_harness.postgres import HarnessError
 from twopc_harness.system import LocalSystem, start_system
 
+# The local deployment runs with short timeouts so that faults resolve within seconds.
+LOCAL_COORDINATOR_ARGS = [
+    "--prepare-timeout",
+    "2",
+    "--rpc-timeout",
+    "2",
+    "--recovery-interval",
+    "1",
+    "--phase2-backoff-max",
+    "1",
+]
+LOCAL_PARTICIPANT_ARGS = [
+    "--lock-timeout",
+    "1",
+    "--recovery-interval",
+    "1",
+    "--recovery-grace",
+    "1",
+    "--idle-branch-timeout",
+    "10",
+]
+RECOVERY_DEADLINE = 90.0
 
-async def _transfers(system: LocalSystem, args: argparse.Namespace, rng: random.Random
-                     ) -> tuple[Counter[str], dict[str, bool]]:
-    assert system.coordinator is not None
-    shards = system.shard_names
-    counts: Counter[str] = Counter()
-    seen: dict[str, bool] = {}
-    deadline = time.monotonic() + args.duration
-    async with AsyncCoordinatorClient(system.client_address, timeout=30) as client:
 
-        async def worker(w: int) -> None:
-            n = 0
-            while time.monotonic() < deadline:
-                n += 1
-                source, target = rng.sample(range(1, args.accounts + 1), 2)
-                transfer_id = f"w{w}-{n}"
-                branches = bank.transfer(transfer_id, source, target, rng.randint(1, 50), shards)
-                try:
-                    outcome = await client.run(branches, idempotency_key=transfer_id)
-                except TransportError:
-                    counts["unknown"] += 1
-                    continue
-                seen[transfer_id] = outcome.committed
-                kind = "one-phase" if outcome.one_phase else "two-phase"
-                counts[f"committed {kind}" if outcome.committed
-                       else f"aborted ({outcome.abort_cause.lower()})"] += 1
+class DemoError(Exception):
+    """Bad options or an unusable deployment: one clear line, non-zero exit."""
 
-        await asyncio.gather(*(worker(w) for w in range(args.concurrency)))
-    return counts, seen
+
+def _shard_dsns(items: list[str]) -> dict[str, str]:
+    dsns: dict[str, str] = {}
+    for item in items:
+        name, sep, dsn = item.partition("=")
+        if not sep or not dsn:
+            raise DemoError(f"--shard {item!r}: expected NAME=DSN")
+        try:
+            check_name("participant", name)
+        except TwoPCError as exc:
+            raise DemoError(str(exc)) from None
+        if name in dsns:
+            raise DemoError(f"--shard {name!r} given twice")
+        dsns[name] = dsn
+    return dsns
+
+
+def _check_shards(dsns: dict[str, str]) -> None:
+    for name, dsn in dsns.items():
+        try:
+            with psycopg.connect(dsn, autocommit=True, connect_timeout=5) as conn:
+                row = conn.execute("SHOW max_prepared_transactions").fetchone()
+        except psycopg.Error as exc:
+            message = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
+            raise DemoError(f"shard {name} does not answer ({message})") from None
+        if row is None or int(str(row[0])) == 0:
+            raise DemoError(
+                f"shard {name} has max_prepared_transactions = 0: it cannot "
+                "take part in two-phase commit"
+            )
+
+
+def _check_coordinator(address: str) -> None:
+    try:
+        with CoordinatorClient(address, timeout=5) as client:
+            client.status(timeout=5)
+    except TwoPCError as exc:
+        raise DemoError(f"the coordinator at {address} does not answer ({exc})") from None
+
+
+def _schedule(
+    args: argparse.Namespace,
+    seed: int,
+    shards: list[str],
+    network: FaultNetwork | None,
+    can_kill: bool,
+) -> list[FaultEvent]:
+    proxies = sorted(network.proxies) if network is not None else []
+    faults = args.faults or ("mixed" if can_kill else "network" if network else "none")
+    try:
+        if faults in PRESETS:
+            if faults == "mixed" and not can_kill:
+                raise ScheduleError(
+                    "the mixed preset kills processes: only for the local "
+                    "deployment (use --faults network)"
+                )
+            if faults == "network" and network is None:
+                raise ScheduleError("--faults network needs a Toxiproxy (--toxiproxy-url)")
+            return make_schedule(faults, seed, args.duration, shards, proxies)
+        return load_schedule(Path(faults), shards, proxies, can_kill)
+    except ScheduleError as exc:
+        raise DemoError(str(exc)) from None
+
+
+def _out_dir(args: argparse.Namespace, seed: int) -> Path:
+    out = Path(args.out or f"out/bank-demo-{seed}")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _wait_for_recovery(dsns: dict[str, str]) -> float | None:
+    started = time.monotonic()
+    while time.monotonic() - started < RECOVERY_DEADLINE:
+        if in_doubt(dsns) == 0:
+            return time.monotonic() - started
+        time.sleep(0.25)
+    return None
+
+
+def play(
+    args: argparse.Namespace,
+    address: str,
+    dsns: dict[str, str],
+    network: FaultNetwork | None,
+    system: LocalSystem | None,
+    seed: int,
+) -> int:
+    shards = list(dsns)
+    schedule = _schedule(args, seed, shards, network, system is not None)
+    out = _out_dir(args, seed)
+    print(
+        f"bank-demo: {len(shards)} shards, {args.accounts} accounts of {args.balance}, "
+        f"{args.concurrency} clients for {args.duration:g}s, seed {seed}",
+        file=sys.stderr,
+    )
+    for event in schedule:
+        print(
+            f"  fault at {event.at:>5.1f}s for {event.duration:.1f}s: {event.label}",
+            file=sys.stderr,
+        )
+    bank.create_schema(dsns)
+    bank.open_accounts(dsns, args.accounts, args.balance)
+
+    player = FaultPlayer(network, system)
+    workload = Workload(
+        address,
+        shards,
+        dsns,
+        WorkloadConfig(
+            accounts=args.accounts,
+            concurrency=args.concurrency,
+            duration=args.duration,
+            hot_accounts=args.hot_accounts,
+            hot_fraction=args.hot_fraction,
+        ),
+        random.Random(seed),
+        lambda: player.current,
+    )
+    started = time.monotonic()
+    stop_at = started + args.duration
+    faults = threading.Thread(
+        target=player.play, args=(schedule, started, stop_at), name="faults", daemon=True
+    )
+    faults.start()
+    asyncio.run(workload.run(progress=not args.quiet))
+    faults.join()
+    if network is not None:
+        network.heal()
+    recovery = _wait_for_recovery(dsns)
+
+    records = workload.records
+    outcomes = {r.id: r.outcome for r in records}
+    checks = checker.run_checks(dsns, outcomes)
+    figs = report.figures(records, args.duration)
+    ok = all(c.ok for c in checks)
+    report.write_transfers(out / "transfers.jsonl", records)
+    report.write_chart(
+        out / "chart.png",
+        workload.timeline,
+        schedule,
+        f"bank-demo: {len(shards)} shards, seed {seed}",
+    )
+    report.write_json(
+        out / "report.json",
+        {
+            "seed": seed,
+            "config": {k: v for k, v in vars(args).items() if k != "command"},
+            "deployment": "local" if system is not None else address,
+            "fault_network": network.kind if network is not None else None,
+            "schedule": schedule_json(schedule),
+            "figures": figs,
+            "recovery_seconds": recovery,
+            "checks": [
+                asdict(c)
+                | {"offending": list(c.offending[:100]), "offending_count": len(c.offending)}
+                for c in checks
+            ],
+            "passed": ok,
+            "timeline": [asdict(s) for s in workload.timeline],
+        },
+    )
+    print(report.render(figs, checks, recovery))
+    print(checker.render(checks))
+    print(
+        f"report: {out / 'report.json'}, chart: {out / 'chart.png'}, "
+        f"transfers: {out / 'transfers.jsonl'}"
+    )
+    return 0 if ok else 1
 
 
 def run(args: argparse.Namespace) -> int:
-    seed = args.seed if args.seed is not None else random.randrange(2**32)
-    print(f"bank-demo: seed {seed}, {args.shards} shards, {args.accounts} accounts of "
-          f"{args.balance}, {args.concurrency} clients for {args.duration}s")
-    rng = random.Random(seed)
-    started = time.monotonic()
-    system = start_system(args.shards, workdir=Path(args.workdir) if args.workdir else None)
+    seed = args.seed if args.seed is not None else random.randrange(2**31)
+    if args.coordinator:
+        dsns = _shard_dsns(args.shard)
+        if not dsns:
+            raise DemoError("--coordinator needs the shards' DSNs: --shard NAME=DSN ...")
+        _check_shards(dsns)
+        _check_coordinator(args.coordinator)
+        try:
+            network = attach_network(args.toxiproxy_url) if args.toxiproxy_url else None
+        except HarnessError as exc:
+            raise DemoError(str(exc)) from None
+        try:
+            return play(args, args.coordinator, dsns, network, None, seed)
+        finally:
+            if network is not None:
+                network.stop()
+    if args.shard or args.toxiproxy_url:
+        raise DemoError(
+            "--shard and --toxiproxy-url go with --coordinator (an existing "
+            "deployment); without it the demo starts its own"
+        )
+    print(
+        f"bank-demo: starting {args.shards} PostgreSQL shards, Toxiproxy, agents and the "
+        "coordinator...",
+        file=sys.stderr,
+    )
+    t0 = time.monotonic()
+    system = start_system(
+        args.shards,
+        coordinator_args=LOCAL_COORDINATOR_ARGS,
+        participant_args=LOCAL_PARTICIPANT_ARGS,
+        faults=True,
+    )
     try:
+        print(
+            f"bank-demo: up in {time.monotonic() - t0:.1f}s "
+            f"({system.network.kind if system.network else 'no fault network'})",
+            file=sys.stderr,
+        )
         dsns = {s: system.dsn(s) for s in system.shard_names}
-        bank.create_schema(dsns)
-        bank.open_accounts(dsns, args.accounts, args.balance)
-        print(f"bank-demo: system up in {time.monotonic() - started:.1f}s")
-        counts, seen = asyncio.run(_transfers(system, args, rng))
-        time.sleep(0)  # phase 2 may still be under way: the checker waits for it below
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            snap = bank.snapshot(dsns)
-            if not any(snap.prepared.values()):
-                break
-            time.sleep(0.2)
-        committed = [t for t, ok in seen.items() if ok]
-        aborted = [t for t, ok in seen.items() if not ok]
-        applied = bank.applied(snap, seen)
-        checks = {
-            "total money unchanged": snap.total == args.accounts * args.balance,
-            "no negative balance": not snap.negative,
-            "every transfer has both legs or neither": not snap.half_applied(),
-            "every committed transfer applied": all(applied[t] for t in committed),
-            "no aborted transfer applied": not any(applied[t] for t in aborted),
-            "no prepared transaction left": not any(snap.prepared.values()),
-        }
-        for what, n in sorted(counts.items()):
-            print(f"  {what:<40} {n}")
-        for what, ok in checks.items():
-            print(f"  {'PASS' if ok else 'FAIL'}  {what}")
-        return 0 if all(checks.values()) else 1
+        return play(args, system.client_address, dsns, system.network, system, seed)
     finally:
-        system.stop()
+        # The daemons' logs (one grep for a txid tells its story) go with the report.
+        system.stop(logs_to=_out_dir(args, seed) / "logs")
+
+
+def check(args: argparse.Namespace) -> int:
+    dsns = _shard_dsns(args.shard)
+    if not dsns:
+        raise DemoError("check needs the shards: --shard NAME=DSN ...")
+    _check_shards(dsns)
+    outcomes = None
+    if args.transfers:
+        try:
+            outcomes = checker.load_outcomes(Path(args.transfers))
+        except (OSError, ValueError, KeyError) as exc:
+            raise DemoError(f"cannot read {args.transfers}: {exc}") from None
+    checks = checker.run_checks(dsns, outcomes)
+    print(checker.render(checks))
+    return 0 if all(c.ok for c in checks) else 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="bank-demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = p.add_subparsers(dest="command")
+    r = sub.add_parser("run", help="run the demo (the default)")
+    c = sub.add_parser("check", help="check the invariants of existing shards")
+    for target in (p, r):
+        target.add_argument("--shards", type=int, default=3, help="shards to start (local)")
+        target.add_argument("--accounts", type=int, default=100)
+        target.add_argument("--balance", type=int, default=1000, help="initial balance")
+        target.add_argument("--concurrency", type=int, default=16, help="concurrent clients")
+        target.add_argument("--duration", type=float, default=30.0, help="seconds of transfers")
+        target.add_argument(
+            "--hot-accounts", type=int, default=0, help="size of a hot set of accounts (0: no skew)"
+        )
+        target.add_argument(
+            "--hot-fraction", type=float, default=0.8, help="share of transfers within the hot set"
+        )
+        target.add_argument(
+            "--faults",
+            help=f"{' | '.join(PRESETS)} | FILE.json "
+            "(default: mixed locally, network with --toxiproxy-url)",
+        )
+        target.add_argument("--seed", type=int, help="random seed (printed; replays the run)")
+        target.add_argument("--out", help="output folder (default out/bank-demo-SEED)")
+        target.add_argument("--quiet", action="store_true", help="no live progress line")
+        target.add_argument(
+            "--coordinator", metavar="HOST:PORT", help="an existing deployment's coordinator"
+        )
+        target.add_argument(
+            "--shard",
+            action="append",
+            default=[],
+            metavar="NAME=DSN",
+            help="an existing deployment's shard (repeatable)",
+        )
+        target.add_argument("--toxiproxy-url", help="an existing deployment's Toxiproxy API")
+    c.add_argument("--shard", action="append", default=[], metavar="NAME=DSN", required=True)
+    c.add_argument(
+        "--transfers", help="transfers.jsonl of a run, to check the outcomes the client was told"
+    )
+    return p
+
+
+def _validate(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
+    if a.command == "check":
+        return
+    problems = [
+        (a.shards < 1, "--shards must be at least 1"),
+        (a.accounts < 2, "--accounts must be at least 2"),
+        (a.balance < 0, "--balance cannot be negative"),
+        (a.concurrency < 1, "--concurrency must be at least 1"),
+        (a.duration <= 0, "--duration must be positive"),
+        (
+            a.hot_accounts != 0 and not 2 <= a.hot_accounts <= a.accounts,
+            "--hot-accounts must be 0 or between 2 and --accounts",
+        ),
+        (not 0 <= a.hot_fraction <= 1, "--hot-fraction must be between 0 and 1"),
+    ]
+    for bad, message in problems:
+        if bad:
+            p.error(message)
+
+
+def _fail(message: str) -> NoReturn:
+    print(f"bank-demo: {message}", file=sys.stderr)
+    sys.exit(1)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="bank-demo", description=__doc__)
-    sub = parser.add_subparsers(dest="command")
-    p = sub.add_parser("run", help="start everything and run transfers (default)")
-    for target in (parser, p):
-        target.add_argument("--shards", type=int, default=3)
-        target.add_argument("--accounts", type=int, default=50)
-        target.add_argument("--balance", type=int, default=1000)
-        target.add_argument("--concurrency", type=int, default=16)
-        target.add_argument("--duration", type=float, default=10.0)
-        target.add_argument("--seed", type=int)
-        target.add_argument("--workdir")
-    args = parser.parse_args(argv)
-    if args.shards < 1 or args.accounts < 2 or args.balance < 0 or args.concurrency < 1:
-        parser.error("need shards >= 1, accounts >= 2, balance >= 0, concurrency >= 1")
+    p = _parser()
+    a = p.parse_args(argv)
+    _validate(p, a)
+    # SIGTERM unwinds like Ctrl-C, so clusters and daemons are always cleaned up.
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
-        sys.exit(run(args))
-    except HarnessError as exc:
-        sys.exit(f"bank-demo: {exc}")
+        code = check(a) if a.command == "check" else run(a)
+    except (DemoError, HarnessError) as exc:
+        _fail(str(exc))
+    except KeyboardInterrupt:
+        _fail("interrupted; everything it started was stopped")
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -16,11 +16,15 @@ from dataclasses import dataclass
 
 import psycopg
 
+from twopc_common import ids
 from twopc_common.values import Statement, exactly
 
 SCHEMA = [
     "DROP TABLE IF EXISTS ledger",
     "DROP TABLE IF EXISTS accounts",
+    "DROP TABLE IF EXISTS bank_meta",
+    # What this shard was given at the start: the checker's reference for total money.
+    "CREATE TABLE bank_meta (key text PRIMARY KEY, value bigint NOT NULL)",
     """CREATE TABLE accounts (
         id bigint PRIMARY KEY,
         balance bigint NOT NULL CHECK (balance >= 0)
@@ -60,6 +64,10 @@ def open_accounts(dsns: Mapping[str, str], accounts: int, balance: int) -> None:
     for shard, rows in placed.items():
         with psycopg.connect(dsns[shard]) as conn, conn.cursor() as cur:
             cur.executemany("INSERT INTO accounts (id, balance) VALUES (%s, %s)", rows)
+            cur.execute(
+                "INSERT INTO bank_meta (key, value) VALUES ('initial_total', %s)",
+                (sum(b for _, b in rows),),
+            )
 
 
 def transfer(
@@ -104,6 +112,7 @@ class Snapshot:
     """What the shards hold, read in one pass."""
 
     total: int
+    initial_total: int
     accounts: int
     negative: tuple[int, ...]
     legs: Mapping[str, frozenset[str]]
@@ -114,26 +123,31 @@ class Snapshot:
 
 
 def snapshot(dsns: Mapping[str, str]) -> Snapshot:
-    total = count = 0
+    total = count = initial = 0
     negative: list[int] = []
     legs: dict[str, set[str]] = defaultdict(set)
     prepared: dict[str, tuple[str, ...]] = {}
     for shard, dsn in dsns.items():
         with psycopg.connect(dsn, autocommit=True) as conn:
-            row = conn.execute("SELECT coalesce(sum(balance), 0), count(*) FROM accounts").fetchone()
+            row = conn.execute(
+                "SELECT coalesce(sum(balance), 0), count(*) FROM accounts"
+            ).fetchone()
             assert row is not None
             total += int(row[0])
             count += int(row[1])
+            meta = conn.execute(
+                "SELECT coalesce(sum(value), 0) FROM bank_meta WHERE key = 'initial_total'"
+            ).fetchone()
+            initial += int(meta[0]) if meta else 0
             negative += [
                 int(r[0]) for r in conn.execute("SELECT id FROM accounts WHERE balance < 0")
             ]
             for transfer_id, leg in conn.execute("SELECT transfer_id, leg FROM ledger"):
                 legs[str(transfer_id)].add(str(leg))
-            prepared[shard] = tuple(
-                str(r[0]) for r in conn.execute("SELECT gid FROM pg_prepared_xacts")
-            )
+            prepared[shard] = tuple(str(x) for x in conn.tpc_recover() if ids.is_ours(x))
     return Snapshot(
         total=total,
+        initial_total=initial,
         accounts=count,
         negative=tuple(sorted(negative)),
         legs={t: frozenset(v) for t, v in legs.items()},

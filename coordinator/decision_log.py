@@ -163,21 +163,35 @@ class DecisionLog:
                 conn.execute(f"PRAGMA synchronous = {wanted}")
                 synchronous = wanted
             try:
-                conn.execute("BEGIN")
-                for write, _, _ in batch:
-                    write(conn)
-                conn.execute("COMMIT")
-            except Exception as exc:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                for _, _, fut in batch:
-                    fut.set_exception(exc)
+                self._commit(conn, [write for write, _, _ in batch])
+            except Exception:
+                # One bad record (say, a duplicate idempotency key) must not fail the
+                # records it happened to share a batch with: write them one by one.
+                for write, _, fut in batch:
+                    try:
+                        self._commit(conn, [write])
+                    except Exception as exc:
+                        fut.set_exception(exc)
+                    else:
+                        fut.set_result(None)
                 continue
             self.stats["log_batches"] += 1
             self.stats["log_records"] += len(batch)
             self.stats["log_fsync_batches"] += wanted == "FULL"
             for _, _, fut in batch:
                 fut.set_result(None)
+
+    @staticmethod
+    def _commit(conn: sqlite3.Connection, writes: list[_Write]) -> None:
+        try:
+            conn.execute("BEGIN")
+            for write in writes:
+                write(conn)
+            conn.execute("COMMIT")
+        except Exception:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
 
     async def _write(self, write: _Write, forced: bool) -> None:
         fut: Future[None] = Future()

@@ -288,7 +288,11 @@ class Coordinator:
         tx.state = transition(tx.state, TxState.COMMITTING)
         self.counters["committed_two_phase"] += 1
         self.log.info(
-            "decided", txid=tx.id, decision="commit", participants=",".join(decision.phase2)
+            "decided",
+            txid=tx.id,
+            key=tx.key,
+            decision="commit",
+            participants=",".join(decision.phase2),
         )
         tx.outcome.set_result(outcome)
         self._spawn(self._deliver(tx, decision.phase2, commit=True))
@@ -362,7 +366,7 @@ class Coordinator:
             await self.decision_log.resolve_one_phase(tx.id, outcome.to_json())
         if committed:
             self.counters["committed_one_phase"] += 1
-            self.log.info("committed_one_phase", txid=tx.id, participant=participant)
+            self.log.info("committed_one_phase", txid=tx.id, key=tx.key, participant=participant)
             await self._complete_without_phase2(tx, outcome, logged=True)
         else:
             self._abort(tx, cause, participant, ballot.reason, (), results)
@@ -420,6 +424,7 @@ class Coordinator:
         self.log.info(
             "decided",
             txid=tx.id,
+            key=tx.key,
             decision="abort",
             cause=cause.value,
             culprit=culprit,

@@ -3,6 +3,8 @@ agent, every call with a deadline, results as domain objects.
 
 Transport failures are part of the protocol here: a Prepare that times out or cannot
 reach its agent is a missing vote (Ballot TIMEOUT or UNAVAILABLE), not an exception.
+Calls wait for a reconnecting channel (wait_for_ready) within their deadline: a link
+that is back within the prepare timeout costs a delay, not an abort.
 """
 
 from __future__ import annotations
@@ -84,7 +86,7 @@ class ParticipantClient:
             one_phase=one_phase,
         )
         try:
-            reply = await self._stub.Prepare(request, timeout=timeout)
+            reply = await self._stub.Prepare(request, timeout=timeout, wait_for_ready=True)
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
                 return PrepareReply(Ballot(Vote.TIMEOUT, "no vote before the prepare timeout"))
@@ -102,7 +104,9 @@ class ParticipantClient:
             transaction_id=txid, statements=[statement_to_pb(s) for s in statements]
         )
         try:
-            reply = await self._stub.Execute(request, timeout=self._rpc_timeout)
+            reply = await self._stub.Execute(
+                request, timeout=self._rpc_timeout, wait_for_ready=True
+            )
         except grpc.aio.AioRpcError as exc:
             raise _error(exc, self.name) from exc
         return [result_from_pb(r) for r in reply.results]
@@ -110,7 +114,7 @@ class ParticipantClient:
     async def commit(self, txid: str) -> bool:
         try:
             ack = await self._stub.Commit(
-                pb.BranchRef(transaction_id=txid), timeout=self._rpc_timeout
+                pb.BranchRef(transaction_id=txid), timeout=self._rpc_timeout, wait_for_ready=True
             )
         except grpc.aio.AioRpcError as exc:
             raise _error(exc, self.name) from exc
@@ -119,7 +123,7 @@ class ParticipantClient:
     async def abort(self, txid: str) -> bool:
         try:
             ack = await self._stub.Abort(
-                pb.BranchRef(transaction_id=txid), timeout=self._rpc_timeout
+                pb.BranchRef(transaction_id=txid), timeout=self._rpc_timeout, wait_for_ready=True
             )
         except grpc.aio.AioRpcError as exc:
             raise _error(exc, self.name) from exc
@@ -128,7 +132,9 @@ class ParticipantClient:
     async def list_prepared(self, coordinator_id: str) -> list[InDoubtBranch]:
         try:
             reply = await self._stub.ListPrepared(
-                pb.ListPreparedRequest(coordinator_id=coordinator_id), timeout=self._rpc_timeout
+                pb.ListPreparedRequest(coordinator_id=coordinator_id),
+                timeout=self._rpc_timeout,
+                wait_for_ready=True,
             )
         except grpc.aio.AioRpcError as exc:
             raise _error(exc, self.name) from exc

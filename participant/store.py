@@ -29,10 +29,16 @@ from twopc_common.values import Statement, StatementResult
 
 MARKER_TABLE = "twopc_branch_marker"
 
+# One row per settled branch gid. 'committed' rows are written inside the branch
+# itself (so they exist exactly when it committed); 'aborted' rows are fences written
+# by an Abort that found no prepared branch, so that a branch still in flight (an
+# orphaned backend, bytes delayed in the network) can never commit afterwards: its own
+# marker insert hits the primary key.
 _CREATE_MARKER = f"""
 CREATE TABLE IF NOT EXISTS {MARKER_TABLE} (
     gid text PRIMARY KEY,
     transaction_id text NOT NULL,
+    state text NOT NULL DEFAULT 'committed' CHECK (state IN ('committed', 'aborted')),
     created_at timestamptz NOT NULL DEFAULT now()
 )"""
 
@@ -221,7 +227,11 @@ class Store:
                         await conn.tpc_rollback(xid)
                     return True
                 except psycopg.errors.UndefinedObject:
-                    committed = await self._has_marker(conn, str(xid))
+                    # Not prepared (any more): the marker says what happened. An
+                    # abort first fences the gid, so the answer cannot change later.
+                    if not commit:
+                        await self._fence(conn, str(xid), transaction_id)
+                    committed = await self._marker_state(conn, str(xid)) == "committed"
         except (psycopg.OperationalError, PoolTimeout) as exc:
             self._purge_broken()
             raise Unavailable(f"database unavailable: {exc}") from exc
@@ -234,11 +244,21 @@ class Store:
         return False
 
     @staticmethod
-    async def _has_marker(conn: AsyncConn, gid: str) -> bool:
-        cur = await conn.execute(f"SELECT 1 FROM {MARKER_TABLE} WHERE gid = %s", (gid,))
-        found = await cur.fetchone() is not None
+    async def _fence(conn: AsyncConn, gid: str, transaction_id: str) -> None:
+        # ON CONFLICT waits for an uncommitted marker of the same gid to be decided.
+        await conn.execute(
+            f"INSERT INTO {MARKER_TABLE} (gid, transaction_id, state) "
+            "VALUES (%s, %s, 'aborted') ON CONFLICT (gid) DO NOTHING",
+            (gid, transaction_id),
+        )
+        await conn.commit()
+
+    @staticmethod
+    async def _marker_state(conn: AsyncConn, gid: str) -> str | None:
+        cur = await conn.execute(f"SELECT state FROM {MARKER_TABLE} WHERE gid = %s", (gid,))
+        row = await cur.fetchone()
         await conn.rollback()
-        return found
+        return None if row is None else str(row[0])
 
     # -- recovery -------------------------------------------------------------------
 

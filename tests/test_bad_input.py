@@ -4,7 +4,7 @@ leaves no prepared transaction and no changed row behind."""
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import grpc
 import pytest
@@ -41,11 +41,11 @@ def branch(participant: str, *statements: tpb.Statement) -> cpb.Branch:
     return cpb.Branch(participant=participant, statements=list(statements))
 
 
-def status_of(call: object) -> tuple[grpc.StatusCode, str]:
+def status_of(call: Callable[[], object]) -> tuple[grpc.StatusCode, str]:
     with pytest.raises(grpc.RpcError) as caught:
-        call()  # type: ignore[operator]
+        call()
     error = caught.value
-    return error.code(), error.details()  # type: ignore[attr-defined]
+    return error.code(), error.details() or ""
 
 
 def test_unknown_participant_is_not_found(stub: cgrpc.CoordinatorStub) -> None:

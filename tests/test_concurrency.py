@@ -19,7 +19,7 @@ def test_300_concurrent_cross_shard_transfers_conserve_money(system: LocalSystem
     print(f"seed={seed} (rerun with TWOPC_SEED={seed})")
     rng = random.Random(seed)
     shards = system.shard_names
-    transfers = []
+    transfers: list[tuple[str, int, int, int]] = []
     while len(transfers) < 300:
         source, target = rng.sample(range(1, 21), 2)
         if bank.shard_of(source, shards) != bank.shard_of(target, shards):

@@ -71,3 +71,27 @@ def test_a_log_refuses_another_coordinator(tmp_path: Path) -> None:
     log.close()
     with pytest.raises(ValueError, match="belongs to coordinator 'c'"):
         DecisionLog(path, "other").open()
+
+
+def test_a_bad_record_fails_alone_not_its_batch(tmp_path: Path) -> None:
+    import sqlite3
+
+    log = DecisionLog(str(tmp_path / "log.sqlite"), "c")
+    log.open()
+
+    async def batch() -> list[BaseException | None]:
+        writes = [
+            log.record_commit(f"c.1.{i}", ("a",), 1.0, {"committed": True}, "same-key", "h")
+            if i in (3, 7)
+            else log.record_commit(f"c.1.{i}", ("a",), 1.0, {"committed": True})
+            for i in range(10)
+        ]
+        return await asyncio.gather(*writes, return_exceptions=True)
+
+    try:
+        results = asyncio.run(batch())
+        failures = [r for r in results if isinstance(r, BaseException)]
+        assert len(failures) == 1 and isinstance(failures[0], sqlite3.IntegrityError)
+        assert len(log.incomplete_commits()) == 9
+    finally:
+        log.close()

@@ -97,7 +97,7 @@ def test_commit_and_abort_are_idempotent_and_exact(system: LocalSystem) -> None:
         assert not agent.Commit(ppb.BranchRef(transaction_id=txid)).changed  # a retry
         with pytest.raises(grpc.RpcError) as caught:
             agent.Abort(ppb.BranchRef(transaction_id=txid))
-        assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION  # type: ignore[attr-defined]
+        assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         # A second transaction aborted before its Prepare arrived: the late Prepare
         # must vote NO instead of preparing a branch nobody will finish.
         late = "shared.999.2"
@@ -108,3 +108,31 @@ def test_commit_and_abort_are_idempotent_and_exact(system: LocalSystem) -> None:
         rows = conn.execute("SELECT count(*) FROM ledger WHERE transfer_id = 'idem'").fetchone()
     assert rows == (1,)
     assert not any(system.prepared_transactions().values())
+
+
+def test_an_abort_fences_a_branch_still_in_flight(system: LocalSystem) -> None:
+    """An Abort that finds nothing prepared writes a fence: a one-phase commit of the
+    same branch arriving later (an orphaned backend, delayed bytes) must fail."""
+    txid = "shared.999.3"
+    with grpc.insecure_channel(system.participants["shard1"].address) as channel:
+        agent = pgrpc.ParticipantStub(channel)
+        assert not agent.Abort(ppb.BranchRef(transaction_id=txid)).changed
+
+    async def orphan() -> None:
+        store = Store(ParticipantConfig(id="shard1", dsn=system.dsn("shard1"), pool_min_size=1))
+        await store.open()
+        try:
+            conn = await store.connect_branch()
+            await conn.execute("INSERT INTO ledger VALUES ('orphan', 'debit', 1, 1)")
+            with pytest.raises(BranchFailed, match="twopc_branch_marker_pkey"):
+                await store.commit_one_phase(conn, txid, "shard1")
+            await store.rollback(conn)
+            await store.release(conn)
+        finally:
+            await store.close()
+
+    asyncio.run(orphan())
+    with system.connect("shard1") as conn:
+        assert conn.execute(
+            "SELECT count(*) FROM ledger WHERE transfer_id = 'orphan'"
+        ).fetchone() == (0,)

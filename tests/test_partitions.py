@@ -49,11 +49,26 @@ def net_system(
     system.stop()
 
 
+def wait_healthy(system: LocalSystem) -> None:
+    """Links healed by the previous test may still be reconnecting: wait until a
+    transaction over every shard commits."""
+
+    def commits() -> bool:
+        try:
+            with system.client(timeout=5) as client:
+                return client.run(work("probe"), wait_for_completion=True).committed
+        except TransportError:
+            return False
+
+    wait_until(commits, RECOVERY_BOUND, "a transaction over every shard to commit", 0.2)
+
+
 @pytest.fixture
 def net(net_system: LocalSystem) -> Iterator[LocalSystem]:
     for shard in SHARDS:
         with net_system.connect(shard) as conn:
             conn.execute("CREATE TABLE IF NOT EXISTS twopc_test_rows (tag text)")
+    wait_healthy(net_system)
     yield net_system
     network(net_system).heal()
     assert net_system.coordinator is not None
@@ -136,7 +151,7 @@ def test_agent_cut_off_after_the_decision_commits_once_healed(net: LocalSystem) 
     assert net.coordinator is not None
     net.coordinator.set_failpoints("coordinator.after_decision_logged=1*sleep(1500)")
     told = run_in_background(net, work("late"))
-    wait_until(lambda: decision_logged(net), 10, "the commit decision in the log")
+    wait_until(lambda: decision_logged(net) or told.done(), 10, "the commit decision in the log")
     # Partition shard 2 from the coordinator in both directions.
     network(net)["coordinator_shard2"].disable()
     network(net)["shard2_coordinator"].disable()
@@ -196,7 +211,7 @@ def test_broken_connection_during_commit_is_retried_until_done(
     tag = f"retry-{toxic}"
     net.coordinator.set_failpoints("coordinator.after_decision_logged=1*sleep(1000)")
     told = run_in_background(net, work(tag))
-    wait_until(lambda: decision_logged(net), 10, "the commit decision in the log")
+    wait_until(lambda: decision_logged(net) or told.done(), 10, "the commit decision in the log")
     network(net)["shard2_coordinator"].disable()  # only the coordinator may finish it
     network(net)["coordinator_shard2"].add_toxic(
         type=toxic, stream="upstream", attributes=attributes, name="broken"
@@ -251,6 +266,7 @@ def test_flapping_partitions_during_concurrent_transfers(net: LocalSystem, secon
     reset_bank(net, 40, 100)
     shards = net.shard_names
     seen: dict[str, bool] = {}
+    told: dict[str, Outcome] = {}
     proxies = network(net)
 
     async def transfers(worker: int, until: float) -> None:
@@ -263,7 +279,8 @@ def test_flapping_partitions_during_concurrent_transfers(net: LocalSystem, secon
                 branches = bank.transfer(tid, source, target, rng.randint(1, 20), shards)
                 for _ in range(50):  # retry with the same key until answered
                     try:
-                        seen[tid] = (await client.run(branches, idempotency_key=tid)).committed
+                        told[tid] = await client.run(branches, idempotency_key=tid)
+                        seen[tid] = told[tid].committed
                         break
                     except TransportError:
                         await asyncio.sleep(0.2)
@@ -290,5 +307,6 @@ def test_flapping_partitions_during_concurrent_transfers(net: LocalSystem, secon
     assert snap.total == 40 * 100 and not snap.negative
     assert not snap.half_applied()
     assert all(applied[t] for t in committed)
-    assert not any(applied[t] for t, ok in seen.items() if not ok)
+    leaked = {t: told[t] for t, ok in seen.items() if not ok and applied[t]}
+    assert not leaked, f"told aborted, but applied: {leaked}"
     assert committed

@@ -33,6 +33,8 @@ class FaultNetwork:
     url: str
     api: Toxiproxy
     proxies: dict[str, Proxy] = field(default_factory=dict)
+    owned: bool = True
+    """False for a deployment's own Toxiproxy: stop() heals it but deletes nothing."""
     _thread: ServerThread | None = None
     _process: subprocess.Popen[bytes] | None = None
 
@@ -56,6 +58,9 @@ class FaultNetwork:
         self.api.reset()
 
     def stop(self) -> None:
+        if not self.owned:
+            self.heal()
+            return
         for proxy in list(self.proxies.values()):
             with contextlib.suppress(requests.RequestException):
                 proxy.destroy()
@@ -73,6 +78,14 @@ def _client(url: str) -> Toxiproxy:
     # toxiproxy-python keeps one global API address.
     api.update_api_consumer(parsed.hostname or "127.0.0.1", parsed.port or 8474)
     return api
+
+
+def attach_network(url: str) -> FaultNetwork:
+    """The Toxiproxy of an existing deployment, with the proxies it already has."""
+    api = _client(url)
+    if not api.running():
+        raise HarnessError(f"no Toxiproxy API answers at {url}")
+    return FaultNetwork(url, api, dict(api.proxies()), owned=False)
 
 
 def start_network() -> FaultNetwork:

@@ -11,6 +11,7 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import psycopg
 
@@ -49,7 +50,7 @@ class LocalSystem:
     def cluster(self, shard: str) -> PostgresCluster:
         return self.clusters[self.shard_names.index(shard)]
 
-    def connect(self, shard: str) -> psycopg.Connection[tuple[object, ...]]:
+    def connect(self, shard: str) -> psycopg.Connection[tuple[Any, ...]]:
         return psycopg.connect(self.dsn(shard), autocommit=True)
 
     def client(self, timeout: float = 30.0) -> CoordinatorClient:
@@ -70,9 +71,12 @@ class LocalSystem:
             out[shard] = [str(r[0]) for r in rows]
         return out
 
-    def stop(self) -> None:
+    def stop(self, logs_to: Path | None = None) -> None:
+        """Stop everything; first copy the daemons' logs to `logs_to` if given."""
         for daemon in self.daemons():
             daemon.stop()
+        if logs_to is not None and (self.workdir / "logs").exists():
+            shutil.copytree(self.workdir / "logs", logs_to, dirs_exist_ok=True)
         if self.network is not None:
             self.network.stop()
         if self.owns_clusters:

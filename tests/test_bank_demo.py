@@ -1,0 +1,231 @@
+"""The bank demo: a short run with faults passes every invariant, its report agrees
+with the checker, the checker catches doctored shards, schedules replay by seed, and
+bad options end in one clear line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from bank_demo import bank
+from bank_demo.faults import make_schedule
+from tests.conftest import dsns
+from twopc_common.ids import branch_xid
+from twopc_harness.postgres import free_port, start_clusters, stop_clusters
+from twopc_harness.system import LocalSystem
+
+
+def demo(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "bank_demo", *args], capture_output=True, text=True, timeout=timeout
+    )
+
+
+def shard_args(system: LocalSystem) -> list[str]:
+    return [f"--shard={shard}={dsn}" for shard, dsn in dsns(system).items()]
+
+
+def test_short_run_with_faults_passes_every_invariant(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    done = demo(
+        "run",
+        "--duration",
+        "15",
+        "--accounts",
+        "40",
+        "--concurrency",
+        "8",
+        "--seed",
+        "11",
+        "--out",
+        str(out),
+        "--quiet",
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["passed"] and report["seed"] == 11
+    assert [c["ok"] for c in report["checks"]] == [True] * 6
+    kinds = {event["kind"] for event in report["schedule"]}
+    assert {"partition", "kill_coordinator", "kill_agent", "crash_postgres"} <= kinds
+    figures = report["figures"]
+    assert figures["committed_two_phase"] > 0 and figures["committed_one_phase"] > 0
+    assert (out / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "logs" / "coordinator.log").exists()
+    assert "PASS  no prepared transaction left" in done.stdout
+
+
+def test_report_figures_agree_with_the_checker_on_an_existing_deployment(
+    system: LocalSystem, tmp_path: Path
+) -> None:
+    out = tmp_path / "external"
+    done = demo(
+        "run",
+        "--coordinator",
+        system.client_address,
+        *shard_args(system),
+        "--faults",
+        "none",
+        "--duration",
+        "4",
+        "--accounts",
+        "20",
+        "--seed",
+        "3",
+        "--out",
+        str(out),
+        "--quiet",
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads((out / "report.json").read_text())
+    transfers = [json.loads(line) for line in (out / "transfers.jsonl").read_text().splitlines()]
+    snap = bank.snapshot(dsns(system))
+    applied = sum(1 for legs in snap.legs.values() if legs == bank.BOTH_LEGS)
+    assert report["figures"]["committed"] == applied
+    assert report["figures"]["transfers"] == len(transfers)
+    checked = demo("check", *shard_args(system), "--transfers", str(out / "transfers.jsonl"))
+    assert checked.returncode == 0, checked.stdout
+    assert checked.stdout.count("PASS") == len(report["checks"]) == 6
+
+
+LOWEST = "(SELECT min(id) FROM accounts)"
+HIGHEST = "(SELECT max(id) FROM accounts)"
+
+
+def doctor(system: LocalSystem, shard: str, *statements: str) -> None:
+    with system.connect(shard) as conn:
+        for statement in statements:
+            conn.execute(statement)
+
+
+@pytest.mark.parametrize(
+    ("damage", "check", "offender"),
+    [
+        (
+            ["INSERT INTO ledger VALUES ('half-1', 'debit', 1, 5)"],
+            "every transfer has both legs or neither",
+            "half-1",
+        ),
+        (
+            [
+                "ALTER TABLE accounts DROP CONSTRAINT accounts_balance_check",
+                # Money moved, none created: only the negative balance is wrong.
+                f"UPDATE accounts SET balance = balance - 107 WHERE id = {LOWEST}",
+                f"UPDATE accounts SET balance = balance + 107 WHERE id = {HIGHEST}",
+            ],
+            "no negative balance",
+            "{min_id}",
+        ),
+        (
+            ["UPDATE accounts SET balance = balance + 5 WHERE id = (SELECT min(id) FROM accounts)"],
+            "total money unchanged",
+            "",
+        ),
+    ],
+    ids=["one-leg", "negative", "total"],
+)
+def test_checker_reports_doctored_shards(
+    system: LocalSystem, damage: list[str], check: str, offender: str
+) -> None:
+    with system.connect("shard2") as conn:
+        row = conn.execute("SELECT min(id) FROM accounts").fetchone()
+    assert row is not None
+    doctor(system, "shard2", *damage)
+    done = demo("check", *shard_args(system))
+    assert done.returncode == 1
+    failed = [line for line in done.stdout.splitlines() if line.strip().startswith("FAIL")]
+    assert len(failed) == 1 and check in failed[0], done.stdout
+    assert offender.format(min_id=row[0]) in failed[0]
+    bank.create_schema(dsns(system))  # leave no damage behind
+
+
+def test_checker_reports_a_leftover_prepared_transaction(system: LocalSystem) -> None:
+    xid = branch_xid("ghost.1.1", "shard3")
+    conn = psycopg.connect(system.dsn("shard3"))
+    conn.tpc_begin(xid)
+    conn.execute("INSERT INTO ledger VALUES ('ghost', 'debit', 1, 1)")
+    conn.tpc_prepare()
+    conn.close()
+    try:
+        done = demo("check", *shard_args(system))
+        assert done.returncode == 1
+        assert f"FAIL  no prepared transaction left: shard3:{xid}" in done.stdout
+    finally:
+        with psycopg.connect(system.dsn("shard3"), autocommit=True) as conn:
+            conn.tpc_rollback(xid)
+
+
+def test_checker_compares_with_what_the_client_was_told(
+    system: LocalSystem, tmp_path: Path
+) -> None:
+    doctor(system, "shard1", "INSERT INTO ledger VALUES ('told-aborted', 'debit', 1, 5)")
+    doctor(system, "shard2", "INSERT INTO ledger VALUES ('told-aborted', 'credit', 2, 5)")
+    record = tmp_path / "transfers.jsonl"
+    record.write_text(
+        json.dumps({"id": "told-aborted", "outcome": "aborted"})
+        + "\n"
+        + json.dumps({"id": "told-committed", "outcome": "committed"})
+        + "\n"
+    )
+    done = demo("check", *shard_args(system), "--transfers", str(record))
+    assert done.returncode == 1
+    assert "FAIL  every committed transfer applied (1 recorded committed): told-committed" in (
+        done.stdout
+    )
+    assert "FAIL  no aborted transfer applied (1 recorded aborted): told-aborted" in done.stdout
+    bank.create_schema(dsns(system))
+
+
+def test_same_seed_plays_the_same_fault_schedule() -> None:
+    shards, proxies = ["shard1", "shard2", "shard3"], ["coordinator_shard1", "shard2_postgres"]
+    first = make_schedule("mixed", 42, 30, shards, proxies)
+    assert first == make_schedule("mixed", 42, 30, shards, proxies)
+    assert first != make_schedule("mixed", 43, 30, shards, proxies)
+    assert [e.at for e in first] == sorted(e.at for e in first)
+    assert all(e.at > 0 and e.at + e.duration < 30 for e in first)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--accounts", "1"], "--accounts must be at least 2"),
+        (["--balance", "-5"], "--balance cannot be negative"),
+        (["--shards", "0"], "--shards must be at least 1"),
+        (["--faults", "chaos-monkey"], "cannot read fault schedule chaos-monkey"),
+        (["--shard", "shard1=host=127.0.0.1"], "go with --coordinator"),
+    ],
+)
+def test_bad_options_end_with_one_clear_line(args: list[str], message: str) -> None:
+    done = demo("run", *args, "--duration", "1", timeout=60)
+    assert done.returncode != 0
+    assert message in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_unreachable_deployment_ends_with_one_clear_line() -> None:
+    port = free_port()
+    done = demo(
+        "run",
+        "--coordinator",
+        f"127.0.0.1:{free_port()}",
+        "--shard",
+        f"shard1=host=127.0.0.1 port={port} user=postgres connect_timeout=2",
+        timeout=60,
+    )
+    assert done.returncode == 1
+    assert done.stderr.strip().startswith("bank-demo: shard shard1 does not answer")
+    assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_shard_without_prepared_transactions_is_refused(tmp_path: Path) -> None:
+    clusters = start_clusters(1, tmp_path / "pg", {"max_prepared_transactions": "0"}, "plain")
+    try:
+        done = demo("check", f"--shard=shard1={clusters[0].dsn}", timeout=60)
+    finally:
+        stop_clusters(clusters)
+    assert done.returncode == 1
+    assert "max_prepared_transactions = 0" in done.stderr
