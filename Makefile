@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 PYTEST := $(PY) -m pytest -p no:cacheprovider
 
-.PHONY: setup demo test chaos soak lint protos bench clean
+.PHONY: setup demo test chaos soak lint protos bench bench-soak clean
 
 setup:
 	@bash scripts/bootstrap.sh
@@ -23,6 +23,14 @@ chaos: setup
 ## Long randomized soak runs.
 soak: setup
 	$(PYTEST) --timeout=3600 -m soak
+
+## Throughput and latency against raw PostgreSQL 2PC, side by side (about 6 minutes).
+bench: setup
+	$(PY) bench/transfers.py --out out/bench.json
+
+## The coordinator's memory over a 10-minute run.
+bench-soak: setup
+	$(PY) bench/transfers.py --shards 2 --concurrency 16 --soak-minutes 10 --out out/bench-soak.json
 
 lint: setup
 	.venv/bin/ruff check .

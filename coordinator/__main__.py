@@ -73,6 +73,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[CoordinatorConfig, str]:
         prog="twopc-coordinator",
         description="Two-phase-commit coordinator for PostgreSQL participant agents. "
         "`twopc-coordinator inspect --help` shows the operator's view.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--id", required=True, help="this coordinator's name (in every txid)")
     p.add_argument("--log", required=True, metavar="PATH", help="SQLite decision log")
@@ -110,6 +111,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[CoordinatorConfig, str]:
         type=positive,
         default=d.transaction_idle_timeout,
         metavar="SECONDS",
+        help="an interactive transaction idle this long is rolled back",
     )
     p.add_argument(
         "--recovery-interval",
@@ -123,7 +125,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[CoordinatorConfig, str]:
         action="store_true",
         help="accept the SetFailpoints admin call (tests only)",
     )
-    p.add_argument("--log-level", default=os.environ.get("TWOPC_LOG_LEVEL", "INFO"))
+    p.add_argument(
+        "--log-level",
+        default=os.environ.get("TWOPC_LOG_LEVEL", "INFO"),
+        help="DEBUG, INFO, WARNING or ERROR (env TWOPC_LOG_LEVEL)",
+    )
     a = p.parse_args(argv)
     try:
         config = CoordinatorConfig(

@@ -264,18 +264,21 @@ class Coordinator:
         await failpoints.hit("coordinator.after_votes_before_decision")
         if not decision.commit:
             assert decision.cause is not None
-            outcome = self._abort(
-                tx, decision.cause, decision.culprit, decision.reason, decision.phase2, results
-            )
             if tx.key is not None:
+                # Durable before the outcome is announced: once the aborts are
+                # delivered the key leaves memory, and a retry must then find it here.
+                aborted = Outcome(tx.id, False, decision.cause, decision.culprit, decision.reason)
                 await self.decision_log.record_abort(
                     tx.id,
                     participants,
                     tx.created,
-                    outcome.to_json(),
+                    aborted.to_json(),
                     tx.key,
                     tx.request_hash or "",
                 )
+            self._abort(
+                tx, decision.cause, decision.culprit, decision.reason, decision.phase2, results
+            )
             return
         outcome = Outcome(tx.id, True, results=results)
         if not decision.phase2:  # every vote READ_ONLY: nothing to commit anywhere
@@ -287,7 +290,7 @@ class Coordinator:
         await failpoints.hit("coordinator.after_decision_logged")
         tx.state = transition(tx.state, TxState.COMMITTING)
         self.counters["committed_two_phase"] += 1
-        self.log.info(
+        self.log.debug(
             "decided",
             txid=tx.id,
             key=tx.key,
@@ -366,7 +369,7 @@ class Coordinator:
             await self.decision_log.resolve_one_phase(tx.id, outcome.to_json())
         if committed:
             self.counters["committed_one_phase"] += 1
-            self.log.info("committed_one_phase", txid=tx.id, key=tx.key, participant=participant)
+            self.log.debug("committed_one_phase", txid=tx.id, key=tx.key, participant=participant)
             await self._complete_without_phase2(tx, outcome, logged=True)
         else:
             self._abort(tx, cause, participant, ballot.reason, (), results)
@@ -446,7 +449,7 @@ class Coordinator:
             tx.state = transition(tx.state, TxState.ABORTED)
         tx.completed.set()
         self._forget(tx)
-        self.log.info("completed", txid=tx.id, outcome="committed" if commit else "aborted")
+        self.log.debug("completed", txid=tx.id, outcome="committed" if commit else "aborted")
 
     async def _deliver_one(self, tx: _Tx, participant: str, commit: bool) -> None:
         client = self.clients[participant]

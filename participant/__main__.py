@@ -61,6 +61,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[ParticipantConfig, str]:
     p = argparse.ArgumentParser(
         prog="twopc-participant",
         description="Participant agent: wraps one PostgreSQL database for the coordinator.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--id", required=True, help="this participant's name")
     p.add_argument("--dsn", required=True, help="libpq connection string of the database")
@@ -72,25 +73,61 @@ def parse_args(argv: list[str] | None = None) -> tuple[ParticipantConfig, str]:
         metavar="NAME=HOST:PORT",
         help="a coordinator to ask about in-doubt branches (repeatable)",
     )
-    p.add_argument("--pool-min-size", type=int, default=d.pool_min_size)
-    p.add_argument("--pool-max-size", type=int, default=d.pool_max_size)
-    p.add_argument("--lock-timeout", type=positive, default=d.lock_timeout, metavar="SECONDS")
     p.add_argument(
-        "--statement-timeout", type=positive, default=d.statement_timeout, metavar="SECONDS"
+        "--pool-min-size", type=int, default=d.pool_min_size, help="connections kept open"
     )
     p.add_argument(
-        "--idle-branch-timeout", type=positive, default=d.idle_branch_timeout, metavar="SECONDS"
+        "--pool-max-size",
+        type=int,
+        default=d.pool_max_size,
+        help="most connections: one per branch at work",
     )
     p.add_argument(
-        "--recovery-interval", type=positive, default=d.recovery_interval, metavar="SECONDS"
+        "--lock-timeout",
+        type=positive,
+        default=d.lock_timeout,
+        metavar="SECONDS",
+        help="a statement waiting this long on a row lock fails: NO vote "
+        "(this also breaks cross-shard deadlocks)",
     )
-    p.add_argument("--recovery-grace", type=float, default=d.recovery_grace, metavar="SECONDS")
+    p.add_argument(
+        "--statement-timeout",
+        type=positive,
+        default=d.statement_timeout,
+        metavar="SECONDS",
+        help="PostgreSQL statement_timeout for branch statements",
+    )
+    p.add_argument(
+        "--idle-branch-timeout",
+        type=positive,
+        default=d.idle_branch_timeout,
+        metavar="SECONDS",
+        help="an interactive branch idle this long before Prepare is rolled back",
+    )
+    p.add_argument(
+        "--recovery-interval",
+        type=positive,
+        default=d.recovery_interval,
+        metavar="SECONDS",
+        help="period of the scan for in-doubt prepared branches",
+    )
+    p.add_argument(
+        "--recovery-grace",
+        type=float,
+        default=d.recovery_grace,
+        metavar="SECONDS",
+        help="a prepared branch younger than this is left to the live protocol",
+    )
     p.add_argument(
         "--allow-failpoints",
         action="store_true",
         help="accept the SetFailpoints admin call (tests only)",
     )
-    p.add_argument("--log-level", default=os.environ.get("TWOPC_LOG_LEVEL", "INFO"))
+    p.add_argument(
+        "--log-level",
+        default=os.environ.get("TWOPC_LOG_LEVEL", "INFO"),
+        help="DEBUG, INFO, WARNING or ERROR (env TWOPC_LOG_LEVEL)",
+    )
     a = p.parse_args(argv)
     try:
         config = ParticipantConfig(

@@ -153,15 +153,19 @@ class Agent:
                 conn = await self._connection(branch)
                 if branch.abort_reason:
                     raise BranchFailed(f"aborted while waiting: {branch.abort_reason}")
-                results = tuple(await self.store.execute(conn, statements))
+                # With statements riding along, the branch's work goes to PostgreSQL in
+                # the same round trip as its PREPARE: this is the last point before.
                 await failpoints.hit("participant.before_prepare")
                 if one_phase:
-                    await self.store.commit_one_phase(conn, txid, self.config.id)
+                    results = tuple(
+                        await self.store.commit_one_phase(conn, statements, txid, self.config.id)
+                    )
                     await self._close(branch, BranchState.COMMITTED)
                     self.counters["committed_one_phase"] += 1
-                    self.log.info("committed_one_phase", txid=txid)
+                    self.log.debug("committed_one_phase", txid=txid)
                     return VoteResult(Vote.COMMITTED_ONE_PHASE, results=results)
-                wrote = await self.store.prepare(conn, txid, self.config.id)
+                outcome = await self.store.prepare(conn, statements, txid, self.config.id)
+                results, wrote = tuple(outcome[0]), outcome[1]
             except BranchFailed as exc:
                 await self._close(branch, BranchState.ABORTED, exc.reason)
                 self.counters["votes_no"] += 1
@@ -177,11 +181,11 @@ class Agent:
             if not wrote:
                 await self._close(branch, BranchState.COMMITTED)
                 self.counters["votes_read_only"] += 1
-                self.log.info("vote", txid=txid, vote="read_only")
+                self.log.debug("vote", txid=txid, vote="read_only")
                 return VoteResult(Vote.READ_ONLY, results=results)
             await self._close(branch, BranchState.PREPARED)
             self.counters["votes_yes"] += 1
-            self.log.info("vote", txid=txid, vote="yes")
+            self.log.debug("vote", txid=txid, vote="yes")
             await failpoints.hit("participant.after_prepare_before_vote")
             return VoteResult(Vote.YES, results=results)
 
@@ -195,7 +199,7 @@ class Agent:
         await failpoints.hit("participant.after_commit_prepared")
         self._remember(txid, BranchState.COMMITTED)
         self.counters["committed" if changed else "commit_repeats"] += 1
-        self.log.info("committed", txid=txid, changed=changed)
+        self.log.debug("committed", txid=txid, changed=changed)
         return changed
 
     async def abort(self, txid: str, reason: str = "coordinator abort") -> bool:

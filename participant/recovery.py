@@ -29,8 +29,10 @@ class Recovery:
         self._config = agent.config
         self._stubs: dict[str, cgrpc.CoordinatorStub] = {}
         self._channels: list[grpc.aio.Channel] = []
+        self.prepared = 0
+        """Prepared branches of this participant seen by the last scan."""
         self.waiting = 0
-        """Prepared branches still waiting for their coordinator after the last scan."""
+        """Of those, the ones past the grace period still waiting for their coordinator."""
 
     def _stub(self, coordinator_id: str) -> cgrpc.CoordinatorStub | None:
         if coordinator_id not in self._stubs:
@@ -98,8 +100,7 @@ class Recovery:
             except TwoPCError as exc:
                 waiting += 1
                 log.warning("in_doubt_resolve_failed", txid=txid, error=str(exc))
-        self.waiting = waiting
-        self._agent.counters["in_doubt_waiting_scans"] += 1 if waiting else 0
+        self.prepared, self.waiting = len(branches), waiting
 
     async def close(self) -> None:
         for channel in self._channels:

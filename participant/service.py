@@ -78,8 +78,8 @@ class ParticipantService(pgrpc.ParticipantServicer):
         return pb.ParticipantStatus(
             participant_id=self._agent.config.id,
             open_branches=self._agent.open_branches,
-            prepared_branches=self._recovery.waiting,
-            counters=dict(self._agent.counters),
+            prepared_branches=self._recovery.prepared,
+            counters={**self._agent.counters, "in_doubt_waiting": self._recovery.waiting},
         )
 
     @translate_errors

@@ -16,6 +16,7 @@ import contextlib
 import datetime as dt
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import psycopg
 from psycopg import sql
@@ -142,23 +143,13 @@ class Store:
 
     @staticmethod
     async def execute(conn: AsyncConn, statements: Sequence[Statement]) -> list[StatementResult]:
-        """Run statements in the branch; a failure or broken expectation raises."""
-        results = []
+        """Run statements in the branch, pipelined; a failure or broken expectation
+        raises (the branch must then be rolled back)."""
         try:
-            async with conn.cursor() as cur:
-                for i, st in enumerate(statements, 1):
-                    await cur.execute(st.sql.encode(), st.params or None)
-                    rows: tuple[tuple[object, ...], ...] = ()
-                    columns: tuple[str, ...] = ()
-                    if cur.description is not None:
-                        columns = tuple(c.name for c in cur.description)
-                        rows = tuple(await cur.fetchall())
-                    if st.expect is not None and (why := st.expect.violation(cur.rowcount)):
-                        raise BranchFailed(f"statement {i}: {why}")
-                    results.append(StatementResult(cur.rowcount, columns, rows))
+            cursors, _ = await _pipelined(conn, statements, [])
+            return await _results(statements, cursors)
         except psycopg.Error as exc:
             raise BranchFailed(_describe(exc), exc.sqlstate or "") from exc
-        return results
 
     @staticmethod
     async def rollback(conn: AsyncConn) -> None:
@@ -170,47 +161,79 @@ class Store:
             await conn.rollback()
 
     @staticmethod
-    async def prepare(conn: AsyncConn, transaction_id: str, participant_id: str) -> bool:
-        """Write the branch marker and PREPARE. False: the branch wrote nothing, so it
-        was committed locally and needs no phase 2 (READ_ONLY)."""
+    async def prepare(
+        conn: AsyncConn, statements: Sequence[Statement], transaction_id: str, participant_id: str
+    ) -> tuple[list[StatementResult], bool]:
+        """Run the statements, write the branch marker and PREPARE, in one round trip.
+
+        PostgreSQL skips everything after an error in a pipeline, so a failing statement
+        leaves nothing prepared. A broken expectation is only seen once the results are
+        in, when the branch is already prepared: it is rolled back with ROLLBACK
+        PREPARED (the rare NO pays a round trip, the common YES saves several).
+        Returns the results and False if the branch wrote nothing (READ_ONLY: it was
+        committed at once and needs no phase 2)."""
         if conn.info.transaction_status == TransactionStatus.INERROR:
             raise BranchFailed("branch transaction already failed")
         xid = ids.branch_xid(transaction_id, participant_id)
+        gid = str(xid)
         try:
-            async with conn.cursor() as cur:
-                await cur.execute(
-                    f"INSERT INTO {MARKER_TABLE} (gid, transaction_id) "
-                    "SELECT %s, %s WHERE pg_current_xact_id_if_assigned() IS NOT NULL",
-                    (str(xid), transaction_id),
+            cursors, (marker, prepared) = await _settle(
+                conn,
+                _pipelined(
+                    conn,
+                    statements,
+                    [
+                        (
+                            f"INSERT INTO {MARKER_TABLE} (gid, transaction_id) SELECT %s, %s "
+                            "WHERE pg_current_xact_id_if_assigned() IS NOT NULL",
+                            (gid, transaction_id),
+                        ),
+                        (sql.SQL("PREPARE TRANSACTION {}").format(gid), None),
+                    ],
+                ),
+            )
+            if prepared.statusmessage != "PREPARE TRANSACTION":
+                raise BranchFailed(
+                    f"PREPARE TRANSACTION answered {prepared.statusmessage!r}: "
+                    "the branch had already failed and was rolled back"
                 )
-                if cur.rowcount == 0:
-                    await conn.commit()
-                    return False
-                await _settle(conn, cur.execute(sql.SQL("PREPARE TRANSACTION {}").format(str(xid))))
-                if cur.statusmessage != "PREPARE TRANSACTION":
-                    raise BranchFailed(
-                        f"PREPARE TRANSACTION answered {cur.statusmessage!r}: "
-                        "the branch had already failed and was rolled back"
-                    )
+            try:
+                results = await _results(statements, cursors)
+            except BranchFailed:
+                await _settle(conn, conn.tpc_rollback(xid))
+                raise
+            if marker.rowcount == 0:
+                await _settle(conn, conn.tpc_commit(xid))
+                return results, False
         except psycopg.Error as exc:
             raise BranchFailed(_describe(exc), exc.sqlstate or "") from exc
-        return True
+        return results, True
 
     @staticmethod
-    async def commit_one_phase(conn: AsyncConn, transaction_id: str, participant_id: str) -> None:
-        """Commit the only branch of a transaction at once, marker included, so a later
-        Abort can tell that it committed."""
+    async def commit_one_phase(
+        conn: AsyncConn, statements: Sequence[Statement], transaction_id: str, participant_id: str
+    ) -> list[StatementResult]:
+        """Run the statements and the marker (so that a later Abort can tell the branch
+        committed) in one round trip, check the expectations, then COMMIT."""
         if conn.info.transaction_status == TransactionStatus.INERROR:
             raise BranchFailed("branch transaction already failed")
-        xid = ids.branch_xid(transaction_id, participant_id)
+        gid = str(ids.branch_xid(transaction_id, participant_id))
         try:
-            await conn.execute(
-                f"INSERT INTO {MARKER_TABLE} (gid, transaction_id) VALUES (%s, %s)",
-                (str(xid), transaction_id),
+            cursors, _ = await _pipelined(
+                conn,
+                statements,
+                [
+                    (
+                        f"INSERT INTO {MARKER_TABLE} (gid, transaction_id) VALUES (%s, %s)",
+                        (gid, transaction_id),
+                    )
+                ],
             )
+            results = await _results(statements, cursors)
             await _settle(conn, conn.commit())
         except psycopg.Error as exc:
             raise BranchFailed(_describe(exc), exc.sqlstate or "") from exc
+        return results
 
     # -- phase 2 --------------------------------------------------------------------
 
@@ -283,11 +306,51 @@ class Store:
             return cur.rowcount
 
 
-async def _settle(conn: AsyncConn, statement: Awaitable[object]) -> None:
-    """Run the statement that settles a branch; a lost connection makes its outcome
-    unknown rather than failed."""
+T = TypeVar("T")
+Query = str | sql.Composable
+Cursor = psycopg.AsyncCursor[tuple[object, ...]]
+
+
+async def _pipelined(
+    conn: AsyncConn,
+    statements: Sequence[Statement],
+    tail: Sequence[tuple[Query, tuple[object, ...] | None]],
+) -> tuple[list[Cursor], list[Cursor]]:
+    """Send the statements and then `tail` in one pipeline; one cursor each."""
+    cursors: list[Cursor] = []
+    tails: list[Cursor] = []
+    async with conn.pipeline():
+        for st in statements:
+            cur = conn.cursor()
+            await cur.execute(st.sql.encode(), st.params or None)
+            cursors.append(cur)
+        for query, params in tail:
+            cur = conn.cursor()
+            await cur.execute(query, params)  # type: ignore[arg-type]
+            tails.append(cur)
+    return cursors, tails
+
+
+async def _results(
+    statements: Sequence[Statement], cursors: Sequence[Cursor]
+) -> list[StatementResult]:
+    results = []
+    for i, (st, cur) in enumerate(zip(statements, cursors, strict=True), 1):
+        if st.expect is not None and (why := st.expect.violation(cur.rowcount)):
+            raise BranchFailed(f"statement {i}: {why}")
+        if cur.description is None:
+            results.append(StatementResult(cur.rowcount))
+        else:
+            columns = tuple(c.name for c in cur.description)
+            results.append(StatementResult(cur.rowcount, columns, tuple(await cur.fetchall())))
+    return results
+
+
+async def _settle(conn: AsyncConn, step: Awaitable[T]) -> T:
+    """Run the step that settles a branch (PREPARE, COMMIT); a lost connection makes
+    its outcome unknown rather than failed."""
     try:
-        await statement
+        return await step
     except psycopg.OperationalError as exc:
         if conn.broken:
             raise OutcomeUnknown(f"connection to the database lost while settling: {exc}") from exc

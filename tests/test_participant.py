@@ -74,7 +74,7 @@ def test_prepare_of_a_failed_transaction_is_refused_not_silently_rolled_back(
             with pytest.raises(psycopg.errors.DivisionByZero):
                 await conn.execute("SELECT 1 / 0")
             with pytest.raises(BranchFailed, match="already failed"):
-                await store.prepare(conn, "trap.1.1", "trap")
+                await store.prepare(conn, [], "trap.1.1", "trap")
             await store.rollback(conn)
             await store.release(conn)
             assert await store.prepared_branches("trap") == []
@@ -125,7 +125,7 @@ def test_an_abort_fences_a_branch_still_in_flight(system: LocalSystem) -> None:
             conn = await store.connect_branch()
             await conn.execute("INSERT INTO ledger VALUES ('orphan', 'debit', 1, 1)")
             with pytest.raises(BranchFailed, match="twopc_branch_marker_pkey"):
-                await store.commit_one_phase(conn, txid, "shard1")
+                await store.commit_one_phase(conn, [], txid, "shard1")
             await store.rollback(conn)
             await store.release(conn)
         finally:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import re
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -40,8 +41,10 @@ def net_system(
             "--prepare-timeout",
             str(PREPARE_TIMEOUT),
             "--allow-failpoints",
+            "--log-level",
+            "DEBUG",
         ],
-        participant_args=PARTICIPANT_ARGS,
+        participant_args=[*PARTICIPANT_ARGS, "--log-level", "DEBUG"],
         coordinator_id="net",
         faults=True,
     )
@@ -245,6 +248,26 @@ def test_client_cut_after_sending_gets_the_true_outcome_once_on_retry(net: Local
     check_atomic(net, "deaf", SHARDS, committed=True)  # applied exactly once
 
 
+def story(system: LocalSystem, key: str) -> str:
+    """Every log line about the transactions that carried idempotency key `key`."""
+    lines = [
+        line
+        for log in sorted((system.workdir / "logs").glob("*.log"))
+        for line in log.read_text(errors="replace").splitlines()
+    ]
+    txids = {
+        m.group(1)
+        for line in lines
+        if f"key={key} " in line
+        if (m := re.search(r"txid=(\S+)", line))
+    }
+    return "\n".join(
+        line
+        for line in lines
+        if f"key={key} " in line or any(f"txid={t} " in line + " " for t in txids)
+    )
+
+
 FLAPPABLE = [
     "client_coordinator",
     "coordinator_shard1",
@@ -308,5 +331,7 @@ def test_flapping_partitions_during_concurrent_transfers(net: LocalSystem, secon
     assert not snap.half_applied()
     assert all(applied[t] for t in committed)
     leaked = {t: told[t] for t, ok in seen.items() if not ok and applied[t]}
-    assert not leaked, f"told aborted, but applied: {leaked}"
+    assert not leaked, f"told aborted, but applied: {leaked}\n" + "\n".join(
+        story(net, key) for key in leaked
+    )
     assert committed
