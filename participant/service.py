@@ -1,8 +1,18 @@
-"""The participant's gRPC servicer: protobuf in, domain calls, protobuf out."""
+"""The participant's gRPC servicer: protobuf in, domain calls, protobuf out.
+
+Every call that touches a branch is shielded from the caller's cancellation. gRPC
+cancels a handler whose deadline expired (a Prepare that outlived the prepare
+timeout); cancelled halfway, a one-phase COMMIT could land in PostgreSQL while the
+branch still looked open here, and a later Abort would then report a committed
+branch as rolled back. Shielded, the operation finishes and its result stands.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
 from participant.agent import Agent, Vote
 from participant.recovery import Recovery
@@ -21,6 +31,13 @@ _VOTES = {
 }
 
 
+T = TypeVar("T")
+
+
+async def _shielded(call: Coroutine[Any, Any, T]) -> T:
+    return await asyncio.shield(asyncio.ensure_future(call))
+
+
 class ParticipantService(pgrpc.ParticipantServicer):
     def __init__(self, agent: Agent, recovery: Recovery) -> None:
         self._agent = agent
@@ -32,13 +49,15 @@ class ParticipantService(pgrpc.ParticipantServicer):
         self, request: pb.BranchExecuteRequest, context: Context
     ) -> pb.BranchExecuteResponse:
         statements = statements_from_pb(request.statements, self._limits, "Execute")
-        results = await self._agent.execute(request.transaction_id, statements)
+        results = await _shielded(self._agent.execute(request.transaction_id, statements))
         return pb.BranchExecuteResponse(results=results_to_pb(results))
 
     @translate_errors
     async def Prepare(self, request: pb.PrepareRequest, context: Context) -> pb.PrepareResponse:
         statements = statements_from_pb(request.statements, self._limits, "Prepare")
-        vote = await self._agent.prepare(request.transaction_id, statements, request.one_phase)
+        vote = await _shielded(
+            self._agent.prepare(request.transaction_id, statements, request.one_phase)
+        )
         return pb.PrepareResponse(
             vote=_VOTES[vote.vote],
             reason=vote.reason,
@@ -48,11 +67,11 @@ class ParticipantService(pgrpc.ParticipantServicer):
 
     @translate_errors
     async def Commit(self, request: pb.BranchRef, context: Context) -> pb.Ack:
-        return pb.Ack(changed=await self._agent.commit(request.transaction_id))
+        return pb.Ack(changed=await _shielded(self._agent.commit(request.transaction_id)))
 
     @translate_errors
     async def Abort(self, request: pb.BranchRef, context: Context) -> pb.Ack:
-        return pb.Ack(changed=await self._agent.abort(request.transaction_id))
+        return pb.Ack(changed=await _shielded(self._agent.abort(request.transaction_id)))
 
     @translate_errors
     async def ListPrepared(

@@ -14,6 +14,8 @@ import pytest
 
 from participant.config import ParticipantConfig
 from participant.store import MARKER_TABLE, BranchFailed, Store
+from tests.conftest import SystemFactory
+from twopc_harness.daemons import wait_until
 from twopc_harness.postgres import free_port, start_clusters, stop_clusters
 from twopc_harness.system import LocalSystem
 from twopc_pb import participant_pb2 as ppb
@@ -136,3 +138,39 @@ def test_an_abort_fences_a_branch_still_in_flight(system: LocalSystem) -> None:
         assert conn.execute(
             "SELECT count(*) FROM ledger WHERE transfer_id = 'orphan'"
         ).fetchone() == (0,)
+
+
+def test_a_prepare_whose_caller_gave_up_still_finishes_and_abort_tells_the_truth(
+    make_system: SystemFactory,
+) -> None:
+    """gRPC cancels a handler whose deadline passed. The agent must not be cut off
+    halfway: the one-phase branch commits once its lock frees, and an Abort (the
+    coordinator's fence) then reports it committed instead of 'rolled back'."""
+    system = make_system(participant_args=["--lock-timeout", "30"])
+    txid = f"{system.coordinator.name if system.coordinator else 'x'}.999.7"
+    with system.connect("shard1") as conn:
+        conn.execute("CREATE TABLE IF NOT EXISTS shield_rows (id int PRIMARY KEY, v int)")
+        conn.execute("INSERT INTO shield_rows VALUES (1, 0) ON CONFLICT DO NOTHING")
+    update = tpb.Statement(sql="UPDATE shield_rows SET v = v + 1 WHERE id = 1")
+    blocker = psycopg.connect(system.dsn("shard1"))
+    blocker.execute("SELECT 1 FROM shield_rows WHERE id = 1 FOR UPDATE")
+    with grpc.insecure_channel(system.participants["shard1"].address) as channel:
+        agent = pgrpc.ParticipantStub(channel)
+        with pytest.raises(grpc.RpcError) as caught:
+            agent.Prepare(
+                ppb.PrepareRequest(transaction_id=txid, statements=[update], one_phase=True),
+                timeout=1.0,
+            )
+        assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        blocker.rollback()
+        blocker.close()
+
+        def committed() -> bool:
+            with system.connect("shard1") as conn:
+                return conn.execute("SELECT v FROM shield_rows WHERE id = 1").fetchone() == (1,)
+
+        wait_until(committed, 15, "the abandoned one-phase branch to commit")
+        with pytest.raises(grpc.RpcError) as caught:
+            agent.Abort(ppb.BranchRef(transaction_id=txid))
+        assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "has committed" in (caught.value.details() or "")
