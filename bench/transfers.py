@@ -106,11 +106,19 @@ async def drive(
 
 
 async def _run_branch(conn: psycopg.AsyncConnection[Any], statements: Sequence[Statement]) -> bool:
-    async with conn.cursor() as cur:
-        for st in statements:
-            await cur.execute(st.sql.encode(), st.params or None)
-            if st.expect is not None and st.expect.violation(cur.rowcount):
-                return False
+    """BEGIN and the statements (the pools are autocommit: transactions are explicit).
+    False, with the transaction rolled back, if a statement fails or breaks its rule."""
+    await conn.execute("BEGIN")
+    try:
+        async with conn.cursor() as cur:
+            for st in statements:
+                await cur.execute(st.sql.encode(), st.params or None)
+                if st.expect is not None and st.expect.violation(cur.rowcount):
+                    await conn.execute("ROLLBACK")
+                    return False
+    except psycopg.Error:
+        await conn.execute("ROLLBACK")
+        return False
     return True
 
 
@@ -121,7 +129,6 @@ def raw_2pc(pools: dict[str, AsyncConnectionPool[Any]], shards: Sequence[str]) -
         async def prepare(shard: str) -> bool:
             async with pools[shard].connection() as conn:
                 if not await _run_branch(conn, branches[shard]):
-                    await conn.rollback()
                     return False
                 await conn.execute(sql.SQL("PREPARE TRANSACTION {}").format(f"{tid}:{shard}"))
                 return True
@@ -151,7 +158,8 @@ def non_atomic(pools: dict[str, AsyncConnectionPool[Any]], shards: Sequence[str]
         async def commit(shard: str) -> bool:
             async with pools[shard].connection() as conn:
                 ok = await _run_branch(conn, branches[shard])
-                await (conn.commit() if ok else conn.rollback())
+                if ok:
+                    await conn.execute("COMMIT")
                 return ok
 
         return all(await asyncio.gather(*(commit(s) for s in branches)))
@@ -184,7 +192,15 @@ async def run_config(
 ) -> list[dict[str, Any]]:
     dsns = {s: system.dsn(s) for s in shards}
     pools = {
-        s: AsyncConnectionPool(dsn, min_size=4, max_size=70, open=False) for s, dsn in dsns.items()
+        s: AsyncConnectionPool(
+            dsn,
+            min_size=4,
+            max_size=70,
+            open=False,
+            # The agents' lock timeout: it is also what ends cross-shard deadlocks.
+            kwargs={"autocommit": True, "options": "-c lock_timeout=5000"},
+        )
+        for s, dsn in dsns.items()
     }
     for pool in pools.values():
         await pool.open(wait=True)

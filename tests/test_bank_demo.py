@@ -5,6 +5,7 @@ bad options end in one clear line."""
 from __future__ import annotations
 
 import json
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -229,3 +230,29 @@ def test_shard_without_prepared_transactions_is_refused(tmp_path: Path) -> None:
         stop_clusters(clusters)
     assert done.returncode == 1
     assert "max_prepared_transactions = 0" in done.stderr
+
+
+@pytest.mark.soak
+def test_three_minute_run_with_faults_passes_every_invariant(tmp_path: Path) -> None:
+    """The soak run (`make soak`): longer, busier, more faults; seed printed."""
+    seed = random.randrange(2**31)
+    print(f"seed={seed}")
+    out = tmp_path / "soak"
+    done = demo(
+        "run",
+        "--duration",
+        "180",
+        "--concurrency",
+        "24",
+        "--hot-accounts",
+        "10",
+        "--seed",
+        str(seed),
+        "--out",
+        str(out),
+        "--quiet",
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["passed"] and report["figures"]["committed"] > 0
