@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import os
 import sys
 
 import grpc
@@ -15,8 +14,13 @@ from coordinator.decision_log import DecisionLog
 from coordinator.engine import Coordinator
 from coordinator.participants import ParticipantClient
 from coordinator.service import CoordinatorService
-from twopc_common import failpoints, log
-from twopc_common.cli import named_addresses, positive, wait_for_termination
+from twopc_common.cli import (
+    add_daemon_flags,
+    named_addresses,
+    positive,
+    run_daemon,
+    wait_for_termination,
+)
 from twopc_common.errors import TwoPCError
 from twopc_common.ids import check_name
 from twopc_pb import coordinator_pb2_grpc as cgrpc
@@ -120,16 +124,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[CoordinatorConfig, str]:
         metavar="SECONDS",
         help="period of the in-doubt branch scan",
     )
-    p.add_argument(
-        "--allow-failpoints",
-        action="store_true",
-        help="accept the SetFailpoints admin call (tests only)",
-    )
-    p.add_argument(
-        "--log-level",
-        default=os.environ.get("TWOPC_LOG_LEVEL", "INFO"),
-        help="DEBUG, INFO, WARNING or ERROR (env TWOPC_LOG_LEVEL)",
-    )
+    add_daemon_flags(p)
     a = p.parse_args(argv)
     try:
         config = CoordinatorConfig(
@@ -157,15 +152,7 @@ def main(argv: list[str] | None = None) -> None:
         inspect(args[1:])
         return
     config, level = parse_args(args)
-    log.setup(level)
-    try:
-        failpoints.configure_from_env()
-    except ValueError as exc:
-        sys.exit(f"twopc-coordinator: {exc}")
-    try:
-        asyncio.run(serve(config))
-    except StartupError as exc:
-        sys.exit(f"twopc-coordinator: {exc}")
+    run_daemon("twopc-coordinator", serve(config), level, StartupError)
 
 
 if __name__ == "__main__":

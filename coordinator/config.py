@@ -34,6 +34,8 @@ class CoordinatorConfig:
     serving anyway (unreachable ones are resolved by the periodic scan)."""
     retention: float = 7 * 24 * 3600.0
     """Seconds completed transactions (and their idempotency keys) stay in the log."""
+    recent_outcomes: int = 10_000
+    """Finished transactions whose outcome a late Commit or Rollback still gets."""
     log_batch_max: int = 512
     """Most decision-log records written under one fsync (group commit)."""
     shutdown_grace: float = 2.0

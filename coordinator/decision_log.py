@@ -200,6 +200,41 @@ class DecisionLog:
 
     # -- writes -----------------------------------------------------------------------
 
+    async def _insert(
+        self,
+        transaction_id: str,
+        state: str,
+        participants: tuple[str, ...],
+        created_at: float,
+        outcome: dict[str, Any],
+        idempotency_key: str | None,
+        request_hash: str | None,
+        complete: bool,
+    ) -> None:
+        """Force one new row to disk."""
+        now = time.time()
+        row = (
+            transaction_id,
+            state,
+            json.dumps(participants),
+            idempotency_key,
+            request_hash,
+            json.dumps(outcome),
+            created_at,
+            now,
+            now if complete else None,
+        )
+        self._check_open()
+        await self._write(
+            lambda c: c.execute(
+                "INSERT INTO transactions (id, state, participants, idempotency_key, "
+                "request_hash, outcome, created_at, decided_at, completed_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                row,
+            ),
+            forced=True,
+        )
+
     async def record_commit(
         self,
         transaction_id: str,
@@ -212,27 +247,16 @@ class DecisionLog:
     ) -> None:
         """Force a COMMIT decision to disk. `completed` for a transaction that needs no
         phase 2 (one-phase) and is logged only to remember its idempotency key."""
-        now = time.time()
         state = "committed" if completed else "committing"
-        self._check_open()
-        await self._write(
-            lambda c: c.execute(
-                "INSERT INTO transactions (id, state, participants, idempotency_key, "
-                "request_hash, outcome, created_at, decided_at, completed_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    transaction_id,
-                    state,
-                    json.dumps(participants),
-                    idempotency_key,
-                    request_hash,
-                    json.dumps(outcome),
-                    created_at,
-                    now,
-                    now if completed else None,
-                ),
-            ),
-            forced=True,
+        await self._insert(
+            transaction_id,
+            state,
+            participants,
+            created_at,
+            outcome,
+            idempotency_key,
+            request_hash,
+            complete=completed,
         )
 
     async def record_abort(
@@ -245,25 +269,15 @@ class DecisionLog:
         request_hash: str,
     ) -> None:
         """Remember an aborted keyed transaction, so a retry gets the same answer."""
-        now = time.time()
-        self._check_open()
-        await self._write(
-            lambda c: c.execute(
-                "INSERT INTO transactions (id, state, participants, idempotency_key, "
-                "request_hash, outcome, created_at, decided_at, completed_at) "
-                "VALUES (?, 'aborted', ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    transaction_id,
-                    json.dumps(participants),
-                    idempotency_key,
-                    request_hash,
-                    json.dumps(outcome),
-                    created_at,
-                    now,
-                    now,
-                ),
-            ),
-            forced=True,
+        await self._insert(
+            transaction_id,
+            "aborted",
+            participants,
+            created_at,
+            outcome,
+            idempotency_key,
+            request_hash,
+            complete=True,
         )
 
     async def record_one_phase_intent(
@@ -276,23 +290,15 @@ class DecisionLog:
     ) -> None:
         """Force the key of a single-branch transaction to disk before its one-phase
         commit is sent: a retry after a crash must find it, or it would run twice."""
-        now = time.time()
-        self._check_open()
-        await self._write(
-            lambda c: c.execute(
-                "INSERT INTO transactions (id, state, participants, idempotency_key, "
-                "request_hash, outcome, created_at, decided_at) "
-                "VALUES (?, 'one_phase', ?, ?, ?, '{}', ?, ?)",
-                (
-                    transaction_id,
-                    json.dumps([participant]),
-                    idempotency_key,
-                    request_hash,
-                    created_at,
-                    now,
-                ),
-            ),
-            forced=True,
+        await self._insert(
+            transaction_id,
+            "one_phase",
+            (participant,),
+            created_at,
+            {},
+            idempotency_key,
+            request_hash,
+            complete=False,
         )
 
     async def resolve_one_phase(self, transaction_id: str, outcome: dict[str, Any]) -> None:

@@ -133,6 +133,10 @@ class Coordinator:
         self.recovered = False
         self._live: dict[str, _Tx] = {}
         self._keys: dict[str, _Tx] = {}
+        # Outcomes of recently finished transactions, so that a Commit or Rollback
+        # that comes after the transaction already ended (say, aborted by a failed
+        # Execute) gets its outcome rather than NOT_FOUND.
+        self._recent: collections.OrderedDict[str, Outcome] = collections.OrderedDict()
         self._sequence = itertools.count(1)
         self._background: set[asyncio.Task[None]] = set()
 
@@ -145,6 +149,10 @@ class Coordinator:
 
     def _forget(self, tx: _Tx) -> None:
         self._live.pop(tx.id, None)
+        if tx.outcome.done() and not tx.outcome.cancelled() and tx.outcome.exception() is None:
+            self._recent[tx.id] = replace(tx.outcome.result(), completed=True)
+            while len(self._recent) > self.config.recent_outcomes:
+                self._recent.popitem(last=False)
         if tx.key is not None and self._keys.get(tx.key) is tx:
             del self._keys[tx.key]
 
@@ -543,6 +551,8 @@ class Coordinator:
             tx.last_used = time.monotonic()
 
     async def commit(self, txid: str, wait: bool) -> Outcome:
+        if (recent := self._recent.get(txid)) is not None:
+            return recent  # a repeated Commit, or after an abort
         tx = self._live_tx(txid)
         if tx.state is not TxState.ACTIVE:
             return await self._answer(tx, wait)  # a repeated Commit, or after an abort
@@ -554,6 +564,10 @@ class Coordinator:
         return await self._finish(tx, {p: () for p in tx.participants}, wait)
 
     async def rollback(self, txid: str) -> Outcome:
+        if (recent := self._recent.get(txid)) is not None:
+            if recent.committed:
+                raise FailedPrecondition(f"transaction {txid} has committed")
+            return recent
         tx = self._live_tx(txid)
         if tx.state is TxState.ACTIVE:
             return self._abort(

@@ -51,10 +51,6 @@ def transition(current: TxState, new: TxState) -> TxState:
     return new
 
 
-def is_commit_bound(state: TxState) -> bool:
-    return state in (TxState.COMMITTING, TxState.COMMITTED)
-
-
 class Vote(enum.Enum):
     YES = "yes"
     NO = "no"

@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import os
-import sys
 
 import grpc
 
@@ -15,8 +13,13 @@ from participant.config import ParticipantConfig
 from participant.recovery import Recovery
 from participant.service import ParticipantService
 from participant.store import ConfigurationError, Store
-from twopc_common import failpoints, log
-from twopc_common.cli import named_addresses, positive, wait_for_termination
+from twopc_common.cli import (
+    add_daemon_flags,
+    named_addresses,
+    positive,
+    run_daemon,
+    wait_for_termination,
+)
 from twopc_common.errors import TwoPCError
 from twopc_common.ids import check_name
 from twopc_pb import participant_pb2_grpc as pgrpc
@@ -118,16 +121,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[ParticipantConfig, str]:
         metavar="SECONDS",
         help="a prepared branch younger than this is left to the live protocol",
     )
-    p.add_argument(
-        "--allow-failpoints",
-        action="store_true",
-        help="accept the SetFailpoints admin call (tests only)",
-    )
-    p.add_argument(
-        "--log-level",
-        default=os.environ.get("TWOPC_LOG_LEVEL", "INFO"),
-        help="DEBUG, INFO, WARNING or ERROR (env TWOPC_LOG_LEVEL)",
-    )
+    add_daemon_flags(p)
     a = p.parse_args(argv)
     try:
         config = ParticipantConfig(
@@ -151,15 +145,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[ParticipantConfig, str]:
 
 def main(argv: list[str] | None = None) -> None:
     config, level = parse_args(argv)
-    log.setup(level)
-    try:
-        failpoints.configure_from_env()
-    except ValueError as exc:
-        sys.exit(f"twopc-participant: {exc}")
-    try:
-        asyncio.run(serve(config))
-    except ConfigurationError as exc:
-        sys.exit(f"twopc-participant: {exc}")
+    run_daemon("twopc-participant", serve(config), level, ConfigurationError)
 
 
 if __name__ == "__main__":

@@ -41,8 +41,10 @@ _ids = itertools.count(1)
 
 
 @pytest.fixture(scope="session")
-def clusters(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[PostgresCluster]]:
-    started = start_clusters(3, tmp_path_factory.mktemp("pg"))
+def clusters() -> Iterator[list[PostgresCluster]]:
+    # Not under pytest's temp root: a pytest session starting meanwhile resets its
+    # permissions, locking the postgres user out of its data folders.
+    started = start_clusters(3)
     yield started
     stop_clusters(started)
 

@@ -222,8 +222,8 @@ def test_unreachable_deployment_ends_with_one_clear_line() -> None:
     assert len(done.stderr.strip().splitlines()) == 1
 
 
-def test_shard_without_prepared_transactions_is_refused(tmp_path: Path) -> None:
-    clusters = start_clusters(1, tmp_path / "pg", {"max_prepared_transactions": "0"}, "plain")
+def test_shard_without_prepared_transactions_is_refused() -> None:
+    clusters = start_clusters(1, None, {"max_prepared_transactions": "0"}, "plain")
     try:
         done = demo("check", f"--shard=shard1={clusters[0].dsn}", timeout=60)
     finally:

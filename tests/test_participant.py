@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
-from pathlib import Path
 
 import grpc
 import psycopg
@@ -42,8 +41,8 @@ def run_agent(dsn: str, timeout: float = 60) -> subprocess.CompletedProcess[str]
     )
 
 
-def test_agent_refuses_a_database_without_prepared_transactions(tmp_path: Path) -> None:
-    clusters = start_clusters(1, tmp_path / "pg", {"max_prepared_transactions": "0"}, "noprep")
+def test_agent_refuses_a_database_without_prepared_transactions() -> None:
+    clusters = start_clusters(1, None, {"max_prepared_transactions": "0"}, "noprep")
     try:
         done = run_agent(clusters[0].dsn)
     finally:

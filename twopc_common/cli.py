@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import signal
-from collections.abc import Iterable
+import sys
+from collections.abc import Coroutine, Iterable
+from typing import Any
 
+from twopc_common import failpoints, log
 from twopc_common.ids import check_name
 
 
@@ -38,3 +42,37 @@ async def wait_for_termination() -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+
+
+def add_daemon_flags(p: argparse.ArgumentParser) -> None:
+    """The flags every daemon has."""
+    p.add_argument(
+        "--allow-failpoints",
+        action="store_true",
+        help="accept the SetFailpoints admin call (tests only)",
+    )
+    p.add_argument(
+        "--log-level",
+        default=os.environ.get("TWOPC_LOG_LEVEL", "INFO"),
+        help="DEBUG, INFO, WARNING or ERROR (env TWOPC_LOG_LEVEL)",
+    )
+
+
+def run_daemon(
+    prog: str,
+    serve: Coroutine[Any, Any, None],
+    level: str,
+    startup_errors: type[Exception] | tuple[type[Exception], ...],
+) -> None:
+    """Set up logs and failpoints, serve until SIGTERM; a start-up failure ends the
+    process with one line naming the program."""
+    log.setup(level)
+    try:
+        failpoints.configure_from_env()
+    except ValueError as exc:
+        serve.close()
+        sys.exit(f"{prog}: {exc}")
+    try:
+        asyncio.run(serve)
+    except startup_errors as exc:
+        sys.exit(f"{prog}: {exc}")

@@ -9,6 +9,7 @@ the `postgres` system user and the data folders belong to it.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import pwd
@@ -16,6 +17,7 @@ import random
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -188,11 +190,16 @@ class PostgresCluster:
 
 
 def start_clusters(
-    count: int, workdir: Path, settings: dict[str, str] | None = None, prefix: str = "shard"
+    count: int,
+    workdir: Path | None = None,
+    settings: dict[str, str] | None = None,
+    prefix: str = "shard",
 ) -> list[PostgresCluster]:
-    """Create and start `count` clusters under `workdir`; stop them with `stop_clusters`."""
+    """Create and start `count` clusters under `workdir` (default: a new folder of
+    their own, which nothing else will chmod under them, unlike pytest's temp root);
+    stop and remove them with `stop_clusters`."""
     bindir = find_bindir()
-    workdir = Path(workdir).resolve()
+    workdir = Path(workdir or tempfile.mkdtemp(prefix="twopc-pg-")).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     # The server user must be able to reach its folders through every parent.
     for parent in [workdir, *workdir.parents]:
@@ -226,3 +233,7 @@ def stop_clusters(clusters: list[PostgresCluster], remove: bool = True) -> None:
             cluster.stop("immediate")
             if remove:
                 shutil.rmtree(cluster.datadir.parent, ignore_errors=True)
+    if remove and clusters:
+        # The folder start_clusters made, once empty.
+        with contextlib.suppress(OSError):
+            clusters[0].datadir.parent.parent.rmdir()
