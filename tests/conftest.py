@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from bank_demo import bank
+from twopc_common.values import Statement
 from twopc_harness.daemons import wait_until
 from twopc_harness.postgres import PostgresCluster, start_clusters, stop_clusters
 from twopc_harness.system import LocalSystem, start_system
@@ -117,3 +118,31 @@ def system(shared_system: LocalSystem) -> Iterator[LocalSystem]:
     reset_bank(shared_system)
     yield shared_system
     wait_no_prepared(shared_system)
+
+
+# -- tagged rows: one row per shard, to tell which shards a transaction reached -------
+
+SHARDS = ("shard1", "shard2", "shard3")
+
+
+def create_tagged_rows(system: LocalSystem) -> None:
+    for shard in SHARDS:
+        with system.connect(shard) as conn:
+            conn.execute("CREATE TABLE IF NOT EXISTS twopc_test_rows (tag text)")
+
+
+def tagged_inserts(tag: str, shards: tuple[str, ...] = SHARDS) -> dict[str, list[Statement]]:
+    return {s: [Statement("INSERT INTO twopc_test_rows VALUES (%s)", (tag,))] for s in shards}
+
+
+def rows(system: LocalSystem, tag: str) -> dict[str, int]:
+    """How many rows tagged `tag` each shard holds."""
+    out = {}
+    for shard in SHARDS:
+        with system.connect(shard) as conn:
+            row = conn.execute(
+                "SELECT count(*) FROM twopc_test_rows WHERE tag = %s", (tag,)
+            ).fetchone()
+        assert row is not None
+        out[shard] = int(row[0])
+    return out

@@ -10,7 +10,15 @@ from collections.abc import Iterator
 import pytest
 
 from coordinator.client import AsyncCoordinatorClient, Outcome, Statement, TransportError, exactly
-from tests.conftest import COORDINATOR_ARGS, PARTICIPANT_ARGS, SystemFactory, wait_no_prepared
+from tests.conftest import (
+    COORDINATOR_ARGS,
+    PARTICIPANT_ARGS,
+    SystemFactory,
+    create_tagged_rows,
+    rows,
+    tagged_inserts,
+    wait_no_prepared,
+)
 from twopc_common.failpoints import FAILPOINT_EXIT_CODE
 from twopc_harness.daemons import Daemon, wait_until
 from twopc_harness.postgres import PostgresCluster
@@ -18,8 +26,6 @@ from twopc_harness.system import LocalSystem, start_system
 
 # Within this many seconds of the restart, every shard agrees and nothing is prepared.
 RECOVERY_BOUND = 10.0
-
-SHARDS = ("shard1", "shard2", "shard3")
 
 
 @pytest.fixture(scope="module")
@@ -37,30 +43,12 @@ def crash_system(
     system.stop()
 
 
-def rows(system: LocalSystem, tag: str) -> dict[str, int]:
-    out = {}
-    for shard in SHARDS:
-        with system.connect(shard) as conn:
-            row = conn.execute(
-                "SELECT count(*) FROM twopc_test_rows WHERE tag = %s", (tag,)
-            ).fetchone()
-        assert row is not None
-        out[shard] = int(row[0])
-    return out
-
-
-def prepare_table(system: LocalSystem) -> None:
-    for shard in SHARDS:
-        with system.connect(shard) as conn:
-            conn.execute("CREATE TABLE IF NOT EXISTS twopc_test_rows (tag text)")
-
-
 def work(
     tag: str, slow_shard3: bool = False, fail_shard3: bool = False
 ) -> dict[str, list[Statement]]:
     """One row per shard. Shard 3 can answer a second late, and then vote NO, so that
     the others have voted (and prepared) first."""
-    branches = {s: [Statement("INSERT INTO twopc_test_rows VALUES (%s)", (tag,))] for s in SHARDS}
+    branches = tagged_inserts(tag)
     if slow_shard3:
         branches["shard3"].insert(0, Statement("SELECT pg_sleep(1)"))
     if fail_shard3:
@@ -126,7 +114,7 @@ def test_coordinator_crash_at(
     crash_system: LocalSystem, point: str, expected: str, shape: dict[str, bool]
 ) -> None:
     system = crash_system
-    prepare_table(system)
+    create_tagged_rows(system)
     victim = system.coordinator
     assert victim is not None
     victim.set_failpoints(f"{point}=1*crash")
@@ -143,7 +131,7 @@ def test_participant_crash_at(
     crash_system: LocalSystem, point: str, expected: str, shape: dict[str, bool]
 ) -> None:
     system = crash_system
-    prepare_table(system)
+    create_tagged_rows(system)
     victim = system.participants["shard2"]
     victim.set_failpoints(f"{point}=1*crash")
     tag = f"part-{point}"
@@ -158,7 +146,7 @@ def test_commit_told_to_the_client_survives_an_immediate_coordinator_kill(
     """Phase 2 is held back on every agent, so once the client hears COMMITTED the
     decision exists only in the coordinator's log; then everything is SIGKILLed."""
     system = crash_system
-    prepare_table(system)
+    create_tagged_rows(system)
     for agent in system.participants.values():
         agent.set_failpoints("participant.before_commit_prepared=hang")
     with system.client() as client:
@@ -178,7 +166,7 @@ def test_prepared_branch_survives_a_postgres_crash_and_follows_the_decision(
     crash_system: LocalSystem,
 ) -> None:
     system = crash_system
-    prepare_table(system)
+    create_tagged_rows(system)
     agent = system.participants["shard2"]
     agent.set_failpoints("participant.before_commit_prepared=hang")
     with system.client() as client:
@@ -202,7 +190,7 @@ def test_agents_wait_out_a_long_coordinator_outage(make_system: SystemFactory) -
         ["--allow-failpoints"],
         ["--idle-branch-timeout", "1", "--lock-timeout", "1", "--recovery-grace", "0.5"],
     )
-    prepare_table(system)
+    create_tagged_rows(system)
     assert system.coordinator is not None
     system.coordinator.set_failpoints("coordinator.after_decision_logged=crash")
     told = run_expecting_a_crash(system, system.coordinator, "outage", work("outage"))
@@ -222,7 +210,7 @@ def test_keyed_one_phase_commit_is_not_repeated_after_a_coordinator_crash(
     """The single branch committed, the coordinator died before it recorded that: a
     retry with the same key must learn COMMITTED, not run the branch again."""
     system = crash_system
-    prepare_table(system)
+    create_tagged_rows(system)
     assert system.coordinator is not None
     system.coordinator.set_failpoints("coordinator.after_one_phase_reply=1*crash")
     branch = {"shard1": [Statement("INSERT INTO twopc_test_rows VALUES ('once')")]}

@@ -18,7 +18,17 @@ import pytest
 
 from bank_demo import bank
 from coordinator.client import AsyncCoordinatorClient, Outcome, Statement, TransportError
-from tests.conftest import COORDINATOR_ARGS, PARTICIPANT_ARGS, dsns, reset_bank, wait_no_prepared
+from tests.conftest import (
+    COORDINATOR_ARGS,
+    PARTICIPANT_ARGS,
+    SHARDS,
+    create_tagged_rows,
+    dsns,
+    reset_bank,
+    rows,
+    tagged_inserts,
+    wait_no_prepared,
+)
 from twopc_harness.daemons import wait_until
 from twopc_harness.network import FaultNetwork
 from twopc_harness.postgres import PostgresCluster
@@ -26,7 +36,6 @@ from twopc_harness.system import LocalSystem, start_system
 
 RECOVERY_BOUND = 20.0
 PREPARE_TIMEOUT = 2.0
-SHARDS = ("shard1", "shard2", "shard3")
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +68,7 @@ def wait_healthy(system: LocalSystem) -> None:
     def commits() -> bool:
         try:
             with system.client(timeout=5) as client:
-                return client.run(work("probe"), wait_for_completion=True).committed
+                return client.run(tagged_inserts("probe"), wait_for_completion=True).committed
         except TransportError:
             return False
 
@@ -68,9 +77,7 @@ def wait_healthy(system: LocalSystem) -> None:
 
 @pytest.fixture
 def net(net_system: LocalSystem) -> Iterator[LocalSystem]:
-    for shard in SHARDS:
-        with net_system.connect(shard) as conn:
-            conn.execute("CREATE TABLE IF NOT EXISTS twopc_test_rows (tag text)")
+    create_tagged_rows(net_system)
     wait_healthy(net_system)
     yield net_system
     network(net_system).heal()
@@ -82,22 +89,6 @@ def net(net_system: LocalSystem) -> Iterator[LocalSystem]:
 def network(system: LocalSystem) -> FaultNetwork:
     assert system.network is not None
     return system.network
-
-
-def work(tag: str, shards: tuple[str, ...] = SHARDS) -> dict[str, list[Statement]]:
-    return {s: [Statement("INSERT INTO twopc_test_rows VALUES (%s)", (tag,))] for s in shards}
-
-
-def rows(system: LocalSystem, tag: str) -> dict[str, int]:
-    out = {}
-    for shard in SHARDS:
-        with system.connect(shard) as conn:
-            row = conn.execute(
-                "SELECT count(*) FROM twopc_test_rows WHERE tag = %s", (tag,)
-            ).fetchone()
-        assert row is not None
-        out[shard] = int(row[0])
-    return out
 
 
 def check_atomic(system: LocalSystem, tag: str, shards: tuple[str, ...], committed: bool) -> None:
@@ -133,7 +124,7 @@ def test_silent_agent_during_prepare_aborts_after_the_prepare_timeout(net: Local
     )
     started = time.monotonic()
     with net.client() as client:
-        outcome = client.run(work("silent"))
+        outcome = client.run(tagged_inserts("silent"))
     elapsed = time.monotonic() - started
     assert not outcome.committed
     assert outcome.abort_cause == "PREPARE_TIMEOUT" and outcome.abort_participant == "shard2"
@@ -144,7 +135,7 @@ def test_silent_agent_during_prepare_aborts_after_the_prepare_timeout(net: Local
 
 def test_agent_cut_off_during_prepare_aborts(net: LocalSystem) -> None:
     with network(net)["coordinator_shard3"].down(), net.client() as client:
-        outcome = client.run(work("cut"))
+        outcome = client.run(tagged_inserts("cut"))
     assert not outcome.committed and outcome.abort_participant == "shard3"
     assert outcome.abort_cause in ("PARTICIPANT_UNAVAILABLE", "PREPARE_TIMEOUT")
     check_atomic(net, "cut", SHARDS, committed=False)
@@ -153,7 +144,7 @@ def test_agent_cut_off_during_prepare_aborts(net: LocalSystem) -> None:
 def test_agent_cut_off_after_the_decision_commits_once_healed(net: LocalSystem) -> None:
     assert net.coordinator is not None
     net.coordinator.set_failpoints("coordinator.after_decision_logged=1*sleep(1500)")
-    told = run_in_background(net, work("late"))
+    told = run_in_background(net, tagged_inserts("late"))
     wait_until(lambda: decision_logged(net) or told.done(), 10, "the commit decision in the log")
     # Partition shard 2 from the coordinator in both directions.
     network(net)["coordinator_shard2"].disable()
@@ -186,13 +177,13 @@ def test_slow_path_aborts_without_blocking_other_transactions(net: LocalSystem) 
         attributes={"latency": int(PREPARE_TIMEOUT * 2000)},
         name="slow",
     )
-    slow = run_in_background(net, work("slow", ("shard1", "shard3")))
+    slow = run_in_background(net, tagged_inserts("slow", ("shard1", "shard3")))
     latencies = []
     with net.client() as client:
         deadline = time.monotonic() + PREPARE_TIMEOUT
         while time.monotonic() < deadline:
             started = time.monotonic()
-            assert client.run(work("fast", ("shard1", "shard2"))).committed
+            assert client.run(tagged_inserts("fast", ("shard1", "shard2"))).committed
             latencies.append(time.monotonic() - started)
     outcome = slow.result(timeout=30)
     assert not outcome.committed and outcome.abort_cause == "PREPARE_TIMEOUT"
@@ -213,7 +204,7 @@ def test_broken_connection_during_commit_is_retried_until_done(
     assert net.coordinator is not None
     tag = f"retry-{toxic}"
     net.coordinator.set_failpoints("coordinator.after_decision_logged=1*sleep(1000)")
-    told = run_in_background(net, work(tag))
+    told = run_in_background(net, tagged_inserts(tag))
     wait_until(lambda: decision_logged(net) or told.done(), 10, "the commit decision in the log")
     network(net)["shard2_coordinator"].disable()  # only the coordinator may finish it
     network(net)["coordinator_shard2"].add_toxic(
@@ -238,11 +229,13 @@ def test_client_cut_after_sending_gets_the_true_outcome_once_on_retry(net: Local
             type="timeout", stream="downstream", attributes={"timeout": 0}, name="deaf"
         )
         with pytest.raises(TransportError):
-            client.run(work("deaf"), idempotency_key="deaf-1")
+            client.run(tagged_inserts("deaf"), idempotency_key="deaf-1")
     network(net).heal()
     with net.client() as client:
         replays = client.status().counters.get("idempotent_replays", 0)
-        outcome = client.run(work("deaf"), idempotency_key="deaf-1", wait_for_completion=True)
+        outcome = client.run(
+            tagged_inserts("deaf"), idempotency_key="deaf-1", wait_for_completion=True
+        )
         assert client.status().counters.get("idempotent_replays", 0) == replays + 1
     assert outcome.committed
     check_atomic(net, "deaf", SHARDS, committed=True)  # applied exactly once

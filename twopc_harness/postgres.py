@@ -176,9 +176,6 @@ class PostgresCluster:
         """Stop the server; `immediate` is a crash (no checkpoint, recovery at start)."""
         self._run("pg_ctl", "-D", str(self.datadir), "-m", mode, "-w", "-t", "60", "stop")
 
-    def is_running(self) -> bool:
-        return self._run("pg_ctl", "-D", str(self.datadir), "status").returncode == 0
-
     def wait_ready(self, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
