@@ -5,14 +5,20 @@ Runs the system and the raw 2PC baseline of `bench/transfers.py` at one concurre
 the coordinator, each agent, the client (this process) and the PostgreSQL backends,
 told apart by application_name. Prints milliseconds of CPU per committed transfer.
 
-    python bench/cpu_split.py [--concurrency 16] [--duration 10]
+    python bench/cpu_split.py [--concurrency 16] [--duration 10] [--profile out/profile]
+
+With --profile, py-spy samples the coordinator and the agents during the system run
+and the hottest functions of each are printed (self time and inclusive time); the
+collapsed stacks are kept in that folder for flame graphs.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import os
+import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -57,17 +63,74 @@ def processes(system: LocalSystem) -> dict[str, list[int]]:
     return groups
 
 
+def start_profilers(system: LocalSystem, folder: Path, duration: float) -> dict[str, Any]:
+    """py-spy on each daemon, sampling without pausing it, for `duration` seconds."""
+    folder.mkdir(parents=True, exist_ok=True)
+    daemons = {"coordinator": system.coordinator, **system.participants}
+    spies = {}
+    for name, daemon in daemons.items():
+        assert daemon is not None and daemon.process is not None
+        out = folder / f"{name}.txt"
+        spies[name] = (
+            subprocess.Popen(
+                [
+                    "py-spy",
+                    "record",
+                    "--pid",
+                    str(daemon.process.pid),
+                    "--nonblocking",
+                    "--rate",
+                    "250",
+                    "--duration",
+                    str(int(duration)),
+                    "--format",
+                    "raw",
+                    "--output",
+                    str(out),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            ),
+            out,
+        )
+    return spies
+
+
+def report_profile(name: str, collapsed: Path, top: int = 12) -> None:
+    """Hottest frames of a collapsed-stack file: self time, then inclusive time."""
+    own: collections.Counter[str] = collections.Counter()
+    inclusive: collections.Counter[str] = collections.Counter()
+    total = 0
+    for line in collapsed.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        frames = stack.split(";")
+        n = int(count)
+        total += n
+        own[frames[-1]] += n
+        for frame in set(frames):
+            inclusive[frame] += n
+    if not total:
+        return
+    print(f"profile of {name} ({total} samples):")
+    for title, counter in (("self", own), ("inclusive", inclusive)):
+        print(f"  {title}:")
+        for frame, n in counter.most_common(top):
+            print(f"    {100 * n / total:5.1f}%  {frame[:110]}")
+
+
 async def measure(
     name: str,
     transfer: Callable[[str, int, int], Any],
     system: LocalSystem,
     concurrency: int,
     duration: float,
+    profile: Path | None = None,
 ) -> None:
     shards = system.shard_names
     await drive(transfer, Picker(shards, 1), concurrency, 2.0, f"warm-{name}")
     groups = processes(system)
     before = {g: sum(cpu_seconds(p) for p in pids) for g, pids in groups.items()}
+    spies = start_profilers(system, profile, duration) if profile else {}
     result = await drive(transfer, Picker(shards, 2), concurrency, duration, name)
     groups = processes(system)  # the pool may have opened backends meanwhile
     after = {g: sum(cpu_seconds(p) for p in pids) for g, pids in groups.items()}
@@ -80,9 +143,15 @@ async def measure(
         if ms >= 0.01:
             print(f"  {group:<40} {ms:6.2f}")
     print(f"  {'total':<40} {total:6.2f}")
+    for spy_name, (spy, out) in spies.items():
+        spy.wait()
+        if out.exists():
+            report_profile(spy_name, out)
 
 
-async def main_async(system: LocalSystem, concurrency: int, duration: float) -> None:
+async def main_async(
+    system: LocalSystem, concurrency: int, duration: float, profile: Path | None
+) -> None:
     shards = system.shard_names
     pools = {
         s: AsyncConnectionPool(
@@ -98,7 +167,14 @@ async def main_async(system: LocalSystem, concurrency: int, duration: float) -> 
         await pool.open(wait=True)
     try:
         async with AsyncCoordinatorClient(system.client_address, timeout=60) as client:
-            await measure("system", through_system(client, shards), system, concurrency, duration)
+            await measure(
+                "system", through_system(client, shards), system, concurrency, duration, profile
+            )
+            status = await client.status()
+            batching = {
+                k: v for k, v in status.counters.items() if k.startswith(("phase2_", "log_"))
+            }
+            print("coordinator batching counters:", batching)
         await measure("raw", raw_2pc(pools, shards), system, concurrency, duration)
     finally:
         for pool in pools.values():
@@ -111,6 +187,7 @@ def main() -> None:
     )
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--duration", type=float, default=10.0)
+    p.add_argument("--profile", type=Path, help="folder for py-spy profiles of the daemons")
     a = p.parse_args()
     system = start_system(
         2,
@@ -119,7 +196,7 @@ def main() -> None:
     )
     try:
         prepare_bank(system, system.shard_names)
-        asyncio.run(main_async(system, a.concurrency, a.duration))
+        asyncio.run(main_async(system, a.concurrency, a.duration, a.profile))
     finally:
         system.stop()
 

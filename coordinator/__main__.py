@@ -37,7 +37,13 @@ async def serve(config: CoordinatorConfig) -> None:
     except Exception as exc:
         raise StartupError(f"cannot open decision log {config.log_path}: {exc}") from exc
     clients = {
-        name: ParticipantClient(name, address, config.rpc_timeout, config.limits.max_message_bytes)
+        name: ParticipantClient(
+            name,
+            address,
+            config.rpc_timeout,
+            config.limits.max_message_bytes,
+            config.limits.max_phase2_batch,
+        )
         for name, address in config.participants.items()
     }
     engine = Coordinator(config, decision_log, clients)

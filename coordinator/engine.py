@@ -463,10 +463,7 @@ class Coordinator:
         client = self.clients[participant]
         for attempt in itertools.count():
             try:
-                if commit:
-                    await client.commit(tx.id)
-                else:
-                    await client.abort(tx.id)
+                await client.finish(tx.id, commit)
             except FailedPrecondition as exc:
                 # The branch is in the other final state: only an operator's heuristic
                 # decision can do that, and retrying cannot undo it.

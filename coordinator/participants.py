@@ -5,10 +5,17 @@ Transport failures are part of the protocol here: a Prepare that times out or ca
 reach its agent is a missing vote (Ballot TIMEOUT or UNAVAILABLE), not an exception.
 Calls wait for a reconnecting channel (wait_for_ready) within their deadline: a link
 that is back within the prepare timeout costs a delay, not an abort.
+
+Phase 2 is batched (`finish`): decisions for an agent queue up while one Finish call
+is in flight and all go in the next, like a group commit. Under load that turns two
+RPCs per transaction into a fraction of one, and the agent finishes a whole batch on
+one database connection.
 """
 
 from __future__ import annotations
 
+import asyncio
+import collections
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -35,6 +42,9 @@ _UNREACHABLE = (
 )
 
 
+_STATUS = {code.value[0]: code for code in grpc.StatusCode}
+
+
 @dataclass(frozen=True, slots=True)
 class PrepareReply:
     ballot: Ballot
@@ -54,11 +64,25 @@ def _error(exc: grpc.aio.AioRpcError, participant: str) -> Exception:
     return error_for(exc.code(), message)
 
 
+_Decision = tuple[str, bool, "asyncio.Future[bool]"]
+
+
 class ParticipantClient:
-    def __init__(self, name: str, address: str, rpc_timeout: float, max_message: int) -> None:
+    def __init__(
+        self,
+        name: str,
+        address: str,
+        rpc_timeout: float,
+        max_message: int,
+        phase2_batch: int = 500,
+    ) -> None:
         self.name = name
         self.address = address
         self._rpc_timeout = rpc_timeout
+        self._phase2_batch = phase2_batch
+        self._decisions: list[_Decision] = []
+        self._sender: asyncio.Task[None] | None = None
+        self.stats: collections.Counter[str] = collections.Counter()
         self._channel = grpc.aio.insecure_channel(
             address,
             options=[
@@ -75,6 +99,8 @@ class ParticipantClient:
         self._stub = pgrpc.ParticipantStub(self._channel)
 
     async def close(self) -> None:
+        if self._sender is not None:
+            self._sender.cancel()
         await self._channel.close()
 
     async def prepare(
@@ -110,6 +136,53 @@ class ParticipantClient:
         except grpc.aio.AioRpcError as exc:
             raise _error(exc, self.name) from exc
         return [result_from_pb(r) for r in reply.results]
+
+    async def finish(self, txid: str, commit: bool) -> bool:
+        """Commit or abort the branch in the next batched Finish call. Answers as
+        `commit` / `abort` do: changed, or raises the branch's own error."""
+        answer: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._decisions.append((txid, commit, answer))
+        if self._sender is None or self._sender.done():
+            self._sender = asyncio.create_task(self._send_decisions())
+        return await answer
+
+    async def _send_decisions(self) -> None:
+        while self._decisions:
+            batch = [d for d in self._decisions[: self._phase2_batch] if not d[2].done()]
+            del self._decisions[: self._phase2_batch]
+            if not batch:
+                continue
+            self.stats["phase2_calls"] += 1
+            self.stats["phase2_decisions"] += len(batch)
+            request = pb.FinishRequest(
+                decisions=[pb.Decision(transaction_id=t, commit=c) for t, c, _ in batch]
+            )
+            try:
+                reply = await self._stub.Finish(
+                    request, timeout=self._rpc_timeout, wait_for_ready=True
+                )
+                if len(reply.finished) != len(batch):
+                    raise Unavailable(
+                        f"participant {self.name}: {len(reply.finished)} answers "
+                        f"to {len(batch)} decisions"
+                    )
+            except (grpc.aio.AioRpcError, Unavailable) as exc:
+                for _, _, answer in batch:
+                    if not answer.done():
+                        answer.set_exception(
+                            _error(exc, self.name) if isinstance(exc, grpc.aio.AioRpcError) else exc
+                        )
+                continue
+            for (_, _, answer), finished in zip(batch, reply.finished, strict=True):
+                if answer.done():
+                    continue
+                if finished.code == 0:
+                    answer.set_result(finished.changed)
+                else:
+                    code = _STATUS.get(finished.code, grpc.StatusCode.UNKNOWN)
+                    answer.set_exception(
+                        error_for(code, f"participant {self.name}: {finished.message}")
+                    )
 
     async def commit(self, txid: str) -> bool:
         try:

@@ -149,6 +149,9 @@ class CoordinatorService(cgrpc.CoordinatorServicer):
         counters = dict(self._engine.counters)
         counters.update(self._engine.decision_log.stats)
         counters["live_transactions"] = len(self._engine.in_flight())
+        for client in self._engine.clients.values():
+            for name, value in client.stats.items():
+                counters[f"{name}.{client.name}"] = value
         return pb.CoordinatorStatus(
             coordinator_id=self._engine.id,
             epoch=self._engine.decision_log.epoch,

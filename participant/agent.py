@@ -23,7 +23,13 @@ from participant.branch_state import BranchState, check_transition
 from participant.config import ParticipantConfig
 from participant.store import AsyncConn, BranchFailed, OutcomeUnknown, PreparedBranch, Store
 from twopc_common import failpoints
-from twopc_common.errors import Aborted, FailedPrecondition, InvalidArgument
+from twopc_common.errors import (
+    Aborted,
+    FailedPrecondition,
+    InvalidArgument,
+    TwoPCError,
+    Unavailable,
+)
 from twopc_common.ids import TransactionId
 from twopc_common.log import EventLogger
 from twopc_common.values import Statement, StatementResult
@@ -58,6 +64,18 @@ class _Branch:
 class _Tombstone:
     state: BranchState
     reason: str = ""
+
+
+_PHASE2_FAILPOINTS = {
+    True: ("participant.before_commit_prepared", "participant.after_commit_prepared"),
+    False: ("participant.before_rollback_prepared", "participant.after_rollback_prepared"),
+}
+
+
+def _unwrap(answer: bool | Exception) -> bool:
+    if isinstance(answer, Exception):
+        raise answer
+    return answer
 
 
 class Agent:
@@ -190,38 +208,84 @@ class Agent:
             return VoteResult(Vote.YES, results=results)
 
     async def commit(self, txid: str) -> bool:
-        TransactionId.parse(txid)
-        branch = self._branches.get(txid)
-        if branch is not None:
-            raise FailedPrecondition(f"branch of {txid} is {branch.state.value}, not prepared")
-        await failpoints.hit("participant.before_commit_prepared")
-        changed = await self.store.finish_prepared(txid, self.config.id, commit=True)
-        await failpoints.hit("participant.after_commit_prepared")
-        self._remember(txid, BranchState.COMMITTED)
-        self.counters["committed" if changed else "commit_repeats"] += 1
-        self.log.debug("committed", txid=txid, changed=changed)
-        return changed
+        return _unwrap((await self.finish([(txid, True)]))[0])
 
     async def abort(self, txid: str, reason: str = "coordinator abort") -> bool:
-        TransactionId.parse(txid)
-        branch = self._branches.get(txid)
-        if branch is not None:
-            branch.abort_reason = reason
-            if branch.lock.locked() and branch.conn is not None:
-                # Interrupt a statement waiting on a lock rather than wait behind it.
-                await branch.conn.cancel_safe(timeout=2.0)
-            async with branch.lock:
-                if branch.state is BranchState.ACTIVE:
-                    await self._close(branch, BranchState.ABORTED, reason)
-                    self.counters["aborted_active"] += 1
-                    self.log.info("aborted", txid=txid, prepared=False, reason=reason)
-                    return True
-        await failpoints.hit("participant.before_rollback_prepared")
-        changed = await self.store.finish_prepared(txid, self.config.id, commit=False)
-        await failpoints.hit("participant.after_rollback_prepared")
-        self._remember(txid, BranchState.ABORTED, reason)
-        self.counters["aborted" if changed else "abort_repeats"] += 1
-        self.log.info("aborted", txid=txid, prepared=changed, reason=reason)
+        return _unwrap((await self.finish([(txid, False)], reason))[0])
+
+    async def finish(
+        self, decisions: Sequence[tuple[str, bool]], reason: str = "coordinator abort"
+    ) -> list[bool | Exception]:
+        """Phase 2 for a batch of (txid, commit) decisions, each answered on its own:
+        True if it changed the branch, False for a repeat, or the error Commit or
+        Abort alone would have raised. Prepared branches are finished one after the
+        other on a single pooled connection, taken only if one needs it: an Abort
+        of open branches must not wait for a connection they may all be holding."""
+        answers: dict[int, bool | Exception] = {}
+        prepared: list[int] = []
+        for i, (txid, commit) in enumerate(decisions):
+            try:
+                TransactionId.parse(txid)
+                branch = self._branches.get(txid)
+                if branch is None:
+                    prepared.append(i)
+                elif commit:
+                    raise FailedPrecondition(
+                        f"branch of {txid} is {branch.state.value}, not prepared"
+                    )
+                elif (changed := await self._abort_open(branch, reason)) is not None:
+                    answers[i] = changed
+                else:
+                    prepared.append(i)  # it got prepared while the Abort waited
+            except TwoPCError as exc:
+                answers[i] = exc
+        if prepared:
+            try:
+                async with self.store.phase2_connection() as conn:
+                    for i in prepared:
+                        txid, commit = decisions[i]
+                        answers[i] = await self._finish_prepared(conn, txid, commit, reason)
+            except Unavailable as exc:  # no connection for the rest of the batch
+                for i in prepared:
+                    answers.setdefault(i, exc)
+        return [answers[i] for i in range(len(decisions))]
+
+    async def _abort_open(self, branch: _Branch, reason: str) -> bool | None:
+        """Roll back a branch that is still open; None if it is prepared by now."""
+        branch.abort_reason = reason
+        if branch.lock.locked() and branch.conn is not None:
+            # Interrupt a statement waiting on a lock rather than wait behind it.
+            await branch.conn.cancel_safe(timeout=2.0)
+        async with branch.lock:
+            if branch.state is not BranchState.ACTIVE:
+                return None
+            await self._close(branch, BranchState.ABORTED, reason)
+        self.counters["aborted_active"] += 1
+        self.log.info("aborted", txid=branch.transaction_id, prepared=False, reason=reason)
+        return True
+
+    async def _finish_prepared(
+        self, conn: AsyncConn, txid: str, commit: bool, reason: str
+    ) -> bool | Exception:
+        before, after = _PHASE2_FAILPOINTS[commit]
+        try:
+            await failpoints.hit(before)
+            changed = await self.store.finish_prepared(conn, txid, self.config.id, commit)
+            await failpoints.hit(after)
+        except TwoPCError as exc:
+            return exc
+        except Exception as exc:
+            self.log.error("phase2_failed", txid=txid, commit=commit, error=repr(exc))
+            await self.store.rollback(conn)  # leave the connection usable for the rest
+            return exc
+        if commit:
+            self._remember(txid, BranchState.COMMITTED)
+            self.counters["committed" if changed else "commit_repeats"] += 1
+            self.log.debug("committed", txid=txid, changed=changed)
+        else:
+            self._remember(txid, BranchState.ABORTED, reason)
+            self.counters["aborted" if changed else "abort_repeats"] += 1
+            self.log.info("aborted", txid=txid, prepared=changed, reason=reason)
         return changed
 
     async def list_prepared(self, coordinator_id: str) -> list[PreparedBranch]:

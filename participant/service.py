@@ -17,7 +17,8 @@ from typing import Any, TypeVar
 from participant.agent import Agent, Vote
 from participant.recovery import Recovery
 from twopc_common import failpoints
-from twopc_common.grpc_errors import Context, translate_errors
+from twopc_common.errors import InvalidArgument
+from twopc_common.grpc_errors import Context, status_for, translate_errors
 from twopc_common.values import results_to_pb, statements_from_pb
 from twopc_pb import participant_pb2 as pb
 from twopc_pb import participant_pb2_grpc as pgrpc
@@ -32,6 +33,12 @@ _VOTES = {
 
 
 T = TypeVar("T")
+
+
+def _finished(answer: bool | Exception) -> pb.Finished:
+    if isinstance(answer, Exception):
+        return pb.Finished(code=status_for(answer).value[0], message=str(answer))
+    return pb.Finished(changed=answer)
 
 
 async def _shielded(call: Coroutine[Any, Any, T]) -> T:
@@ -72,6 +79,17 @@ class ParticipantService(pgrpc.ParticipantServicer):
     @translate_errors
     async def Abort(self, request: pb.BranchRef, context: Context) -> pb.Ack:
         return pb.Ack(changed=await _shielded(self._agent.abort(request.transaction_id)))
+
+    @translate_errors
+    async def Finish(self, request: pb.FinishRequest, context: Context) -> pb.FinishResponse:
+        if len(request.decisions) > self._limits.max_phase2_batch:
+            raise InvalidArgument(
+                f"{len(request.decisions)} decisions, the limit is {self._limits.max_phase2_batch}"
+            )
+        answers = await _shielded(
+            self._agent.finish([(d.transaction_id, d.commit) for d in request.decisions])
+        )
+        return pb.FinishResponse(finished=[_finished(a) for a in answers])
 
     @translate_errors
     async def ListPrepared(

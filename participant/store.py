@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-from collections.abc import Awaitable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -237,25 +237,37 @@ class Store:
 
     # -- phase 2 --------------------------------------------------------------------
 
-    async def finish_prepared(self, transaction_id: str, participant_id: str, commit: bool) -> bool:
-        """COMMIT or ROLLBACK PREPARED. True if this call changed the branch, False if it
-        was already in the asked state; FailedPrecondition if it is in the other one."""
-        xid = ids.branch_xid(transaction_id, participant_id)
+    @contextlib.asynccontextmanager
+    async def phase2_connection(self) -> AsyncIterator[AsyncConn]:
+        """One pooled connection for a batch of phase-2 calls (`finish_prepared`)."""
         try:
             async with self.pool.connection() as conn:
-                try:
-                    if commit:
-                        await conn.tpc_commit(xid)
-                    else:
-                        await conn.tpc_rollback(xid)
-                    return True
-                except psycopg.errors.UndefinedObject:
-                    # Not prepared (any more): the marker says what happened. An
-                    # abort first fences the gid, so the answer cannot change later.
-                    if not commit:
-                        await self._fence(conn, str(xid), transaction_id)
-                    committed = await self._marker_state(conn, str(xid)) == "committed"
-        except (psycopg.OperationalError, PoolTimeout) as exc:
+                yield conn
+        except PoolTimeout as exc:
+            self._purge_broken()
+            raise Unavailable(f"database unavailable: {exc}") from exc
+
+    async def finish_prepared(
+        self, conn: AsyncConn, transaction_id: str, participant_id: str, commit: bool
+    ) -> bool:
+        """COMMIT or ROLLBACK PREPARED on `conn` (idle, from `phase2_connection`). True
+        if this call changed the branch, False if it was already in the asked state;
+        FailedPrecondition if it is in the other one."""
+        xid = ids.branch_xid(transaction_id, participant_id)
+        try:
+            try:
+                if commit:
+                    await conn.tpc_commit(xid)
+                else:
+                    await conn.tpc_rollback(xid)
+                return True
+            except psycopg.errors.UndefinedObject:
+                # Not prepared (any more): the marker says what happened. An
+                # abort first fences the gid, so the answer cannot change later.
+                if not commit:
+                    await self._fence(conn, str(xid), transaction_id)
+                committed = await self._marker_state(conn, str(xid)) == "committed"
+        except psycopg.OperationalError as exc:
             self._purge_broken()
             raise Unavailable(f"database unavailable: {exc}") from exc
         if commit and not committed:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import cProfile
 import os
 import signal
 import sys
@@ -72,7 +73,17 @@ def run_daemon(
     except ValueError as exc:
         serve.close()
         sys.exit(f"{prog}: {exc}")
+    # For performance work: TWOPC_CPROFILE=PREFIX writes a cProfile of the whole run
+    # to PREFIX.<program>.<pid> when the daemon stops (see bench/cpu_split.py).
+    profile_to = os.environ.get("TWOPC_CPROFILE")
+    profiler = cProfile.Profile() if profile_to else None
+    if profiler is not None:
+        profiler.enable()
     try:
         asyncio.run(serve)
     except startup_errors as exc:
         sys.exit(f"{prog}: {exc}")
+    finally:
+        if profiler is not None:
+            profiler.disable()
+            profiler.dump_stats(f"{profile_to}.{prog}.{os.getpid()}")

@@ -23,3 +23,5 @@ class Limits:
     """Largest gRPC message either daemon accepts (gRPC answers RESOURCE_EXHAUSTED)."""
     max_idempotency_key_bytes: int = 200
     """Length of an idempotency key."""
+    max_phase2_batch: int = 1000
+    """Decisions one Finish call (the coordinator's batched phase 2) may carry."""

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from twopc_pb import types_pb2 as twopc__pb_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1atwopc_pb/participant.proto\x12\x08twopc.v1\x1a\x14twopc_pb/types.proto\"#\n\tBranchRef\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\"W\n\x14\x42ranchExecuteRequest\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\x12\'\n\nstatements\x18\x02 \x03(\x0b\x32\x13.twopc.v1.Statement\"C\n\x15\x42ranchExecuteResponse\x12*\n\x07results\x18\x01 \x03(\x0b\x32\x19.twopc.v1.StatementResult\"d\n\x0ePrepareRequest\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\x12\'\n\nstatements\x18\x02 \x03(\x0b\x32\x13.twopc.v1.Statement\x12\x11\n\tone_phase\x18\x03 \x01(\x08\"}\n\x0fPrepareResponse\x12\x1c\n\x04vote\x18\x01 \x01(\x0e\x32\x0e.twopc.v1.Vote\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x10\n\x08sqlstate\x18\x03 \x01(\t\x12*\n\x07results\x18\x04 \x03(\x0b\x32\x19.twopc.v1.StatementResult\"\x16\n\x03\x41\x63k\x12\x0f\n\x07\x63hanged\x18\x01 \x01(\x08\"-\n\x13ListPreparedRequest\x12\x16\n\x0e\x63oordinator_id\x18\x01 \x01(\t\"J\n\x0ePreparedBranch\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\x12\x0b\n\x03gid\x18\x02 \x01(\t\x12\x13\n\x0b\x61ge_seconds\x18\x03 \x01(\x01\"B\n\x14ListPreparedResponse\x12*\n\x08\x62ranches\x18\x01 \x03(\x0b\x32\x18.twopc.v1.PreparedBranch\"\x1a\n\x18ParticipantStatusRequest\"\xcb\x01\n\x11ParticipantStatus\x12\x16\n\x0eparticipant_id\x18\x01 \x01(\t\x12\x15\n\ropen_branches\x18\x02 \x01(\r\x12\x19\n\x11prepared_branches\x18\x03 \x01(\r\x12;\n\x08\x63ounters\x18\x04 \x03(\x0b\x32).twopc.v1.ParticipantStatus.CountersEntry\x1a/\n\rCountersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01*U\n\x04Vote\x12\x14\n\x10VOTE_UNSPECIFIED\x10\x00\x12\x07\n\x03YES\x10\x01\x12\x06\n\x02NO\x10\x02\x12\r\n\tREAD_ONLY\x10\x03\x12\x17\n\x13\x43OMMITTED_ONE_PHASE\x10\x04\x32\xda\x03\n\x0bParticipant\x12J\n\x07\x45xecute\x12\x1e.twopc.v1.BranchExecuteRequest\x1a\x1f.twopc.v1.BranchExecuteResponse\x12>\n\x07Prepare\x12\x18.twopc.v1.PrepareRequest\x1a\x19.twopc.v1.PrepareResponse\x12,\n\x06\x43ommit\x12\x13.twopc.v1.BranchRef\x1a\r.twopc.v1.Ack\x12+\n\x05\x41\x62ort\x12\x13.twopc.v1.BranchRef\x1a\r.twopc.v1.Ack\x12M\n\x0cListPrepared\x12\x1d.twopc.v1.ListPreparedRequest\x1a\x1e.twopc.v1.ListPreparedResponse\x12I\n\x06Status\x12\".twopc.v1.ParticipantStatusRequest\x1a\x1b.twopc.v1.ParticipantStatus\x12J\n\rSetFailpoints\x12\x1b.twopc.v1.FailpointsRequest\x1a\x1c.twopc.v1.FailpointsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1atwopc_pb/participant.proto\x12\x08twopc.v1\x1a\x14twopc_pb/types.proto\"#\n\tBranchRef\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\"W\n\x14\x42ranchExecuteRequest\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\x12\'\n\nstatements\x18\x02 \x03(\x0b\x32\x13.twopc.v1.Statement\"C\n\x15\x42ranchExecuteResponse\x12*\n\x07results\x18\x01 \x03(\x0b\x32\x19.twopc.v1.StatementResult\"d\n\x0ePrepareRequest\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\x12\'\n\nstatements\x18\x02 \x03(\x0b\x32\x13.twopc.v1.Statement\x12\x11\n\tone_phase\x18\x03 \x01(\x08\"}\n\x0fPrepareResponse\x12\x1c\n\x04vote\x18\x01 \x01(\x0e\x32\x0e.twopc.v1.Vote\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x10\n\x08sqlstate\x18\x03 \x01(\t\x12*\n\x07results\x18\x04 \x03(\x0b\x32\x19.twopc.v1.StatementResult\"\x16\n\x03\x41\x63k\x12\x0f\n\x07\x63hanged\x18\x01 \x01(\x08\"2\n\x08\x44\x65\x63ision\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\x12\x0e\n\x06\x63ommit\x18\x02 \x01(\x08\"6\n\rFinishRequest\x12%\n\tdecisions\x18\x01 \x03(\x0b\x32\x12.twopc.v1.Decision\":\n\x08\x46inished\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x0f\n\x07\x63hanged\x18\x03 \x01(\x08\"6\n\x0e\x46inishResponse\x12$\n\x08\x66inished\x18\x01 \x03(\x0b\x32\x12.twopc.v1.Finished\"-\n\x13ListPreparedRequest\x12\x16\n\x0e\x63oordinator_id\x18\x01 \x01(\t\"J\n\x0ePreparedBranch\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\x12\x0b\n\x03gid\x18\x02 \x01(\t\x12\x13\n\x0b\x61ge_seconds\x18\x03 \x01(\x01\"B\n\x14ListPreparedResponse\x12*\n\x08\x62ranches\x18\x01 \x03(\x0b\x32\x18.twopc.v1.PreparedBranch\"\x1a\n\x18ParticipantStatusRequest\"\xcb\x01\n\x11ParticipantStatus\x12\x16\n\x0eparticipant_id\x18\x01 \x01(\t\x12\x15\n\ropen_branches\x18\x02 \x01(\r\x12\x19\n\x11prepared_branches\x18\x03 \x01(\r\x12;\n\x08\x63ounters\x18\x04 \x03(\x0b\x32).twopc.v1.ParticipantStatus.CountersEntry\x1a/\n\rCountersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01*U\n\x04Vote\x12\x14\n\x10VOTE_UNSPECIFIED\x10\x00\x12\x07\n\x03YES\x10\x01\x12\x06\n\x02NO\x10\x02\x12\r\n\tREAD_ONLY\x10\x03\x12\x17\n\x13\x43OMMITTED_ONE_PHASE\x10\x04\x32\x97\x04\n\x0bParticipant\x12J\n\x07\x45xecute\x12\x1e.twopc.v1.BranchExecuteRequest\x1a\x1f.twopc.v1.BranchExecuteResponse\x12>\n\x07Prepare\x12\x18.twopc.v1.PrepareRequest\x1a\x19.twopc.v1.PrepareResponse\x12,\n\x06\x43ommit\x12\x13.twopc.v1.BranchRef\x1a\r.twopc.v1.Ack\x12+\n\x05\x41\x62ort\x12\x13.twopc.v1.BranchRef\x1a\r.twopc.v1.Ack\x12;\n\x06\x46inish\x12\x17.twopc.v1.FinishRequest\x1a\x18.twopc.v1.FinishResponse\x12M\n\x0cListPrepared\x12\x1d.twopc.v1.ListPreparedRequest\x1a\x1e.twopc.v1.ListPreparedResponse\x12I\n\x06Status\x12\".twopc.v1.ParticipantStatusRequest\x1a\x1b.twopc.v1.ParticipantStatus\x12J\n\rSetFailpoints\x12\x1b.twopc.v1.FailpointsRequest\x1a\x1c.twopc.v1.FailpointsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,8 +34,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_PARTICIPANTSTATUS_COUNTERSENTRY']._loaded_options = None
   _globals['_PARTICIPANTSTATUS_COUNTERSENTRY']._serialized_options = b'8\001'
-  _globals['_VOTE']._serialized_start=935
-  _globals['_VOTE']._serialized_end=1020
+  _globals['_VOTE']._serialized_start=1159
+  _globals['_VOTE']._serialized_end=1244
   _globals['_BRANCHREF']._serialized_start=62
   _globals['_BRANCHREF']._serialized_end=97
   _globals['_BRANCHEXECUTEREQUEST']._serialized_start=99
@@ -48,18 +48,26 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PREPARERESPONSE']._serialized_end=484
   _globals['_ACK']._serialized_start=486
   _globals['_ACK']._serialized_end=508
-  _globals['_LISTPREPAREDREQUEST']._serialized_start=510
-  _globals['_LISTPREPAREDREQUEST']._serialized_end=555
-  _globals['_PREPAREDBRANCH']._serialized_start=557
-  _globals['_PREPAREDBRANCH']._serialized_end=631
-  _globals['_LISTPREPAREDRESPONSE']._serialized_start=633
-  _globals['_LISTPREPAREDRESPONSE']._serialized_end=699
-  _globals['_PARTICIPANTSTATUSREQUEST']._serialized_start=701
-  _globals['_PARTICIPANTSTATUSREQUEST']._serialized_end=727
-  _globals['_PARTICIPANTSTATUS']._serialized_start=730
-  _globals['_PARTICIPANTSTATUS']._serialized_end=933
-  _globals['_PARTICIPANTSTATUS_COUNTERSENTRY']._serialized_start=886
-  _globals['_PARTICIPANTSTATUS_COUNTERSENTRY']._serialized_end=933
-  _globals['_PARTICIPANT']._serialized_start=1023
-  _globals['_PARTICIPANT']._serialized_end=1497
+  _globals['_DECISION']._serialized_start=510
+  _globals['_DECISION']._serialized_end=560
+  _globals['_FINISHREQUEST']._serialized_start=562
+  _globals['_FINISHREQUEST']._serialized_end=616
+  _globals['_FINISHED']._serialized_start=618
+  _globals['_FINISHED']._serialized_end=676
+  _globals['_FINISHRESPONSE']._serialized_start=678
+  _globals['_FINISHRESPONSE']._serialized_end=732
+  _globals['_LISTPREPAREDREQUEST']._serialized_start=734
+  _globals['_LISTPREPAREDREQUEST']._serialized_end=779
+  _globals['_PREPAREDBRANCH']._serialized_start=781
+  _globals['_PREPAREDBRANCH']._serialized_end=855
+  _globals['_LISTPREPAREDRESPONSE']._serialized_start=857
+  _globals['_LISTPREPAREDRESPONSE']._serialized_end=923
+  _globals['_PARTICIPANTSTATUSREQUEST']._serialized_start=925
+  _globals['_PARTICIPANTSTATUSREQUEST']._serialized_end=951
+  _globals['_PARTICIPANTSTATUS']._serialized_start=954
+  _globals['_PARTICIPANTSTATUS']._serialized_end=1157
+  _globals['_PARTICIPANTSTATUS_COUNTERSENTRY']._serialized_start=1110
+  _globals['_PARTICIPANTSTATUS_COUNTERSENTRY']._serialized_end=1157
+  _globals['_PARTICIPANT']._serialized_start=1247
+  _globals['_PARTICIPANT']._serialized_end=1782
 # @@protoc_insertion_point(module_scope)

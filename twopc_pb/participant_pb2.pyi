@@ -69,6 +69,36 @@ class Ack(_message.Message):
     changed: bool
     def __init__(self, changed: _Optional[bool] = ...) -> None: ...
 
+class Decision(_message.Message):
+    __slots__ = ("transaction_id", "commit")
+    TRANSACTION_ID_FIELD_NUMBER: _ClassVar[int]
+    COMMIT_FIELD_NUMBER: _ClassVar[int]
+    transaction_id: str
+    commit: bool
+    def __init__(self, transaction_id: _Optional[str] = ..., commit: _Optional[bool] = ...) -> None: ...
+
+class FinishRequest(_message.Message):
+    __slots__ = ("decisions",)
+    DECISIONS_FIELD_NUMBER: _ClassVar[int]
+    decisions: _containers.RepeatedCompositeFieldContainer[Decision]
+    def __init__(self, decisions: _Optional[_Iterable[_Union[Decision, _Mapping]]] = ...) -> None: ...
+
+class Finished(_message.Message):
+    __slots__ = ("code", "message", "changed")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    CHANGED_FIELD_NUMBER: _ClassVar[int]
+    code: int
+    message: str
+    changed: bool
+    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ..., changed: _Optional[bool] = ...) -> None: ...
+
+class FinishResponse(_message.Message):
+    __slots__ = ("finished",)
+    FINISHED_FIELD_NUMBER: _ClassVar[int]
+    finished: _containers.RepeatedCompositeFieldContainer[Finished]
+    def __init__(self, finished: _Optional[_Iterable[_Union[Finished, _Mapping]]] = ...) -> None: ...
+
 class ListPreparedRequest(_message.Message):
     __slots__ = ("coordinator_id",)
     COORDINATOR_ID_FIELD_NUMBER: _ClassVar[int]

@@ -55,6 +55,11 @@ class ParticipantStub:
                 request_serializer=twopc__pb_dot_participant__pb2.BranchRef.SerializeToString,
                 response_deserializer=twopc__pb_dot_participant__pb2.Ack.FromString,
                 _registered_method=True)
+        self.Finish = channel.unary_unary(
+                '/twopc.v1.Participant/Finish',
+                request_serializer=twopc__pb_dot_participant__pb2.FinishRequest.SerializeToString,
+                response_deserializer=twopc__pb_dot_participant__pb2.FinishResponse.FromString,
+                _registered_method=True)
         self.ListPrepared = channel.unary_unary(
                 '/twopc.v1.Participant/ListPrepared',
                 request_serializer=twopc__pb_dot_participant__pb2.ListPreparedRequest.SerializeToString,
@@ -103,6 +108,15 @@ class ParticipantServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Finish(self, request, context):
+        """Phase 2 for many branches in one call: the coordinator sends every decision it
+        has waiting for this participant together. Each is carried out and answered on
+        its own, exactly as Commit or Abort would (one failing does not fail the rest).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListPrepared(self, request, context):
         """This coordinator's prepared branches (in-doubt until it decides).
         """
@@ -145,6 +159,11 @@ def add_ParticipantServicer_to_server(servicer, server):
                     servicer.Abort,
                     request_deserializer=twopc__pb_dot_participant__pb2.BranchRef.FromString,
                     response_serializer=twopc__pb_dot_participant__pb2.Ack.SerializeToString,
+            ),
+            'Finish': grpc.unary_unary_rpc_method_handler(
+                    servicer.Finish,
+                    request_deserializer=twopc__pb_dot_participant__pb2.FinishRequest.FromString,
+                    response_serializer=twopc__pb_dot_participant__pb2.FinishResponse.SerializeToString,
             ),
             'ListPrepared': grpc.unary_unary_rpc_method_handler(
                     servicer.ListPrepared,
@@ -270,6 +289,33 @@ class Participant:
             '/twopc.v1.Participant/Abort',
             twopc__pb_dot_participant__pb2.BranchRef.SerializeToString,
             twopc__pb_dot_participant__pb2.Ack.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Finish(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/twopc.v1.Participant/Finish',
+            twopc__pb_dot_participant__pb2.FinishRequest.SerializeToString,
+            twopc__pb_dot_participant__pb2.FinishResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,134 @@
+"""Batched phase 2: the agent's Finish answers each decision on its own, and the
+coordinator's client folds concurrent decisions into few Finish calls."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+
+from coordinator.participants import ParticipantClient
+from twopc_common.errors import FailedPrecondition, Unavailable
+from twopc_common.values import Statement
+from twopc_harness.postgres import free_port
+from twopc_harness.system import LocalSystem
+from twopc_pb import participant_pb2 as ppb
+from twopc_pb import participant_pb2_grpc as pgrpc
+from twopc_pb import types_pb2 as tpb
+
+OK = grpc.StatusCode.OK.value[0]
+FAILED_PRECONDITION = grpc.StatusCode.FAILED_PRECONDITION.value[0]
+INVALID_ARGUMENT = grpc.StatusCode.INVALID_ARGUMENT.value[0]
+
+
+def ledger_row(transfer_id: str) -> tpb.Statement:
+    return tpb.Statement(sql=f"INSERT INTO ledger VALUES ('{transfer_id}', 'debit', 1, 1)")
+
+
+def ledger_ids(system: LocalSystem, prefix: str) -> set[str]:
+    with system.connect("shard1") as conn:
+        rows = conn.execute(
+            "SELECT transfer_id FROM ledger WHERE transfer_id LIKE %s", (prefix + "%",)
+        ).fetchall()
+    return {str(r[0]) for r in rows}
+
+
+def test_finish_answers_every_decision_on_its_own(system: LocalSystem) -> None:
+    prepared = {name: f"shared.998.{i}" for i, name in enumerate("abc", 1)}
+    open_branch, never_seen = "shared.998.4", "shared.998.5"
+    with grpc.insecure_channel(system.participants["shard1"].address) as channel:
+        agent = pgrpc.ParticipantStub(channel)
+        for name, txid in prepared.items():
+            vote = agent.Prepare(
+                ppb.PrepareRequest(transaction_id=txid, statements=[ledger_row(f"fin-{name}")])
+            )
+            assert vote.vote == ppb.YES
+        agent.Execute(
+            ppb.BranchExecuteRequest(transaction_id=open_branch, statements=[ledger_row("fin-d")])
+        )
+        decisions = [
+            (prepared["a"], True),
+            (prepared["b"], False),
+            (prepared["c"], True),
+            (prepared["a"], True),  # a repeat: unchanged, still OK
+            ("not-a-transaction-id", True),
+            (never_seen, True),  # never prepared: cannot commit
+            (open_branch, False),  # still open: rolled back without a phase-2 connection
+            (prepared["b"], True),  # aborted above: the other final state
+        ]
+        reply = agent.Finish(
+            ppb.FinishRequest(
+                decisions=[ppb.Decision(transaction_id=t, commit=c) for t, c in decisions]
+            )
+        )
+    answers = [(f.code, f.changed) for f in reply.finished]
+    assert answers == [
+        (OK, True),
+        (OK, True),
+        (OK, True),
+        (OK, False),
+        (INVALID_ARGUMENT, False),
+        (FAILED_PRECONDITION, False),
+        (OK, True),
+        (FAILED_PRECONDITION, False),
+    ]
+    assert "did not commit" in reply.finished[7].message
+    assert ledger_ids(system, "fin-") == {"fin-a", "fin-c"}
+    assert not any(system.prepared_transactions().values())
+
+
+def test_finish_refuses_a_batch_over_the_limit(system: LocalSystem) -> None:
+    with grpc.insecure_channel(system.participants["shard1"].address) as channel:
+        agent = pgrpc.ParticipantStub(channel)
+        with pytest.raises(grpc.RpcError) as caught:
+            agent.Finish(
+                ppb.FinishRequest(
+                    decisions=[ppb.Decision(transaction_id=f"shared.997.{i}") for i in range(1001)]
+                )
+            )
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "limit is 1000" in (caught.value.details() or "")
+
+
+def test_concurrent_decisions_share_finish_calls(system: LocalSystem) -> None:
+    count = 60
+
+    async def scenario() -> None:
+        client = ParticipantClient("shard1", system.participants["shard1"].address, 10, 4 << 20)
+        try:
+            txids = [f"shared.996.{i}" for i in range(1, count + 1)]
+            votes = await asyncio.gather(
+                *(
+                    client.prepare(t, [Statement(ledger_row(f"batch-{i}").sql)], False, 10)
+                    for i, t in enumerate(txids)
+                )
+            )
+            assert all(v.ballot.vote.value == "yes" for v in votes), votes
+            changed = await asyncio.gather(*(client.finish(t, True) for t in txids))
+            assert changed == [True] * count
+            # Decisions that arrive while a Finish is in flight ride the next one.
+            assert client.stats["phase2_decisions"] == count
+            assert client.stats["phase2_calls"] < count
+            with pytest.raises(FailedPrecondition):
+                await client.finish(txids[0], False)  # committed: cannot abort
+        finally:
+            await client.close()
+
+    asyncio.run(scenario())
+    assert len(ledger_ids(system, "batch-")) == count
+
+
+def test_an_unreachable_agent_fails_every_waiting_decision(system: LocalSystem) -> None:
+    async def scenario() -> None:
+        client = ParticipantClient("gone", f"127.0.0.1:{free_port()}", 0.5, 4 << 20)
+        try:
+            results = await asyncio.gather(
+                *(client.finish(f"shared.995.{i}", True) for i in range(1, 6)),
+                return_exceptions=True,
+            )
+        finally:
+            await client.close()
+        assert all(isinstance(r, Unavailable) for r in results), results
+
+    asyncio.run(scenario())
