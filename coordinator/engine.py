@@ -463,7 +463,14 @@ class Coordinator:
         client = self.clients[participant]
         for attempt in itertools.count():
             try:
-                await client.finish(tx.id, commit)
+                if commit:
+                    # Batched with the agent's other commits: COMMIT PREPARED never
+                    # waits for a lock, so one batch cannot hold up the next.
+                    await client.finish(tx.id, True)
+                else:
+                    # Alone: the branch may still be open and waiting on a lock, and
+                    # the agent must interrupt it first.
+                    await client.abort(tx.id)
             except FailedPrecondition as exc:
                 # The branch is in the other final state: only an operator's heuristic
                 # decision can do that, and retrying cannot undo it.

@@ -6,10 +6,11 @@ reach its agent is a missing vote (Ballot TIMEOUT or UNAVAILABLE), not an except
 Calls wait for a reconnecting channel (wait_for_ready) within their deadline: a link
 that is back within the prepare timeout costs a delay, not an abort.
 
-Phase 2 is batched (`finish`): decisions for an agent queue up while one Finish call
-is in flight and all go in the next, like a group commit. Under load that turns two
-RPCs per transaction into a fraction of one, and the agent finishes a whole batch on
-one database connection.
+Commits are batched (`finish`): decisions for an agent queue up while one Finish call
+is in flight and all go in the next, like a group commit. Under load that turns one
+RPC per branch into a fraction of one, and the agent finishes a whole batch on one
+database connection. The engine sends aborts alone (`abort`): an abort may have to
+interrupt a branch waiting on a lock, and must not hold up the commits behind it.
 """
 
 from __future__ import annotations
@@ -55,6 +56,15 @@ class PrepareReply:
 class InDoubtBranch:
     transaction_id: str
     age_seconds: float
+
+
+def _as_error(exc: Exception, participant: str) -> Exception:
+    """A failed call, as the error of each decision it carried (retried by phase 2)."""
+    if isinstance(exc, grpc.aio.AioRpcError):
+        return _error(exc, participant)
+    if isinstance(exc, Unavailable):
+        return Unavailable(str(exc))  # one instance per waiting decision
+    return Unavailable(f"participant {participant}: {exc!r}")
 
 
 def _error(exc: grpc.aio.AioRpcError, participant: str) -> Exception:
@@ -154,35 +164,40 @@ class ParticipantClient:
                 continue
             self.stats["phase2_calls"] += 1
             self.stats["phase2_decisions"] += len(batch)
-            request = pb.FinishRequest(
-                decisions=[pb.Decision(transaction_id=t, commit=c) for t, c, _ in batch]
-            )
             try:
-                reply = await self._stub.Finish(
-                    request, timeout=self._rpc_timeout, wait_for_ready=True
-                )
-                if len(reply.finished) != len(batch):
-                    raise Unavailable(
-                        f"participant {self.name}: {len(reply.finished)} answers "
-                        f"to {len(batch)} decisions"
-                    )
-            except (grpc.aio.AioRpcError, Unavailable) as exc:
-                for _, _, answer in batch:
-                    if not answer.done():
-                        answer.set_exception(
-                            _error(exc, self.name) if isinstance(exc, grpc.aio.AioRpcError) else exc
-                        )
-                continue
-            for (_, _, answer), finished in zip(batch, reply.finished, strict=True):
+                answers = await self._finish_call([(t, c) for t, c, _ in batch])
+            except Exception as exc:  # every decision of the batch waits for an answer
+                answers = [_as_error(exc, self.name) for _ in batch]
+            for (_, _, answer), outcome in zip(batch, answers, strict=True):
                 if answer.done():
                     continue
-                if finished.code == 0:
-                    answer.set_result(finished.changed)
+                if isinstance(outcome, Exception):
+                    answer.set_exception(outcome)
                 else:
-                    code = _STATUS.get(finished.code, grpc.StatusCode.UNKNOWN)
-                    answer.set_exception(
-                        error_for(code, f"participant {self.name}: {finished.message}")
-                    )
+                    answer.set_result(outcome)
+
+    async def _finish_call(self, decisions: list[tuple[str, bool]]) -> list[bool | Exception]:
+        reply = await self._stub.Finish(
+            pb.FinishRequest(
+                decisions=[pb.Decision(transaction_id=t, commit=c) for t, c in decisions]
+            ),
+            timeout=self._rpc_timeout,
+            wait_for_ready=True,
+        )
+        if len(reply.finished) != len(decisions):
+            raise Unavailable(
+                f"participant {self.name}: {len(reply.finished)} answers "
+                f"to {len(decisions)} decisions"
+            )
+        return [
+            f.changed
+            if f.code == 0
+            else error_for(
+                _STATUS.get(f.code, grpc.StatusCode.UNKNOWN),
+                f"participant {self.name}: {f.message}",
+            )
+            for f in reply.finished
+        ]
 
     async def commit(self, txid: str) -> bool:
         try:

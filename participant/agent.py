@@ -219,35 +219,55 @@ class Agent:
         """Phase 2 for a batch of (txid, commit) decisions, each answered on its own:
         True if it changed the branch, False for a repeat, or the error Commit or
         Abort alone would have raised. Prepared branches are finished one after the
-        other on a single pooled connection, taken only if one needs it: an Abort
-        of open branches must not wait for a connection they may all be holding."""
+        other on a single pooled connection, taken only if one needs it (an Abort of
+        open branches must not wait for a connection they may all be holding); open
+        branches are rolled back meanwhile, each on its own (one may first have to
+        interrupt a statement waiting on a lock)."""
         answers: dict[int, bool | Exception] = {}
         prepared: list[int] = []
+        still_open: list[tuple[int, _Branch]] = []
         for i, (txid, commit) in enumerate(decisions):
             try:
                 TransactionId.parse(txid)
-                branch = self._branches.get(txid)
-                if branch is None:
-                    prepared.append(i)
-                elif commit:
-                    raise FailedPrecondition(
-                        f"branch of {txid} is {branch.state.value}, not prepared"
-                    )
-                elif (changed := await self._abort_open(branch, reason)) is not None:
-                    answers[i] = changed
-                else:
-                    prepared.append(i)  # it got prepared while the Abort waited
             except TwoPCError as exc:
                 answers[i] = exc
-        if prepared:
+                continue
+            branch = self._branches.get(txid)
+            if branch is None:
+                prepared.append(i)
+            elif commit:
+                answers[i] = FailedPrecondition(
+                    f"branch of {txid} is {branch.state.value}, not prepared"
+                )
+            else:
+                still_open.append((i, branch))
+
+        async def finish_prepared(indexes: list[int]) -> None:
             try:
                 async with self.store.phase2_connection() as conn:
-                    for i in prepared:
+                    for i in indexes:
                         txid, commit = decisions[i]
                         answers[i] = await self._finish_prepared(conn, txid, commit, reason)
             except Unavailable as exc:  # no connection for the rest of the batch
-                for i in prepared:
+                for i in indexes:
                     answers.setdefault(i, exc)
+
+        async def abort_open(i: int, branch: _Branch) -> None:
+            try:
+                changed = await self._abort_open(branch, reason)
+            except Exception as exc:
+                self.log.error("abort_failed", txid=branch.transaction_id, error=repr(exc))
+                answers[i] = exc
+                return
+            if changed is None:  # it got prepared while the Abort waited
+                await finish_prepared([i])
+            else:
+                answers[i] = changed
+
+        await asyncio.gather(
+            *([finish_prepared(prepared)] if prepared else []),
+            *(abort_open(i, branch) for i, branch in still_open),
+        )
         return [answers[i] for i in range(len(decisions))]
 
     async def _abort_open(self, branch: _Branch, reason: str) -> bool | None:

@@ -86,13 +86,13 @@ def test_prepare_of_a_failed_transaction_is_refused_not_silently_rolled_back(
 
 
 def test_commit_and_abort_are_idempotent_and_exact(system: LocalSystem) -> None:
-    txid = "shared.999.1"
+    txid = "agenttest.999.1"  # no running coordinator: its in-doubt scan stays away
     insert = tpb.Statement(sql="INSERT INTO ledger VALUES ('idem', 'debit', 1, 1)")
     with grpc.insecure_channel(system.participants["shard1"].address) as channel:
         agent = pgrpc.ParticipantStub(channel)
         vote = agent.Prepare(ppb.PrepareRequest(transaction_id=txid, statements=[insert]))
         assert vote.vote == ppb.YES
-        listed = agent.ListPrepared(ppb.ListPreparedRequest(coordinator_id="shared"))
+        listed = agent.ListPrepared(ppb.ListPreparedRequest(coordinator_id="agenttest"))
         assert [b.transaction_id for b in listed.branches] == [txid]
         assert agent.Commit(ppb.BranchRef(transaction_id=txid)).changed
         assert not agent.Commit(ppb.BranchRef(transaction_id=txid)).changed  # a retry
@@ -101,7 +101,7 @@ def test_commit_and_abort_are_idempotent_and_exact(system: LocalSystem) -> None:
         assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         # A second transaction aborted before its Prepare arrived: the late Prepare
         # must vote NO instead of preparing a branch nobody will finish.
-        late = "shared.999.2"
+        late = "agenttest.999.2"
         assert not agent.Abort(ppb.BranchRef(transaction_id=late)).changed
         vote = agent.Prepare(ppb.PrepareRequest(transaction_id=late, statements=[insert]))
         assert vote.vote == ppb.NO and "aborted" in vote.reason

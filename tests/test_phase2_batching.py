@@ -1,5 +1,9 @@
 """Batched phase 2: the agent's Finish answers each decision on its own, and the
-coordinator's client folds concurrent decisions into few Finish calls."""
+coordinator's client folds concurrent decisions into few Finish calls.
+
+Transaction ids here name a coordinator nobody runs ("batching"): the shared system's
+own coordinator would otherwise find these prepared branches in its in-doubt scan and
+abort them under the test's feet."""
 
 from __future__ import annotations
 
@@ -35,8 +39,8 @@ def ledger_ids(system: LocalSystem, prefix: str) -> set[str]:
 
 
 def test_finish_answers_every_decision_on_its_own(system: LocalSystem) -> None:
-    prepared = {name: f"shared.998.{i}" for i, name in enumerate("abc", 1)}
-    open_branch, never_seen = "shared.998.4", "shared.998.5"
+    prepared = {name: f"batching.8.{i}" for i, name in enumerate("abc", 1)}
+    open_branch, never_seen = "batching.8.4", "batching.8.5"
     with grpc.insecure_channel(system.participants["shard1"].address) as channel:
         agent = pgrpc.ParticipantStub(channel)
         for name, txid in prepared.items():
@@ -84,7 +88,7 @@ def test_finish_refuses_a_batch_over_the_limit(system: LocalSystem) -> None:
         with pytest.raises(grpc.RpcError) as caught:
             agent.Finish(
                 ppb.FinishRequest(
-                    decisions=[ppb.Decision(transaction_id=f"shared.997.{i}") for i in range(1001)]
+                    decisions=[ppb.Decision(transaction_id=f"batching.7.{i}") for i in range(1001)]
                 )
             )
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -97,7 +101,7 @@ def test_concurrent_decisions_share_finish_calls(system: LocalSystem) -> None:
     async def scenario() -> None:
         client = ParticipantClient("shard1", system.participants["shard1"].address, 10, 4 << 20)
         try:
-            txids = [f"shared.996.{i}" for i in range(1, count + 1)]
+            txids = [f"batching.6.{i}" for i in range(1, count + 1)]
             votes = await asyncio.gather(
                 *(
                     client.prepare(t, [Statement(ledger_row(f"batch-{i}").sql)], False, 10)
@@ -124,7 +128,7 @@ def test_an_unreachable_agent_fails_every_waiting_decision(system: LocalSystem) 
         client = ParticipantClient("gone", f"127.0.0.1:{free_port()}", 0.5, 4 << 20)
         try:
             results = await asyncio.gather(
-                *(client.finish(f"shared.995.{i}", True) for i in range(1, 6)),
+                *(client.finish(f"batching.5.{i}", True) for i in range(1, 6)),
                 return_exceptions=True,
             )
         finally:

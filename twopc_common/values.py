@@ -63,22 +63,26 @@ def exactly(n: int) -> Expectation:
 # -- protobuf -> domain -------------------------------------------------------------
 
 
-def _param_from_pb(value: pb.Value, where: str) -> SqlValue:
+def _param_from_pb(value: pb.Value, where: str, number: int) -> SqlValue:
     kind = value.WhichOneof("kind")
     if kind is None:
-        raise InvalidArgument(f"{where} has no value; set is_null for SQL NULL")
+        raise InvalidArgument(f"{where} parameter {number} has no value; set is_null for SQL NULL")
     if kind == "is_null":
         return None
     if kind == "decimal_value":
         try:
-            number = decimal.Decimal(value.decimal_value)
+            decimal_value = decimal.Decimal(value.decimal_value)
         except decimal.InvalidOperation:
-            raise InvalidArgument(f"{where}: {value.decimal_value!r} is not a decimal") from None
-        if not number.is_finite():
-            raise InvalidArgument(f"{where}: decimal must be finite")
-        return number
+            raise InvalidArgument(
+                f"{where} parameter {number}: {value.decimal_value!r} is not a decimal"
+            ) from None
+        if not decimal_value.is_finite():
+            raise InvalidArgument(f"{where} parameter {number}: decimal must be finite")
+        return decimal_value
     if kind == "other_value":
-        raise InvalidArgument(f"{where}: other_value is for results only; send a typed value")
+        raise InvalidArgument(
+            f"{where} parameter {number}: other_value is for results only; send a typed value"
+        )
     result: SqlValue = getattr(value, kind)
     return result
 
@@ -86,7 +90,8 @@ def _param_from_pb(value: pb.Value, where: str) -> SqlValue:
 def statements_from_pb(
     statements: Sequence[pb.Statement], limits: Limits, where: str
 ) -> tuple[Statement, ...]:
-    """Validate and convert; `where` names the branch in error messages."""
+    """Validate and convert; `where` names the branch in error messages (formatted
+    only on error: this runs for every statement of every branch)."""
     if len(statements) > limits.max_statements_per_branch:
         raise InvalidArgument(
             f"{where}: {len(statements)} statements, the limit is "
@@ -94,26 +99,28 @@ def statements_from_pb(
         )
     out = []
     for i, st in enumerate(statements, 1):
-        label = f"{where} statement {i}"
-        if not st.sql.strip():
-            raise InvalidArgument(f"{label}: empty SQL")
-        if len(st.sql.encode()) > limits.max_sql_bytes:
-            raise InvalidArgument(f"{label}: SQL longer than {limits.max_sql_bytes} bytes")
+        sql = st.sql
+        if not sql.strip():
+            raise InvalidArgument(f"{where} statement {i}: empty SQL")
+        # At most 4 bytes per character: short text needs no encoding to be measured.
+        if len(sql) * 4 > limits.max_sql_bytes and len(sql.encode()) > limits.max_sql_bytes:
+            raise InvalidArgument(
+                f"{where} statement {i}: SQL longer than {limits.max_sql_bytes} bytes"
+            )
         if len(st.params) > limits.max_params_per_statement:
             raise InvalidArgument(
-                f"{label}: {len(st.params)} parameters, the limit is "
+                f"{where} statement {i}: {len(st.params)} parameters, the limit is "
                 f"{limits.max_params_per_statement}"
             )
-        params = tuple(
-            _param_from_pb(p, f"{label} parameter {j}") for j, p in enumerate(st.params, 1)
-        )
+        label = f"{where} statement {i}"
+        params = tuple(_param_from_pb(p, label, j) for j, p in enumerate(st.params, 1))
         expect = None
         if st.HasField("expect"):
             rule = st.expect.WhichOneof("rule")
             if rule is None:
-                raise InvalidArgument(f"{label}: expectation has no rule")
+                raise InvalidArgument(f"{where} statement {i}: expectation has no rule")
             expect = Expectation(rule, getattr(st.expect, rule))
-        out.append(Statement(st.sql, params, expect))
+        out.append(Statement(sql, params, expect))
     return tuple(out)
 
 
