@@ -9,7 +9,9 @@ told apart by application_name. Prints milliseconds of CPU per committed transfe
 
 With --profile, py-spy samples the coordinator and the agents during the system run
 and the hottest functions of each are printed (self time and inclusive time); the
-collapsed stacks are kept in that folder for flame graphs.
+collapsed stacks are kept in that folder for flame graphs. py-spy samples stacks, not
+CPU: a thread blocked in fsync (the decision log's COMMIT) counts as busy; the /proc
+figures above are the CPU truth.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import argparse
 import asyncio
 import collections
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -63,6 +66,15 @@ def processes(system: LocalSystem) -> dict[str, list[int]]:
     return groups
 
 
+def py_spy() -> str:
+    """py-spy of this virtualenv (a dev dependency), else the one on PATH."""
+    beside = Path(sys.executable).parent / "py-spy"
+    found = str(beside) if beside.exists() else shutil.which("py-spy")
+    if found is None:
+        sys.exit("--profile needs py-spy: pip install -e '.[dev]'")
+    return found
+
+
 def start_profilers(system: LocalSystem, folder: Path, duration: float) -> dict[str, Any]:
     """py-spy on each daemon, sampling without pausing it, for `duration` seconds."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -74,7 +86,7 @@ def start_profilers(system: LocalSystem, folder: Path, duration: float) -> dict[
         spies[name] = (
             subprocess.Popen(
                 [
-                    "py-spy",
+                    py_spy(),
                     "record",
                     "--pid",
                     str(daemon.process.pid),
