@@ -218,11 +218,11 @@ class Agent:
     ) -> list[bool | Exception]:
         """Phase 2 for a batch of (txid, commit) decisions, each answered on its own:
         True if it changed the branch, False for a repeat, or the error Commit or
-        Abort alone would have raised. Prepared branches are finished one after the
-        other on a single pooled connection, taken only if one needs it (an Abort of
-        open branches must not wait for a connection they may all be holding); open
-        branches are rolled back meanwhile, each on its own (one may first have to
-        interrupt a statement waiting on a lock)."""
+        Abort alone would have raised. Prepared branches are finished together, in
+        one round trip on a single pooled connection, taken only if one needs it (an
+        Abort of open branches must not wait for a connection they may all be
+        holding); open branches are rolled back meanwhile, each on its own (one may
+        first have to interrupt a statement waiting on a lock)."""
         answers: dict[int, bool | Exception] = {}
         prepared: list[int] = []
         still_open: list[tuple[int, _Branch]] = []
@@ -245,10 +245,9 @@ class Agent:
         async def finish_prepared(indexes: list[int]) -> None:
             try:
                 async with self.store.phase2_connection() as conn:
-                    for i in indexes:
-                        txid, commit = decisions[i]
-                        answers[i] = await self._finish_prepared(conn, txid, commit, reason)
-            except Unavailable as exc:  # no connection for the rest of the batch
+                    batch = {i: decisions[i] for i in indexes}
+                    answers.update(await self._finish_prepared(conn, batch, reason))
+            except Unavailable as exc:  # no (working) connection for the batch
                 for i in indexes:
                     answers.setdefault(i, exc)
 
@@ -285,28 +284,44 @@ class Agent:
         return True
 
     async def _finish_prepared(
-        self, conn: AsyncConn, txid: str, commit: bool, reason: str
-    ) -> bool | Exception:
-        before, after = _PHASE2_FAILPOINTS[commit]
-        try:
-            await failpoints.hit(before)
-            changed = await self.store.finish_prepared(conn, txid, self.config.id, commit)
-            await failpoints.hit(after)
-        except TwoPCError as exc:
-            return exc
-        except Exception as exc:
-            self.log.error("phase2_failed", txid=txid, commit=commit, error=repr(exc))
-            await self.store.rollback(conn)  # leave the connection usable for the rest
-            return exc
-        if commit:
-            self._remember(txid, BranchState.COMMITTED)
-            self.counters["committed" if changed else "commit_repeats"] += 1
-            self.log.debug("committed", txid=txid, changed=changed)
-        else:
-            self._remember(txid, BranchState.ABORTED, reason)
-            self.counters["aborted" if changed else "abort_repeats"] += 1
-            self.log.info("aborted", txid=txid, prepared=changed, reason=reason)
-        return changed
+        self, conn: AsyncConn, batch: dict[int, tuple[str, bool]], reason: str
+    ) -> dict[int, bool | Exception]:
+        """Prepared branches: all in one round trip; what PostgreSQL skipped after a
+        failure goes again one by one. Unavailable if the connection breaks."""
+        answers: dict[int, bool | Exception] = {}
+        ready: dict[int, tuple[str, bool]] = {}
+        for i, (txid, commit) in batch.items():
+            try:
+                await failpoints.hit(_PHASE2_FAILPOINTS[commit][0])
+            except TwoPCError as exc:
+                answers[i] = exc
+                continue
+            ready[i] = (txid, commit)
+        ran = await self.store.finish_many(conn, list(ready.values()), self.config.id)
+        for (i, (txid, commit)), done in zip(ready.items(), ran, strict=True):
+            try:
+                changed = done or await self.store.finish_prepared(
+                    conn, txid, self.config.id, commit
+                )
+                await failpoints.hit(_PHASE2_FAILPOINTS[commit][1])
+            except TwoPCError as exc:
+                answers[i] = exc
+                continue
+            except Exception as exc:
+                self.log.error("phase2_failed", txid=txid, commit=commit, error=repr(exc))
+                await self.store.rollback(conn)  # leave the connection usable for the rest
+                answers[i] = exc
+                continue
+            answers[i] = changed
+            if commit:
+                self._remember(txid, BranchState.COMMITTED)
+                self.counters["committed" if changed else "commit_repeats"] += 1
+                self.log.debug("committed", txid=txid, changed=changed)
+            else:
+                self._remember(txid, BranchState.ABORTED, reason)
+                self.counters["aborted" if changed else "abort_repeats"] += 1
+                self.log.info("aborted", txid=txid, prepared=changed, reason=reason)
+        return answers
 
     async def list_prepared(self, coordinator_id: str) -> list[PreparedBranch]:
         branches = await self.store.prepared_branches(self.config.id)

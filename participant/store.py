@@ -247,6 +247,42 @@ class Store:
             self._purge_broken()
             raise Unavailable(f"database unavailable: {exc}") from exc
 
+    async def finish_many(
+        self, conn: AsyncConn, branches: Sequence[tuple[str, bool]], participant_id: str
+    ) -> list[bool]:
+        """COMMIT or ROLLBACK PREPARED for many (transaction id, commit) branches in one
+        round trip: each is a transaction statement of its own, so each commits on its
+        own even in a pipeline. Returns which ran. After a failure (a branch that is
+        not prepared any more, a repeat) PostgreSQL skips the rest of the pipeline:
+        those, and the one that failed, are left to `finish_prepared`, whose marker
+        check tells a repeat from a branch in the other state."""
+        cursors: list[Cursor] = []
+        try:
+            await conn.set_autocommit(True)  # no BEGIN: they cannot run inside one
+            try:
+                async with conn.pipeline():
+                    for transaction_id, commit in branches:
+                        gid = str(ids.branch_xid(transaction_id, participant_id))
+                        cur = conn.cursor()
+                        await cur.execute(_FINISH[commit].format(gid))
+                        cursors.append(cur)
+            except psycopg.OperationalError:
+                if conn.broken:
+                    raise
+            except psycopg.Error:
+                pass  # see above: left to finish_prepared
+            finally:
+                if not conn.broken:
+                    await conn.set_autocommit(False)
+        except psycopg.OperationalError as exc:
+            self._purge_broken()
+            raise Unavailable(f"database unavailable: {exc}") from exc
+        ran = [
+            cur.statusmessage == _FINISHED[commit]
+            for cur, (_, commit) in zip(cursors, branches, strict=False)
+        ]
+        return ran + [False] * (len(branches) - len(ran))
+
     async def finish_prepared(
         self, conn: AsyncConn, transaction_id: str, participant_id: str, commit: bool
     ) -> bool:
@@ -317,6 +353,9 @@ class Store:
             await conn.commit()
             return cur.rowcount
 
+
+_FINISH = {True: sql.SQL("COMMIT PREPARED {}"), False: sql.SQL("ROLLBACK PREPARED {}")}
+_FINISHED = {True: "COMMIT PREPARED", False: "ROLLBACK PREPARED"}
 
 T = TypeVar("T")
 Query = str | sql.Composable
