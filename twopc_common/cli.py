@@ -8,6 +8,8 @@ import cProfile
 import os
 import signal
 import sys
+import threading
+import time
 from collections.abc import Coroutine, Iterable
 from typing import Any
 
@@ -73,6 +75,7 @@ def run_daemon(
     except ValueError as exc:
         serve.close()
         sys.exit(f"{prog}: {exc}")
+    _exit_with_parent()
     # For performance work: TWOPC_CPROFILE=PREFIX writes a cProfile of the whole run
     # to PREFIX.<program>.<pid> when the daemon stops (see bench/cpu_split.py).
     profile_to = os.environ.get("TWOPC_CPROFILE")
@@ -87,3 +90,21 @@ def run_daemon(
         if profiler is not None:
             profiler.disable()
             profiler.dump_stats(f"{profile_to}.{prog}.{os.getpid()}")
+
+
+EXIT_WITH_PARENT = "TWOPC_EXIT_WITH_PARENT"
+
+
+def _exit_with_parent() -> None:
+    """Daemons started by the test harness (which sets TWOPC_EXIT_WITH_PARENT to its
+    pid) shut down when it is gone, killed or not, instead of outliving it."""
+    parent = os.environ.get(EXIT_WITH_PARENT)
+    if not parent:
+        return
+
+    def watch() -> None:
+        while os.getppid() == int(parent):
+            time.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import grpc
 
+from twopc_common.cli import EXIT_WITH_PARENT
 from twopc_harness.postgres import HarnessError
 from twopc_pb import (
     coordinator_pb2,
@@ -42,7 +43,12 @@ class Daemon:
         if self.running:
             raise HarnessError(f"{self.name} is already running")
         self.logfile.parent.mkdir(parents=True, exist_ok=True)
-        full_env = {**os.environ, **self.env, **(env or {})}
+        full_env = {
+            **os.environ,
+            **self.env,
+            **(env or {}),
+            EXIT_WITH_PARENT: str(os.getpid()),  # no daemon outlives the harness
+        }
         with open(self.logfile, "ab") as log:
             self.process = subprocess.Popen(
                 self.argv,
