@@ -5,8 +5,11 @@ Branch transactions run on ordinary pooled connections and are prepared with an
 explicit `PREPARE TRANSACTION` whose command tag is checked: PostgreSQL answers it on
 an already-failed transaction with a silent `ROLLBACK`, and psycopg's `tpc_prepare()`
 neither reports the tag nor lets the connection go back to the pool before phase 2.
-Phase 2 and recovery use psycopg's two-phase API (`Xid`, `tpc_commit`, `tpc_rollback`,
-`tpc_recover`) on any idle connection, which is also what works after a restart.
+Phase 2 works on any idle connection, which is also what works after a restart: a
+batch of decisions goes as pipelined `COMMIT/ROLLBACK PREPARED` statements in one round
+trip, and whatever that did not settle (a repeat, a branch gone) goes through psycopg's
+two-phase API (`Xid`, `tpc_commit`, `tpc_rollback`) and the marker check; recovery
+lists branches with `tpc_recover`.
 """
 
 from __future__ import annotations
