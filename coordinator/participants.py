@@ -8,8 +8,8 @@ that is back within the prepare timeout costs a delay, not an abort.
 
 Commits are batched (`finish`): decisions for an agent queue up while one Finish call
 is in flight and all go in the next, like a group commit. Under load that turns one
-RPC per branch into a fraction of one, and the agent finishes a whole batch on one
-database connection. The engine sends aborts alone (`abort`): an abort may have to
+RPC per branch into a fraction of one, and the agent finishes a whole batch in one
+pipelined round trip to its database. The engine sends aborts alone (`abort`): an abort may have to
 interrupt a branch waiting on a lock, and must not hold up the commits behind it.
 """
 
@@ -25,6 +25,7 @@ import grpc
 from coordinator.protocol import Ballot, Vote
 from twopc_common.errors import Unavailable
 from twopc_common.grpc_errors import error_for
+from twopc_common.limits import Limits
 from twopc_common.values import Statement, StatementResult, result_from_pb, statement_to_pb
 from twopc_pb import participant_pb2 as pb
 from twopc_pb import participant_pb2_grpc as pgrpc
@@ -84,7 +85,7 @@ class ParticipantClient:
         address: str,
         rpc_timeout: float,
         max_message: int,
-        phase2_batch: int = 500,
+        phase2_batch: int = Limits().max_phase2_batch,
     ) -> None:
         self.name = name
         self.address = address
