@@ -246,7 +246,7 @@ class Agent:
             try:
                 async with self.store.phase2_connection() as conn:
                     batch = {i: decisions[i] for i in indexes}
-                    answers.update(await self._finish_prepared(conn, batch, reason))
+                    answers.update(await self._finish_on(conn, batch, reason))
             except Unavailable as exc:  # no (working) connection for the batch
                 for i in indexes:
                     answers.setdefault(i, exc)
@@ -283,7 +283,7 @@ class Agent:
         self.log.info("aborted", txid=branch.transaction_id, prepared=False, reason=reason)
         return True
 
-    async def _finish_prepared(
+    async def _finish_on(
         self, conn: AsyncConn, batch: dict[int, tuple[str, bool]], reason: str
     ) -> dict[int, bool | Exception]:
         """Prepared branches: all in one round trip; what PostgreSQL skipped after a
