@@ -33,10 +33,10 @@ from psycopg_pool import AsyncConnectionPool
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from transfers import Picker, drive, prepare_bank, raw_2pc, through_system
+from transfers import Picker, drive, prepare_bank, raw_2pc, start_bench_system, through_system
 
 from coordinator.client import AsyncCoordinatorClient
-from twopc_harness.system import LocalSystem, start_system
+from twopc_harness.system import LocalSystem
 
 TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -201,11 +201,7 @@ def main() -> None:
     p.add_argument("--duration", type=float, default=10.0)
     p.add_argument("--profile", type=Path, help="folder for py-spy profiles of the daemons")
     a = p.parse_args()
-    system = start_system(
-        2,
-        coordinator_args=["--prepare-timeout", "10"],
-        participant_args=["--pool-max-size", "70", "--lock-timeout", "5"],
-    )
+    system = start_bench_system()
     try:
         prepare_bank(system, system.shard_names)
         asyncio.run(main_async(system, a.concurrency, a.duration, a.profile))

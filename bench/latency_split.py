@@ -28,14 +28,14 @@ from psycopg_pool import AsyncConnectionPool
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from transfers import Picker, prepare_bank, raw_2pc
+from transfers import Picker, prepare_bank, raw_2pc, start_bench_system
 
 from bank_demo import bank
 from coordinator.client import AsyncCoordinatorClient
 from coordinator.participants import ParticipantClient
 from coordinator.protocol import Vote
 from twopc_common.values import Statement
-from twopc_harness.system import LocalSystem, start_system
+from twopc_harness.system import LocalSystem
 
 
 async def percentiles(name: str, step: Callable[[], Awaitable[float | None]], samples: int) -> None:
@@ -123,11 +123,7 @@ def main() -> None:
     )
     p.add_argument("--samples", type=int, default=400)
     a = p.parse_args()
-    system = start_system(
-        2,
-        coordinator_args=["--prepare-timeout", "10"],
-        participant_args=["--pool-max-size", "70"],
-    )
+    system = start_bench_system()
     try:
         prepare_bank(system, system.shard_names)
         asyncio.run(main_async(system, a.samples))

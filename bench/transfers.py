@@ -278,6 +278,18 @@ async def bench_log(writers: int, seconds: float) -> float:
         return rate
 
 
+def start_bench_system(shards: int = 2, **options: Any) -> LocalSystem:
+    """The system every benchmark measures: a prepare timeout that load alone never
+    hits, agent pools as large as the highest concurrency, and the same lock timeout
+    as the raw baseline's connections (it is what ends cross-shard deadlocks)."""
+    return start_system(
+        shards,
+        coordinator_args=["--prepare-timeout", "10"],
+        participant_args=["--pool-max-size", "70", "--lock-timeout", "5"],
+        **options,
+    )
+
+
 def prepare_bank(system: LocalSystem, shards: list[str]) -> None:
     dsns = {s: system.dsn(s) for s in shards}
     bank.create_schema(dsns)
@@ -334,12 +346,8 @@ def main() -> None:
             results[f"log_commits_per_s_{writers}_writers"] = round(rate)
             print(f"  {writers:>2} writers: {rate:,.0f}/s", flush=True)
         for n in a.shards:
-            system = start_system(
-                clusters=clusters[:n],
-                workdir=workdir / f"sys{n}",
-                coordinator_args=["--prepare-timeout", "10"],
-                participant_args=["--pool-max-size", "70", "--lock-timeout", "5"],
-                coordinator_id=f"bench{n}",
+            system = start_bench_system(
+                clusters=clusters[:n], workdir=workdir / f"sys{n}", coordinator_id=f"bench{n}"
             )
             try:
                 shards = system.shard_names
