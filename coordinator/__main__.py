@@ -7,8 +7,6 @@ import asyncio
 import contextlib
 import sys
 
-import grpc
-
 from coordinator.config import CoordinatorConfig
 from coordinator.decision_log import DecisionLog
 from coordinator.engine import Coordinator
@@ -23,6 +21,7 @@ from twopc_common.cli import (
 )
 from twopc_common.errors import TwoPCError
 from twopc_common.ids import check_name
+from twopc_common.server import ListenError, bind_grpc_server
 from twopc_pb import coordinator_pb2_grpc as cgrpc
 
 
@@ -49,15 +48,11 @@ async def serve(config: CoordinatorConfig) -> None:
     engine = Coordinator(config, decision_log, clients)
     engine.log.info("starting", epoch=decision_log.epoch, participants=len(clients))
     await engine.recover()
-    server = grpc.aio.server(
-        options=[
-            ("grpc.max_receive_message_length", config.limits.max_message_bytes),
-            ("grpc.so_reuseport", 0),
-        ]
+    server = bind_grpc_server(
+        config.listen,
+        config.limits.max_message_bytes,
+        lambda s: cgrpc.add_CoordinatorServicer_to_server(CoordinatorService(engine), s),
     )
-    cgrpc.add_CoordinatorServicer_to_server(CoordinatorService(engine), server)
-    if server.add_insecure_port(config.listen) == 0:
-        raise StartupError(f"cannot listen on {config.listen}")
     await server.start()
     engine.log.info("serving", listen=config.listen, epoch=decision_log.epoch)
     tasks = [
@@ -158,7 +153,7 @@ def main(argv: list[str] | None = None) -> None:
         inspect(args[1:])
         return
     config, level = parse_args(args)
-    run_daemon("twopc-coordinator", serve(config), level, StartupError)
+    run_daemon("twopc-coordinator", serve(config), level, (StartupError, ListenError))
 
 
 if __name__ == "__main__":

@@ -6,8 +6,6 @@ import argparse
 import asyncio
 import contextlib
 
-import grpc
-
 from participant.agent import Agent
 from participant.config import ParticipantConfig
 from participant.recovery import Recovery
@@ -22,6 +20,7 @@ from twopc_common.cli import (
 )
 from twopc_common.errors import TwoPCError
 from twopc_common.ids import check_name
+from twopc_common.server import ListenError, bind_grpc_server
 from twopc_pb import participant_pb2_grpc as pgrpc
 
 
@@ -30,15 +29,11 @@ async def serve(config: ParticipantConfig) -> None:
     await store.open()
     agent = Agent(config, store)
     recovery = Recovery(agent)
-    server = grpc.aio.server(
-        options=[
-            ("grpc.max_receive_message_length", config.limits.max_message_bytes),
-            ("grpc.so_reuseport", 0),
-        ]
+    server = bind_grpc_server(
+        config.listen,
+        config.limits.max_message_bytes,
+        lambda s: pgrpc.add_ParticipantServicer_to_server(ParticipantService(agent, recovery), s),
     )
-    pgrpc.add_ParticipantServicer_to_server(ParticipantService(agent, recovery), server)
-    if server.add_insecure_port(config.listen) == 0:
-        raise ConfigurationError(f"cannot listen on {config.listen}")
     await server.start()
     agent.log.info("serving", listen=config.listen)
     tasks = [
@@ -145,7 +140,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[ParticipantConfig, str]:
 
 def main(argv: list[str] | None = None) -> None:
     config, level = parse_args(argv)
-    run_daemon("twopc-participant", serve(config), level, ConfigurationError)
+    run_daemon("twopc-participant", serve(config), level, (ConfigurationError, ListenError))
 
 
 if __name__ == "__main__":
