@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from coordinator.protocol import RetryPolicy
 from twopc_common.limits import Limits
 
 
@@ -25,6 +26,9 @@ class CoordinatorConfig:
     """First delay before a failed Commit/Abort is retried."""
     phase2_backoff_max: float = 5.0
     """Cap of the exponential backoff; phase 2 is retried forever, never given up."""
+    abort_attempts: int = 3
+    """Attempts to deliver an Abort before leaving the branch to recovery (presumed
+    abort: the participant's own recovery and the in-doubt scan roll it back)."""
     transaction_idle_timeout: float = 60.0
     """An interactive transaction without calls for this long is rolled back."""
     recovery_interval: float = 5.0
@@ -44,3 +48,7 @@ class CoordinatorConfig:
     """Accept the SetFailpoints admin call (a test hook that can crash the daemon)."""
     limits: Limits = field(default_factory=Limits)
     """Request limits."""
+
+    @property
+    def phase2_retry(self) -> RetryPolicy:
+        return RetryPolicy(self.phase2_backoff_initial, self.phase2_backoff_max)

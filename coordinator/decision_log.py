@@ -7,7 +7,14 @@ Guarantees:
   the previous batch was being synced and commits them in one SQLite transaction
   (group commit); a batch with no forced record is written with `synchronous=NORMAL`;
 - the epoch (incarnation number) is bumped durably at open, so transaction ids of
-  different incarnations never collide.
+  different incarnations never collide; when each epoch began is kept, and so is the
+  prune horizon, so that the absence of a record can be read exactly (see
+  `coordinator.protocol.reported_without_record`);
+- one process at a time: `acquire` takes an exclusive lock (flock on PATH.lock) and a
+  second coordinator on the same log refuses to start;
+- fail-stop: if the log cannot write (disk full, I/O error, the writer thread died),
+  `failure` says why, every later write fails at once, and the coordinator accepts
+  no new transactions; no caller ever waits forever.
 
 Rows: `committing` (decision durable, phase 2 under way), `committed` (every
 participant acknowledged), `aborted` (written only for transactions with an
@@ -20,13 +27,16 @@ Inspect it with `sqlite-utils rows LOG transactions` or `twopc-coordinator inspe
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import json
+import os
 import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
-from concurrent.futures import Future
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,7 +57,23 @@ CREATE TABLE IF NOT EXISTS transactions (
     completed_at REAL
 );
 CREATE INDEX IF NOT EXISTS transactions_state ON transactions (state);
+-- Pruning reads finished rows by age; without this it scans the whole log inside the
+-- single writer, holding up forced commits.
+CREATE INDEX IF NOT EXISTS transactions_finished_age ON transactions (decided_at)
+    WHERE state IN ('committed', 'aborted');
+CREATE TABLE IF NOT EXISTS epochs (
+    epoch INTEGER PRIMARY KEY,
+    started_at REAL NOT NULL
+);
 """
+
+
+class LogInUse(Exception):
+    """Another process holds this decision log."""
+
+
+class LogFailed(Exception):
+    """The decision log cannot write; the coordinator must stop deciding."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +107,17 @@ _Write = Callable[[sqlite3.Connection], object]
 _STOP = object()
 
 
+def _settle(fut: Future[None], error: BaseException | None = None) -> None:
+    """Answer a writer's caller exactly once, whatever happened to it meanwhile."""
+    if fut.done():
+        return
+    with contextlib.suppress(InvalidStateError):
+        if error is None:
+            fut.set_result(None)
+        else:
+            fut.set_exception(error)
+
+
 class DecisionLog:
     def __init__(self, path: str, coordinator_id: str, batch_max: int = 512) -> None:
         self._path = path
@@ -91,6 +128,14 @@ class DecisionLog:
         self._read_lock = threading.Lock()
         self._reader: sqlite3.Connection | None = None
         self.epoch = 0
+        self.last_epoch = 0
+        """The epoch of the previous incarnation (read by `acquire`)."""
+        self.pruned_before: float | None = None
+        """Records decided before this time may have been pruned."""
+        self.failure: str | None = None
+        """Why the log cannot write, once it cannot (fail-stop)."""
+        self._lock_fd: int | None = None
+        self._writer_conn: sqlite3.Connection | None = None
         self.stats = {"log_batches": 0, "log_records": 0, "log_fsync_batches": 0}
 
     def _connect(self) -> sqlite3.Connection:
@@ -100,28 +145,62 @@ class DecisionLog:
         return conn
 
     def open(self) -> None:
-        """Create the schema if needed, check the log is this coordinator's, bump the
-        epoch durably, start the writer."""
+        """`acquire` then `begin_epoch`: the log ready to write."""
+        self.acquire()
+        self.begin_epoch()
+
+    def acquire(self) -> None:
+        """Take the log for this process, create the schema if needed, check the log is
+        this coordinator's, read the previous epoch. Nothing is written yet: the
+        caller may still refuse to go on (a log older than the participants)."""
+        self._lock()
         writer = self._connect()
         mode = writer.execute("PRAGMA journal_mode = WAL").fetchone()[0]
         if mode != "wal":
             raise RuntimeError(f"decision log {self._path}: cannot enable WAL (got {mode})")
         writer.execute("PRAGMA synchronous = FULL")
         writer.executescript(_SCHEMA)
-        writer.execute("BEGIN IMMEDIATE")
-        owner = writer.execute("SELECT value FROM meta WHERE key = 'coordinator_id'").fetchone()
-        if owner is not None and owner[0] != self.coordinator_id:
-            writer.execute("ROLLBACK")
+        meta = dict(writer.execute("SELECT key, value FROM meta").fetchall())
+        owner = meta.get("coordinator_id")
+        if owner is not None and owner != self.coordinator_id:
             writer.close()
             # Another coordinator's decisions would be misread as ours, and its
             # transaction ids could be reissued: refuse.
-            raise ValueError(f"this decision log belongs to coordinator {owner[0]!r}")
-        row = writer.execute("SELECT value FROM meta WHERE key = 'epoch'").fetchone()
-        self.epoch = (int(row[0]) if row else 0) + 1
+            raise ValueError(f"this decision log belongs to coordinator {owner!r}")
+        self.last_epoch = int(meta.get("epoch", 0))
+        self.pruned_before = float(meta["pruned_before"]) if "pruned_before" in meta else None
+        self._writer_conn = writer
+
+    def _lock(self) -> None:
+        fd = os.open(f"{self._path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise LogInUse(
+                f"decision log {self._path} is in use by another process (pid {holder}): "
+                "two coordinators on one log would reuse transaction ids and abort each "
+                "other's branches; stop the other one first"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+
+    def begin_epoch(self) -> None:
+        """Bump the epoch durably and start the writer."""
+        writer = self._writer_conn
+        assert writer is not None, "acquire() first"
+        self.epoch = self.last_epoch + 1
+        writer.execute("BEGIN IMMEDIATE")
         writer.executemany(
             "INSERT INTO meta (key, value) VALUES (?, ?) "
             "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
             [("epoch", str(self.epoch)), ("coordinator_id", self.coordinator_id)],
+        )
+        writer.execute(
+            "INSERT OR REPLACE INTO epochs (epoch, started_at) VALUES (?, ?)",
+            (self.epoch, time.time()),
         )
         writer.execute("COMMIT")
         self._reader = self._connect()
@@ -135,18 +214,31 @@ class DecisionLog:
             self._queue.put(_STOP)
             self._writer.join()
             self._writer = None
+        elif self._writer_conn is not None:
+            self._writer_conn.close()
+        self._writer_conn = None
         if self._reader is not None:
             self._reader.close()
             self._reader = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
     # -- the writer thread (group commit) -------------------------------------------
 
     def _write_loop(self, conn: sqlite3.Connection) -> None:
+        try:
+            self._write_batches(conn)
+        except BaseException as exc:  # never die silently: callers would wait forever
+            self._fail(f"the writer stopped: {exc!r}")
+        finally:
+            conn.close()
+
+    def _write_batches(self, conn: sqlite3.Connection) -> None:
         synchronous = "FULL"
         while True:
             first = self._queue.get()
             if first is _STOP:
-                conn.close()
                 return
             batch = [first]
             while len(batch) < self._batch_max:
@@ -164,22 +256,41 @@ class DecisionLog:
                 synchronous = wanted
             try:
                 self._commit(conn, [write for write, _, _ in batch])
-            except Exception:
+            except sqlite3.IntegrityError:
                 # One bad record (say, a duplicate idempotency key) must not fail the
                 # records it happened to share a batch with: write them one by one.
                 for write, _, fut in batch:
                     try:
                         self._commit(conn, [write])
-                    except Exception as exc:
-                        fut.set_exception(exc)
+                    except sqlite3.IntegrityError as exc:
+                        _settle(fut, exc)
                     else:
-                        fut.set_result(None)
+                        _settle(fut)
                 continue
+            except sqlite3.Error as exc:  # disk full, I/O error: nothing is durable now
+                self._fail(f"cannot write {self._path}: {exc}", batch)
+                return
             self.stats["log_batches"] += 1
             self.stats["log_records"] += len(batch)
             self.stats["log_fsync_batches"] += wanted == "FULL"
             for _, _, fut in batch:
-                fut.set_result(None)
+                _settle(fut)
+
+    def _fail(self, why: str, batch: Sequence[Any] = ()) -> None:
+        """Fail-stop: remember why, fail this batch and everything still queued."""
+        self.failure = why
+        for _, _, fut in batch:
+            _settle(fut, LogFailed(why))
+        self._drain()
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if item is not _STOP:
+                _settle(item[2], LogFailed(self.failure or "decision log closed"))
 
     @staticmethod
     def _commit(conn: sqlite3.Connection, writes: list[_Write]) -> None:
@@ -194,9 +305,15 @@ class DecisionLog:
             raise
 
     async def _write(self, write: _Write, forced: bool) -> None:
+        if self.failure is not None:
+            raise LogFailed(self.failure)
         fut: Future[None] = Future()
         self._queue.put((write, forced, fut))
-        await asyncio.wrap_future(fut)
+        if self.failure is not None:  # the writer failed meanwhile: nobody else answers
+            self._drain()
+        # Shielded: a cancelled caller must not cancel the write under the writer (the
+        # record may be durable already; the caller's caller decides what that means).
+        await asyncio.shield(asyncio.wrap_future(fut))
 
     # -- writes -----------------------------------------------------------------------
 
@@ -210,8 +327,9 @@ class DecisionLog:
         idempotency_key: str | None,
         request_hash: str | None,
         complete: bool,
+        forced: bool = True,
     ) -> None:
-        """Force one new row to disk."""
+        """Write one new row (to disk, fsynced, unless not `forced`)."""
         now = time.time()
         row = (
             transaction_id,
@@ -232,7 +350,7 @@ class DecisionLog:
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 row,
             ),
-            forced=True,
+            forced=forced,
         )
 
     async def record_commit(
@@ -244,9 +362,11 @@ class DecisionLog:
         idempotency_key: str | None = None,
         request_hash: str | None = None,
         completed: bool = False,
+        forced: bool = True,
     ) -> None:
         """Force a COMMIT decision to disk. `completed` for a transaction that needs no
-        phase 2 (one-phase) and is logged only to remember its idempotency key."""
+        phase 2 (read-only), logged to remember its key and its outcome; only such a
+        record may go unforced."""
         state = "committed" if completed else "committing"
         await self._insert(
             transaction_id,
@@ -257,6 +377,7 @@ class DecisionLog:
             idempotency_key,
             request_hash,
             complete=completed,
+            forced=forced or not completed,
         )
 
     async def record_abort(
@@ -285,11 +406,13 @@ class DecisionLog:
         transaction_id: str,
         participant: str,
         created_at: float,
-        idempotency_key: str,
-        request_hash: str,
+        idempotency_key: str | None,
+        request_hash: str | None,
     ) -> None:
-        """Force the key of a single-branch transaction to disk before its one-phase
-        commit is sent: a retry after a crash must find it, or it would run twice."""
+        """Force the intent of a single-branch transaction to disk before its one-phase
+        commit is sent: after a crash, recovery settles it (a keyed retry must find
+        it, or it would run twice) and GetTransaction never mistakes a commit whose
+        answer was lost for one that never happened."""
         await self._insert(
             transaction_id,
             "one_phase",
@@ -333,14 +456,24 @@ class DecisionLog:
     async def prune(self, older_than: float) -> None:
         """Forget completed transactions (and their keys) past the retention period."""
         self._check_open()
-        await self._write(
-            lambda c: c.execute(
+        horizon = max(older_than, self.pruned_before or older_than)
+
+        def prune(c: sqlite3.Connection) -> None:
+            c.execute(
                 "DELETE FROM transactions WHERE state IN ('committed', 'aborted') "
                 "AND decided_at < ?",
-                (older_than,),
-            ),
-            forced=False,
-        )
+                (horizon,),
+            )
+            c.execute(
+                "INSERT INTO meta (key, value) VALUES ('pruned_before', ?) "
+                "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (repr(horizon),),
+            )
+
+        # The horizon is raised before the rows go: an answer read meanwhile is at
+        # worst FORGOTTEN for a record still there, never UNKNOWN for one gone.
+        self.pruned_before = horizon
+        await self._write(prune, forced=False)
 
     def _check_open(self) -> None:
         if self._writer is None:
@@ -364,6 +497,19 @@ class DecisionLog:
             self._query, "SELECT * FROM transactions WHERE idempotency_key = ?", (key,)
         )
         return rows[0] if rows else None
+
+    async def epoch_started(self, epoch: int) -> float | None:
+        """When `epoch` began, if this log knows (logs older than this table do not)."""
+
+        def read() -> float | None:
+            assert self._reader is not None, "decision log is not open"
+            with self._read_lock:
+                row = self._reader.execute(
+                    "SELECT started_at FROM epochs WHERE epoch = ?", (epoch,)
+                ).fetchone()
+            return None if row is None else float(row[0])
+
+        return await asyncio.to_thread(read)
 
     def incomplete_commits(self) -> list[LogRecord]:
         return self._query("SELECT * FROM transactions WHERE state = 'committing'")

@@ -21,21 +21,24 @@ import collections
 import contextlib
 import itertools
 import time
-from collections.abc import Coroutine, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from coordinator.config import CoordinatorConfig
-from coordinator.decision_log import DecisionLog, LogRecord
+from coordinator.decision_log import DecisionLog, LogFailed, LogRecord
 from coordinator.participants import ParticipantClient, PrepareReply
 from coordinator.protocol import (
-    FINAL,
     AbortCause,
     Ballot,
+    Reported,
     TxState,
     Vote,
-    backoff,
+    abort_cause,
     decide,
+    one_phase_committed,
+    reported,
+    reported_without_record,
     transition,
 )
 from twopc_common import failpoints
@@ -93,7 +96,7 @@ class Outcome:
 @dataclass(frozen=True, slots=True)
 class TransactionInfo:
     transaction_id: str
-    outcome: str  # committed | aborted | in_progress | unknown
+    outcome: Reported
     state: TxState | None
     participants: tuple[str, ...] = ()
     age_seconds: float = 0.0
@@ -107,6 +110,8 @@ class _Tx:
     created: float = field(default_factory=time.time)
     last_used: float = field(default_factory=time.monotonic)
     participants: list[str] = field(default_factory=list)
+    incarnations: dict[str, str] = field(default_factory=dict)
+    """Participant -> the agent incarnation that opened its branch (interactive)."""
     key: str | None = None
     request_hash: str | None = None
     busy: int = 0
@@ -139,10 +144,20 @@ class Coordinator:
         self._recent: collections.OrderedDict[str, Outcome] = collections.OrderedDict()
         self._sequence = itertools.count(1)
         self._background: set[asyncio.Task[None]] = set()
+        self._stopped: str | None = None
 
     # -- bookkeeping ----------------------------------------------------------------
 
+    @property
+    def stopped(self) -> str | None:
+        """Why this coordinator accepts no new transactions (fail-stop), if it does not."""
+        if self.decision_log.failure is not None:
+            return f"its decision log cannot write: {self.decision_log.failure}"
+        return self._stopped
+
     def _new_tx(self, state: TxState = TxState.ACTIVE) -> _Tx:
+        if (why := self.stopped) is not None:
+            raise Unavailable(f"coordinator {self.id} accepts no new transactions: {why}")
         txid = str(TransactionId(self.id, self.decision_log.epoch, next(self._sequence)))
         tx = self._live[txid] = _Tx(txid, state)
         return tx
@@ -253,8 +268,11 @@ class Coordinator:
             else:
                 await self._two_phase(tx, work)
         except Exception as exc:
-            # Nothing is decided unless the outcome is set: presumed abort covers it.
-            if not tx.outcome.done():
+            if tx.outcome.done():
+                # Decided (and, for a commit, durable) before the error: only forward.
+                self.log.error("error_after_decision", txid=tx.id, error=repr(exc))
+            else:
+                # Nothing is decided unless the outcome is set: presumed abort covers it.
                 self._abort(
                     tx,
                     AbortCause.COORDINATOR_RESTART,
@@ -262,7 +280,9 @@ class Coordinator:
                     f"coordinator error: {exc!r}",
                     tuple(tx.participants),
                 )
-            raise
+                if isinstance(exc, LogFailed):
+                    raise Unavailable(f"transaction {tx.id} aborted: {exc}") from exc
+                raise
         return await self._answer(tx, wait)
 
     async def _two_phase(self, tx: _Tx, work: Mapping[str, tuple[Statement, ...]]) -> None:
@@ -295,8 +315,12 @@ class Coordinator:
         await self.decision_log.record_commit(
             tx.id, decision.phase2, tx.created, outcome.to_json(), tx.key, tx.request_hash
         )
-        await failpoints.hit("coordinator.after_decision_logged")
+        # The point of no return. From here on the only way is forward: the outcome is
+        # set and phase 2 started before anything else can raise, so no error or
+        # cancellation after this line can turn into an abort (see `_finish`).
         tx.state = transition(tx.state, TxState.COMMITTING)
+        tx.outcome.set_result(outcome)
+        self._spawn(self._deliver(tx, decision.phase2, commit=True))
         self.counters["committed_two_phase"] += 1
         self.log.debug(
             "decided",
@@ -305,15 +329,16 @@ class Coordinator:
             decision="commit",
             participants=",".join(decision.phase2),
         )
-        tx.outcome.set_result(outcome)
-        self._spawn(self._deliver(tx, decision.phase2, commit=True))
+        await failpoints.hit("coordinator.after_decision_logged")
 
     async def _collect_votes(
         self, tx: _Tx, work: Mapping[str, tuple[Statement, ...]]
     ) -> tuple[dict[str, Ballot], BranchResults]:
         timeout = self.config.prepare_timeout
         calls = {
-            asyncio.create_task(self.clients[p].prepare(tx.id, work[p], False, timeout)): p
+            asyncio.create_task(
+                self.clients[p].prepare(tx.id, work[p], False, timeout, tx.incarnations.get(p, ""))
+            ): p
             for p in work
         }
         ballots: dict[str, Ballot] = {}
@@ -342,39 +367,47 @@ class Coordinator:
     async def _one_phase(
         self, tx: _Tx, participant: str, statements: tuple[Statement, ...]
     ) -> None:
-        """A single branch commits without PREPARE and needs no decision record. If its
-        answer is lost, an Abort fences it: acknowledged means it did not commit (and
-        never will), FAILED_PRECONDITION means it had committed."""
-        client = self.clients[participant]
-        if tx.key is not None:
-            await self.decision_log.record_one_phase_intent(
-                tx.id, participant, tx.created, tx.key, tx.request_hash or ""
+        """A single branch commits without PREPARE. Its intent is forced first, so that
+        no transaction can commit without a record (GetTransaction never has to guess,
+        and a keyed retry after a crash finds it); recovery settles an intent whose
+        answer was lost. If the answer is lost, an Abort fences the branch:
+        acknowledged means it did not commit (and never will), FAILED_PRECONDITION
+        means it had committed."""
+        await self.decision_log.record_one_phase_intent(
+            tx.id, participant, tx.created, tx.key, tx.request_hash
+        )
+        try:
+            reply = await self.clients[participant].prepare(
+                tx.id,
+                statements,
+                True,
+                self.config.prepare_timeout,
+                tx.incarnations.get(participant, ""),
             )
-        reply = await client.prepare(tx.id, statements, True, self.config.prepare_timeout)
-        await failpoints.hit("coordinator.after_one_phase_reply")
+        except Exception as exc:  # it was sent: it may have committed
+            reply = PrepareReply(Ballot(Vote.LOST, f"coordinator error: {exc!r}"))
+        try:
+            await failpoints.hit("coordinator.after_one_phase_reply")
+        except Exception as exc:  # the answer stands: only forward
+            self.log.error("error_after_one_phase_reply", txid=tx.id, error=repr(exc))
         ballot = reply.ballot
         results = ((participant, reply.results),) if reply.results else ()
-        if ballot.vote in (Vote.COMMITTED_ONE_PHASE, Vote.READ_ONLY):
-            committed = True
-        elif ballot.vote is Vote.NO:
-            committed = False
-        else:
+        committed = one_phase_committed(ballot.vote)
+        if committed is None:
             committed = await self._fence_one_phase(tx, participant)
-        if ballot.vote is Vote.NO:
-            cause: AbortCause = AbortCause.VOTE_NO
-        elif ballot.vote is Vote.TIMEOUT:
-            cause = AbortCause.PREPARE_TIMEOUT
-        else:
-            cause = AbortCause.PARTICIPANT_UNAVAILABLE
+        cause = abort_cause(ballot.vote)
         outcome = (
             Outcome(tx.id, True, results=results, one_phase=True)
             if committed
             else Outcome(tx.id, False, cause, participant, ballot.reason, results, one_phase=True)
         )
-        # The key's record is resolved before the key leaves memory, so that a retry
-        # finds either the live transaction or its outcome.
-        if tx.key is not None:
-            await self.decision_log.resolve_one_phase(tx.id, outcome.to_json())
+        # Resolved before the transaction leaves memory, so that a retry or a
+        # GetTransaction finds either the live transaction or its outcome.
+        await self._retry(
+            lambda _: self.decision_log.resolve_one_phase(tx.id, outcome.to_json()),
+            tx,
+            "resolve_one_phase",
+        )
         if committed:
             self.counters["committed_one_phase"] += 1
             self.log.debug("committed_one_phase", txid=tx.id, key=tx.key, participant=participant)
@@ -389,21 +422,20 @@ class Coordinator:
                 return False
             except FailedPrecondition:
                 return True
-            except TwoPCError as exc:
+            except Exception as exc:
                 self.log.warning(
                     "one_phase_fence_retry", txid=tx.id, participant=participant, error=str(exc)
                 )
-                await asyncio.sleep(
-                    backoff(
-                        attempt, self.config.phase2_backoff_initial, self.config.phase2_backoff_max
-                    )
-                )
+                await asyncio.sleep(self.config.phase2_retry.delay(attempt))
         raise AssertionError("unreachable")
 
     async def _complete_without_phase2(
         self, tx: _Tx, outcome: Outcome, logged: bool = False
     ) -> None:
-        if tx.key is not None and not logged:
+        """Committed with nothing left to deliver: every branch read-only, none at all,
+        or (`logged`) a one-phase commit whose record is resolved already."""
+        if not logged and tx.key is not None:
+            # The key's record is durable before the answer, for a retry to find.
             await self.decision_log.record_commit(
                 tx.id,
                 tuple(tx.participants),
@@ -413,9 +445,31 @@ class Coordinator:
                 tx.request_hash,
                 completed=True,
             )
+            logged = True
         tx.state = transition(tx.state, TxState.COMMITTED)
         tx.outcome.set_result(replace(outcome, completed=True))
         tx.completed.set()
+        if logged:
+            self._forget(tx)
+        else:
+            self._spawn(self._record_read_only(tx, outcome))
+
+    async def _record_read_only(self, tx: _Tx, outcome: Outcome) -> None:
+        """So that GetTransaction keeps saying committed once it left memory. Not
+        forced: nothing was applied anywhere, so if a crash loses the record, the
+        answer it falls back to (UNKNOWN: applied nowhere) is still true."""
+        await self._retry(
+            lambda _: self.decision_log.record_commit(
+                tx.id,
+                tuple(tx.participants),
+                tx.created,
+                outcome.to_json(),
+                completed=True,
+                forced=False,
+            ),
+            tx,
+            "record_read_only",
+        )
         self._forget(tx)
 
     def _abort(
@@ -448,10 +502,10 @@ class Coordinator:
 
     async def _deliver(self, tx: _Tx, participants: tuple[str, ...], commit: bool) -> None:
         tx.pending = set(participants)
-        await asyncio.gather(*(self._deliver_one(tx, p, commit) for p in participants))
+        deliver_one = self._deliver_commit if commit else self._deliver_abort
+        await asyncio.gather(*(deliver_one(tx, p) for p in participants))
         if commit:
-            await failpoints.hit("coordinator.before_mark_complete")
-            await self._retry(lambda: self.decision_log.mark_complete(tx.id), tx, "mark_complete")
+            await self._retry(self._mark_complete, tx, "mark_complete")
             tx.state = transition(tx.state, TxState.COMMITTED)
         else:
             tx.state = transition(tx.state, TxState.ABORTED)
@@ -459,59 +513,85 @@ class Coordinator:
         self._forget(tx)
         self.log.debug("completed", txid=tx.id, outcome="committed" if commit else "aborted")
 
-    async def _deliver_one(self, tx: _Tx, participant: str, commit: bool) -> None:
+    async def _mark_complete(self, tx: _Tx) -> None:
+        await failpoints.hit("coordinator.before_mark_complete")
+        await self.decision_log.mark_complete(tx.id)
+
+    async def _deliver_commit(self, tx: _Tx, participant: str) -> None:
+        """Retried until acknowledged, whatever fails: the COMMIT is durable."""
         client = self.clients[participant]
         for attempt in itertools.count():
             try:
-                if commit:
-                    # Batched with the agent's other commits: COMMIT PREPARED never
-                    # waits for a lock, so one batch cannot hold up the next.
-                    await client.finish(tx.id, True)
-                else:
-                    # Alone: the branch may still be open and waiting on a lock, and
-                    # the agent must interrupt it first.
-                    await client.abort(tx.id)
+                # Batched with the agent's other commits: COMMIT PREPARED never
+                # waits for a lock, so one batch cannot hold up the next.
+                await client.finish(tx.id, True)
             except FailedPrecondition as exc:
                 # The branch is in the other final state: only an operator's heuristic
                 # decision can do that, and retrying cannot undo it.
-                self.counters["heuristic_hazards"] += 1
-                self.log.error(
-                    "heuristic_hazard", txid=tx.id, participant=participant, error=str(exc)
-                )
+                self._heuristic_hazard(tx, participant, exc)
                 break
-            except TwoPCError as exc:
-                self.counters["phase2_retries"] += 1
-                if attempt % 10 == 0:
-                    self.log.warning(
-                        "phase2_retry",
-                        txid=tx.id,
-                        participant=participant,
-                        attempt=attempt,
-                        error=str(exc),
-                    )
-                await asyncio.sleep(
-                    backoff(
-                        attempt, self.config.phase2_backoff_initial, self.config.phase2_backoff_max
-                    )
-                )
+            except Exception as exc:
+                await self._phase2_retry_wait(tx, participant, attempt, exc)
                 continue
             break
         tx.pending.discard(participant)
-        if commit and tx.pending:
-            await failpoints.hit("coordinator.after_some_commits")
+        if tx.pending:
+            with contextlib.suppress(Exception):  # a test hook; an error changes nothing
+                await failpoints.hit("coordinator.after_some_commits")
 
-    async def _retry(self, step: Any, tx: _Tx, what: str) -> None:
+    async def _deliver_abort(self, tx: _Tx, participant: str) -> None:
+        """Best effort, a bounded number of attempts. Under presumed abort an Abort only
+        releases locks early: a participant that cannot be reached rolls its branch back
+        when its own recovery asks (no record: aborted), and so does this coordinator's
+        in-doubt scan once the transaction has left memory. So an unreachable agent
+        costs a few attempts per transaction, not a retry loop that never ends."""
+        client = self.clients[participant]
+        for attempt in range(self.config.abort_attempts):
+            try:
+                # Alone: the branch may still be open and waiting on a lock, and the
+                # agent must interrupt it first.
+                await client.abort(tx.id)
+            except FailedPrecondition as exc:
+                self._heuristic_hazard(tx, participant, exc)
+                break
+            except Exception as exc:
+                if attempt + 1 < self.config.abort_attempts:
+                    await self._phase2_retry_wait(tx, participant, attempt, exc)
+                    continue
+                self.counters["aborts_left_to_recovery"] += 1
+                self.log.warning(
+                    "abort_left_to_recovery", txid=tx.id, participant=participant, error=str(exc)
+                )
+            break
+        tx.pending.discard(participant)
+
+    def _heuristic_hazard(self, tx: _Tx, participant: str, exc: Exception) -> None:
+        self.counters["heuristic_hazards"] += 1
+        self.log.error("heuristic_hazard", txid=tx.id, participant=participant, error=str(exc))
+
+    async def _phase2_retry_wait(
+        self, tx: _Tx, participant: str, attempt: int, exc: Exception
+    ) -> None:
+        self.counters["phase2_retries"] += 1
+        if attempt % 10 == 0:
+            self.log.warning(
+                "phase2_retry",
+                txid=tx.id,
+                participant=participant,
+                attempt=attempt,
+                error=str(exc),
+            )
+        await asyncio.sleep(self.config.phase2_retry.delay(attempt))
+
+    async def _retry(self, step: Callable[[_Tx], Awaitable[None]], tx: _Tx, what: str) -> None:
+        """Run a step that must happen (a log write after the decision) until it does."""
         for attempt in itertools.count():
             try:
-                await step()
+                await step(tx)
                 return
             except Exception as exc:
                 self.log.error("retrying", txid=tx.id, step=what, error=repr(exc))
-                await asyncio.sleep(
-                    backoff(
-                        attempt, self.config.phase2_backoff_initial, self.config.phase2_backoff_max
-                    )
-                )
+                await asyncio.sleep(self.config.phase2_retry.delay(attempt))
 
     # -- interactive transactions ---------------------------------------------------
 
@@ -540,7 +620,16 @@ class Coordinator:
             tx.participants.append(participant)
         tx.busy += 1
         try:
-            return await client.execute(txid, statements)
+            results, incarnation = await client.execute(
+                txid, statements, tx.incarnations.get(participant, "")
+            )
+            opened = tx.incarnations.setdefault(participant, incarnation)
+            if opened != incarnation:  # two first Executes, and a restart between them
+                raise Aborted(
+                    f"agent {participant} restarted during the transaction "
+                    f"(incarnation {opened}, then {incarnation})"
+                )
+            return results
         except (Aborted, Unavailable, FailedPrecondition) as exc:
             if tx.state is TxState.ACTIVE:
                 cause = (
@@ -562,10 +651,12 @@ class Coordinator:
             return await self._answer(tx, wait)  # a repeated Commit, or after an abort
         if tx.busy:
             raise FailedPrecondition(f"transaction {txid} has an Execute in progress")
-        if not tx.participants:
+        # A participant whose every Execute was refused before it ran holds no branch.
+        enlisted = [p for p in tx.participants if p in tx.incarnations]
+        if not enlisted:
             await self._complete_without_phase2(tx, Outcome(tx.id, True, one_phase=True))
             return await self._answer(tx, wait)
-        return await self._finish(tx, {p: () for p in tx.participants}, wait)
+        return await self._finish(tx, {p: () for p in enlisted}, wait)
 
     async def rollback(self, txid: str) -> Outcome:
         if (recent := self._recent.get(txid)) is not None:
@@ -607,54 +698,45 @@ class Coordinator:
         parsed = TransactionId.parse(txid)
         tx = self._live.get(txid)
         if tx is not None:
-            if tx.state in (TxState.COMMITTING, TxState.COMMITTED):
-                outcome = "committed"
-            elif tx.state in (TxState.ABORTING, TxState.ABORTED):
-                outcome = "aborted"
-            else:
-                outcome = "in_progress"
-            return TransactionInfo(
-                txid,
-                outcome,
-                tx.state,
-                tuple(tx.participants),
-                time.time() - tx.created,
-                tuple(sorted(tx.pending)),
-            )
+            return self._info(tx, time.time())
         record = await self.decision_log.get(txid)
+        if record is None and (recent := self._recent.get(txid)) is not None:
+            # Finished and not logged: an abort (every commit has a record).
+            answer = Reported.COMMITTED if recent.committed else Reported.ABORTED
+            state = TxState.COMMITTED if recent.committed else TxState.ABORTED
+            return TransactionInfo(txid, answer, state)
         if record is not None:
             age = time.time() - record.created_at
             if record.state == "one_phase":
                 return TransactionInfo(
-                    txid, "in_progress", TxState.PREPARING, record.participants, age
+                    txid, Reported.IN_PROGRESS, TxState.PREPARING, record.participants, age
                 )
             state = TxState(record.state)
-            return TransactionInfo(
-                txid,
-                "aborted" if state is TxState.ABORTED else "committed",
-                state,
-                record.participants,
-                age,
-            )
+            return TransactionInfo(txid, reported(state), state, record.participants, age)
         if parsed.coordinator != self.id:
             raise NotFound(f"transaction {txid} belongs to coordinator {parsed.coordinator}")
         if not self.recovered:
             raise Unavailable("recovery has not finished; ask again")
-        return TransactionInfo(txid, "unknown", None)
+        if parsed.epoch > self.decision_log.epoch:
+            return TransactionInfo(txid, Reported.UNKNOWN, None)  # never issued
+        answer = reported_without_record(
+            await self.decision_log.epoch_started(parsed.epoch), self.decision_log.pruned_before
+        )
+        return TransactionInfo(txid, answer, None)
+
+    def _info(self, tx: _Tx, now: float) -> TransactionInfo:
+        return TransactionInfo(
+            tx.id,
+            reported(tx.state),
+            tx.state,
+            tuple(tx.participants),
+            now - tx.created,
+            tuple(sorted(tx.pending)),
+        )
 
     def in_flight(self) -> list[TransactionInfo]:
         now = time.time()
-        return [
-            TransactionInfo(
-                tx.id,
-                "in_progress" if tx.state not in FINAL else tx.state.value,
-                tx.state,
-                tuple(tx.participants),
-                now - tx.created,
-                tuple(sorted(tx.pending)),
-            )
-            for tx in self._live.values()
-        ]
+        return [self._info(tx, now) for tx in self._live.values()]
 
     # -- recovery -------------------------------------------------------------------
 
@@ -701,7 +783,7 @@ class Coordinator:
                 one_phase=True,
             )
         await self._retry(
-            lambda: self.decision_log.resolve_one_phase(tx.id, outcome.to_json()),
+            lambda _: self.decision_log.resolve_one_phase(tx.id, outcome.to_json()),
             tx,
             "resolve_one_phase",
         )

@@ -115,12 +115,18 @@ class ParticipantClient:
         await self._channel.close()
 
     async def prepare(
-        self, txid: str, statements: Sequence[Statement], one_phase: bool, timeout: float
+        self,
+        txid: str,
+        statements: Sequence[Statement],
+        one_phase: bool,
+        timeout: float,
+        incarnation: str = "",
     ) -> PrepareReply:
         request = pb.PrepareRequest(
             transaction_id=txid,
             statements=[statement_to_pb(s) for s in statements],
             one_phase=one_phase,
+            incarnation=incarnation,
         )
         try:
             reply = await self._stub.Prepare(request, timeout=timeout, wait_for_ready=True)
@@ -136,9 +142,15 @@ class ParticipantClient:
         reason = f"{reply.reason}" if reply.reason else ""
         return PrepareReply(Ballot(vote, reason), tuple(result_from_pb(r) for r in reply.results))
 
-    async def execute(self, txid: str, statements: Sequence[Statement]) -> list[StatementResult]:
+    async def execute(
+        self, txid: str, statements: Sequence[Statement], incarnation: str
+    ) -> tuple[list[StatementResult], str]:
+        """Run statements in the branch (opened if `incarnation` is empty); returns the
+        results and the incarnation of the agent that ran them."""
         request = pb.BranchExecuteRequest(
-            transaction_id=txid, statements=[statement_to_pb(s) for s in statements]
+            transaction_id=txid,
+            statements=[statement_to_pb(s) for s in statements],
+            incarnation=incarnation,
         )
         try:
             reply = await self._stub.Execute(
@@ -146,7 +158,7 @@ class ParticipantClient:
             )
         except grpc.aio.AioRpcError as exc:
             raise _error(exc, self.name) from exc
-        return [result_from_pb(r) for r in reply.results]
+        return [result_from_pb(r) for r in reply.results], reply.incarnation
 
     async def finish(self, txid: str, commit: bool) -> bool:
         """Commit or abort the branch in the next batched Finish call. Answers as

@@ -41,6 +41,38 @@ _ALLOWED: dict[TxState, frozenset[TxState]] = {
 FINAL = frozenset({TxState.COMMITTED, TxState.ABORTED})
 
 
+class Reported(enum.Enum):
+    """What GetTransaction answers (the proto says what each guarantees)."""
+
+    COMMITTED = "committed"
+    ABORTED = "aborted"
+    IN_PROGRESS = "in_progress"
+    UNKNOWN = "unknown"
+    FORGOTTEN = "forgotten"
+
+
+def reported(state: TxState) -> Reported:
+    """A transaction's answer from its state: decided is decided, even mid phase 2."""
+    if state in (TxState.COMMITTING, TxState.COMMITTED):
+        return Reported.COMMITTED
+    if state in (TxState.ABORTING, TxState.ABORTED):
+        return Reported.ABORTED
+    return Reported.IN_PROGRESS
+
+
+def reported_without_record(epoch_started: float | None, pruned_before: float | None) -> Reported:
+    """The answer for an id of ours that is neither in memory nor in the log, after
+    recovery. Every transaction that can commit has a forced record first (two-phase:
+    its COMMIT; one-phase: its intent), so no record means it never committed, unless
+    the record may have been pruned: that is, the id's epoch began before the prune
+    horizon (or when it began is not known) - then only FORGOTTEN is true."""
+    if pruned_before is None:
+        return Reported.UNKNOWN
+    if epoch_started is None or epoch_started < pruned_before:
+        return Reported.FORGOTTEN
+    return Reported.UNKNOWN
+
+
 class IllegalTransition(Exception):
     """The coordinator misused its own protocol (a bug, never a peer's fault)."""
 
@@ -56,9 +88,13 @@ class Vote(enum.Enum):
     NO = "no"
     READ_ONLY = "read_only"
     COMMITTED_ONE_PHASE = "committed_one_phase"
-    # No vote: the prepare timeout expired or the participant could not be reached.
+    # No vote: the prepare timeout expired, the participant could not be reached, or
+    # the call failed some other way (an answer too large, an internal error). The
+    # branch may be prepared (or, one-phase, committed): such a participant is sent
+    # the Abort, and a one-phase outcome is settled by the Abort fence.
     TIMEOUT = "timeout"
     UNAVAILABLE = "unavailable"
+    LOST = "lost"
 
 
 class AbortCause(enum.Enum):
@@ -74,6 +110,7 @@ class AbortCause(enum.Enum):
 _CAUSE_OF_MISSING_VOTE = {
     Vote.TIMEOUT: AbortCause.PREPARE_TIMEOUT,
     Vote.UNAVAILABLE: AbortCause.PARTICIPANT_UNAVAILABLE,
+    Vote.LOST: AbortCause.PARTICIPANT_UNAVAILABLE,
 }
 
 
@@ -92,6 +129,22 @@ class Decision:
     cause: AbortCause | None = None
     culprit: str = ""
     reason: str = ""
+
+
+def one_phase_committed(vote: Vote) -> bool | None:
+    """What the reply to a one-phase Prepare proves: True committed (or wrote nothing),
+    False rolled back, None unknown: only the Abort fence can tell, and it also makes
+    sure that a commit still in flight never lands."""
+    if vote in (Vote.COMMITTED_ONE_PHASE, Vote.READ_ONLY):
+        return True
+    if vote is Vote.NO:
+        return False
+    return None
+
+
+def abort_cause(vote: Vote) -> AbortCause:
+    """Why a transaction aborted, from the vote of the participant that made it."""
+    return _CAUSE_OF_MISSING_VOTE.get(vote, AbortCause.VOTE_NO)
 
 
 def decide(participants: tuple[str, ...], ballots: Mapping[str, Ballot]) -> Decision:
@@ -115,6 +168,14 @@ def decide(participants: tuple[str, ...], ballots: Mapping[str, Ballot]) -> Deci
     return Decision(False, phase2, cause, culprit, votes[culprit].reason)
 
 
-def backoff(attempt: int, initial: float, cap: float) -> float:
-    """Capped exponential backoff before retry number `attempt` (from 0)."""
-    return float(min(cap, initial * 2.0 ** min(attempt, 30)))
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """Capped exponential backoff: the one retry policy of phase 2 and of the log
+    writes that must happen after a decision."""
+
+    initial: float
+    cap: float
+
+    def delay(self, attempt: int) -> float:
+        """Seconds to wait before retry number `attempt` (from 0)."""
+        return float(min(self.cap, self.initial * 2.0 ** min(attempt, 30)))

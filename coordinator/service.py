@@ -13,7 +13,7 @@ from collections.abc import Awaitable
 from typing import TypeVar
 
 from coordinator.engine import Coordinator, Outcome, TransactionInfo
-from coordinator.protocol import AbortCause, TxState
+from coordinator.protocol import AbortCause, Reported, TxState
 from twopc_common import failpoints
 from twopc_common.grpc_errors import Context, translate_errors
 from twopc_common.values import results_to_pb, statements_from_pb
@@ -33,10 +33,11 @@ _CAUSES = {
     AbortCause.IDLE_TIMEOUT: pb.CLIENT_ROLLBACK,
 }
 _OUTCOMES = {
-    "committed": pb.COMMITTED,
-    "aborted": pb.ABORTED,
-    "in_progress": pb.IN_PROGRESS,
-    "unknown": pb.UNKNOWN,
+    Reported.COMMITTED: pb.COMMITTED,
+    Reported.ABORTED: pb.ABORTED,
+    Reported.IN_PROGRESS: pb.IN_PROGRESS,
+    Reported.UNKNOWN: pb.UNKNOWN,
+    Reported.FORGOTTEN: pb.FORGOTTEN,
 }
 _STATES = {
     TxState.ACTIVE: pb.ACTIVE,

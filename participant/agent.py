@@ -5,6 +5,10 @@ Guarantees:
 - an Abort interrupts a branch at work (query cancel) and wins over a later Prepare:
   finished branches are remembered (tombstones), so a Prepare or Execute that arrives
   after the Abort is refused instead of opening a new branch;
+- a branch is never silently started over: the agent has an incarnation id, fresh at
+  every start, that its Execute replies carry; an Execute or Prepare that names the
+  incarnation (and so a branch opened earlier) fails unless this incarnation still
+  holds that branch. A restart rolls open branches back, and the transaction aborts;
 - a YES vote is only given for a branch PostgreSQL confirmed as prepared;
 - once prepared, the branch is only finished by Commit or Abort (or by recovery
   asking the coordinator), never by a timer.
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import secrets
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -33,6 +38,10 @@ from twopc_common.errors import (
 from twopc_common.ids import TransactionId
 from twopc_common.log import EventLogger
 from twopc_common.values import Statement, StatementResult
+
+
+class BranchLost(Exception):
+    """An Execute or Prepare names a branch this incarnation of the agent does not hold."""
 
 
 class Vote(Enum):
@@ -84,6 +93,8 @@ class Agent:
         self.store = store
         self.log = EventLogger("participant", config.id)
         self.counters: collections.Counter[str] = collections.Counter()
+        self.incarnation = secrets.token_hex(8)
+        """Fresh at every start: names the branches this process opened."""
         self._branches: dict[str, _Branch] = {}
         self._finished: collections.OrderedDict[str, _Tombstone] = collections.OrderedDict()
 
@@ -95,9 +106,16 @@ class Agent:
         while len(self._finished) > self.config.tombstones:
             self._finished.popitem(last=False)
 
-    def _open(self, txid: str) -> _Branch:
-        """The live branch of txid, opened if new. No await: atomic in the event loop."""
+    def _open(self, txid: str, incarnation: str = "") -> _Branch:
+        """The live branch of txid, opened if new and `incarnation` is empty; with an
+        incarnation, only the branch this incarnation opened then (BranchLost if it
+        is gone). No await: atomic in the event loop."""
         TransactionId.parse(txid)
+        if incarnation and incarnation != self.incarnation:
+            raise BranchLost(
+                f"agent {self.config.id} restarted since the branch of {txid} was opened "
+                f"(incarnation {incarnation}, now {self.incarnation}): its work was rolled back"
+            )
         branch = self._branches.get(txid)
         if branch is not None:
             return branch
@@ -105,6 +123,11 @@ class Agent:
         if gone is not None:
             why = f": {gone.reason}" if gone.reason else ""
             raise FailedPrecondition(f"branch of {txid} is already {gone.state.value}{why}")
+        if incarnation:
+            raise BranchLost(
+                f"agent {self.config.id} no longer holds the branch of {txid} "
+                "(its database connection was lost): its work was rolled back"
+            )
         branch = self._branches[txid] = _Branch(txid)
         self.counters["branches_opened"] += 1
         return branch
@@ -135,10 +158,15 @@ class Agent:
 
     # -- the protocol ---------------------------------------------------------------
 
-    async def execute(self, txid: str, statements: Sequence[Statement]) -> list[StatementResult]:
+    async def execute(
+        self, txid: str, statements: Sequence[Statement], incarnation: str = ""
+    ) -> list[StatementResult]:
         if not statements:
             raise InvalidArgument("Execute needs at least one statement")
-        branch = self._open(txid)
+        try:
+            branch = self._open(txid, incarnation)
+        except BranchLost as exc:
+            raise Aborted(str(exc)) from exc
         async with branch.lock:
             if branch.state is not BranchState.ACTIVE:
                 raise FailedPrecondition(f"branch of {txid} is {branch.state.value}")
@@ -155,10 +183,14 @@ class Agent:
             return results
 
     async def prepare(
-        self, txid: str, statements: Sequence[Statement], one_phase: bool
+        self, txid: str, statements: Sequence[Statement], one_phase: bool, incarnation: str = ""
     ) -> VoteResult:
         try:
-            branch = self._open(txid)
+            branch = self._open(txid, incarnation)
+        except BranchLost as exc:
+            self.counters["votes_no_branch_lost"] += 1
+            self.log.info("vote", txid=txid, vote="no", reason=str(exc))
+            return VoteResult(Vote.NO, str(exc))
         except FailedPrecondition as exc:
             gone = self._finished.get(txid)
             if gone is not None and gone.state is BranchState.PREPARED and not one_phase:

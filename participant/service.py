@@ -56,14 +56,20 @@ class ParticipantService(pgrpc.ParticipantServicer):
         self, request: pb.BranchExecuteRequest, context: Context
     ) -> pb.BranchExecuteResponse:
         statements = statements_from_pb(request.statements, self._limits, "Execute")
-        results = await _shielded(self._agent.execute(request.transaction_id, statements))
-        return pb.BranchExecuteResponse(results=results_to_pb(results))
+        results = await _shielded(
+            self._agent.execute(request.transaction_id, statements, request.incarnation)
+        )
+        return pb.BranchExecuteResponse(
+            results=results_to_pb(results), incarnation=self._agent.incarnation
+        )
 
     @translate_errors
     async def Prepare(self, request: pb.PrepareRequest, context: Context) -> pb.PrepareResponse:
         statements = statements_from_pb(request.statements, self._limits, "Prepare")
         vote = await _shielded(
-            self._agent.prepare(request.transaction_id, statements, request.one_phase)
+            self._agent.prepare(
+                request.transaction_id, statements, request.one_phase, request.incarnation
+            )
         )
         return pb.PrepareResponse(
             vote=_VOTES[vote.vote],
@@ -117,6 +123,7 @@ class ParticipantService(pgrpc.ParticipantServicer):
             open_branches=self._agent.open_branches,
             prepared_branches=self._recovery.prepared,
             counters={**self._agent.counters, "in_doubt_waiting": self._recovery.waiting},
+            incarnation=self._agent.incarnation,
         )
 
     @translate_errors

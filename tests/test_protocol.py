@@ -10,9 +10,9 @@ from coordinator.protocol import (
     AbortCause,
     Ballot,
     IllegalTransition,
+    RetryPolicy,
     TxState,
     Vote,
-    backoff,
     decide,
     transition,
 )
@@ -66,7 +66,7 @@ def test_decision_is_commit_exactly_when_no_vote_is_no_or_missing() -> None:
             might_be_prepared = {
                 p
                 for p, v in zip(P, combo, strict=True)
-                if v in (None, Vote.YES, Vote.TIMEOUT, Vote.UNAVAILABLE)
+                if v in (None, Vote.YES, Vote.TIMEOUT, Vote.UNAVAILABLE, Vote.LOST)
             }
             assert set(decision.phase2) == might_be_prepared
 
@@ -107,7 +107,8 @@ def test_prepared_branch_only_leaves_on_commit_or_abort() -> None:
 
 
 def test_backoff_grows_and_is_capped() -> None:
-    delays = [backoff(i, 0.05, 5.0) for i in range(20)]
+    policy = RetryPolicy(0.05, 5.0)
+    delays = [policy.delay(i) for i in range(20)]
     assert delays[0] == 0.05 and delays[1] == 0.1
     assert delays == sorted(delays) and max(delays) == 5.0
-    assert backoff(10_000, 0.05, 5.0) == 5.0
+    assert policy.delay(10_000) == 5.0

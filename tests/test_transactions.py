@@ -152,8 +152,10 @@ def test_single_participant_commits_in_one_phase(system: LocalSystem) -> None:
     assert outcome.committed and outcome.one_phase and outcome.completed
     assert after["committed_one_phase"] == before.get("committed_one_phase", 0) + 1
     assert after.get("committed_two_phase", 0) == before.get("committed_two_phase", 0)
-    # No decision record was needed for it.
-    assert after.get("log_records", 0) == before.get("log_records", 0)
+    # One forced record, its intent (so that it can never commit unrecorded), and
+    # one unforced update with its outcome; no PREPARE, no phase 2.
+    assert after["log_fsync_batches"] == before.get("log_fsync_batches", 0) + 1
+    assert after["log_records"] == before.get("log_records", 0) + 2
     assert ledger_rows(system, "one")["shard2"] == 1
 
 

@@ -15,6 +15,7 @@ class Outcome(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ABORTED: _ClassVar[Outcome]
     IN_PROGRESS: _ClassVar[Outcome]
     UNKNOWN: _ClassVar[Outcome]
+    FORGOTTEN: _ClassVar[Outcome]
 
 class AbortCause(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -41,6 +42,7 @@ COMMITTED: Outcome
 ABORTED: Outcome
 IN_PROGRESS: Outcome
 UNKNOWN: Outcome
+FORGOTTEN: Outcome
 ABORT_CAUSE_UNSPECIFIED: AbortCause
 VOTE_NO: AbortCause
 PREPARE_TIMEOUT: AbortCause

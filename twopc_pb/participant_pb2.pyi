@@ -28,28 +28,34 @@ class BranchRef(_message.Message):
     def __init__(self, transaction_id: _Optional[str] = ...) -> None: ...
 
 class BranchExecuteRequest(_message.Message):
-    __slots__ = ("transaction_id", "statements")
+    __slots__ = ("transaction_id", "statements", "incarnation")
     TRANSACTION_ID_FIELD_NUMBER: _ClassVar[int]
     STATEMENTS_FIELD_NUMBER: _ClassVar[int]
+    INCARNATION_FIELD_NUMBER: _ClassVar[int]
     transaction_id: str
     statements: _containers.RepeatedCompositeFieldContainer[_types_pb2.Statement]
-    def __init__(self, transaction_id: _Optional[str] = ..., statements: _Optional[_Iterable[_Union[_types_pb2.Statement, _Mapping]]] = ...) -> None: ...
+    incarnation: str
+    def __init__(self, transaction_id: _Optional[str] = ..., statements: _Optional[_Iterable[_Union[_types_pb2.Statement, _Mapping]]] = ..., incarnation: _Optional[str] = ...) -> None: ...
 
 class BranchExecuteResponse(_message.Message):
-    __slots__ = ("results",)
+    __slots__ = ("results", "incarnation")
     RESULTS_FIELD_NUMBER: _ClassVar[int]
+    INCARNATION_FIELD_NUMBER: _ClassVar[int]
     results: _containers.RepeatedCompositeFieldContainer[_types_pb2.StatementResult]
-    def __init__(self, results: _Optional[_Iterable[_Union[_types_pb2.StatementResult, _Mapping]]] = ...) -> None: ...
+    incarnation: str
+    def __init__(self, results: _Optional[_Iterable[_Union[_types_pb2.StatementResult, _Mapping]]] = ..., incarnation: _Optional[str] = ...) -> None: ...
 
 class PrepareRequest(_message.Message):
-    __slots__ = ("transaction_id", "statements", "one_phase")
+    __slots__ = ("transaction_id", "statements", "one_phase", "incarnation")
     TRANSACTION_ID_FIELD_NUMBER: _ClassVar[int]
     STATEMENTS_FIELD_NUMBER: _ClassVar[int]
     ONE_PHASE_FIELD_NUMBER: _ClassVar[int]
+    INCARNATION_FIELD_NUMBER: _ClassVar[int]
     transaction_id: str
     statements: _containers.RepeatedCompositeFieldContainer[_types_pb2.Statement]
     one_phase: bool
-    def __init__(self, transaction_id: _Optional[str] = ..., statements: _Optional[_Iterable[_Union[_types_pb2.Statement, _Mapping]]] = ..., one_phase: _Optional[bool] = ...) -> None: ...
+    incarnation: str
+    def __init__(self, transaction_id: _Optional[str] = ..., statements: _Optional[_Iterable[_Union[_types_pb2.Statement, _Mapping]]] = ..., one_phase: _Optional[bool] = ..., incarnation: _Optional[str] = ...) -> None: ...
 
 class PrepareResponse(_message.Message):
     __slots__ = ("vote", "reason", "sqlstate", "results")
@@ -116,17 +122,35 @@ class PreparedBranch(_message.Message):
     def __init__(self, transaction_id: _Optional[str] = ..., gid: _Optional[str] = ..., age_seconds: _Optional[float] = ...) -> None: ...
 
 class ListPreparedResponse(_message.Message):
-    __slots__ = ("branches",)
+    __slots__ = ("branches", "highest_epoch")
     BRANCHES_FIELD_NUMBER: _ClassVar[int]
+    HIGHEST_EPOCH_FIELD_NUMBER: _ClassVar[int]
     branches: _containers.RepeatedCompositeFieldContainer[PreparedBranch]
-    def __init__(self, branches: _Optional[_Iterable[_Union[PreparedBranch, _Mapping]]] = ...) -> None: ...
+    highest_epoch: int
+    def __init__(self, branches: _Optional[_Iterable[_Union[PreparedBranch, _Mapping]]] = ..., highest_epoch: _Optional[int] = ...) -> None: ...
 
 class ParticipantStatusRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class ForeignPrepared(_message.Message):
+    __slots__ = ("gid", "age_seconds", "owner", "database", "locks", "why")
+    GID_FIELD_NUMBER: _ClassVar[int]
+    AGE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
+    DATABASE_FIELD_NUMBER: _ClassVar[int]
+    LOCKS_FIELD_NUMBER: _ClassVar[int]
+    WHY_FIELD_NUMBER: _ClassVar[int]
+    gid: str
+    age_seconds: float
+    owner: str
+    database: str
+    locks: int
+    why: str
+    def __init__(self, gid: _Optional[str] = ..., age_seconds: _Optional[float] = ..., owner: _Optional[str] = ..., database: _Optional[str] = ..., locks: _Optional[int] = ..., why: _Optional[str] = ...) -> None: ...
+
 class ParticipantStatus(_message.Message):
-    __slots__ = ("participant_id", "open_branches", "prepared_branches", "counters")
+    __slots__ = ("participant_id", "open_branches", "prepared_branches", "counters", "incarnation", "foreign_prepared")
     class CountersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -138,8 +162,12 @@ class ParticipantStatus(_message.Message):
     OPEN_BRANCHES_FIELD_NUMBER: _ClassVar[int]
     PREPARED_BRANCHES_FIELD_NUMBER: _ClassVar[int]
     COUNTERS_FIELD_NUMBER: _ClassVar[int]
+    INCARNATION_FIELD_NUMBER: _ClassVar[int]
+    FOREIGN_PREPARED_FIELD_NUMBER: _ClassVar[int]
     participant_id: str
     open_branches: int
     prepared_branches: int
     counters: _containers.ScalarMap[str, int]
-    def __init__(self, participant_id: _Optional[str] = ..., open_branches: _Optional[int] = ..., prepared_branches: _Optional[int] = ..., counters: _Optional[_Mapping[str, int]] = ...) -> None: ...
+    incarnation: str
+    foreign_prepared: _containers.RepeatedCompositeFieldContainer[ForeignPrepared]
+    def __init__(self, participant_id: _Optional[str] = ..., open_branches: _Optional[int] = ..., prepared_branches: _Optional[int] = ..., counters: _Optional[_Mapping[str, int]] = ..., incarnation: _Optional[str] = ..., foreign_prepared: _Optional[_Iterable[_Union[ForeignPrepared, _Mapping]]] = ...) -> None: ...
