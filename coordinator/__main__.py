@@ -8,8 +8,8 @@ import contextlib
 import sys
 
 from coordinator.config import CoordinatorConfig
-from coordinator.decision_log import DecisionLog
-from coordinator.engine import Coordinator
+from coordinator.decision_log import DecisionLog, LogInUse
+from coordinator.engine import Coordinator, LogBehind
 from coordinator.participants import ParticipantClient
 from coordinator.service import CoordinatorService
 from twopc_common.cli import (
@@ -32,7 +32,9 @@ class StartupError(TwoPCError):
 async def serve(config: CoordinatorConfig) -> None:
     decision_log = DecisionLog(config.log_path, config.id, batch_max=config.log_batch_max)
     try:
-        decision_log.open()
+        decision_log.acquire()
+    except LogInUse as exc:
+        raise StartupError(str(exc)) from exc
     except Exception as exc:
         raise StartupError(f"cannot open decision log {config.log_path}: {exc}") from exc
     clients = {
@@ -46,6 +48,13 @@ async def serve(config: CoordinatorConfig) -> None:
         for name, address in config.participants.items()
     }
     engine = Coordinator(config, decision_log, clients)
+    try:
+        await engine.check_log_is_current()
+    except LogBehind as exc:
+        await engine.close()
+        decision_log.close()
+        raise StartupError(str(exc)) from exc
+    decision_log.begin_epoch()
     engine.log.info("starting", epoch=decision_log.epoch, participants=len(clients))
     await engine.recover()
     server = bind_grpc_server(

@@ -93,6 +93,20 @@ class Outcome:
         )
 
 
+class LogBehind(TwoPCError):
+    """The decision log is older than what a participant has seen of this coordinator."""
+
+
+def _log_behind(coordinator: str, participant: str, seen: int, log_epoch: int) -> str:
+    return (
+        f"participant {participant} has seen epoch {seen} of coordinator {coordinator}, "
+        f"but the decision log is at epoch {log_epoch}: the log was replaced by an older "
+        "copy (a restored backup?) and decisions made since are missing. Not deciding "
+        "anything: find the current log; to see what waits, run `twopc-coordinator "
+        "inspect --participant NAME=HOST:PORT ...` (in-doubt branches per shard)"
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class TransactionInfo:
     transaction_id: str
@@ -112,6 +126,8 @@ class _Tx:
     participants: list[str] = field(default_factory=list)
     incarnations: dict[str, str] = field(default_factory=dict)
     """Participant -> the agent incarnation that opened its branch (interactive)."""
+    phase2: tuple[str, ...] = ()
+    """Once COMMIT is logged: the participants that must acknowledge it."""
     key: str | None = None
     request_hash: str | None = None
     busy: int = 0
@@ -271,6 +287,9 @@ class Coordinator:
             if tx.outcome.done():
                 # Decided (and, for a commit, durable) before the error: only forward.
                 self.log.error("error_after_decision", txid=tx.id, error=repr(exc))
+            elif tx.state is TxState.COMMITTING:
+                self.log.error("error_after_decision", txid=tx.id, error=repr(exc))
+                self._commit_decided(tx, Outcome(tx.id, True))
             else:
                 # Nothing is decided unless the outcome is set: presumed abort covers it.
                 self._abort(
@@ -315,21 +334,24 @@ class Coordinator:
         await self.decision_log.record_commit(
             tx.id, decision.phase2, tx.created, outcome.to_json(), tx.key, tx.request_hash
         )
-        # The point of no return. From here on the only way is forward: the outcome is
-        # set and phase 2 started before anything else can raise, so no error or
-        # cancellation after this line can turn into an abort (see `_finish`).
+        # The point of no return: from here on the only way is forward. No error or
+        # cancellation may turn a durable COMMIT into an abort (see `_finish`).
         tx.state = transition(tx.state, TxState.COMMITTING)
+        tx.phase2 = decision.phase2
+        try:
+            await failpoints.hit("coordinator.after_decision_logged")
+        except Exception as exc:
+            self.log.error("error_after_decision", txid=tx.id, error=repr(exc))
+        self._commit_decided(tx, outcome)
+
+    def _commit_decided(self, tx: _Tx, outcome: Outcome) -> None:
+        """Announce a durable COMMIT and start phase 2."""
         tx.outcome.set_result(outcome)
-        self._spawn(self._deliver(tx, decision.phase2, commit=True))
+        self._spawn(self._deliver(tx, tx.phase2, commit=True))
         self.counters["committed_two_phase"] += 1
         self.log.debug(
-            "decided",
-            txid=tx.id,
-            key=tx.key,
-            decision="commit",
-            participants=",".join(decision.phase2),
+            "decided", txid=tx.id, key=tx.key, decision="commit", participants=",".join(tx.phase2)
         )
-        await failpoints.hit("coordinator.after_decision_logged")
 
     async def _collect_votes(
         self, tx: _Tx, work: Mapping[str, tuple[Statement, ...]]
@@ -792,14 +814,53 @@ class Coordinator:
     async def resolve_in_doubt(self) -> None:
         await asyncio.gather(*(self._resolve_on(p) for p in self.clients))
 
+    async def check_log_is_current(self) -> None:
+        """Before the epoch is bumped: refuse a decision log that is behind what the
+        participants have seen (a restored backup, a copy from another machine). Its
+        ids would repeat, and presumed abort would roll back branches committed under
+        the lost log. Participants that do not answer in time are checked by the
+        periodic scan, which then stops this coordinator from deciding."""
+        last = self.decision_log.last_epoch
+
+        async def highest(participant: str) -> int | None:
+            try:
+                listed = await self.clients[participant].list_prepared(self.id)
+            except TwoPCError as exc:
+                self.log.warning("log_check_unverified", participant=participant, error=str(exc))
+                return None
+            return listed.highest_epoch
+
+        names = list(self.clients)
+        try:
+            seen = await asyncio.wait_for(
+                asyncio.gather(*(highest(p) for p in names)),
+                timeout=self.config.startup_recovery_timeout,
+            )
+        except TimeoutError:
+            self.log.warning("log_check_unverified", participants=",".join(names))
+            return
+        for participant, epoch in zip(names, seen, strict=True):
+            if epoch is not None and epoch > last:
+                raise LogBehind(_log_behind(self.id, participant, epoch, last))
+
     async def _resolve_on(self, participant: str) -> None:
         client = self.clients[participant]
         try:
-            branches = await client.list_prepared(self.id)
+            listed = await client.list_prepared(self.id)
         except TwoPCError as exc:
             self.log.warning("in_doubt_scan_failed", participant=participant, error=str(exc))
             return
-        for branch in branches:
+        if listed.highest_epoch > self.decision_log.epoch:
+            # Deciding now could presume abort for a branch committed under the lost
+            # log: stop deciding, and say why.
+            why = _log_behind(self.id, participant, listed.highest_epoch, self.decision_log.epoch)
+            if self._stopped is None:
+                self._stopped = why
+                self.log.error("log_behind_participants", participant=participant, error=why)
+            return
+        if self._stopped is not None:
+            return
+        for branch in listed.branches:
             txid = branch.transaction_id
             if txid in self._live:
                 continue  # a live transaction: the protocol itself will finish it

@@ -59,6 +59,13 @@ class InDoubtBranch:
     age_seconds: float
 
 
+@dataclass(frozen=True, slots=True)
+class InDoubtList:
+    branches: tuple[InDoubtBranch, ...]
+    highest_epoch: int
+    """The highest epoch of the asking coordinator the participant has seen."""
+
+
 def _as_error(exc: Exception, participant: str) -> Exception:
     """A failed call, as the error of each decision it carried (retried by phase 2)."""
     if isinstance(exc, grpc.aio.AioRpcError):
@@ -230,7 +237,7 @@ class ParticipantClient:
             raise _error(exc, self.name) from exc
         return bool(ack.changed)
 
-    async def list_prepared(self, coordinator_id: str) -> list[InDoubtBranch]:
+    async def list_prepared(self, coordinator_id: str) -> InDoubtList:
         try:
             reply = await self._stub.ListPrepared(
                 pb.ListPreparedRequest(coordinator_id=coordinator_id),
@@ -239,4 +246,7 @@ class ParticipantClient:
             )
         except grpc.aio.AioRpcError as exc:
             raise _error(exc, self.name) from exc
-        return [InDoubtBranch(b.transaction_id, b.age_seconds) for b in reply.branches]
+        return InDoubtList(
+            tuple(InDoubtBranch(b.transaction_id, b.age_seconds) for b in reply.branches),
+            reply.highest_epoch,
+        )

@@ -28,6 +28,7 @@ async def serve(config: ParticipantConfig) -> None:
     store = Store(config)
     await store.open()
     agent = Agent(config, store)
+    await agent.epochs.load()
     recovery = Recovery(agent)
     server = bind_grpc_server(
         config.listen,

@@ -26,6 +26,7 @@ from enum import Enum
 
 from participant.branch_state import BranchState, check_transition
 from participant.config import ParticipantConfig
+from participant.epochs import EpochFence
 from participant.store import AsyncConn, BranchFailed, OutcomeUnknown, PreparedBranch, Store
 from twopc_common import failpoints
 from twopc_common.errors import (
@@ -93,6 +94,7 @@ class Agent:
         self.store = store
         self.log = EventLogger("participant", config.id)
         self.counters: collections.Counter[str] = collections.Counter()
+        self.epochs = EpochFence(store)
         self.incarnation = secrets.token_hex(8)
         """Fresh at every start: names the branches this process opened."""
         self._branches: dict[str, _Branch] = {}
@@ -163,6 +165,8 @@ class Agent:
     ) -> list[StatementResult]:
         if not statements:
             raise InvalidArgument("Execute needs at least one statement")
+        if not incarnation:
+            await self.epochs.admit(TransactionId.parse(txid))
         try:
             branch = self._open(txid, incarnation)
         except BranchLost as exc:
@@ -185,6 +189,13 @@ class Agent:
     async def prepare(
         self, txid: str, statements: Sequence[Statement], one_phase: bool, incarnation: str = ""
     ) -> VoteResult:
+        if not incarnation:
+            try:
+                await self.epochs.admit(TransactionId.parse(txid))
+            except FailedPrecondition as exc:
+                self.counters["votes_no_stale_epoch"] += 1
+                self.log.warning("vote", txid=txid, vote="no", reason=str(exc))
+                return VoteResult(Vote.NO, str(exc))
         try:
             branch = self._open(txid, incarnation)
         except BranchLost as exc:
@@ -356,10 +367,10 @@ class Agent:
         return answers
 
     async def list_prepared(self, coordinator_id: str) -> list[PreparedBranch]:
-        branches = await self.store.prepared_branches(self.config.id)
+        scan = await self.store.prepared_branches(self.config.id)
         return [
             b
-            for b in branches
+            for b in scan.ours
             if TransactionId.parse(b.transaction_id).coordinator == coordinator_id
         ]
 

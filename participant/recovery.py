@@ -17,6 +17,7 @@ import time
 import grpc
 
 from participant.agent import Agent
+from participant.store import ForeignPrepared
 from twopc_common.errors import TwoPCError
 from twopc_common.ids import TransactionId
 from twopc_pb import coordinator_pb2 as cpb
@@ -33,6 +34,9 @@ class Recovery:
         """Prepared branches of this participant seen by the last scan."""
         self.waiting = 0
         """Of those, the ones past the grace period still waiting for their coordinator."""
+        self.foreign: tuple[ForeignPrepared, ...] = ()
+        """Prepared transactions in the database that are not this participant's
+        branches, as of the last scan: reported, never touched."""
 
     def _stub(self, coordinator_id: str) -> cgrpc.CoordinatorStub | None:
         if coordinator_id not in self._stubs:
@@ -59,7 +63,9 @@ class Recovery:
 
     async def scan(self) -> None:
         log = self._agent.log
-        branches = await self._agent.store.prepared_branches(self._config.id)
+        scan = await self._agent.store.prepared_branches(self._config.id)
+        self._report_foreign(scan.foreign)
+        branches = scan.ours
         now = dt.datetime.now(dt.UTC)
         waiting = 0
         for branch in branches:
@@ -101,6 +107,23 @@ class Recovery:
                 waiting += 1
                 log.warning("in_doubt_resolve_failed", txid=txid, error=str(exc))
         self.prepared, self.waiting = len(branches), waiting
+
+    def _report_foreign(self, foreign: tuple[ForeignPrepared, ...]) -> None:
+        """Log each foreign prepared transaction once, when first seen: it holds its
+        locks (and holds back VACUUM) until whoever prepared it resolves it."""
+        known = {f.gid for f in self.foreign}
+        for f in foreign:
+            if f.gid not in known:
+                self._agent.log.warning(
+                    "foreign_prepared_transaction",
+                    gid=f.gid,
+                    owner=f.owner,
+                    locks=f.locks,
+                    prepared_at=f.prepared_at.isoformat() if f.prepared_at else "",
+                    why=f.why,
+                )
+        self.foreign = foreign
+        self._agent.counters["foreign_prepared"] = len(foreign)
 
     async def close(self) -> None:
         for channel in self._channels:

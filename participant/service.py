@@ -111,19 +111,32 @@ class ParticipantService(pgrpc.ParticipantServicer):
                     age_seconds=(now - b.prepared_at).total_seconds() if b.prepared_at else 0.0,
                 )
                 for b in branches
-            ]
+            ],
+            highest_epoch=self._agent.epochs.highest(request.coordinator_id),
         )
 
     @translate_errors
     async def Status(
         self, request: pb.ParticipantStatusRequest, context: Context
     ) -> pb.ParticipantStatus:
+        now = dt.datetime.now(dt.UTC)
         return pb.ParticipantStatus(
             participant_id=self._agent.config.id,
             open_branches=self._agent.open_branches,
             prepared_branches=self._recovery.prepared,
             counters={**self._agent.counters, "in_doubt_waiting": self._recovery.waiting},
             incarnation=self._agent.incarnation,
+            foreign_prepared=[
+                pb.ForeignPrepared(
+                    gid=f.gid,
+                    age_seconds=(now - f.prepared_at).total_seconds() if f.prepared_at else 0.0,
+                    owner=f.owner,
+                    database=f.database,
+                    locks=f.locks,
+                    why=f.why,
+                )
+                for f in self._recovery.foreign
+            ],
         )
 
     @translate_errors

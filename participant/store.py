@@ -46,6 +46,17 @@ CREATE TABLE IF NOT EXISTS {MARKER_TABLE} (
     created_at timestamptz NOT NULL DEFAULT now()
 )"""
 
+EPOCH_TABLE = "twopc_coordinator_epoch"
+
+# The highest epoch of each coordinator id this agent has opened a branch for (see
+# participant/epochs.py). One row per coordinator id, written once per its start.
+_CREATE_EPOCHS = f"""
+CREATE TABLE IF NOT EXISTS {EPOCH_TABLE} (
+    coordinator_id text PRIMARY KEY,
+    epoch bigint NOT NULL,
+    updated_at timestamptz NOT NULL DEFAULT now()
+)"""
+
 AsyncConn = psycopg.AsyncConnection[tuple[object, ...]]
 
 
@@ -74,6 +85,52 @@ class PreparedBranch:
     transaction_id: str
     gid: str
     prepared_at: dt.datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class ForeignPrepared:
+    """A prepared transaction in this database that is not a branch of this participant."""
+
+    gid: str
+    prepared_at: dt.datetime | None
+    owner: str
+    database: str
+    locks: int
+    why: str
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedScan:
+    ours: tuple[PreparedBranch, ...]
+    foreign: tuple[ForeignPrepared, ...]
+
+
+# Prepared transactions of this database, with the locks each holds: a prepared
+# transaction's locks have no pid and share the virtual transaction of its own
+# transaction-id lock.
+_PREPARED_QUERY = """
+SELECT p.gid, p.prepared, p.owner, p.database,
+       (SELECT count(*) FROM pg_locks l
+         WHERE l.pid IS NULL AND l.virtualtransaction = (
+               SELECT x.virtualtransaction FROM pg_locks x
+                WHERE x.locktype = 'transactionid' AND x.transactionid = p.transaction
+                  AND x.pid IS NULL LIMIT 1)) AS locks
+  FROM pg_prepared_xacts p
+ WHERE p.database = current_database()
+"""
+
+
+def _not_ours(xid: psycopg.Xid, participant_id: str) -> str | None:
+    """Why a prepared transaction is not a branch of this participant (None if it is)."""
+    if xid.format_id != ids.FORMAT_ID or xid.bqual is None:
+        return "not a twopc branch"
+    if xid.bqual != participant_id:
+        return f"a twopc branch of participant {xid.bqual!r}"
+    try:
+        ids.TransactionId.parse(xid.gtrid)
+    except TwoPCError:
+        return f"a gid in twopc's format with a malformed transaction id {xid.gtrid!r}"
+    return None
 
 
 def _ms(seconds: float) -> int:
@@ -118,6 +175,7 @@ class Store:
                     "in postgresql.conf and restart PostgreSQL"
                 )
             await conn.execute(_CREATE_MARKER)
+            await conn.execute(_CREATE_EPOCHS)
         await self.pool.open(wait=True, timeout=self._config.pool_timeout)
 
     async def close(self) -> None:
@@ -336,16 +394,48 @@ class Store:
 
     # -- recovery -------------------------------------------------------------------
 
-    async def prepared_branches(self, participant_id: str) -> list[PreparedBranch]:
-        """This system's prepared branches in this database, for this participant."""
+    async def prepared_branches(self, participant_id: str) -> PreparedScan:
+        """This participant's prepared branches in this database, and every other
+        prepared transaction there (foreign: another application's, another
+        participant's, or a gid in our format that does not parse). A malformed gid
+        is reported, never an error that stops recovery of the rest."""
         async with self.pool.connection() as conn:
-            xids = await conn.tpc_recover()
+            cur = await conn.execute(_PREPARED_QUERY)
+            rows = await cur.fetchall()
             await conn.rollback()
-        return [
-            PreparedBranch(x.gtrid, str(x), x.prepared)
-            for x in xids
-            if ids.is_ours(x) and x.bqual == participant_id
-        ]
+        ours: list[PreparedBranch] = []
+        foreign: list[ForeignPrepared] = []
+        for gid, prepared, owner, database, locks in rows:
+            at = prepared if isinstance(prepared, dt.datetime) else None
+            xid = psycopg.Xid.from_string(str(gid))
+            why = _not_ours(xid, participant_id)
+            if why is None:
+                ours.append(PreparedBranch(xid.gtrid, str(gid), at))
+            else:
+                foreign.append(
+                    ForeignPrepared(str(gid), at, str(owner), str(database), int(str(locks)), why)
+                )
+        return PreparedScan(tuple(ours), tuple(foreign))
+
+    async def load_epochs(self) -> dict[str, int]:
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(f"SELECT coordinator_id, epoch FROM {EPOCH_TABLE}")
+            rows = await cur.fetchall()
+            await conn.rollback()
+        return {str(c): int(str(e)) for c, e in rows}
+
+    async def raise_epoch(self, coordinator_id: str, epoch: int) -> None:
+        try:
+            async with self.pool.connection() as conn:
+                await conn.execute(
+                    f"INSERT INTO {EPOCH_TABLE} AS t (coordinator_id, epoch) VALUES (%s, %s) "
+                    "ON CONFLICT (coordinator_id) DO UPDATE "
+                    "SET epoch = greatest(t.epoch, excluded.epoch), updated_at = now()",
+                    (coordinator_id, epoch),
+                )
+                await conn.commit()
+        except (psycopg.OperationalError, PoolTimeout) as exc:
+            raise Unavailable(f"database unavailable: {exc}") from exc
 
     async def prune_markers(self) -> int:
         async with self.pool.connection() as conn:

@@ -5,7 +5,14 @@ with one dead agent from growing without limit."""
 
 from __future__ import annotations
 
+import shutil
+import sqlite3
+import subprocess
+from pathlib import Path
+
+import grpc
 import pytest
+from psycopg import sql
 
 from coordinator.client import Statement, TransactionAborted
 from tests.conftest import (
@@ -15,8 +22,13 @@ from tests.conftest import (
     tagged_inserts,
     wait_no_prepared,
 )
+from twopc_common.ids import branch_xid
 from twopc_harness.daemons import wait_until
+from twopc_harness.postgres import HarnessError, free_port
 from twopc_harness.system import LocalSystem
+from twopc_pb import participant_pb2 as ppb
+from twopc_pb import participant_pb2_grpc as pgrpc
+from twopc_pb import types_pb2
 
 
 def _insert(tag: str) -> Statement:
@@ -110,3 +122,121 @@ def test_an_error_after_the_commit_record_is_durable_still_commits_everywhere(
         if txid is not None:
             assert client.get_transaction(txid).outcome == "committed"
     wait_no_prepared(system)
+
+
+def test_a_second_coordinator_on_the_same_log_refuses_to_start(
+    make_system: SystemFactory,
+) -> None:
+    system = make_system()
+    assert system.coordinator is not None
+    argv = list(system.coordinator.argv)
+    argv[argv.index("--listen") + 1] = f"127.0.0.1:{free_port()}"
+    second = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert second.returncode != 0
+    assert "in use by another process" in second.stderr, second.stderr
+    assert "Traceback" not in second.stderr
+    # The first one is untouched and still decides.
+    create_tagged_rows(system)
+    with system.client() as client:
+        assert client.run(tagged_inserts("two-coordinators")).committed
+
+
+def test_a_coordinator_on_an_older_copy_of_its_log_refuses_to_start(
+    make_system: SystemFactory,
+) -> None:
+    system = make_system()
+    coordinator = system.coordinator
+    assert coordinator is not None
+    log = Path(coordinator.argv[coordinator.argv.index("--log") + 1])
+    create_tagged_rows(system)
+    with system.client() as client:
+        assert client.run(tagged_inserts("old-log-1")).committed
+    coordinator.stop()
+    backup = log.with_name("backup.sqlite")
+    shutil.copy(log, backup)
+    coordinator.start()  # epoch 2, seen by every agent
+    with system.client() as client:
+        assert client.run(tagged_inserts("old-log-2")).committed
+    coordinator.stop()
+    for suffix in ("-wal", "-shm"):
+        Path(f"{log}{suffix}").unlink(missing_ok=True)
+    shutil.copy(backup, log)  # the operator restores last week's backup
+    with pytest.raises(HarnessError, match="older copy"):
+        coordinator.start()
+    # Refusing changed nothing: the restored log was not bumped past the agents.
+    assert _meta(log)["epoch"] == "1"
+
+
+def _meta(log: Path) -> dict[str, str]:
+    with sqlite3.connect(log) as db:
+        return dict(db.execute("SELECT key, value FROM meta").fetchall())
+
+
+def test_an_agent_refuses_a_branch_of_an_older_coordinator_epoch(
+    shared_system: LocalSystem,
+) -> None:
+    with grpc.insecure_channel(shared_system.participants["shard1"].address) as channel:
+        agent = pgrpc.ParticipantStub(channel)
+        select = types_pb2.Statement(sql="SELECT 1")
+        newer = agent.Prepare(
+            ppb.PrepareRequest(transaction_id="epochtest.7.1", statements=[select]), timeout=10
+        )
+        assert newer.vote == ppb.READ_ONLY
+        older = agent.Prepare(
+            ppb.PrepareRequest(transaction_id="epochtest.6.1", statements=[select]), timeout=10
+        )
+        assert older.vote == ppb.NO and "epoch 7" in older.reason
+        listed = agent.ListPrepared(ppb.ListPreparedRequest(coordinator_id="epochtest"))
+        assert listed.highest_epoch == 7
+
+
+def test_a_malformed_gid_that_looks_like_ours_is_reported_and_recovery_goes_on(
+    make_system: SystemFactory,
+) -> None:
+    system = make_system()
+    create_tagged_rows(system)
+    assert system.coordinator is not None
+    in_doubt = f"{system.coordinator.name}.1.424242"
+    gids = {
+        "malformed": str(branch_xid("not a transaction id", "shard1")),
+        "foreign": "another-application-7",
+        "ours": str(branch_xid(in_doubt, "shard1")),
+    }
+    for gid in gids.values():
+        with system.connect("shard1") as conn:
+            conn.execute("BEGIN")
+            conn.execute("INSERT INTO twopc_test_rows VALUES (%s)", (gid,))
+            conn.execute(sql.SQL("PREPARE TRANSACTION {}").format(sql.Literal(gid)))
+    assert set(gids.values()) <= set(system.prepared_transactions()["shard1"])
+    try:
+        # Our own in-doubt branch is still resolved (no record: rolled back) ...
+        wait_until(
+            lambda: gids["ours"] not in system.prepared_transactions()["shard1"],
+            30,
+            "the in-doubt branch rolled back by recovery",
+        )
+        # ... and the other two are reported, with why, and left alone.
+        with grpc.insecure_channel(system.participants["shard1"].address) as channel:
+            agent = pgrpc.ParticipantStub(channel)
+            wait_until(
+                lambda: len(agent.Status(ppb.ParticipantStatusRequest()).foreign_prepared) == 2,
+                30,
+                "two foreign prepared transactions reported",
+            )
+            status = agent.Status(ppb.ParticipantStatusRequest())
+            reported = {f.gid: f for f in status.foreign_prepared}
+            assert "malformed transaction id" in reported[gids["malformed"]].why
+            assert reported[gids["foreign"]].why == "not a twopc branch"
+            assert all(f.locks >= 1 for f in reported.values())
+            listed = agent.ListPrepared(
+                ppb.ListPreparedRequest(coordinator_id=system.coordinator.name), timeout=10
+            )
+            assert list(listed.branches) == []
+        assert set(system.prepared_transactions()["shard1"]) == {
+            gids["malformed"],
+            gids["foreign"],
+        }
+    finally:
+        with system.connect("shard1") as conn:
+            for gid in (gids["malformed"], gids["foreign"]):
+                conn.execute(sql.SQL("ROLLBACK PREPARED {}").format(sql.Literal(gid)))
