@@ -78,7 +78,7 @@ def test_prepare_of_a_failed_transaction_is_refused_not_silently_rolled_back(
                 await store.prepare(conn, [], "trap.1.1", "trap")
             await store.rollback(conn)
             await store.release(conn)
-            assert await store.prepared_branches("trap") == []
+            assert (await store.prepared_branches("trap")).ours == ()
         finally:
             await store.close()
 
