@@ -128,6 +128,13 @@ def parse_args(argv: list[str] | None = None) -> tuple[CoordinatorConfig, str]:
         help="an interactive transaction idle this long is rolled back",
     )
     p.add_argument(
+        "--transaction-max-lifetime",
+        type=positive,
+        default=d.transaction_max_lifetime,
+        metavar="SECONDS",
+        help="an interactive transaction older than this is rolled back, busy or not",
+    )
+    p.add_argument(
         "--recovery-interval",
         type=positive,
         default=d.recovery_interval,
@@ -146,6 +153,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[CoordinatorConfig, str]:
             rpc_timeout=a.rpc_timeout,
             phase2_backoff_max=a.phase2_backoff_max,
             transaction_idle_timeout=a.transaction_idle_timeout,
+            transaction_max_lifetime=a.transaction_max_lifetime,
             recovery_interval=a.recovery_interval,
             allow_failpoints=a.allow_failpoints,
         )

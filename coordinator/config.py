@@ -31,6 +31,9 @@ class CoordinatorConfig:
     abort: the participant's own recovery and the in-doubt scan roll it back)."""
     transaction_idle_timeout: float = 60.0
     """An interactive transaction without calls for this long is rolled back."""
+    transaction_max_lifetime: float = 600.0
+    """An interactive transaction older than this is rolled back, busy or not: an
+    Execute now and then must not hold row locks and the VACUUM horizon forever."""
     recovery_interval: float = 5.0
     """Seconds between scans of the participants for in-doubt branches."""
     startup_recovery_timeout: float = 5.0

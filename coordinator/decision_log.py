@@ -119,8 +119,11 @@ def _settle(fut: Future[None], error: BaseException | None = None) -> None:
 
 
 class DecisionLog:
-    def __init__(self, path: str, coordinator_id: str, batch_max: int = 512) -> None:
+    def __init__(
+        self, path: str, coordinator_id: str, batch_max: int = 512, prune_batch: int = 5000
+    ) -> None:
         self._path = path
+        self._prune_batch = prune_batch
         self.coordinator_id = coordinator_id
         self._batch_max = batch_max
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
@@ -459,10 +462,14 @@ class DecisionLog:
         horizon = max(older_than, self.pruned_before or older_than)
 
         def prune(c: sqlite3.Connection) -> None:
+            # By age through the partial index (SQLite would otherwise pick the state
+            # index and read every finished row), a bounded number per call so that
+            # the single writer is never held up for long.
             c.execute(
-                "DELETE FROM transactions WHERE state IN ('committed', 'aborted') "
-                "AND decided_at < ?",
-                (horizon,),
+                "DELETE FROM transactions WHERE rowid IN ("
+                " SELECT rowid FROM transactions INDEXED BY transactions_finished_age"
+                " WHERE state IN ('committed', 'aborted') AND decided_at < ? LIMIT ?)",
+                (horizon, self._prune_batch),
             )
             c.execute(
                 "INSERT INTO meta (key, value) VALUES ('pruned_before', ?) "

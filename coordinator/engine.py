@@ -123,6 +123,7 @@ class _Tx:
     state: TxState
     created: float = field(default_factory=time.time)
     last_used: float = field(default_factory=time.monotonic)
+    started: float = field(default_factory=time.monotonic)
     participants: list[str] = field(default_factory=list)
     incarnations: dict[str, str] = field(default_factory=dict)
     """Participant -> the agent incarnation that opened its branch (interactive)."""
@@ -630,6 +631,11 @@ class Coordinator:
     async def execute(
         self, txid: str, participant: str, statements: Sequence[Statement]
     ) -> list[StatementResult]:
+        if (recent := self._recent.get(txid)) is not None:
+            # Ended already (rolled back by a timeout, say): say so, not NOT_FOUND.
+            if recent.committed:
+                raise FailedPrecondition(f"transaction {txid} has committed")
+            raise Aborted(f"transaction {txid} has aborted: {recent.reason}")
         tx = self._live_tx(txid)
         client = self._client(participant)
         if not statements:
@@ -700,12 +706,24 @@ class Coordinator:
         return outcome
 
     async def reap_idle_transactions(self) -> None:
+        """Roll back interactive transactions idle too long or alive too long."""
         period = min(1.0, self.config.transaction_idle_timeout / 4)
         while True:
             await asyncio.sleep(period)
-            deadline = time.monotonic() - self.config.transaction_idle_timeout
+            now = time.monotonic()
             for tx in list(self._live.values()):
-                if tx.state is TxState.ACTIVE and not tx.busy and tx.last_used < deadline:
+                if tx.state is not TxState.ACTIVE:
+                    continue
+                if now - tx.started > self.config.transaction_max_lifetime:
+                    self._abort(
+                        tx,
+                        AbortCause.LIFETIME_EXCEEDED,
+                        "",
+                        f"interactive transaction older than {self.config.transaction_max_lifetime}"
+                        " s (--transaction-max-lifetime)",
+                        tuple(tx.participants),
+                    )
+                elif not tx.busy and now - tx.last_used > self.config.transaction_idle_timeout:
                     self._abort(
                         tx,
                         AbortCause.IDLE_TIMEOUT,

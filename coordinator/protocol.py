@@ -105,6 +105,7 @@ class AbortCause(enum.Enum):
     EXECUTE_FAILED = "execute_failed"
     COORDINATOR_RESTART = "coordinator_restart"
     IDLE_TIMEOUT = "idle_timeout"
+    LIFETIME_EXCEEDED = "lifetime_exceeded"
 
 
 _CAUSE_OF_MISSING_VOTE = {

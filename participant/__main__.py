@@ -82,6 +82,14 @@ def parse_args(argv: list[str] | None = None) -> tuple[ParticipantConfig, str]:
         help="most connections: one per branch at work",
     )
     p.add_argument(
+        "--interactive-reserve",
+        type=int,
+        default=d.interactive_reserve,
+        metavar="N",
+        help="pool connections interactive branches may never take (kept for one-shot "
+        "work); one more interactive branch is refused at once",
+    )
+    p.add_argument(
         "--lock-timeout",
         type=positive,
         default=d.lock_timeout,
@@ -127,6 +135,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[ParticipantConfig, str]:
             coordinators=named_addresses(a.coordinator, "--coordinator"),
             pool_min_size=a.pool_min_size,
             pool_max_size=a.pool_max_size,
+            interactive_reserve=a.interactive_reserve,
             lock_timeout=a.lock_timeout,
             statement_timeout=a.statement_timeout,
             idle_branch_timeout=a.idle_branch_timeout,

@@ -33,6 +33,7 @@ from twopc_common.errors import (
     Aborted,
     FailedPrecondition,
     InvalidArgument,
+    ResourceExhausted,
     TwoPCError,
     Unavailable,
 )
@@ -68,6 +69,8 @@ class _Branch:
     state: BranchState = BranchState.ACTIVE
     last_used: float = field(default_factory=time.monotonic)
     abort_reason: str = ""
+    interactive: bool = False
+    """Opened by Execute: it may hold its connection between calls."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,7 +111,7 @@ class Agent:
         while len(self._finished) > self.config.tombstones:
             self._finished.popitem(last=False)
 
-    def _open(self, txid: str, incarnation: str = "") -> _Branch:
+    def _open(self, txid: str, incarnation: str = "", interactive: bool = False) -> _Branch:
         """The live branch of txid, opened if new and `incarnation` is empty; with an
         incarnation, only the branch this incarnation opened then (BranchLost if it
         is gone). No await: atomic in the event loop."""
@@ -130,7 +133,17 @@ class Agent:
                 f"agent {self.config.id} no longer holds the branch of {txid} "
                 "(its database connection was lost): its work was rolled back"
             )
-        branch = self._branches[txid] = _Branch(txid)
+        if interactive:
+            held = sum(1 for b in self._branches.values() if b.interactive)
+            if held >= self.config.max_interactive_branches:
+                self.counters["interactive_branches_refused"] += 1
+                raise ResourceExhausted(
+                    f"agent {self.config.id} holds {held} open interactive branches, its "
+                    f"limit (--pool-max-size {self.config.pool_max_size} less "
+                    f"--interactive-reserve {self.config.interactive_reserve}): "
+                    "finish some transactions first"
+                )
+        branch = self._branches[txid] = _Branch(txid, interactive=interactive)
         self.counters["branches_opened"] += 1
         return branch
 
@@ -168,7 +181,7 @@ class Agent:
         if not incarnation:
             await self.epochs.admit(TransactionId.parse(txid))
         try:
-            branch = self._open(txid, incarnation)
+            branch = self._open(txid, incarnation, interactive=True)
         except BranchLost as exc:
             raise Aborted(str(exc)) from exc
         async with branch.lock:

@@ -21,6 +21,13 @@ class ParticipantConfig:
     """Connections the pool keeps open."""
     pool_max_size: int = 20
     """Most connections the pool opens; one per branch at work."""
+    interactive_reserve: int = 4
+    """Branch connections interactive branches may never take: kept for one-shot
+    work. Opening an interactive branch beyond `pool_max_size - interactive_reserve`
+    open ones fails at once (RESOURCE_EXHAUSTED) instead of waiting for the pool."""
+    control_pool_size: int = 3
+    """Connections of the pool for phase 2, fences and recovery scans, apart from the
+    branch pool, so that open branches can never hold up a decided transaction."""
     pool_timeout: float = 10.0
     """Seconds a branch waits for a pooled connection before it fails (NO vote)."""
     lock_timeout: float = 5.0
@@ -50,3 +57,7 @@ class ParticipantConfig:
     """Accept the SetFailpoints admin call (a test hook that can crash the daemon)."""
     limits: Limits = field(default_factory=Limits)
     """Request limits."""
+
+    @property
+    def max_interactive_branches(self) -> int:
+        return max(1, self.pool_max_size - self.interactive_reserve)

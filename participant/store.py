@@ -148,14 +148,27 @@ class Store:
                 f"-c idle_in_transaction_session_timeout={_ms(config.idle_branch_timeout * 2)}",
             ]
         )
+        kwargs = {"options": options, "application_name": f"twopc-participant-{config.id}"}
+        # Branch work (open branches hold a connection each, for as long as they are
+        # open) and everything else - phase 2, fences, recovery scans, pruning - in
+        # separate pools, so that open branches can never starve the decided ones.
         self.pool: AsyncConnectionPool[AsyncConn] = AsyncConnectionPool(
             config.dsn,
             min_size=config.pool_min_size,
             max_size=config.pool_max_size,
             timeout=config.pool_timeout,
-            kwargs={"options": options, "application_name": f"twopc-participant-{config.id}"},
+            kwargs=kwargs,
             open=False,
             name=f"participant-{config.id}",
+        )
+        self.control: AsyncConnectionPool[AsyncConn] = AsyncConnectionPool(
+            config.dsn,
+            min_size=1,
+            max_size=config.control_pool_size,
+            timeout=config.pool_timeout,
+            kwargs=kwargs,
+            open=False,
+            name=f"participant-{config.id}-control",
         )
         self._purge: asyncio.Task[None] | None = None
 
@@ -177,9 +190,11 @@ class Store:
             await conn.execute(_CREATE_MARKER)
             await conn.execute(_CREATE_EPOCHS)
         await self.pool.open(wait=True, timeout=self._config.pool_timeout)
+        await self.control.open(wait=True, timeout=self._config.pool_timeout)
 
     async def close(self) -> None:
         await self.pool.close()
+        await self.control.close()
 
     # -- branch work ----------------------------------------------------------------
 
@@ -200,7 +215,11 @@ class Store:
         probably did too. Have the pool test them now rather than hand each to a
         branch that would fail on it."""
         if self._purge is None or self._purge.done():
-            self._purge = asyncio.create_task(self.pool.check())
+            self._purge = asyncio.create_task(self._check_pools())
+
+    async def _check_pools(self) -> None:
+        await self.pool.check()
+        await self.control.check()
 
     @staticmethod
     async def execute(conn: AsyncConn, statements: Sequence[Statement]) -> list[StatementResult]:
@@ -302,7 +321,7 @@ class Store:
     async def phase2_connection(self) -> AsyncIterator[AsyncConn]:
         """One pooled connection for a batch of phase-2 calls (`finish_prepared`)."""
         try:
-            async with self.pool.connection() as conn:
+            async with self.control.connection() as conn:
                 yield conn
         except PoolTimeout as exc:
             self._purge_broken()
@@ -399,7 +418,7 @@ class Store:
         prepared transaction there (foreign: another application's, another
         participant's, or a gid in our format that does not parse). A malformed gid
         is reported, never an error that stops recovery of the rest."""
-        async with self.pool.connection() as conn:
+        async with self.control.connection() as conn:
             cur = await conn.execute(_PREPARED_QUERY)
             rows = await cur.fetchall()
             await conn.rollback()
@@ -418,7 +437,7 @@ class Store:
         return PreparedScan(tuple(ours), tuple(foreign))
 
     async def load_epochs(self) -> dict[str, int]:
-        async with self.pool.connection() as conn:
+        async with self.control.connection() as conn:
             cur = await conn.execute(f"SELECT coordinator_id, epoch FROM {EPOCH_TABLE}")
             rows = await cur.fetchall()
             await conn.rollback()
@@ -426,7 +445,7 @@ class Store:
 
     async def raise_epoch(self, coordinator_id: str, epoch: int) -> None:
         try:
-            async with self.pool.connection() as conn:
+            async with self.control.connection() as conn:
                 await conn.execute(
                     f"INSERT INTO {EPOCH_TABLE} AS t (coordinator_id, epoch) VALUES (%s, %s) "
                     "ON CONFLICT (coordinator_id) DO UPDATE "
@@ -438,7 +457,7 @@ class Store:
             raise Unavailable(f"database unavailable: {exc}") from exc
 
     async def prune_markers(self) -> int:
-        async with self.pool.connection() as conn:
+        async with self.control.connection() as conn:
             cur = await conn.execute(
                 f"DELETE FROM {MARKER_TABLE} WHERE created_at < now() - make_interval(secs => %s)",
                 (self._config.marker_retention,),

@@ -8,6 +8,8 @@ from __future__ import annotations
 import shutil
 import sqlite3
 import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -22,6 +24,7 @@ from tests.conftest import (
     tagged_inserts,
     wait_no_prepared,
 )
+from twopc_common.errors import ResourceExhausted
 from twopc_common.ids import branch_xid
 from twopc_harness.daemons import wait_until
 from twopc_harness.postgres import HarnessError, free_port
@@ -240,3 +243,81 @@ def test_a_malformed_gid_that_looks_like_ours_is_reported_and_recovery_goes_on(
         with system.connect("shard1") as conn:
             for gid in (gids["malformed"], gids["foreign"]):
                 conn.execute(sql.SQL("ROLLBACK PREPARED {}").format(sql.Literal(gid)))
+
+
+def test_idle_interactive_transactions_cannot_starve_prepares_or_phase_two(
+    make_system: SystemFactory,
+) -> None:
+    # A pool of 6: at most 4 may be held by interactive branches (2 kept for one-shot
+    # work), and phase 2 and recovery have a pool of their own.
+    system = make_system(participant_args=["--pool-max-size", "6", "--interactive-reserve", "2"])
+    create_tagged_rows(system)
+    with system.client() as client:
+        held = []
+        for i in range(4):
+            tx = client.begin()
+            tx.execute_many("shard1", [_insert(f"idle-{i}")])
+            held.append(tx)
+        # The next interactive branch is refused at once, with a reason; nothing was
+        # opened, and the transaction can still go elsewhere.
+        started = time.monotonic()
+        tx = client.begin()
+        with pytest.raises(ResourceExhausted, match="interactive branches"):
+            tx.execute_many("shard1", [_insert("one-too-many")])
+        assert time.monotonic() - started < 2.0
+        tx.execute_many("shard2", [_insert("one-too-many")])
+        assert tx.commit().committed
+        # One-shot work and phase 2 go on meanwhile.
+        for i in range(3):
+            assert client.run(tagged_inserts(f"starve-{i}", ("shard1", "shard2"))).committed
+        for tx in held:
+            tx.rollback()
+    wait_no_prepared(system)
+    assert rows(system, "starve-2") == {"shard1": 1, "shard2": 1, "shard3": 0}
+    assert rows(system, "one-too-many") == {"shard1": 0, "shard2": 1, "shard3": 0}
+
+
+def test_an_interactive_transaction_kept_busy_is_still_ended_at_its_maximum_lifetime(
+    make_system: SystemFactory,
+) -> None:
+    system = make_system(coordinator_args=["--transaction-max-lifetime", "3"])
+    create_tagged_rows(system)
+    with system.client() as client:
+        tx = client.begin()
+        started = time.monotonic()
+        with pytest.raises(TransactionAborted):
+            while time.monotonic() - started < 30:  # an Execute every 0.5 s: never idle
+                tx.execute_many("shard1", [_insert("long-lived")])
+                time.sleep(0.5)
+        assert time.monotonic() - started < 15
+        status = client.get_transaction(tx.id)
+        assert status.outcome == "aborted"
+    wait_no_prepared(system)
+    _nowhere(system, "long-lived")
+
+
+def test_aborts_to_a_dead_agent_do_not_pile_up_in_the_coordinator(
+    make_system: SystemFactory,
+) -> None:
+    system = make_system()
+    create_tagged_rows(system)
+    system.participants["shard3"].kill()
+
+    def live() -> int:
+        with system.client() as client:
+            return int(client.status().counters.get("live_transactions", 0))
+
+    with system.client() as client, ThreadPoolExecutor(10) as pool:
+        outcomes = list(
+            pool.map(
+                lambda i: client.run(tagged_inserts(f"dead-{i}", ("shard1", "shard3"))),
+                range(20),
+            )
+        )
+    assert not any(o.committed for o in outcomes)
+    # Every aborted transaction leaves memory after a bounded number of attempts; the
+    # agent's own recovery (or the in-doubt scan) rolls back whatever it holds.
+    wait_until(lambda: live() == 0, 60, "no aborted transaction left in memory")
+    system.participants["shard3"].start()
+    wait_no_prepared(system)
+    assert all(rows(system, f"dead-{i}")["shard1"] == 0 for i in range(20))

@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
+import time
 from pathlib import Path
 
-from coordinator.decision_log import DecisionLog
+import pytest
+
+from coordinator.config import CoordinatorConfig
+from coordinator.decision_log import DecisionLog, LogFailed
+from coordinator.engine import Coordinator
+from twopc_common.errors import Unavailable
 
 
 def test_epoch_is_bumped_at_every_open(tmp_path: Path) -> None:
@@ -93,5 +100,94 @@ def test_a_bad_record_fails_alone_not_its_batch(tmp_path: Path) -> None:
         failures = [r for r in results if isinstance(r, BaseException)]
         assert len(failures) == 1 and isinstance(failures[0], sqlite3.IntegrityError)
         assert len(log.incomplete_commits()) == 9
+    finally:
+        log.close()
+
+
+def test_the_writer_survives_callers_that_give_up(tmp_path: Path) -> None:
+    log = DecisionLog(str(tmp_path / "log.sqlite"), "c")
+    log.open()
+
+    async def scenario() -> None:
+        # Callers cancelled while their records are queued or being written: the
+        # writer must answer them without dying.
+        for round_ in range(20):
+            writes = [
+                asyncio.create_task(
+                    log.record_commit(f"c.1.{round_}.{i}", ("a",), 1.0, {"committed": True})
+                )
+                for i in range(20)
+            ]
+            await asyncio.sleep(0)
+            for task in writes:
+                task.cancel()
+            await asyncio.gather(*writes, return_exceptions=True)
+        # ... and a caller after them is answered.
+        await asyncio.wait_for(log.record_commit("c.1.last", ("a",), 1.0, {}), timeout=10)
+
+    try:
+        asyncio.run(scenario())
+        assert log.failure is None
+        assert log._writer is not None and log._writer.is_alive()
+    finally:
+        log.close()
+
+
+def test_a_log_that_cannot_write_fails_stop_and_the_coordinator_takes_no_new_work(
+    tmp_path: Path,
+) -> None:
+    log = DecisionLog(str(tmp_path / "log.sqlite"), "c")
+    log.acquire()
+    # SQLite's own "database or disk is full", as on a full disk: the file may not grow.
+    assert log._writer_conn is not None
+    pages = log._writer_conn.execute("PRAGMA page_count").fetchone()[0]
+    log._writer_conn.execute(f"PRAGMA max_page_count = {pages + 2}")
+    log.begin_epoch()
+    engine: Coordinator | None = None
+
+    async def scenario() -> None:
+        nonlocal engine
+        engine = Coordinator(CoordinatorConfig(id="c", log_path="-"), log, {})
+        with pytest.raises(LogFailed, match="full"):
+            for i in range(10_000):  # until the file would have to grow
+                await asyncio.wait_for(
+                    log.record_commit(f"c.1.{i}", ("a",), 1.0, {"pad": "x" * 2000}), timeout=10
+                )
+        # Fail-stop: every later write fails at once, and no new transaction starts.
+        with pytest.raises(LogFailed):
+            await asyncio.wait_for(log.mark_complete("c.1.0"), timeout=10)
+        with pytest.raises(Unavailable, match="decision log cannot write"):
+            engine.begin()
+        await engine.close()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        log.close()
+
+
+def test_prune_reads_finished_records_by_age_through_an_index(tmp_path: Path) -> None:
+    path = str(tmp_path / "log.sqlite")
+    log = DecisionLog(path, "c", prune_batch=3)
+    log.open()
+
+    async def scenario() -> None:
+        for i in range(5):
+            await log.record_commit(f"c.1.{i}", ("a",), 1.0, {}, completed=True)
+        await log.record_commit("c.1.open", ("a",), 1.0, {})  # awaiting phase 2: kept
+        await log.prune(time.time() + 1)
+        assert len(log._query("SELECT * FROM transactions")) == 3  # a bounded batch
+        await log.prune(time.time() + 1)
+        assert [r.transaction_id for r in log._query("SELECT * FROM transactions")] == ["c.1.open"]
+
+    try:
+        asyncio.run(scenario())
+        with sqlite3.connect(path) as db:
+            plan = db.execute(
+                "EXPLAIN QUERY PLAN SELECT rowid FROM transactions "
+                "INDEXED BY transactions_finished_age "
+                "WHERE state IN ('committed', 'aborted') AND decided_at < 0"
+            ).fetchall()
+        assert "USING INDEX transactions_finished_age" in str(plan), plan
     finally:
         log.close()

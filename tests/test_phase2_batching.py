@@ -1,9 +1,10 @@
 """Batched phase 2: the agent's Finish answers each decision on its own, and the
 coordinator's client folds concurrent decisions into few Finish calls.
 
-Transaction ids here name a coordinator nobody runs ("batching"): the shared system's
-own coordinator would otherwise find these prepared branches in its in-doubt scan and
-abort them under the test's feet."""
+Transaction ids here name coordinators nobody runs ("batching5" to "batching8", one per
+test, since agents refuse a branch of an epoch older than one they saw): the shared
+system's own coordinator would otherwise find these prepared branches in its in-doubt
+scan and abort them under the test's feet."""
 
 from __future__ import annotations
 
@@ -39,8 +40,8 @@ def ledger_ids(system: LocalSystem, prefix: str) -> set[str]:
 
 
 def test_finish_answers_every_decision_on_its_own(system: LocalSystem) -> None:
-    prepared = {name: f"batching.8.{i}" for i, name in enumerate("abc", 1)}
-    open_branch, never_seen = "batching.8.4", "batching.8.5"
+    prepared = {name: f"batching8.1.{i}" for i, name in enumerate("abc", 1)}
+    open_branch, never_seen = "batching8.1.4", "batching8.1.5"
     with grpc.insecure_channel(system.participants["shard1"].address) as channel:
         agent = pgrpc.ParticipantStub(channel)
         for name, txid in prepared.items():
@@ -88,7 +89,7 @@ def test_finish_refuses_a_batch_over_the_limit(system: LocalSystem) -> None:
         with pytest.raises(grpc.RpcError) as caught:
             agent.Finish(
                 ppb.FinishRequest(
-                    decisions=[ppb.Decision(transaction_id=f"batching.7.{i}") for i in range(1001)]
+                    decisions=[ppb.Decision(transaction_id=f"batching7.1.{i}") for i in range(1001)]
                 )
             )
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -101,7 +102,7 @@ def test_concurrent_decisions_share_finish_calls(system: LocalSystem) -> None:
     async def scenario() -> None:
         client = ParticipantClient("shard1", system.participants["shard1"].address, 10, 4 << 20)
         try:
-            txids = [f"batching.6.{i}" for i in range(1, count + 1)]
+            txids = [f"batching6.1.{i}" for i in range(1, count + 1)]
             votes = await asyncio.gather(
                 *(
                     client.prepare(t, [Statement(ledger_row(f"batch-{i}").sql)], False, 10)
@@ -128,7 +129,7 @@ def test_an_unreachable_agent_fails_every_waiting_decision(system: LocalSystem) 
         client = ParticipantClient("gone", f"127.0.0.1:{free_port()}", 0.5, 4 << 20)
         try:
             results = await asyncio.gather(
-                *(client.finish(f"batching.5.{i}", True) for i in range(1, 6)),
+                *(client.finish(f"batching5.1.{i}", True) for i in range(1, 6)),
                 return_exceptions=True,
             )
         finally:

@@ -26,6 +26,7 @@ class AbortCause(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     CLIENT_ROLLBACK: _ClassVar[AbortCause]
     EXECUTE_FAILED: _ClassVar[AbortCause]
     COORDINATOR_RESTART: _ClassVar[AbortCause]
+    TRANSACTION_TIMEOUT: _ClassVar[AbortCause]
 
 class TransactionState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -50,6 +51,7 @@ PARTICIPANT_UNAVAILABLE: AbortCause
 CLIENT_ROLLBACK: AbortCause
 EXECUTE_FAILED: AbortCause
 COORDINATOR_RESTART: AbortCause
+TRANSACTION_TIMEOUT: AbortCause
 STATE_UNSPECIFIED: TransactionState
 ACTIVE: TransactionState
 PREPARING: TransactionState
