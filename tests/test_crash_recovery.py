@@ -13,12 +13,14 @@ from coordinator.client import AsyncCoordinatorClient, Outcome, Statement, Trans
 from tests.conftest import (
     COORDINATOR_ARGS,
     PARTICIPANT_ARGS,
+    SHARDS,
     SystemFactory,
     create_tagged_rows,
     rows,
     tagged_inserts,
     wait_no_prepared,
 )
+from twopc_common.errors import TwoPCError
 from twopc_common.failpoints import FAILPOINT_EXIT_CODE
 from twopc_harness.daemons import Daemon, wait_until
 from twopc_harness.postgres import PostgresCluster
@@ -138,6 +140,98 @@ def test_participant_crash_at(
     told = run_expecting_a_crash(system, victim, tag, work(tag, **shape))
     victim.start()
     check_atomic(system, tag, expected, told)
+
+
+# An error (not a crash) at each step: before the COMMIT record it aborts, after it the
+# only way is forward. `one_phase` runs a single-branch transaction.
+COORDINATOR_ERROR_POINTS = [
+    ("coordinator.before_prepare", "abort", False),
+    ("coordinator.after_votes_before_decision", "abort", False),
+    ("coordinator.after_decision_logged", "commit", False),
+    ("coordinator.after_some_commits", "commit", False),
+    ("coordinator.before_mark_complete", "commit", False),
+    ("coordinator.after_one_phase_reply", "commit", True),
+]
+
+
+@pytest.mark.parametrize(
+    ("point", "expected", "one_phase"),
+    COORDINATOR_ERROR_POINTS,
+    ids=[p for p, *_ in COORDINATOR_ERROR_POINTS],
+)
+def test_coordinator_error_at(
+    crash_system: LocalSystem, point: str, expected: str, one_phase: bool
+) -> None:
+    system = crash_system
+    create_tagged_rows(system)
+    assert system.coordinator is not None
+    system.coordinator.set_failpoints(f"{point}=1*error(injected at {point})")
+    tag = f"coord-error-{point}"
+    branches = tagged_inserts(tag, ("shard1",)) if one_phase else work(tag)
+    told: Outcome | None = None
+    with system.client() as client:
+        try:
+            told = client.run(branches)
+        except TwoPCError as exc:  # an error answer is allowed; a lie is not
+            assert expected == "abort", f"{point}: {exc}"
+        if told is not None:
+            status = client.get_transaction(told.transaction_id)
+            assert status.outcome in ("committed" if told.committed else "aborted", "unknown")
+    shards = ("shard1",) if one_phase else SHARDS
+    wait_until(
+        lambda: (
+            len({rows(system, tag)[s] for s in shards}) == 1
+            and not any(system.prepared_transactions().values())
+        ),
+        RECOVERY_BOUND,
+        f"every shard to agree on {tag}",
+    )
+    applied = {rows(system, tag)[s] for s in shards} == {1}
+    assert applied == (expected == "commit"), rows(system, tag)
+    if told is not None:
+        assert told.committed == applied
+
+
+# The agent of shard 2 is SIGKILLed inside an interactive transaction: between its
+# Executes and the Commit, or during the Commit (before its PREPARE, or prepared but
+# before it voted). Restarted, it must not vote for a branch it lost.
+INTERACTIVE_AGENT_KILLS = [
+    ("between_execute_and_commit", None),
+    ("during_commit_before_prepare", "participant.before_prepare"),
+    ("during_commit_prepared_before_vote", "participant.after_prepare_before_vote"),
+]
+
+
+@pytest.mark.parametrize(
+    ("moment", "point"), INTERACTIVE_AGENT_KILLS, ids=[m for m, _ in INTERACTIVE_AGENT_KILLS]
+)
+def test_interactive_transaction_with_an_agent_killed(
+    crash_system: LocalSystem, moment: str, point: str | None
+) -> None:
+    system = crash_system
+    create_tagged_rows(system)
+    victim = system.participants["shard2"]
+    tag = f"interactive-kill-{moment}"
+    told: Outcome | None = None
+    with system.client(timeout=20) as client:
+        tx = client.begin()
+        for shard in SHARDS:
+            tx.execute("shard" + shard[-1], "INSERT INTO twopc_test_rows VALUES (%s)", (tag,))
+        if point is None:
+            victim.kill()
+            victim.start()
+        else:
+            victim.set_failpoints(f"{point}=1*crash")
+        try:
+            told = tx.commit()
+        except TransportError:
+            told = None
+        if point is not None:
+            assert victim.wait_exit(30) == FAILPOINT_EXIT_CODE
+            victim.start()
+    if told is not None:
+        assert not told.committed and told.abort_participant == "shard2", told
+    check_atomic(system, tag, "abort", told)
 
 
 def test_commit_told_to_the_client_survives_an_immediate_coordinator_kill(
