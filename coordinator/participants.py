@@ -44,6 +44,18 @@ _UNREACHABLE = (
 )
 
 
+# Codes with which an agent refuses a call before it runs anything.
+_REFUSED = (
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.ALREADY_EXISTS,
+    grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.OUT_OF_RANGE,
+    grpc.StatusCode.PERMISSION_DENIED,
+    grpc.StatusCode.UNAUTHENTICATED,
+    grpc.StatusCode.UNIMPLEMENTED,
+)
+
 _STATUS = {code.value[0]: code for code in grpc.StatusCode}
 
 
@@ -142,7 +154,13 @@ class ParticipantClient:
                 return PrepareReply(Ballot(Vote.TIMEOUT, "no vote before the prepare timeout"))
             if exc.code() in _UNREACHABLE:
                 return PrepareReply(Ballot(Vote.UNAVAILABLE, exc.details() or "unreachable"))
-            return PrepareReply(Ballot(Vote.NO, f"{exc.code().name}: {exc.details()}"))
+            reason = f"{exc.code().name}: {exc.details()}"
+            if exc.code() in _REFUSED:
+                return PrepareReply(Ballot(Vote.NO, reason))
+            # The call failed after the agent may have prepared (an answer too large
+            # to deliver, an internal error): no vote, and the participant must hear
+            # the Abort.
+            return PrepareReply(Ballot(Vote.LOST, reason))
         vote = _VOTES.get(reply.vote)
         if vote is None:
             return PrepareReply(Ballot(Vote.NO, f"unknown vote {reply.vote}"))

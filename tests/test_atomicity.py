@@ -321,3 +321,20 @@ def test_aborts_to_a_dead_agent_do_not_pile_up_in_the_coordinator(
     system.participants["shard3"].start()
     wait_no_prepared(system)
     assert all(rows(system, f"dead-{i}")["shard1"] == 0 for i in range(20))
+
+
+def test_a_participant_whose_vote_was_lost_is_sent_the_abort(make_system: SystemFactory) -> None:
+    # Recovery on both sides slowed right down: only the coordinator's Abort can
+    # release the branch whose answer (too large to deliver) never arrived.
+    system = make_system(
+        coordinator_args=["--recovery-interval", "120"],
+        participant_args=["--recovery-grace", "120"],
+    )
+    create_tagged_rows(system)
+    branches = tagged_inserts("lost-vote", ("shard1", "shard2"))
+    branches["shard1"].append(Statement("SELECT repeat('x', 5 * 1024 * 1024)"))
+    with system.client() as client:
+        outcome = client.run(branches)
+    assert not outcome.committed
+    wait_no_prepared(system, timeout=15)
+    _nowhere(system, "lost-vote")

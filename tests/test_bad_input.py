@@ -129,7 +129,15 @@ def test_execute_on_unknown_or_finished_transaction(stub: cgrpc.CoordinatorStub)
     stub.Commit(cpb.CommitRequest(transaction_id=txid, wait_for_completion=True))
     again = cpb.ExecuteRequest(transaction_id=txid, participant="shard1", statements=[stmt(UPDATE)])
     code, details = status_of(lambda: stub.Execute(again))
-    assert code == grpc.StatusCode.NOT_FOUND and "already finished" in details
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "has committed" in details
+
+    txid = stub.Begin(cpb.BeginRequest()).transaction_id
+    stub.Rollback(cpb.RollbackRequest(transaction_id=txid))
+    after_rollback = cpb.ExecuteRequest(
+        transaction_id=txid, participant="shard1", statements=[stmt("SELECT 1")]
+    )
+    code, details = status_of(lambda: stub.Execute(after_rollback))
+    assert code == grpc.StatusCode.ABORTED and "rolled back by the client" in details
 
 
 def test_malformed_transaction_id_is_invalid_argument(stub: cgrpc.CoordinatorStub) -> None:

@@ -498,7 +498,9 @@ def test_timeout_closes_after_its_delay(client: Any, echo: str) -> None:
     with connect(proxy.listen) as sock:
         started = time.monotonic()
         assert closed_by_peer(sock)
-        assert 0.2 <= time.monotonic() - started < 3.0
+        # The proxy's timer starts when it accepts, ours when connect() returns: a
+        # couple of milliseconds either way between two processes' clocks and loops.
+        assert 0.19 <= time.monotonic() - started < 3.0
 
 
 # 15
