@@ -56,7 +56,7 @@ LOCAL_COORDINATOR_ARGS = [
 ]
 LOCAL_PARTICIPANT_ARGS = [
     "--lock-timeout",
-    "1",
+    "5",
     "--recovery-interval",
     "1",
     "--recovery-grace",

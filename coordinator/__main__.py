@@ -67,7 +67,10 @@ async def serve(config: CoordinatorConfig) -> None:
     tasks = [
         asyncio.create_task(engine.recovery_loop()),
         asyncio.create_task(engine.reap_idle_transactions()),
+        *(asyncio.create_task(engine.probe_loop(p)) for p in clients),
     ]
+    if config.deadlock_interval > 0:
+        tasks.append(asyncio.create_task(engine.deadlock_loop()))
     try:
         await wait_for_termination()
     finally:
@@ -135,6 +138,20 @@ def parse_args(argv: list[str] | None = None) -> tuple[CoordinatorConfig, str]:
         help="an interactive transaction older than this is rolled back, busy or not",
     )
     p.add_argument(
+        "--deadlock-interval",
+        type=float,
+        default=d.deadlock_interval,
+        metavar="SECONDS",
+        help="period of the cross-shard deadlock detector (0: off)",
+    )
+    p.add_argument(
+        "--probe-interval",
+        type=positive,
+        default=d.probe_interval,
+        metavar="SECONDS",
+        help="period of each participant's health probe; two unanswered mark it down",
+    )
+    p.add_argument(
         "--recovery-interval",
         type=positive,
         default=d.recovery_interval,
@@ -154,6 +171,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[CoordinatorConfig, str]:
             phase2_backoff_max=a.phase2_backoff_max,
             transaction_idle_timeout=a.transaction_idle_timeout,
             transaction_max_lifetime=a.transaction_max_lifetime,
+            deadlock_interval=a.deadlock_interval,
+            probe_interval=a.probe_interval,
+            probe_timeout=a.probe_interval,
             recovery_interval=a.recovery_interval,
             allow_failpoints=a.allow_failpoints,
         )

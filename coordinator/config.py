@@ -39,6 +39,16 @@ class CoordinatorConfig:
     startup_recovery_timeout: float = 5.0
     """How long start-up waits for participants to list their in-doubt branches before
     serving anyway (unreachable ones are resolved by the periodic scan)."""
+    deadlock_interval: float = 0.1
+    """Seconds between looks for cross-shard deadlocks (while any transaction may be
+    waiting for a lock); a cycle is broken within about two periods. 0 turns it off."""
+    probe_interval: float = 0.5
+    """Seconds between health probes of each participant."""
+    probe_timeout: float = 0.5
+    """A probe not answered within this fails."""
+    probe_failures: int = 2
+    """Consecutive failed probes that mark a participant down: new transactions that
+    touch it then abort at once (PARTICIPANT_UNAVAILABLE) until a probe succeeds."""
     retention: float = 7 * 24 * 3600.0
     """Seconds completed transactions (and their idempotency keys) stay in the log."""
     recent_outcomes: int = 10_000

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from coordinator.config import CoordinatorConfig
+from coordinator.deadlock import Victim, Wait, confirmed, find_victims
 from coordinator.decision_log import DecisionLog, LogFailed, LogRecord
 from coordinator.participants import ParticipantClient, PrepareReply
 from coordinator.protocol import (
@@ -129,6 +130,9 @@ class _Tx:
     """Participant -> the agent incarnation that opened its branch (interactive)."""
     phase2: tuple[str, ...] = ()
     """Once COMMIT is logged: the participants that must acknowledge it."""
+    victim: Victim | None = None
+    """Chosen to break a deadlock while its votes were collected."""
+    interrupted: asyncio.Event = field(default_factory=asyncio.Event)
     key: str | None = None
     request_hash: str | None = None
     busy: int = 0
@@ -162,6 +166,7 @@ class Coordinator:
         self._sequence = itertools.count(1)
         self._background: set[asyncio.Task[None]] = set()
         self._stopped: str | None = None
+        self._down: dict[str, str] = {}
 
     # -- bookkeeping ----------------------------------------------------------------
 
@@ -182,7 +187,8 @@ class Coordinator:
     def _forget(self, tx: _Tx) -> None:
         self._live.pop(tx.id, None)
         if tx.outcome.done() and not tx.outcome.cancelled() and tx.outcome.exception() is None:
-            self._recent[tx.id] = replace(tx.outcome.result(), completed=True)
+            # Without read results: a late Commit or Rollback only needs the outcome.
+            self._recent[tx.id] = replace(tx.outcome.result(), results=(), completed=True)
             while len(self._recent) > self.config.recent_outcomes:
                 self._recent.popitem(last=False)
         if tx.key is not None and self._keys.get(tx.key) is tx:
@@ -278,6 +284,9 @@ class Coordinator:
         participants = tuple(work)
         tx.participants = list(participants)
         tx.state = transition(tx.state, TxState.PREPARING)
+        if (down := self.down(participants)) is not None:
+            await self._fail_fast(tx, *down)
+            return await self._answer(tx, wait)
         try:
             await failpoints.hit("coordinator.before_prepare")
             if len(participants) == 1:
@@ -305,10 +314,30 @@ class Coordinator:
                 raise
         return await self._answer(tx, wait)
 
+    async def _fail_fast(self, tx: _Tx, culprit: str, reason: str) -> None:
+        """Abort before anything is sent: a participant is down."""
+        if tx.key is not None:
+            aborted = Outcome(tx.id, False, AbortCause.PARTICIPANT_UNAVAILABLE, culprit, reason)
+            await self.decision_log.record_abort(
+                tx.id,
+                tuple(tx.participants),
+                tx.created,
+                aborted.to_json(),
+                tx.key,
+                tx.request_hash or "",
+            )
+        opened = tuple(p for p in tx.participants if p in tx.incarnations)  # interactive
+        self._abort(tx, AbortCause.PARTICIPANT_UNAVAILABLE, culprit, reason, opened)
+
     async def _two_phase(self, tx: _Tx, work: Mapping[str, tuple[Statement, ...]]) -> None:
         participants = tuple(work)
         ballots, results = await self._collect_votes(tx, work)
-        decision = decide(participants, ballots)
+        victim = tx.victim
+        decision = decide(
+            participants,
+            ballots,
+            (AbortCause.DEADLOCK, victim.participant, victim.describe()) if victim else None,
+        )
         await failpoints.hit("coordinator.after_votes_before_decision")
         if not decision.commit:
             assert decision.cause is not None
@@ -369,20 +398,26 @@ class Coordinator:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         pending: set[asyncio.Task[PrepareReply]] = set(calls)
+        interrupted: asyncio.Future[bool] = asyncio.ensure_future(tx.interrupted.wait())
         try:
             while pending and (remaining := deadline - loop.time()) > 0:
-                done, pending = await asyncio.wait(
-                    pending, timeout=remaining, return_when=asyncio.FIRST_COMPLETED
+                waiting: set[asyncio.Future[Any]] = {*pending, interrupted}
+                done, _ = await asyncio.wait(
+                    waiting, timeout=remaining, return_when=asyncio.FIRST_COMPLETED
                 )
-                for task in done:
+                for task in pending & done:
                     reply = task.result()
                     ballots[calls[task]] = reply.ballot
                     results[calls[task]] = reply.results
+                pending -= done
+                if interrupted.done():
+                    break  # chosen as a deadlock victim
                 if any(b.vote is Vote.NO for b in ballots.values()):
                     break  # the outcome is known: do not wait for the slow ones
                 if pending and ballots:
                     await failpoints.hit("coordinator.after_some_votes")
         finally:
+            interrupted.cancel()
             for task in pending:
                 task.cancel()
         return ballots, tuple((p, results[p]) for p in work if p in results)
@@ -642,6 +677,11 @@ class Coordinator:
             raise InvalidArgument("Execute needs at least one statement")
         if tx.state is not TxState.ACTIVE:
             raise FailedPrecondition(f"transaction {txid} is {tx.state.value}")
+        if (down := self.down([participant])) is not None:
+            self._abort(
+                tx, AbortCause.PARTICIPANT_UNAVAILABLE, participant, down[1], tuple(tx.participants)
+            )
+            raise Aborted(f"transaction {txid} aborted: {down[1]}")
         if participant not in tx.participants:
             if len(tx.participants) >= self.config.limits.max_branches:
                 raise InvalidArgument(f"the limit is {self.config.limits.max_branches} branches")
@@ -659,6 +699,9 @@ class Coordinator:
                 )
             return results
         except (Aborted, Unavailable, FailedPrecondition) as exc:
+            if tx.outcome.done() and not tx.outcome.result().committed:
+                # Aborted meanwhile (a deadlock victim, a timeout): that is the reason.
+                raise Aborted(f"transaction {txid} aborted: {tx.outcome.result().reason}") from exc
             if tx.state is TxState.ACTIVE:
                 cause = (
                     AbortCause.PARTICIPANT_UNAVAILABLE
@@ -731,6 +774,104 @@ class Coordinator:
                         "interactive transaction idle",
                         tuple(tx.participants),
                     )
+
+    # -- contention and availability -------------------------------------------------
+
+    async def deadlock_loop(self) -> None:
+        """Break cross-shard deadlocks (see coordinator.deadlock)."""
+        while True:
+            await asyncio.sleep(self.config.deadlock_interval)
+            try:
+                await self.break_deadlocks()
+            except Exception as exc:
+                self.log.error("deadlock_scan_failed", error=repr(exc))
+
+    async def break_deadlocks(self) -> list[Victim]:
+        if not any(
+            tx.state is TxState.PREPARING or (tx.state is TxState.ACTIVE and tx.busy)
+            for tx in self._live.values()
+        ):
+            return []  # nobody can be waiting for a lock
+        first = await self._wait_snapshot(list(self.clients))
+        if not find_victims(first, self._may_be_victim):
+            return []
+        second = await self._wait_snapshot(sorted({w.participant for w in first}))
+        victims = find_victims(confirmed(first, second), self._may_be_victim)
+        for victim in victims:
+            self._break(victim)
+        return victims
+
+    async def _wait_snapshot(self, participants: list[str]) -> list[Wait]:
+        timeout = min(1.0, self.config.rpc_timeout)
+
+        async def one(participant: str) -> list[Wait]:
+            if participant in self._down:
+                return []
+            try:
+                return await self.clients[participant].waits_for(timeout)
+            except TwoPCError:
+                return []  # a shard we cannot see cannot prove a cycle
+
+        return [w for waits in await asyncio.gather(*map(one, participants)) for w in waits]
+
+    def _may_be_victim(self, txid: str) -> bool:
+        """Ours, undecided, and not a one-phase commit in flight (whose outcome only the
+        fence could tell: a cycle through it has a two-phase member to break)."""
+        tx = self._live.get(txid)
+        if tx is None or tx.outcome.done():
+            return False
+        return tx.state is TxState.ACTIVE or (
+            tx.state is TxState.PREPARING and len(tx.participants) > 1
+        )
+
+    def _break(self, victim: Victim) -> None:
+        tx = self._live.get(victim.transaction_id)
+        if tx is None or not self._may_be_victim(tx.id):
+            return
+        self.counters["deadlocks_broken"] += 1
+        self.log.info(
+            "deadlock_broken",
+            txid=tx.id,
+            participant=victim.participant,
+            cycle=",".join(victim.cycle),
+        )
+        if tx.state is TxState.ACTIVE:
+            reason = victim.describe()
+            self._abort(tx, AbortCause.DEADLOCK, victim.participant, reason, tuple(tx.participants))
+        else:
+            tx.victim = victim  # its vote collection decides the abort
+            tx.interrupted.set()
+
+    async def probe_loop(self, participant: str) -> None:
+        """Mark a participant down after consecutive failed probes, up at the first
+        answer. Down, it fails new transactions fast; phase 2 and recovery go on
+        retrying it as always."""
+        client = self.clients[participant]
+        failures = 0
+        while True:
+            await asyncio.sleep(self.config.probe_interval)
+            try:
+                await client.probe(self.config.probe_timeout)
+            except TwoPCError as exc:
+                failures += 1
+                if failures >= self.config.probe_failures and participant not in self._down:
+                    self._down[participant] = (
+                        f"participant {participant} is down: {failures} health probes "
+                        f"unanswered ({exc})"
+                    )
+                    self.counters["participants_marked_down"] += 1
+                    self.log.warning("participant_down", participant=participant, error=str(exc))
+                continue
+            failures = 0
+            if self._down.pop(participant, None) is not None:
+                self.log.info("participant_up", participant=participant)
+
+    def down(self, participants: Sequence[str]) -> tuple[str, str] | None:
+        """The first of `participants` marked down, with why."""
+        for p in participants:
+            if p in self._down:
+                return p, self._down[p]
+        return None
 
     # -- status ---------------------------------------------------------------------
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import grpc
 
+from coordinator.deadlock import Wait
 from coordinator.protocol import Ballot, Vote
 from twopc_common.errors import Unavailable
 from twopc_common.grpc_errors import error_for
@@ -254,6 +255,26 @@ class ParticipantClient:
         except grpc.aio.AioRpcError as exc:
             raise _error(exc, self.name) from exc
         return bool(ack.changed)
+
+    async def waits_for(self, timeout: float) -> list[Wait]:
+        """The agent's lock waits between open branches (see coordinator.deadlock)."""
+        try:
+            reply = await self._stub.WaitsFor(pb.WaitsForRequest(), timeout=timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise _error(exc, self.name) from exc
+        return [
+            Wait(self.name, e.waiter_transaction_id, e.holder_transaction_id, e.wait_started)
+            for e in reply.edges
+            if e.holder_transaction_id
+        ]
+
+    async def probe(self, timeout: float) -> None:
+        """One health probe: the agent answers Status within `timeout`, or this raises.
+        No waiting for a reconnect: a refused connection fails at once."""
+        try:
+            await self._stub.Status(pb.ParticipantStatusRequest(), timeout=timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise _error(exc, self.name) from exc
 
     async def list_prepared(self, coordinator_id: str) -> InDoubtList:
         try:

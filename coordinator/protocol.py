@@ -106,6 +106,7 @@ class AbortCause(enum.Enum):
     COORDINATOR_RESTART = "coordinator_restart"
     IDLE_TIMEOUT = "idle_timeout"
     LIFETIME_EXCEEDED = "lifetime_exceeded"
+    DEADLOCK = "deadlock"
 
 
 _CAUSE_OF_MISSING_VOTE = {
@@ -148,10 +149,16 @@ def abort_cause(vote: Vote) -> AbortCause:
     return _CAUSE_OF_MISSING_VOTE.get(vote, AbortCause.VOTE_NO)
 
 
-def decide(participants: tuple[str, ...], ballots: Mapping[str, Ballot]) -> Decision:
+def decide(
+    participants: tuple[str, ...],
+    ballots: Mapping[str, Ballot],
+    interrupted: tuple[AbortCause, str, str] | None = None,
+) -> Decision:
     """The decision for `participants` given the ballots that arrived (missing = TIMEOUT).
 
     A NO is reported in preference to a missing vote: it says why more precisely.
+    `interrupted` (cause, culprit, reason): the vote collection was cut short (a
+    deadlock victim); unless every vote was in by then, that is the abort's cause.
     """
     votes = {
         p: ballots.get(p, Ballot(Vote.TIMEOUT, "no vote before the prepare timeout"))
@@ -164,6 +171,9 @@ def decide(participants: tuple[str, ...], ballots: Mapping[str, Ballot]) -> Deci
             commit=True, phase2=tuple(p for p in participants if votes[p].vote is Vote.YES)
         )
     phase2 = tuple(p for p in participants if votes[p].vote in (Vote.YES, *_CAUSE_OF_MISSING_VOTE))
+    if interrupted is not None:
+        cause, culprit, reason = interrupted
+        return Decision(False, phase2, cause, culprit, reason)
     culprit = (no or missing)[0]
     cause = AbortCause.VOTE_NO if no else _CAUSE_OF_MISSING_VOTE[votes[culprit].vote]
     return Decision(False, phase2, cause, culprit, votes[culprit].reason)

@@ -94,8 +94,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[ParticipantConfig, str]:
         type=positive,
         default=d.lock_timeout,
         metavar="SECONDS",
-        help="a statement waiting this long on a row lock fails: NO vote "
-        "(this also breaks cross-shard deadlocks)",
+        help="a statement waiting this long on a row lock fails: NO vote (a safety "
+        "net: the coordinator's detector breaks cross-shard deadlocks)",
     )
     p.add_argument(
         "--statement-timeout",

@@ -24,6 +24,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 
+from psycopg import Xid
+
 from participant.branch_state import BranchState, check_transition
 from participant.config import ParticipantConfig
 from participant.epochs import EpochFence
@@ -37,9 +39,21 @@ from twopc_common.errors import (
     TwoPCError,
     Unavailable,
 )
-from twopc_common.ids import TransactionId
+from twopc_common.ids import FORMAT_ID, TransactionId
 from twopc_common.log import EventLogger
 from twopc_common.values import Statement, StatementResult
+
+
+@dataclass(frozen=True, slots=True)
+class WaitEdge:
+    """An open branch waiting for a lock held by another branch of this agent
+    (holder), a prepared transaction, or an outside session (holder_pid)."""
+
+    waiter: str
+    holder: str
+    holder_prepared: bool
+    holder_pid: int
+    wait_started: float
 
 
 class BranchLost(Exception):
@@ -386,6 +400,45 @@ class Agent:
             for b in scan.ours
             if TransactionId.parse(b.transaction_id).coordinator == coordinator_id
         ]
+
+    async def waits_for(self) -> list[WaitEdge]:
+        """This shard's piece of the global wait-for graph: open branches waiting for
+        a lock, and who holds it."""
+        pids = {
+            b.conn.info.backend_pid: b.transaction_id
+            for b in list(self._branches.values())
+            if b.conn is not None and not b.conn.closed
+        }
+        edges = []
+        for wait in await self.store.lock_waits(list(pids)):
+            waiter = pids.get(wait.waiter_pid)
+            if waiter is None:
+                continue  # finished meanwhile
+            if wait.holder_pid == 0:
+                # A prepared branch of ours still waits for its transaction's decision:
+                # if that transaction waits for this one elsewhere, it is a deadlock.
+                holder = self._prepared_branch(wait.holder_gid)
+            else:
+                holder = pids.get(wait.holder_pid, "")
+            edges.append(
+                WaitEdge(
+                    waiter,
+                    holder,
+                    wait.holder_pid == 0,
+                    wait.holder_pid,
+                    wait.wait_started.timestamp() if wait.wait_started else 0.0,
+                )
+            )
+        return edges
+
+    def _prepared_branch(self, gid: str | None) -> str:
+        """The transaction id of a prepared branch of this participant, or ""."""
+        if gid is None:
+            return ""
+        xid = Xid.from_string(gid)
+        if xid.format_id != FORMAT_ID or xid.bqual != self.config.id:
+            return ""
+        return xid.gtrid
 
     @property
     def open_branches(self) -> int:

@@ -30,9 +30,10 @@ class ParticipantConfig:
     branch pool, so that open branches can never hold up a decided transaction."""
     pool_timeout: float = 10.0
     """Seconds a branch waits for a pooled connection before it fails (NO vote)."""
-    lock_timeout: float = 5.0
+    lock_timeout: float = 15.0
     """PostgreSQL lock_timeout: a statement waiting this long on a lock fails (NO vote).
-    It is also what breaks cross-shard deadlocks, which PostgreSQL cannot see."""
+    A safety net: cross-shard deadlocks, which PostgreSQL cannot see, are broken by the
+    coordinators' deadlock detector in a fraction of a second."""
     statement_timeout: float = 30.0
     """PostgreSQL statement_timeout for branch statements."""
     idle_branch_timeout: float = 30.0

@@ -140,6 +140,21 @@ class ParticipantService(pgrpc.ParticipantServicer):
         )
 
     @translate_errors
+    async def WaitsFor(self, request: pb.WaitsForRequest, context: Context) -> pb.WaitsForResponse:
+        return pb.WaitsForResponse(
+            edges=[
+                pb.WaitEdge(
+                    waiter_transaction_id=e.waiter,
+                    holder_transaction_id=e.holder,
+                    holder_prepared=e.holder_prepared,
+                    holder_pid=e.holder_pid,
+                    wait_started=e.wait_started,
+                )
+                for e in await self._agent.waits_for()
+            ]
+        )
+
+    @translate_errors
     async def SetFailpoints(
         self, request: types_pb2.FailpointsRequest, context: Context
     ) -> types_pb2.FailpointsResponse:

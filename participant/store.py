@@ -105,6 +105,29 @@ class PreparedScan:
     foreign: tuple[ForeignPrepared, ...]
 
 
+@dataclass(frozen=True, slots=True)
+class LockWait:
+    """A backend of this agent waiting for a lock, and one backend it waits for: pid 0
+    is a prepared transaction, `holder_gid` says which (for a row lock's wait)."""
+
+    waiter_pid: int
+    holder_pid: int
+    wait_started: dt.datetime | None
+    holder_gid: str | None
+
+
+# Lock waits of the given backends, with every backend each one waits for. A prepared
+# transaction holds its locks with no backend (pid 0); a row lock's waiter waits for
+# the holder's transaction id, which names the prepared transaction.
+_WAITS_QUERY = """
+SELECT w.pid, h.holder, w.waitstart, px.gid
+  FROM (SELECT pid, min(waitstart) AS waitstart, max(transactionid::text) AS xid
+          FROM pg_locks WHERE NOT granted AND pid = ANY(%s) GROUP BY pid) w
+ CROSS JOIN LATERAL unnest(pg_blocking_pids(w.pid)) AS h(holder)
+  LEFT JOIN pg_prepared_xacts px ON h.holder = 0 AND px.transaction::text = w.xid
+"""
+
+
 # Prepared transactions of this database, with the locks each holds: a prepared
 # transaction's locks have no pid and share the virtual transaction of its own
 # transaction-id lock.
@@ -435,6 +458,27 @@ class Store:
                     ForeignPrepared(str(gid), at, str(owner), str(database), int(str(locks)), why)
                 )
         return PreparedScan(tuple(ours), tuple(foreign))
+
+    async def lock_waits(self, pids: Sequence[int]) -> list[LockWait]:
+        """Which of `pids` wait for a lock, and for whom (the deadlock detector's view)."""
+        if not pids:
+            return []
+        try:
+            async with self.control.connection() as conn:
+                cur = await conn.execute(_WAITS_QUERY, (list(pids),))
+                rows = await cur.fetchall()
+                await conn.rollback()
+        except (psycopg.OperationalError, PoolTimeout) as exc:
+            raise Unavailable(f"database unavailable: {exc}") from exc
+        return [
+            LockWait(
+                int(str(w)),
+                int(str(h)),
+                at if isinstance(at, dt.datetime) else None,
+                None if gid is None else str(gid),
+            )
+            for w, h, at, gid in rows
+        ]
 
     async def load_epochs(self) -> dict[str, int]:
         async with self.control.connection() as conn:

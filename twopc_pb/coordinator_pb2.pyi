@@ -27,6 +27,7 @@ class AbortCause(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     EXECUTE_FAILED: _ClassVar[AbortCause]
     COORDINATOR_RESTART: _ClassVar[AbortCause]
     TRANSACTION_TIMEOUT: _ClassVar[AbortCause]
+    DEADLOCK: _ClassVar[AbortCause]
 
 class TransactionState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -52,6 +53,7 @@ CLIENT_ROLLBACK: AbortCause
 EXECUTE_FAILED: AbortCause
 COORDINATOR_RESTART: AbortCause
 TRANSACTION_TIMEOUT: AbortCause
+DEADLOCK: AbortCause
 STATE_UNSPECIFIED: TransactionState
 ACTIVE: TransactionState
 PREPARING: TransactionState

@@ -171,3 +171,27 @@ class ParticipantStatus(_message.Message):
     incarnation: str
     foreign_prepared: _containers.RepeatedCompositeFieldContainer[ForeignPrepared]
     def __init__(self, participant_id: _Optional[str] = ..., open_branches: _Optional[int] = ..., prepared_branches: _Optional[int] = ..., counters: _Optional[_Mapping[str, int]] = ..., incarnation: _Optional[str] = ..., foreign_prepared: _Optional[_Iterable[_Union[ForeignPrepared, _Mapping]]] = ...) -> None: ...
+
+class WaitsForRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class WaitEdge(_message.Message):
+    __slots__ = ("waiter_transaction_id", "holder_transaction_id", "holder_prepared", "holder_pid", "wait_started")
+    WAITER_TRANSACTION_ID_FIELD_NUMBER: _ClassVar[int]
+    HOLDER_TRANSACTION_ID_FIELD_NUMBER: _ClassVar[int]
+    HOLDER_PREPARED_FIELD_NUMBER: _ClassVar[int]
+    HOLDER_PID_FIELD_NUMBER: _ClassVar[int]
+    WAIT_STARTED_FIELD_NUMBER: _ClassVar[int]
+    waiter_transaction_id: str
+    holder_transaction_id: str
+    holder_prepared: bool
+    holder_pid: int
+    wait_started: float
+    def __init__(self, waiter_transaction_id: _Optional[str] = ..., holder_transaction_id: _Optional[str] = ..., holder_prepared: _Optional[bool] = ..., holder_pid: _Optional[int] = ..., wait_started: _Optional[float] = ...) -> None: ...
+
+class WaitsForResponse(_message.Message):
+    __slots__ = ("edges",)
+    EDGES_FIELD_NUMBER: _ClassVar[int]
+    edges: _containers.RepeatedCompositeFieldContainer[WaitEdge]
+    def __init__(self, edges: _Optional[_Iterable[_Union[WaitEdge, _Mapping]]] = ...) -> None: ...

@@ -70,6 +70,11 @@ class ParticipantStub:
                 request_serializer=twopc__pb_dot_participant__pb2.ParticipantStatusRequest.SerializeToString,
                 response_deserializer=twopc__pb_dot_participant__pb2.ParticipantStatus.FromString,
                 _registered_method=True)
+        self.WaitsFor = channel.unary_unary(
+                '/twopc.v1.Participant/WaitsFor',
+                request_serializer=twopc__pb_dot_participant__pb2.WaitsForRequest.SerializeToString,
+                response_deserializer=twopc__pb_dot_participant__pb2.WaitsForResponse.FromString,
+                _registered_method=True)
         self.SetFailpoints = channel.unary_unary(
                 '/twopc.v1.Participant/SetFailpoints',
                 request_serializer=twopc__pb_dot_types__pb2.FailpointsRequest.SerializeToString,
@@ -130,6 +135,14 @@ class ParticipantServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WaitsFor(self, request, context):
+        """Who waits for whom on this shard right now: the local piece of the global
+        wait-for graph the coordinators' deadlock detectors assemble.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def SetFailpoints(self, request, context):
         """Test hook (off unless --allow-failpoints): switch failpoints at run time.
         """
@@ -174,6 +187,11 @@ def add_ParticipantServicer_to_server(servicer, server):
                     servicer.Status,
                     request_deserializer=twopc__pb_dot_participant__pb2.ParticipantStatusRequest.FromString,
                     response_serializer=twopc__pb_dot_participant__pb2.ParticipantStatus.SerializeToString,
+            ),
+            'WaitsFor': grpc.unary_unary_rpc_method_handler(
+                    servicer.WaitsFor,
+                    request_deserializer=twopc__pb_dot_participant__pb2.WaitsForRequest.FromString,
+                    response_serializer=twopc__pb_dot_participant__pb2.WaitsForResponse.SerializeToString,
             ),
             'SetFailpoints': grpc.unary_unary_rpc_method_handler(
                     servicer.SetFailpoints,
@@ -370,6 +388,33 @@ class Participant:
             '/twopc.v1.Participant/Status',
             twopc__pb_dot_participant__pb2.ParticipantStatusRequest.SerializeToString,
             twopc__pb_dot_participant__pb2.ParticipantStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WaitsFor(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/twopc.v1.Participant/WaitsFor',
+            twopc__pb_dot_participant__pb2.WaitsForRequest.SerializeToString,
+            twopc__pb_dot_participant__pb2.WaitsForResponse.FromString,
             options,
             channel_credentials,
             insecure,
