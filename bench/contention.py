@@ -35,8 +35,19 @@ from transfers import ACCOUNTS, Picker, drive, prepare_bank, raw_2pc, through_sy
 
 from bank_demo import bank
 from coordinator.client import AsyncCoordinatorClient
+from twopc_harness.daemons import wait_until
 from twopc_harness.postgres import start_clusters, stop_clusters
-from twopc_harness.system import start_system
+from twopc_harness.system import LocalSystem, start_system
+
+
+def wait_settled(system: LocalSystem) -> None:
+    """Answers come before phase 2: let it finish before the daemons stop."""
+    wait_until(
+        lambda: not any(system.prepared_transactions().values()),
+        60,
+        "phase 2 to finish",
+        interval=0.2,
+    )
 
 
 async def deadlocks_broken(client: AsyncCoordinatorClient) -> int:
@@ -48,7 +59,7 @@ async def hot_accounts(duration: float, seed: int) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     try:
         variants = {
-            "system": ["--deadlock-interval", "0.1"],
+            "system": ["--deadlock-interval", "0.05"],
             "system, detector off": ["--deadlock-interval", "0"],
         }
         for name, flags in variants.items():
@@ -74,6 +85,7 @@ async def hot_accounts(duration: float, seed: int) -> list[dict[str, Any]]:
                     )
                     result["deadlocks_broken"] = await deadlocks_broken(client) - before
                 rows.append({"variant": name, **result})
+                wait_settled(system)
             finally:
                 system.stop()
         system = start_system(2, clusters=clusters, start_daemons=False)

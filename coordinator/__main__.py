@@ -145,6 +145,14 @@ def parse_args(argv: list[str] | None = None) -> tuple[CoordinatorConfig, str]:
         help="period of the cross-shard deadlock detector (0: off)",
     )
     p.add_argument(
+        "--deadlock-retries",
+        type=int,
+        default=d.deadlock_retries,
+        metavar="N",
+        help="times a one-shot transaction that lost a deadlock is run again before "
+        "its client is told DEADLOCK",
+    )
+    p.add_argument(
         "--probe-interval",
         type=positive,
         default=d.probe_interval,
@@ -172,6 +180,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[CoordinatorConfig, str]:
             transaction_idle_timeout=a.transaction_idle_timeout,
             transaction_max_lifetime=a.transaction_max_lifetime,
             deadlock_interval=a.deadlock_interval,
+            deadlock_retries=a.deadlock_retries,
             probe_interval=a.probe_interval,
             probe_timeout=a.probe_interval,
             recovery_interval=a.recovery_interval,

@@ -39,9 +39,13 @@ class CoordinatorConfig:
     startup_recovery_timeout: float = 5.0
     """How long start-up waits for participants to list their in-doubt branches before
     serving anyway (unreachable ones are resolved by the periodic scan)."""
-    deadlock_interval: float = 0.1
-    """Seconds between looks for cross-shard deadlocks (while any transaction may be
-    waiting for a lock); a cycle is broken within about two periods. 0 turns it off."""
+    deadlock_interval: float = 0.05
+    """Seconds between looks for cross-shard deadlocks, taken only while some
+    transaction has been at work (preparing, or in an Execute) for longer than this;
+    a cycle is broken within about two periods. 0 turns it off."""
+    deadlock_retries: int = 3
+    """Times a one-shot transaction (Run) chosen as a deadlock victim is run again as
+    a new transaction before its client is told DEADLOCK: all its work is known."""
     probe_interval: float = 0.5
     """Seconds between health probes of each participant."""
     probe_timeout: float = 0.5

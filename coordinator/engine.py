@@ -20,6 +20,7 @@ import asyncio
 import collections
 import contextlib
 import itertools
+import random
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -125,14 +126,23 @@ class _Tx:
     created: float = field(default_factory=time.time)
     last_used: float = field(default_factory=time.monotonic)
     started: float = field(default_factory=time.monotonic)
+    work_started: float = field(default_factory=time.monotonic)
+    """When its current Execute or its Prepare began (the deadlock detector's trigger)."""
     participants: list[str] = field(default_factory=list)
     incarnations: dict[str, str] = field(default_factory=dict)
     """Participant -> the agent incarnation that opened its branch (interactive)."""
     phase2: tuple[str, ...] = ()
     """Once COMMIT is logged: the participants that must acknowledge it."""
-    victim: Victim | None = None
-    """Chosen to break a deadlock while its votes were collected."""
+    awaiting: frozenset[str] = frozenset()
+    """While votes are collected: the participants whose vote is still missing."""
+    interruption: tuple[AbortCause, str, str] | None = None
+    """Why vote collection was cut short (cause, culprit, reason): a deadlock victim,
+    or a participant marked down while its vote was missing."""
     interrupted: asyncio.Event = field(default_factory=asyncio.Event)
+    retries_left: int = 0
+    """One-shot only: how many more times a deadlock victim is run again."""
+    successor: _Tx | None = None
+    """The transaction that runs this one's work again after it lost a deadlock."""
     key: str | None = None
     request_hash: str | None = None
     busy: int = 0
@@ -167,6 +177,7 @@ class Coordinator:
         self._background: set[asyncio.Task[None]] = set()
         self._stopped: str | None = None
         self._down: dict[str, str] = {}
+        self._rng = random.Random()
 
     # -- bookkeeping ----------------------------------------------------------------
 
@@ -268,10 +279,24 @@ class Coordinator:
                 tx.outcome.set_result(outcome)
                 self.counters["idempotent_replays"] += 1
                 return outcome
-        return await self._finish(tx, {p: tuple(s) for p, s in branches}, wait)
+        work = {p: tuple(s) for p, s in branches}
+        tx.retries_left = self.config.deadlock_retries
+        outcome = await self._finish(tx, work, wait)
+        while tx.successor is not None:
+            # A deadlock victim: its work is all here, so run it again as a new
+            # transaction (after a short random pause, so that the survivors of the
+            # cycle get ahead) rather than hand the client an abort to retry.
+            tx = tx.successor
+            await asyncio.sleep(self._rng.uniform(0, self.config.deadlock_interval))
+            outcome = await self._finish(tx, work, wait)
+        return outcome
 
-    async def _answer(self, tx: _Tx, wait: bool) -> Outcome:
+    async def _answer(self, tx: _Tx, wait: bool, follow: bool = True) -> Outcome:
+        """The outcome of `tx`: with `follow`, of the last of its deadlock retries."""
         outcome = await asyncio.shield(tx.outcome)
+        while follow and tx.successor is not None:
+            tx = tx.successor
+            outcome = await asyncio.shield(tx.outcome)
         if wait and not outcome.completed:
             await tx.completed.wait()
             outcome = replace(outcome, completed=True)
@@ -284,9 +309,10 @@ class Coordinator:
         participants = tuple(work)
         tx.participants = list(participants)
         tx.state = transition(tx.state, TxState.PREPARING)
+        tx.work_started = time.monotonic()
         if (down := self.down(participants)) is not None:
             await self._fail_fast(tx, *down)
-            return await self._answer(tx, wait)
+            return await self._answer(tx, wait, follow=False)
         try:
             await failpoints.hit("coordinator.before_prepare")
             if len(participants) == 1:
@@ -312,7 +338,7 @@ class Coordinator:
                 if isinstance(exc, LogFailed):
                     raise Unavailable(f"transaction {tx.id} aborted: {exc}") from exc
                 raise
-        return await self._answer(tx, wait)
+        return await self._answer(tx, wait, follow=False)
 
     async def _fail_fast(self, tx: _Tx, culprit: str, reason: str) -> None:
         """Abort before anything is sent: a participant is down."""
@@ -332,18 +358,16 @@ class Coordinator:
     async def _two_phase(self, tx: _Tx, work: Mapping[str, tuple[Statement, ...]]) -> None:
         participants = tuple(work)
         ballots, results = await self._collect_votes(tx, work)
-        victim = tx.victim
-        decision = decide(
-            participants,
-            ballots,
-            (AbortCause.DEADLOCK, victim.participant, victim.describe()) if victim else None,
-        )
+        decision = decide(participants, ballots, tx.interruption)
         await failpoints.hit("coordinator.after_votes_before_decision")
         if not decision.commit:
             assert decision.cause is not None
-            if tx.key is not None:
+            if tx.key is not None and not (
+                decision.cause is AbortCause.DEADLOCK and tx.retries_left > 0
+            ):
                 # Durable before the outcome is announced: once the aborts are
                 # delivered the key leaves memory, and a retry must then find it here.
+                # (A deadlock victim about to be retried hands its key on instead.)
                 aborted = Outcome(tx.id, False, decision.cause, decision.culprit, decision.reason)
                 await self.decision_log.record_abort(
                     tx.id,
@@ -401,6 +425,7 @@ class Coordinator:
         interrupted: asyncio.Future[bool] = asyncio.ensure_future(tx.interrupted.wait())
         try:
             while pending and (remaining := deadline - loop.time()) > 0:
+                tx.awaiting = frozenset(calls[t] for t in pending)
                 waiting: set[asyncio.Future[Any]] = {*pending, interrupted}
                 done, _ = await asyncio.wait(
                     waiting, timeout=remaining, return_when=asyncio.FIRST_COMPLETED
@@ -411,12 +436,13 @@ class Coordinator:
                     results[calls[task]] = reply.results
                 pending -= done
                 if interrupted.done():
-                    break  # chosen as a deadlock victim
+                    break  # a deadlock victim, or a participant went down
                 if any(b.vote is Vote.NO for b in ballots.values()):
                     break  # the outcome is known: do not wait for the slow ones
                 if pending and ballots:
                     await failpoints.hit("coordinator.after_some_votes")
         finally:
+            tx.awaiting = frozenset()
             interrupted.cancel()
             for task in pending:
                 task.cancel()
@@ -539,8 +565,16 @@ class Coordinator:
         phase2: tuple[str, ...],
         results: BranchResults = (),
     ) -> Outcome:
-        """Decide ABORT (no record needed) and start telling `phase2`."""
+        """Decide ABORT (no record needed) and start telling `phase2`. A one-shot deadlock
+        victim with retries left gets a successor first, which takes over its key."""
         tx.state = transition(tx.state, TxState.ABORTING)
+        if cause is AbortCause.DEADLOCK and tx.retries_left > 0 and self.stopped is None:
+            successor = tx.successor = self._new_tx()
+            successor.retries_left = tx.retries_left - 1
+            successor.key, successor.request_hash = tx.key, tx.request_hash
+            if tx.key is not None:
+                self._keys[tx.key] = successor
+            self.counters["deadlock_retries"] += 1
         outcome = Outcome(tx.id, False, cause, culprit, reason, results)
         tx.outcome.set_result(outcome)
         self.counters[f"aborted_{cause.value}"] += 1
@@ -687,6 +721,7 @@ class Coordinator:
                 raise InvalidArgument(f"the limit is {self.config.limits.max_branches} branches")
             tx.participants.append(participant)
         tx.busy += 1
+        tx.work_started = time.monotonic()
         try:
             results, incarnation = await client.execute(
                 txid, statements, tx.incarnations.get(participant, "")
@@ -787,11 +822,15 @@ class Coordinator:
                 self.log.error("deadlock_scan_failed", error=repr(exc))
 
     async def break_deadlocks(self) -> list[Victim]:
+        # Nobody waits for a lock longer than one period unless someone is still at
+        # work (preparing, or an Execute) a period after it began.
+        since = time.monotonic() - self.config.deadlock_interval
         if not any(
-            tx.state is TxState.PREPARING or (tx.state is TxState.ACTIVE and tx.busy)
+            tx.work_started < since
+            and (tx.state is TxState.PREPARING or (tx.state is TxState.ACTIVE and tx.busy))
             for tx in self._live.values()
         ):
-            return []  # nobody can be waiting for a lock
+            return []
         first = await self._wait_snapshot(list(self.clients))
         if not find_victims(first, self._may_be_victim):
             return []
@@ -838,8 +877,13 @@ class Coordinator:
         if tx.state is TxState.ACTIVE:
             reason = victim.describe()
             self._abort(tx, AbortCause.DEADLOCK, victim.participant, reason, tuple(tx.participants))
-        else:
-            tx.victim = victim  # its vote collection decides the abort
+        else:  # its vote collection decides the abort
+            self._interrupt(tx, AbortCause.DEADLOCK, victim.participant, victim.describe())
+
+    @staticmethod
+    def _interrupt(tx: _Tx, cause: AbortCause, culprit: str, reason: str) -> None:
+        if tx.interruption is None:
+            tx.interruption = (cause, culprit, reason)
             tx.interrupted.set()
 
     async def probe_loop(self, participant: str) -> None:
@@ -855,16 +899,21 @@ class Coordinator:
             except TwoPCError as exc:
                 failures += 1
                 if failures >= self.config.probe_failures and participant not in self._down:
-                    self._down[participant] = (
-                        f"participant {participant} is down: {failures} health probes "
-                        f"unanswered ({exc})"
-                    )
-                    self.counters["participants_marked_down"] += 1
-                    self.log.warning("participant_down", participant=participant, error=str(exc))
+                    self._mark_down(participant, f"{failures} health probes unanswered ({exc})")
                 continue
             failures = 0
             if self._down.pop(participant, None) is not None:
                 self.log.info("participant_up", participant=participant)
+
+    def _mark_down(self, participant: str, why: str) -> None:
+        """New transactions touching it fail fast; those waiting for its vote stop
+        waiting (their clients move on instead of sitting out the prepare timeout)."""
+        reason = self._down[participant] = f"participant {participant} is down: {why}"
+        self.counters["participants_marked_down"] += 1
+        self.log.warning("participant_down", participant=participant, error=why)
+        for tx in list(self._live.values()):
+            if participant in tx.awaiting:
+                self._interrupt(tx, AbortCause.PARTICIPANT_UNAVAILABLE, participant, reason)
 
     def down(self, participants: Sequence[str]) -> tuple[str, str] | None:
         """The first of `participants` marked down, with why."""

@@ -95,16 +95,12 @@ def test_a_three_shard_deadlock_is_broken(make_system: SystemFactory) -> None:
     wait_no_prepared(system)
 
 
-def test_a_one_shot_deadlock_through_prepared_branches_aborts_the_youngest(
-    make_system: SystemFactory,
-) -> None:
-    # Two one-shot transfers in opposite directions over the same two accounts. Each
-    # prepares its first branch at once (holding the row, prepared) and reaches the
-    # other shard half a second later, where the other one's prepared branch holds the
-    # row: a cycle through two prepared branches of undecided transactions.
-    system = make_system(participant_args=SLOW_LOCK_TIMEOUT)
-    reset_bank(system)
-    a, b = accounts_on(system, "shard1", 1)[0], accounts_on(system, "shard2", 1)[0]
+def opposite_transfers(system: LocalSystem) -> tuple[list[Outcome], float]:
+    """Two one-shot transfers in opposite directions over the same two accounts. Each
+    prepares its first branch at once (holding the row, prepared) and reaches the other
+    shard half a second later, where the other one's prepared branch holds the row: a
+    cycle through two prepared branches of undecided transactions."""
+    a, b = _pair(system)
     shards = system.shard_names
 
     def transfer(source: int, target: int, late: str) -> Outcome:
@@ -118,13 +114,54 @@ def test_a_one_shot_deadlock_through_prepared_branches_aborts_the_youngest(
         one = pool.submit(transfer, a, b, "shard2")
         two = pool.submit(transfer, b, a, "shard1")
         outcomes = [one.result(), two.result()]
-    elapsed = time.monotonic() - started
+    return outcomes, time.monotonic() - started
+
+
+def test_a_one_shot_deadlock_through_prepared_branches_aborts_the_youngest(
+    make_system: SystemFactory,
+) -> None:
+    system = make_system(["--deadlock-retries", "0"], SLOW_LOCK_TIMEOUT)
+    reset_bank(system)
+    outcomes, elapsed = opposite_transfers(system)
     assert sorted(o.committed for o in outcomes) == [False, True], outcomes
     (victim,) = [o for o in outcomes if not o.committed]
     assert victim.abort_cause == "DEADLOCK", victim
+    assert victim.transaction_id == max(
+        (o.transaction_id for o in outcomes), key=lambda t: int(t.rsplit(".", 1)[1])
+    )
     assert all(o.transaction_id in victim.abort_reason for o in outcomes)
     assert elapsed < 2.0, f"{elapsed:.2f} s"  # 0.5 s of sleep, then the detector
     wait_no_prepared(system)
+
+
+def test_a_one_shot_deadlock_victim_is_run_again_and_commits(make_system: SystemFactory) -> None:
+    system = make_system(participant_args=SLOW_LOCK_TIMEOUT)
+    reset_bank(system)
+    outcomes, elapsed = opposite_transfers(system)
+    assert all(o.committed for o in outcomes), outcomes
+    assert elapsed < 4.0, f"{elapsed:.2f} s"
+    with system.client() as client:
+        counters = client.status().counters
+    assert counters["deadlocks_broken"] >= 1 and counters["deadlock_retries"] >= 1
+    wait_no_prepared(system)
+    # Each transfer applied exactly once (both legs, on their shards), money unchanged.
+    legs = []
+    total = 0
+    for shard in ("shard1", "shard2", "shard3"):
+        with system.connect(shard) as conn:
+            legs += conn.execute("SELECT transfer_id, leg FROM ledger").fetchall()
+            row = conn.execute("SELECT sum(balance) FROM accounts").fetchone()
+            total += int(row[0]) if row and row[0] is not None else 0
+    assert sorted(legs) == sorted(
+        (f"oneshot-{s}-{t}", leg)
+        for s, t in [(a, b) for a, b in [_pair(system)]] + [(b, a) for a, b in [_pair(system)]]
+        for leg in ("debit", "credit")
+    )
+    assert total == 20 * 100
+
+
+def _pair(system: LocalSystem) -> tuple[int, int]:
+    return accounts_on(system, "shard1", 1)[0], accounts_on(system, "shard2", 1)[0]
 
 
 def test_no_deadlock_victims_under_a_load_without_skew(system: LocalSystem) -> None:
