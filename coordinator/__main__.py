@@ -138,6 +138,14 @@ def parse_args(argv: list[str] | None = None) -> tuple[CoordinatorConfig, str]:
         help="an interactive transaction older than this is rolled back, busy or not",
     )
     p.add_argument(
+        "--max-in-flight",
+        type=int,
+        default=d.max_in_flight,
+        metavar="N",
+        help="transactions preparing at once; beyond it new ones are refused at once "
+        "(RESOURCE_EXHAUSTED with a retry hint)",
+    )
+    p.add_argument(
         "--deadlock-interval",
         type=float,
         default=d.deadlock_interval,
@@ -179,6 +187,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[CoordinatorConfig, str]:
             phase2_backoff_max=a.phase2_backoff_max,
             transaction_idle_timeout=a.transaction_idle_timeout,
             transaction_max_lifetime=a.transaction_max_lifetime,
+            max_in_flight=a.max_in_flight,
             deadlock_interval=a.deadlock_interval,
             deadlock_retries=a.deadlock_retries,
             probe_interval=a.probe_interval,

@@ -36,8 +36,8 @@ from typing import Any
 
 import grpc
 
-from twopc_common.errors import Aborted, TwoPCError
-from twopc_common.grpc_errors import error_for
+from twopc_common.errors import Aborted, ResourceExhausted, TwoPCError
+from twopc_common.grpc_errors import RETRY_AFTER_MS, error_for
 from twopc_common.values import (
     Expectation,
     SqlValue,
@@ -151,7 +151,21 @@ def _raise(exc: grpc.RpcError) -> TwoPCError:
         return TransportError(f"{code.name}: {details}")
     if code == grpc.StatusCode.ABORTED:
         return TransactionAborted(details)
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return ResourceExhausted(details, _retry_after(exc))
     return error_for(code, details)
+
+
+def _retry_after(exc: grpc.RpcError) -> float | None:
+    """The coordinator's hint of when to try again, from the trailing metadata."""
+    trailers: Any = exc.trailing_metadata()
+    for key, value in trailers or ():
+        if key == RETRY_AFTER_MS:
+            try:
+                return int(value) / 1000
+            except ValueError:
+                return None
+    return None
 
 
 _CHANNEL_OPTIONS = [

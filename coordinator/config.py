@@ -39,6 +39,11 @@ class CoordinatorConfig:
     startup_recovery_timeout: float = 5.0
     """How long start-up waits for participants to list their in-doubt branches before
     serving anyway (unreachable ones are resolved by the periodic scan)."""
+    max_in_flight: int = 256
+    """Transactions preparing at once (Runs and Commits between their start and their
+    answer). Beyond it a new one gets RESOURCE_EXHAUSTED at once with a retry hint
+    (trailing metadata retry-after-ms), so that overload sheds work before doing it
+    rather than after, when the prepare timeout would throw it away."""
     deadlock_interval: float = 0.05
     """Seconds between looks for cross-shard deadlocks, taken only while some
     transaction has been at work (preparing, or in an Execute) for longer than this;

@@ -50,6 +50,7 @@ from twopc_common.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    ResourceExhausted,
     TwoPCError,
     Unavailable,
 )
@@ -178,6 +179,8 @@ class Coordinator:
         self._stopped: str | None = None
         self._down: dict[str, str] = {}
         self._rng = random.Random()
+        self._preparing = 0
+        self._prepare_seconds = 0.01
 
     # -- bookkeeping ----------------------------------------------------------------
 
@@ -242,6 +245,7 @@ class Coordinator:
         wait: bool = False,
     ) -> Outcome:
         self._check_branches(branches)
+        self._admit()
         if key is None:
             tx = self._new_tx()
         else:
@@ -302,10 +306,36 @@ class Coordinator:
             outcome = replace(outcome, completed=True)
         return outcome
 
+    def _admit(self) -> None:
+        """Admission control: at most `max_in_flight` transactions prepare at once.
+        Beyond it a new one is refused at once, with a hint of when to retry, instead of
+        queueing behind the others until the prepare timeout throws its work away."""
+        if self._preparing < self.config.max_in_flight:
+            return
+        self.counters["refused_in_flight_limit"] += 1
+        retry_after = max(0.001, self._prepare_seconds) * self._rng.uniform(0.5, 1.5)
+        raise ResourceExhausted(
+            f"coordinator {self.id} is preparing {self._preparing} transactions, its limit "
+            f"(--max-in-flight): retry in about {retry_after * 1000:.0f} ms",
+            retry_after,
+        )
+
     async def _finish(
         self, tx: _Tx, work: Mapping[str, tuple[Statement, ...]], wait: bool
     ) -> Outcome:
         """Prepare, decide, log, start phase 2; answer once the decision is durable."""
+        self._preparing += 1
+        began = time.monotonic()
+        try:
+            return await self._finish_admitted(tx, work, wait)
+        finally:
+            self._preparing -= 1
+            # A running mean of how long a transaction takes to its answer: the hint.
+            self._prepare_seconds += 0.05 * (time.monotonic() - began - self._prepare_seconds)
+
+    async def _finish_admitted(
+        self, tx: _Tx, work: Mapping[str, tuple[Statement, ...]], wait: bool
+    ) -> Outcome:
         participants = tuple(work)
         tx.participants = list(participants)
         tx.state = transition(tx.state, TxState.PREPARING)
@@ -757,6 +787,7 @@ class Coordinator:
             return await self._answer(tx, wait)  # a repeated Commit, or after an abort
         if tx.busy:
             raise FailedPrecondition(f"transaction {txid} has an Execute in progress")
+        self._admit()
         # A participant whose every Execute was refused before it ran holds no branch.
         enlisted = [p for p in tx.participants if p in tx.incarnations]
         if not enlisted:

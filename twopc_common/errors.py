@@ -24,7 +24,12 @@ class AlreadyExists(TwoPCError):
 
 
 class ResourceExhausted(TwoPCError):
-    """The request is larger than the receiver accepts (gRPC message size)."""
+    """The request is larger than the receiver accepts, or the receiver is at one of
+    its limits; `retry_after` (seconds), when known, says when to try again."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class FailedPrecondition(TwoPCError):

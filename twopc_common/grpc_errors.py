@@ -28,6 +28,10 @@ _CODES: list[tuple[type[errors.TwoPCError], grpc.StatusCode]] = [
 
 _ERRORS = {code: cls for cls, code in _CODES}
 
+# Trailing metadata of a RESOURCE_EXHAUSTED answer from a daemon at a limit: when to
+# try again, in milliseconds.
+RETRY_AFTER_MS = "retry-after-ms"
+
 R = TypeVar("R")
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -55,6 +59,10 @@ def translate_errors(
         try:
             return await method(self, request, context)
         except errors.TwoPCError as exc:
+            if isinstance(exc, errors.ResourceExhausted) and exc.retry_after is not None:
+                context.set_trailing_metadata(
+                    ((RETRY_AFTER_MS, str(max(1, round(exc.retry_after * 1000)))),)
+                )
             await context.abort(status_for(exc), str(exc))
         except Exception as exc:
             logging.getLogger("twopc").exception("internal error in %s", method.__name__)
