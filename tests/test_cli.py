@@ -6,11 +6,8 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import re
 import socket
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,39 +19,10 @@ from coordinator import inspect
 from coordinator.config import CoordinatorConfig
 from participant import __main__ as participant_main
 from participant.config import ParticipantConfig
+from tests.fix_cli import PROGRAMS, VALID_DSN, assert_one_line_error, cli
 from twopc_common import settings
 from twopc_common.errors import InvalidArgument
 from twopc_harness.postgres import PostgresCluster, free_port
-
-PROGRAMS = {
-    "twopc-coordinator": "coordinator",
-    "twopc-participant": "participant",
-    "bank-demo": "bank_demo",
-}
-VALID_DSN = "host=127.0.0.1 port=1 user=postgres connect_timeout=1"
-
-
-def cli(
-    prog: str, *args: str, env: dict[str, str] | None = None, timeout: float = 60
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", PROGRAMS[prog], *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, **(env or {})},
-    )
-
-
-def assert_one_line_error(
-    done: subprocess.CompletedProcess[str], prog: str, message: str, code: int
-) -> None:
-    output = done.stdout + done.stderr
-    assert done.returncode == code, output
-    assert "Traceback" not in output and "never awaited" not in output, output
-    last = done.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"{prog}: "), output
-    assert message in last, output
 
 
 def coordinator_args(*extra: str, log: str = "/tmp/unused-decisions.sqlite") -> list[str]:
