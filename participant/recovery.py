@@ -20,6 +20,7 @@ from participant.agent import Agent
 from participant.store import ForeignPrepared
 from twopc_common.errors import TwoPCError
 from twopc_common.ids import TransactionId
+from twopc_common.log import RateLimit
 from twopc_pb import coordinator_pb2 as cpb
 from twopc_pb import coordinator_pb2_grpc as cgrpc
 
@@ -30,6 +31,7 @@ class Recovery:
         self._config = agent.config
         self._stubs: dict[str, cgrpc.CoordinatorStub] = {}
         self._channels: list[grpc.aio.Channel] = []
+        self._warn = RateLimit(self._config.in_doubt_warning_interval)
         self.prepared = 0
         """Prepared branches of this participant seen by the last scan."""
         self.waiting = 0
@@ -77,7 +79,15 @@ class Recovery:
             stub = self._stub(coordinator)
             if stub is None:
                 waiting += 1
-                log.warning("in_doubt_unknown_coordinator", txid=txid, coordinator=coordinator)
+                if self._warn.due(txid):
+                    log.warning(
+                        "in_doubt_unknown_coordinator",
+                        txid=txid,
+                        coordinator=coordinator,
+                        age=round(age, 1),
+                        hint=f"start this agent with --coordinator {coordinator}=HOST:PORT "
+                        "so it can ask for the outcome",
+                    )
                 continue
             try:
                 status = await stub.GetTransaction(
@@ -86,12 +96,15 @@ class Recovery:
                 )
             except grpc.aio.AioRpcError as exc:
                 waiting += 1
-                log.warning(
-                    "in_doubt_coordinator_unreachable",
-                    txid=txid,
-                    age=round(age, 1),
-                    code=exc.code().name,
-                )
+                if self._warn.due(txid):
+                    log.warning(
+                        "in_doubt_coordinator_unreachable",
+                        txid=txid,
+                        age=round(age, 1),
+                        coordinator=coordinator,
+                        address=self._config.coordinators[coordinator],
+                        code=exc.code().name,
+                    )
                 continue
             try:
                 if status.outcome == cpb.COMMITTED:
