@@ -106,3 +106,19 @@ def test_key_survives_a_coordinator_kill(make_system: SystemFactory) -> None:
     wait_no_prepared(system)
     assert balances(system, source, target) == [60, 140]
     assert bank.snapshot(dsns(system)).total == 2000
+
+
+def test_a_replay_after_the_run_finished_has_the_outcome_but_not_the_read_results(
+    system: LocalSystem,
+) -> None:
+    """As the README says: the log keeps outcomes, not the rows statements returned."""
+    request = {
+        "shard1": [Statement("SELECT balance FROM accounts ORDER BY id LIMIT 1")],
+        "shard2": [Statement("UPDATE accounts SET balance = balance WHERE id = 0")],
+    }
+    with system.client() as client:
+        first = client.run(request, idempotency_key="key-6", wait_for_completion=True)
+        again = client.run(request, idempotency_key="key-6", wait_for_completion=True)
+    assert first.committed and first.results and first.results["shard1"]
+    assert again.committed and again.transaction_id == first.transaction_id
+    assert again.results == {}
