@@ -249,7 +249,11 @@ def play(
         out / "report.json",
         {
             "seed": seed,
-            "config": {k: v for k, v in vars(args).items() if k != "command"},
+            "config": {
+                k: [settings.redact(shard) for shard in v] if k == "shard" else v
+                for k, v in vars(args).items()
+                if k != "command"
+            },
             "deployment": "local" if system is not None else address,
             "fault_network": network.kind if network is not None else None,
             "schedule": schedule_json(schedule),

@@ -349,13 +349,15 @@ def test_two_runs_against_one_deployment_use_their_own_idempotency_keys(
     system: LocalSystem, tmp_path: Path
 ) -> None:
     """The coordinator keeps keys for its retention: a second run must not send the
-    first run's keys with other transfers (ALREADY_EXISTS) or get its outcomes."""
+    first run's keys with other transfers (ALREADY_EXISTS) or get its outcomes. The
+    DSNs carry a password (trust authentication ignores it), which must show nowhere."""
+    with_password = [f"{arg} password=s3cret" for arg in shard_args(system)]
     for run in ("first", "second"):
         done = demo(
             "run",
             "--coordinator",
             system.client_address,
-            *shard_args(system),
+            *with_password,
             "--faults",
             "none",
             "--duration",
@@ -371,3 +373,5 @@ def test_two_runs_against_one_deployment_use_their_own_idempotency_keys(
         assert done.returncode == 0, run + done.stdout + done.stderr
         report = json.loads((tmp_path / run / "report.json").read_text())
         assert report["passed"] and report["figures"]["committed"] > 0
+        assert "s3cret" not in (tmp_path / run / "report.json").read_text()
+        assert "s3cret" not in done.stdout + done.stderr
