@@ -4,8 +4,9 @@ Runs at start and then periodically. A prepared branch younger than the grace pe
 left to the live protocol. An older one is resolved only on its coordinator's word:
 COMMITTED -> COMMIT PREPARED; ABORTED or UNKNOWN (no record after the coordinator's own
 recovery: presumed abort) -> ROLLBACK PREPARED. If the coordinator is unreachable,
-still deciding, or not configured here, the branch keeps waiting and is reported: a
-participant that voted YES never decides alone.
+still deciding, or not configured here, the branch keeps waiting and is reported (once
+per `in_doubt_warning_interval`, not at every scan): a participant that voted YES never
+decides alone.
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ class Recovery:
             stub = self._stub(coordinator)
             if stub is None:
                 waiting += 1
-                if self._warn.due(txid):
+                if self._warn.due(f"unknown_coordinator {txid}"):
                     log.warning(
                         "in_doubt_unknown_coordinator",
                         txid=txid,
@@ -96,7 +97,7 @@ class Recovery:
                 )
             except grpc.aio.AioRpcError as exc:
                 waiting += 1
-                if self._warn.due(txid):
+                if self._warn.due(f"coordinator_unreachable {txid}"):
                     log.warning(
                         "in_doubt_coordinator_unreachable",
                         txid=txid,
@@ -118,7 +119,8 @@ class Recovery:
                     log.info("in_doubt_in_progress", txid=txid, age=round(age, 1))
             except TwoPCError as exc:
                 waiting += 1
-                log.warning("in_doubt_resolve_failed", txid=txid, error=str(exc))
+                if self._warn.due(f"resolve_failed {txid}"):
+                    log.warning("in_doubt_resolve_failed", txid=txid, error=str(exc))
         self.prepared, self.waiting = len(branches), waiting
 
     def _report_foreign(self, foreign: tuple[ForeignPrepared, ...]) -> None:

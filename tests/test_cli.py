@@ -22,6 +22,7 @@ from participant.config import ParticipantConfig
 from tests.fix_cli import PROGRAMS, VALID_DSN, assert_one_line_error, cli
 from twopc_common import settings
 from twopc_common.errors import InvalidArgument
+from twopc_common.log import RateLimit
 from twopc_harness.postgres import PostgresCluster, free_port
 
 
@@ -211,3 +212,14 @@ def test_help_shows_the_rules_and_defaults_a_new_user_needs() -> None:
         assert default in run, default
     assert "--reset" in run
     assert "(repeatable)" in parsers["bank-demo check"].format_help()
+
+
+def test_a_rate_limited_warning_is_due_once_per_interval_and_key() -> None:
+    now = [0.0]
+    limit = RateLimit(60.0, clock=lambda: now[0])
+    assert limit.due("a") and limit.due("b")
+    assert not limit.due("a")
+    now[0] = 59.9
+    assert not limit.due("a")
+    now[0] = 60.0
+    assert limit.due("a") and not limit.due("a")
