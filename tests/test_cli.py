@@ -223,3 +223,12 @@ def test_a_rate_limited_warning_is_due_once_per_interval_and_key() -> None:
     assert not limit.due("a")
     now[0] = 60.0
     assert limit.due("a") and not limit.due("a")
+
+
+def test_coordinator_with_its_log_in_a_missing_folder_says_which(tmp_path: Path) -> None:
+    log = tmp_path / "nowhere" / "decisions.sqlite"
+    done = cli(
+        "twopc-coordinator",
+        *coordinator_args("--listen", f"127.0.0.1:{free_port()}", log=str(log)),
+    )
+    assert_one_line_error(done, "twopc-coordinator", f"folder {log.parent} does not exist", 1)
