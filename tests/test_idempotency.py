@@ -119,6 +119,7 @@ def test_a_replay_after_the_run_finished_has_the_outcome_but_not_the_read_result
     with system.client() as client:
         first = client.run(request, idempotency_key="key-6", wait_for_completion=True)
         again = client.run(request, idempotency_key="key-6", wait_for_completion=True)
-    assert first.committed and first.results and first.results["shard1"]
+    assert first.committed, f"{first.abort_cause} {first.abort_participant}: {first.abort_reason}"
+    assert first.results and first.results["shard1"]
     assert again.committed and again.transaction_id == first.transaction_id
     assert again.results == {}
