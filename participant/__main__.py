@@ -96,7 +96,7 @@ def parser() -> argparse.ArgumentParser:
         metavar="DSN",
         help="libpq connection string of the database, e.g. 'host=db1 dbname=bank user=app'; "
         "the database needs max_prepared_transactions > 0, and the role CREATE on its "
-        "schema (for the agent's marker table)",
+        "schema (for the agent's two tables)",
     )
     p.add_argument(
         "--listen", type=listen_address, default=d.listen, metavar="HOST:PORT", help="gRPC address"
