@@ -19,6 +19,7 @@ from twopc_common.cli import (
     listen_address,
     log_level,
     named_addresses,
+    non_negative,
     positive,
     run_daemon,
     wait_for_termination,
@@ -212,7 +213,7 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--deadlock-interval",
-        type=float,
+        type=non_negative,
         default=d.deadlock_interval,
         metavar="SECONDS",
         help="period of the cross-shard deadlock detector (0: off)",

@@ -95,11 +95,15 @@ class CoordinatorConfig:
             "transaction_max_lifetime",
             "recovery_interval",
             "startup_recovery_timeout",
+            "probe_interval",
+            "probe_timeout",
             "retention",
             "connect_probe_timeout",
         ):
             settings.seconds(name, getattr(self, name))
         settings.seconds("shutdown_grace", self.shutdown_grace, zero_ok=True)
+        settings.seconds("deadlock_interval", self.deadlock_interval, zero_ok=True)
+        settings.count("probe_failures", self.probe_failures)
         settings.count("abort_attempts", self.abort_attempts)
         settings.count("recent_outcomes", self.recent_outcomes)
         settings.count("log_batch_max", self.log_batch_max)

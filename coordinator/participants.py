@@ -84,7 +84,7 @@ class InDoubtList:
     """The highest epoch of the asking coordinator the participant has seen."""
 
 
-async def probe(address: str, timeout: float) -> str:
+async def why_unreachable(address: str, timeout: float) -> str:
     """Why `address` cannot be reached, from one TCP connect (closed at once)."""
     host, _, port = address.rpartition(":")
     try:
@@ -159,7 +159,7 @@ class ParticipantClient:
             if state is grpc.ChannelConnectivity.READY:
                 self.unreachable = None
             elif state is grpc.ChannelConnectivity.TRANSIENT_FAILURE:
-                self.unreachable = await probe(self.address, self._probe_timeout)
+                self.unreachable = await why_unreachable(self.address, self._probe_timeout)
 
     def missing_vote(self) -> Ballot | None:
         """What a vote that did not come is, if the agent cannot be reached at all."""
@@ -324,10 +324,11 @@ class ParticipantClient:
 
     async def waits_for(self, timeout: float) -> list[Wait]:
         """The agent's lock waits between open branches (see coordinator.deadlock)."""
+        self._watch()
         try:
             reply = await self._stub.WaitsFor(pb.WaitsForRequest(), timeout=timeout)
         except grpc.aio.AioRpcError as exc:
-            raise _error(exc, self.name) from exc
+            raise self._error(exc) from exc
         return [
             Wait(self.name, e.waiter_transaction_id, e.holder_transaction_id, e.wait_started)
             for e in reply.edges
@@ -337,10 +338,11 @@ class ParticipantClient:
     async def probe(self, timeout: float) -> None:
         """One health probe: the agent answers Status within `timeout`, or this raises.
         No waiting for a reconnect: a refused connection fails at once."""
+        self._watch()
         try:
             await self._stub.Status(pb.ParticipantStatusRequest(), timeout=timeout)
         except grpc.aio.AioRpcError as exc:
-            raise _error(exc, self.name) from exc
+            raise self._error(exc) from exc
 
     async def list_prepared(self, coordinator_id: str) -> InDoubtList:
         self._watch()
