@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import sys
 
 from coordinator.config import CoordinatorConfig
@@ -13,8 +14,12 @@ from coordinator.engine import Coordinator, LogBehind
 from coordinator.participants import ParticipantClient
 from coordinator.service import CoordinatorService
 from twopc_common.cli import (
+    HelpFormatter,
     add_daemon_flags,
+    listen_address,
+    log_level,
     named_addresses,
+    non_negative,
     positive,
     run_daemon,
     wait_for_termination,
@@ -31,12 +36,6 @@ class StartupError(TwoPCError):
 
 async def serve(config: CoordinatorConfig) -> None:
     decision_log = DecisionLog(config.log_path, config.id, batch_max=config.log_batch_max)
-    try:
-        decision_log.acquire()
-    except LogInUse as exc:
-        raise StartupError(str(exc)) from exc
-    except Exception as exc:
-        raise StartupError(f"cannot open decision log {config.log_path}: {exc}") from exc
     clients = {
         name: ParticipantClient(
             name,
@@ -44,10 +43,32 @@ async def serve(config: CoordinatorConfig) -> None:
             config.rpc_timeout,
             config.limits.max_message_bytes,
             config.limits.max_phase2_batch,
+            config.connect_probe_timeout,
         )
         for name, address in config.participants.items()
     }
     engine = Coordinator(config, decision_log, clients)
+    # Bind before the log is touched: a daemon that cannot get its port must leave no
+    # trace (no new log file, no epoch bumped). Nothing is served until `start`.
+    try:
+        server = bind_grpc_server(
+            config.listen,
+            config.limits.max_message_bytes,
+            lambda s: cgrpc.add_CoordinatorServicer_to_server(CoordinatorService(engine), s),
+        )
+    except ListenError:
+        await engine.close()
+        raise
+    try:
+        decision_log.acquire()
+    except LogInUse as exc:
+        await engine.close()
+        raise StartupError(str(exc)) from exc
+    except Exception as exc:
+        await engine.close()
+        folder = os.path.dirname(os.path.abspath(config.log_path))
+        hint = "" if os.path.isdir(folder) else f" (folder {folder} does not exist: create it)"
+        raise StartupError(f"cannot open decision log {config.log_path}: {exc}{hint}") from exc
     try:
         await engine.check_log_is_current()
     except LogBehind as exc:
@@ -55,16 +76,23 @@ async def serve(config: CoordinatorConfig) -> None:
         decision_log.close()
         raise StartupError(str(exc)) from exc
     decision_log.begin_epoch()
-    engine.log.info("starting", epoch=decision_log.epoch, participants=len(clients))
-    await engine.recover()
-    server = bind_grpc_server(
-        config.listen,
-        config.limits.max_message_bytes,
-        lambda s: cgrpc.add_CoordinatorServicer_to_server(CoordinatorService(engine), s),
+    engine.log.info(
+        "starting",
+        epoch=decision_log.epoch,
+        log=os.path.abspath(config.log_path),
+        listen=config.listen,
+        participants=",".join(f"{n}={a}" for n, a in config.participants.items()) or "none",
     )
+    if not config.participants:
+        engine.log.warning(
+            "no_participants",
+            hint="every transaction will fail: add --participant NAME=HOST:PORT per agent",
+        )
+    await engine.recover()
     await server.start()
     engine.log.info("serving", listen=config.listen, epoch=decision_log.epoch)
     tasks = [
+        asyncio.create_task(check_participant_ids(engine, clients)),
         asyncio.create_task(engine.recovery_loop()),
         asyncio.create_task(engine.reap_idle_transactions()),
         *(asyncio.create_task(engine.probe_loop(p)) for p in clients),
@@ -84,23 +112,61 @@ async def serve(config: CoordinatorConfig) -> None:
         decision_log.close()
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[CoordinatorConfig, str]:
+async def check_participant_ids(engine: Coordinator, clients: dict[str, ParticipantClient]) -> None:
+    """Ask every agent its id once, so that a `--participant NAME=ADDRESS` pointing at
+    an agent with another id (whose branches would never be found) is reported at
+    start-up rather than discovered in the first in-doubt branch."""
+
+    async def one(name: str, client: ParticipantClient) -> None:
+        try:
+            answered = await client.participant_id()
+        except TwoPCError as exc:
+            engine.log.warning("participant_unreachable", participant=name, error=str(exc))
+            return
+        if answered != name:
+            engine.log.error(
+                "participant_id_mismatch",
+                participant=name,
+                address=client.address,
+                answers_as=answered,
+                hint=f"the agent at {client.address} runs with --id {answered}: "
+                f"use --participant {answered}={client.address} or fix the agent's --id",
+            )
+
+    await asyncio.gather(*(one(n, c) for n, c in clients.items()))
+
+
+def parser() -> argparse.ArgumentParser:
+    """The command line, with every flag's help and default."""
     d = CoordinatorConfig(id="-", log_path="-")
     p = argparse.ArgumentParser(
         prog="twopc-coordinator",
         description="Two-phase-commit coordinator for PostgreSQL participant agents. "
         "`twopc-coordinator inspect --help` shows the operator's view.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
-    p.add_argument("--id", required=True, help="this coordinator's name (in every txid)")
-    p.add_argument("--log", required=True, metavar="PATH", help="SQLite decision log")
-    p.add_argument("--listen", default=d.listen, help="HOST:PORT to serve gRPC on")
+    p.add_argument(
+        "--id",
+        required=True,
+        metavar="NAME",
+        help="this coordinator's name, 1-24 of [A-Za-z0-9_-]; part of every transaction "
+        "id, and the decision log refuses another",
+    )
+    p.add_argument(
+        "--log",
+        required=True,
+        metavar="PATH",
+        help="SQLite decision log (created if missing; its folder must exist)",
+    )
+    p.add_argument(
+        "--listen", type=listen_address, default=d.listen, metavar="HOST:PORT", help="gRPC address"
+    )
     p.add_argument(
         "--participant",
         action="append",
         default=[],
         metavar="NAME=HOST:PORT",
-        help="a participant agent (repeatable)",
+        help="a participant agent: its --id and its address (repeatable)",
     )
     p.add_argument(
         "--prepare-timeout",
@@ -121,7 +187,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[CoordinatorConfig, str]:
         type=positive,
         default=d.phase2_backoff_max,
         metavar="SECONDS",
-        help="cap of the phase-2 retry backoff",
+        help="cap of the phase-2 retry backoff (phase 2 is retried forever)",
     )
     p.add_argument(
         "--transaction-idle-timeout",
@@ -147,7 +213,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[CoordinatorConfig, str]:
     )
     p.add_argument(
         "--deadlock-interval",
-        type=float,
+        type=non_negative,
         default=d.deadlock_interval,
         metavar="SECONDS",
         help="period of the cross-shard deadlock detector (0: off)",
@@ -175,6 +241,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[CoordinatorConfig, str]:
         help="period of the in-doubt branch scan",
     )
     add_daemon_flags(p)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[CoordinatorConfig, str]:
+    p = parser()
     a = p.parse_args(argv)
     try:
         config = CoordinatorConfig(
@@ -197,7 +268,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[CoordinatorConfig, str]:
         )
     except (TwoPCError, argparse.ArgumentTypeError) as exc:
         p.error(str(exc))
-    return config, a.log_level
+    return config, log_level(p, a.log_level)
 
 
 def main(argv: list[str] | None = None) -> None:

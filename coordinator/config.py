@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from coordinator.protocol import RetryPolicy
+from twopc_common import settings
 from twopc_common.limits import Limits
 
 
@@ -68,9 +69,41 @@ class CoordinatorConfig:
     """Seconds in-flight RPCs get to finish on SIGTERM."""
     allow_failpoints: bool = False
     """Accept the SetFailpoints admin call (a test hook that can crash the daemon)."""
+    connect_probe_timeout: float = 1.0
+    """When a participant cannot be reached, seconds a plain TCP connect to its address
+    may take to find out why (connection refused, timed out, ...) for the abort reason
+    and the log."""
     limits: Limits = field(default_factory=Limits)
     """Request limits."""
 
     @property
     def phase2_retry(self) -> RetryPolicy:
         return RetryPolicy(self.phase2_backoff_initial, self.phase2_backoff_max)
+
+    def __post_init__(self) -> None:
+        # The id is checked where it is parsed (check_name); these would otherwise be
+        # found only when the first transaction needs them.
+        settings.host_port("listen", self.listen)
+        for name, address in self.participants.items():
+            settings.host_port(f"participant {name}", address)
+        for name in (
+            "prepare_timeout",
+            "rpc_timeout",
+            "phase2_backoff_initial",
+            "phase2_backoff_max",
+            "transaction_idle_timeout",
+            "transaction_max_lifetime",
+            "recovery_interval",
+            "startup_recovery_timeout",
+            "probe_interval",
+            "probe_timeout",
+            "retention",
+            "connect_probe_timeout",
+        ):
+            settings.seconds(name, getattr(self, name))
+        settings.seconds("shutdown_grace", self.shutdown_grace, zero_ok=True)
+        settings.seconds("deadlock_interval", self.deadlock_interval, zero_ok=True)
+        settings.count("probe_failures", self.probe_failures)
+        settings.count("abort_attempts", self.abort_attempts)
+        settings.count("recent_outcomes", self.recent_outcomes)
+        settings.count("log_batch_max", self.log_batch_max)

@@ -476,6 +476,10 @@ class Coordinator:
             interrupted.cancel()
             for task in pending:
                 task.cancel()
+                # A vote missing because the agent cannot be reached says why.
+                missing = self.clients[calls[task]].missing_vote()
+                if missing is not None:
+                    ballots[calls[task]] = missing
         return ballots, tuple((p, results[p]) for p in work if p in results)
 
     async def _one_phase(

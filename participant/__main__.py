@@ -12,8 +12,14 @@ from participant.recovery import Recovery
 from participant.service import ParticipantService
 from participant.store import ConfigurationError, Store
 from twopc_common.cli import (
+    HelpFormatter,
     add_daemon_flags,
+    at_least_one,
+    dsn,
+    listen_address,
+    log_level,
     named_addresses,
+    non_negative,
     positive,
     run_daemon,
     wait_for_termination,
@@ -21,6 +27,7 @@ from twopc_common.cli import (
 from twopc_common.errors import TwoPCError
 from twopc_common.ids import check_name
 from twopc_common.server import ListenError, bind_grpc_server
+from twopc_common.settings import describe_dsn
 from twopc_pb import participant_pb2_grpc as pgrpc
 
 
@@ -29,6 +36,18 @@ async def serve(config: ParticipantConfig) -> None:
     await store.open()
     agent = Agent(config, store)
     await agent.epochs.load()
+    agent.log.info(
+        "starting",
+        database=describe_dsn(config.dsn),
+        listen=config.listen,
+        coordinators=",".join(f"{n}={a}" for n, a in config.coordinators.items()) or "none",
+    )
+    if not config.coordinators:
+        agent.log.warning(
+            "no_coordinator",
+            hint="in-doubt branches cannot be resolved: add --coordinator NAME=HOST:PORT "
+            "for every coordinator that uses this agent",
+        )
     recovery = Recovery(agent)
     server = bind_grpc_server(
         config.listen,
@@ -55,31 +74,54 @@ async def serve(config: ParticipantConfig) -> None:
         await store.close()
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[ParticipantConfig, str]:
-    d = ParticipantConfig(id="-", dsn="-")
+def parser() -> argparse.ArgumentParser:
+    """The command line, with every flag's help and default."""
+    d = ParticipantConfig(id="-", dsn="")
     p = argparse.ArgumentParser(
         prog="twopc-participant",
         description="Participant agent: wraps one PostgreSQL database for the coordinator.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
-    p.add_argument("--id", required=True, help="this participant's name")
-    p.add_argument("--dsn", required=True, help="libpq connection string of the database")
-    p.add_argument("--listen", default=d.listen, help="HOST:PORT to serve gRPC on")
+    p.add_argument(
+        "--id",
+        required=True,
+        metavar="NAME",
+        help="this participant's name, 1-32 of [A-Za-z0-9_-]; the coordinator's "
+        "--participant NAME=... must use the same name",
+    )
+    p.add_argument(
+        "--dsn",
+        required=True,
+        type=dsn,
+        metavar="DSN",
+        help="libpq connection string of the database, e.g. 'host=db1 dbname=bank user=app'; "
+        "the database needs max_prepared_transactions > 0, and the role CREATE on its "
+        "schema (for the agent's two tables)",
+    )
+    p.add_argument(
+        "--listen", type=listen_address, default=d.listen, metavar="HOST:PORT", help="gRPC address"
+    )
     p.add_argument(
         "--coordinator",
         action="append",
         default=[],
         metavar="NAME=HOST:PORT",
-        help="a coordinator to ask about in-doubt branches (repeatable)",
+        help="a coordinator (its --id and address) to ask about in-doubt branches; "
+        "without one, in-doubt branches wait for an operator (repeatable)",
     )
     p.add_argument(
-        "--pool-min-size", type=int, default=d.pool_min_size, help="connections kept open"
+        "--pool-min-size",
+        type=at_least_one,
+        default=d.pool_min_size,
+        metavar="N",
+        help="database connections kept open",
     )
     p.add_argument(
         "--pool-max-size",
-        type=int,
+        type=at_least_one,
         default=d.pool_max_size,
-        help="most connections: one per branch at work",
+        metavar="N",
+        help="most database connections: one per branch at work",
     )
     p.add_argument(
         "--interactive-reserve",
@@ -120,12 +162,17 @@ def parse_args(argv: list[str] | None = None) -> tuple[ParticipantConfig, str]:
     )
     p.add_argument(
         "--recovery-grace",
-        type=float,
+        type=non_negative,
         default=d.recovery_grace,
         metavar="SECONDS",
         help="a prepared branch younger than this is left to the live protocol",
     )
     add_daemon_flags(p)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[ParticipantConfig, str]:
+    p = parser()
     a = p.parse_args(argv)
     try:
         config = ParticipantConfig(
@@ -145,7 +192,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[ParticipantConfig, str]:
         )
     except (TwoPCError, argparse.ArgumentTypeError) as exc:
         p.error(str(exc))
-    return config, a.log_level
+    return config, log_level(p, a.log_level)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -27,7 +27,7 @@ from psycopg.pq import TransactionStatus
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from participant.config import ParticipantConfig
-from twopc_common import ids
+from twopc_common import ids, settings
 from twopc_common.errors import FailedPrecondition, TwoPCError, Unavailable
 from twopc_common.values import Statement, StatementResult
 
@@ -78,6 +78,22 @@ class OutcomeUnknown(Unavailable):
 
 class ConfigurationError(TwoPCError):
     """The database cannot host branches (for example max_prepared_transactions = 0)."""
+
+
+async def _role_and_schema(conn: AsyncConn) -> tuple[str, str, str]:
+    cur = await conn.execute("SELECT current_user, current_database(), current_schema()")
+    row = await cur.fetchone()
+    return (str(row[0]), str(row[1]), str(row[2] or "public")) if row else ("?", "?", "public")
+
+
+def _no_create_privilege(table: str, where: tuple[str, str, str]) -> str:
+    role, database, schema = where
+    return (
+        f"role {role} may not create the agent's {table} table in schema {schema} "
+        f"of database {database}: as its owner or a superuser run "
+        f'"GRANT CREATE ON SCHEMA {schema} TO {role};" (or create the table once as '
+        f"another role and grant {role} SELECT, INSERT, UPDATE, DELETE on it)"
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,10 +213,12 @@ class Store:
 
     async def open(self) -> None:
         """Check the database can host branches, create the marker table, open the pool."""
+        where = settings.describe_dsn(self._config.dsn)
         try:
             conn = await psycopg.AsyncConnection.connect(self._config.dsn, autocommit=True)
         except psycopg.OperationalError as exc:
-            raise ConfigurationError(f"cannot connect to {self._config.dsn!r}: {exc}") from exc
+            reason = settings.redact(str(exc).strip())
+            raise ConfigurationError(f"cannot connect to {where}: {reason}") from exc
         async with conn:
             cur = await conn.execute("SHOW max_prepared_transactions")
             row = await cur.fetchone()
@@ -210,10 +228,27 @@ class Store:
                     "prepare branches: set max_prepared_transactions (for example 100) "
                     "in postgresql.conf and restart PostgreSQL"
                 )
-            await conn.execute(_CREATE_MARKER)
-            await conn.execute(_CREATE_EPOCHS)
-        await self.pool.open(wait=True, timeout=self._config.pool_timeout)
-        await self.control.open(wait=True, timeout=self._config.pool_timeout)
+            # Looked up first: PostgreSQL checks CREATE on the schema even when the
+            # table exists, and a role given ready-made tables needs no CREATE.
+            for table, create in ((MARKER_TABLE, _CREATE_MARKER), (EPOCH_TABLE, _CREATE_EPOCHS)):
+                cur = await conn.execute("SELECT to_regclass(%s)", (table,))
+                found = await cur.fetchone()
+                if found is not None and found[0] is not None:
+                    continue
+                try:
+                    await conn.execute(create)
+                except psycopg.errors.InsufficientPrivilege as exc:
+                    role_schema = await _role_and_schema(conn)
+                    raise ConfigurationError(_no_create_privilege(table, role_schema)) from exc
+        try:
+            await self.pool.open(wait=True, timeout=self._config.pool_timeout)
+            await self.control.open(wait=True, timeout=self._config.pool_timeout)
+        except PoolTimeout as exc:
+            raise ConfigurationError(
+                f"could not open {self._config.pool_min_size} connections to {where} "
+                f"within {self._config.pool_timeout:g}s ({exc}): check the database's "
+                "max_connections and the role's connection limit, or lower --pool-min-size"
+            ) from exc
 
     async def close(self) -> None:
         await self.pool.close()

@@ -11,6 +11,7 @@ import random
 import re
 import sqlite3
 import time
+import uuid
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -325,13 +326,17 @@ def test_flapping_partitions_during_concurrent_transfers(net: LocalSystem, secon
     seen: dict[str, bool] = {}
     told: dict[str, Outcome] = {}
     proxies = network(net)
+    # Keys live in the coordinator's log for its retention, and this system serves
+    # every variant of this test: a key of an earlier run sent with another transfer
+    # would be ALREADY_EXISTS.
+    run = uuid.uuid4().hex[:8]
 
     async def transfers(worker: int, until: float) -> None:
         async with AsyncCoordinatorClient(net.client_address, timeout=10) as client:
             n = 0
             while time.monotonic() < until:
                 n += 1
-                tid = f"f{worker}-{n}"
+                tid = f"f{run}-{worker}-{n}"
                 source, target = rng.sample(range(1, 41), 2)
                 branches = bank.transfer(tid, source, target, rng.randint(1, 20), shards)
                 for _ in range(50):  # retry with the same key until answered

@@ -1,7 +1,9 @@
 """Structured log lines: `ts=... level=... daemon=... event=... key=value ...`.
 
 Every line about a transaction carries `txid=...`, so one grep over the daemons' logs
-tells a transaction's whole story.
+tells a transaction's whole story. Timestamps are UTC with milliseconds. `RateLimit`
+keeps a warning that repeats every scan (an in-doubt branch waiting for its
+coordinator) to one line per key and interval.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 
@@ -28,9 +31,10 @@ class EventLogger:
     def _emit(self, level: int, event: str, fields: dict[str, Any]) -> None:
         if not self._logger.isEnabledFor(level):
             return
-        ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
+        now = time.time()
+        ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now))
         parts = [
-            f"ts={ts}Z",
+            f"ts={ts}.{int(now % 1 * 1000):03d}Z",
             f"level={logging.getLevelName(level).lower()}",
             f"daemon={self._daemon}",
             f"id={self._name}",
@@ -50,6 +54,27 @@ class EventLogger:
 
     def error(self, event: str, **fields: Any) -> None:
         self._emit(logging.ERROR, event, fields)
+
+
+class RateLimit:
+    """Says whether a line about `key` is due: at most once per `interval` seconds
+    per key. Keys not seen for an interval are forgotten, so memory stays bounded by
+    what repeats."""
+
+    def __init__(self, interval: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self._interval = interval
+        self._clock = clock
+        self._last: dict[str, float] = {}
+
+    def due(self, key: str) -> bool:
+        now = self._clock()
+        if len(self._last) > 1024:
+            self._last = {k: t for k, t in self._last.items() if now - t < self._interval}
+        last = self._last.get(key)
+        if last is not None and now - last < self._interval:
+            return False
+        self._last[key] = now
+        return True
 
 
 def setup(level: str = "INFO") -> None:

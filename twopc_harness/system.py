@@ -84,6 +84,15 @@ class LocalSystem:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
 
+def local_proxy_names(shards: list[str]) -> list[str]:
+    """The proxies `start_system(faults=True)` creates, by name, sorted (so that a fault
+    schedule can be checked before anything starts)."""
+    names = ["client_coordinator"]
+    for shard in shards:
+        names += [f"{shard}_postgres", f"{shard}_coordinator", f"coordinator_{shard}"]
+    return sorted(names)
+
+
 def start_system(
     shards: int = 3,
     workdir: Path | None = None,
