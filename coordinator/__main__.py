@@ -14,6 +14,7 @@ from coordinator.participants import ParticipantClient
 from coordinator.service import CoordinatorService
 from twopc_common.cli import (
     add_daemon_flags,
+    add_statement_policy_flags,
     named_addresses,
     positive,
     run_daemon,
@@ -22,6 +23,7 @@ from twopc_common.cli import (
 from twopc_common.errors import TwoPCError
 from twopc_common.ids import check_name
 from twopc_common.server import ListenError, bind_grpc_server
+from twopc_common.statements import policy_kinds
 from twopc_pb import coordinator_pb2_grpc as cgrpc
 
 
@@ -174,6 +176,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[CoordinatorConfig, str]:
         metavar="SECONDS",
         help="period of the in-doubt branch scan",
     )
+    add_statement_policy_flags(p)
     add_daemon_flags(p)
     a = p.parse_args(argv)
     try:
@@ -194,6 +197,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[CoordinatorConfig, str]:
             probe_timeout=a.probe_interval,
             recovery_interval=a.recovery_interval,
             allow_failpoints=a.allow_failpoints,
+            statement_kinds=policy_kinds(a.allow_statement, a.refuse_statement),
         )
     except (TwoPCError, argparse.ArgumentTypeError) as exc:
         p.error(str(exc))

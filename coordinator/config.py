@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from coordinator.protocol import RetryPolicy
 from twopc_common.limits import Limits
+from twopc_common.statements import DEFAULT_ALLOWED, StatementKind
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +69,9 @@ class CoordinatorConfig:
     """Seconds in-flight RPCs get to finish on SIGTERM."""
     allow_failpoints: bool = False
     """Accept the SetFailpoints admin call (a test hook that can crash the daemon)."""
+    statement_kinds: frozenset[StatementKind] = DEFAULT_ALLOWED
+    """Kinds of statement a branch may run (`twopc_common.statements`); the default
+    widened and narrowed by --allow-statement / --refuse-statement."""
     limits: Limits = field(default_factory=Limits)
     """Request limits."""
 

@@ -13,6 +13,7 @@ from participant.service import ParticipantService
 from participant.store import ConfigurationError, Store
 from twopc_common.cli import (
     add_daemon_flags,
+    add_statement_policy_flags,
     named_addresses,
     positive,
     run_daemon,
@@ -21,6 +22,7 @@ from twopc_common.cli import (
 from twopc_common.errors import TwoPCError
 from twopc_common.ids import check_name
 from twopc_common.server import ListenError, bind_grpc_server
+from twopc_common.statements import policy_kinds
 from twopc_pb import participant_pb2_grpc as pgrpc
 
 
@@ -125,6 +127,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[ParticipantConfig, str]:
         metavar="SECONDS",
         help="a prepared branch younger than this is left to the live protocol",
     )
+    add_statement_policy_flags(p)
     add_daemon_flags(p)
     a = p.parse_args(argv)
     try:
@@ -142,6 +145,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[ParticipantConfig, str]:
             recovery_interval=a.recovery_interval,
             recovery_grace=a.recovery_grace,
             allow_failpoints=a.allow_failpoints,
+            statement_kinds=policy_kinds(a.allow_statement, a.refuse_statement),
         )
     except (TwoPCError, argparse.ArgumentTypeError) as exc:
         p.error(str(exc))

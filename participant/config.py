@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from twopc_common.limits import Limits
+from twopc_common.statements import DEFAULT_ALLOWED, StatementKind
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +57,9 @@ class ParticipantConfig:
     """Seconds in-flight RPCs get to finish on SIGTERM."""
     allow_failpoints: bool = False
     """Accept the SetFailpoints admin call (a test hook that can crash the daemon)."""
+    statement_kinds: frozenset[StatementKind] = DEFAULT_ALLOWED
+    """Kinds of statement a branch may run (`twopc_common.statements`); the default
+    widened and narrowed by --allow-statement / --refuse-statement."""
     limits: Limits = field(default_factory=Limits)
     """Request limits."""
 

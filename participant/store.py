@@ -29,7 +29,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from participant.config import ParticipantConfig
 from twopc_common import ids
 from twopc_common.errors import FailedPrecondition, TwoPCError, Unavailable
-from twopc_common.values import Statement, StatementResult
+from twopc_common.values import RESULT_OVERHEAD_BYTES, Statement, StatementResult, row_bytes
 
 MARKER_TABLE = "twopc_branch_marker"
 
@@ -244,13 +244,14 @@ class Store:
         await self.pool.check()
         await self.control.check()
 
-    @staticmethod
-    async def execute(conn: AsyncConn, statements: Sequence[Statement]) -> list[StatementResult]:
+    async def execute(
+        self, conn: AsyncConn, statements: Sequence[Statement]
+    ) -> list[StatementResult]:
         """Run statements in the branch, pipelined; a failure or broken expectation
         raises (the branch must then be rolled back)."""
         try:
             cursors, _ = await _pipelined(conn, statements, [])
-            return await _results(statements, cursors)
+            return await _results(statements, cursors, self._config.limits.max_result_bytes)
         except psycopg.Error as exc:
             raise BranchFailed(_describe(exc), exc.sqlstate or "") from exc
 
@@ -263,9 +264,12 @@ class Store:
         with contextlib.suppress(psycopg.Error):
             await conn.rollback()
 
-    @staticmethod
     async def prepare(
-        conn: AsyncConn, statements: Sequence[Statement], transaction_id: str, participant_id: str
+        self,
+        conn: AsyncConn,
+        statements: Sequence[Statement],
+        transaction_id: str,
+        participant_id: str,
     ) -> tuple[list[StatementResult], bool]:
         """Run the statements, write the branch marker and PREPARE, in one round trip.
 
@@ -301,7 +305,7 @@ class Store:
                     "the branch had already failed and was rolled back"
                 )
             try:
-                results = await _results(statements, cursors)
+                results = await _results(statements, cursors, self._config.limits.max_result_bytes)
             except BranchFailed:
                 await _settle(conn, conn.tpc_rollback(xid))
                 raise
@@ -312,9 +316,12 @@ class Store:
             raise BranchFailed(_describe(exc), exc.sqlstate or "") from exc
         return results, True
 
-    @staticmethod
     async def commit_one_phase(
-        conn: AsyncConn, statements: Sequence[Statement], transaction_id: str, participant_id: str
+        self,
+        conn: AsyncConn,
+        statements: Sequence[Statement],
+        transaction_id: str,
+        participant_id: str,
     ) -> list[StatementResult]:
         """Run the statements and the marker (so that a later Abort can tell the branch
         committed) in one round trip, check the expectations, then COMMIT."""
@@ -332,7 +339,7 @@ class Store:
                     )
                 ],
             )
-            results = await _results(statements, cursors)
+            results = await _results(statements, cursors, self._config.limits.max_result_bytes)
             await _settle(conn, conn.commit())
         except psycopg.Error as exc:
             raise BranchFailed(_describe(exc), exc.sqlstate or "") from exc
@@ -539,18 +546,38 @@ async def _pipelined(
 
 
 async def _results(
-    statements: Sequence[Statement], cursors: Sequence[Cursor]
+    statements: Sequence[Statement], cursors: Sequence[Cursor], max_bytes: int
 ) -> list[StatementResult]:
+    """The statements' results, read in chunks and counted as they are read: results
+    larger than `max_bytes` (`Limits.max_result_bytes`) fail the branch before it can
+    prepare or commit, because its answer could not be delivered."""
     results = []
+    size = 0
     for i, (st, cur) in enumerate(zip(statements, cursors, strict=True), 1):
         if st.expect is not None and (why := st.expect.violation(cur.rowcount)):
             raise BranchFailed(f"statement {i}: {why}")
         if cur.description is None:
             results.append(StatementResult(cur.rowcount))
-        else:
-            columns = tuple(c.name for c in cur.description)
-            results.append(StatementResult(cur.rowcount, columns, tuple(await cur.fetchall())))
+            size += RESULT_OVERHEAD_BYTES
+            continue
+        columns = tuple(c.name for c in cur.description)
+        size += RESULT_OVERHEAD_BYTES + sum(len(c) + 2 for c in columns)
+        rows: list[tuple[object, ...]] = []
+        while chunk := await cur.fetchmany(_ROWS_PER_CHUNK):
+            size += sum(row_bytes(row) for row in chunk)
+            if size > max_bytes:
+                raise BranchFailed(
+                    f"statement {i}: results larger than {max_bytes} bytes (the "
+                    "max_result_bytes limit): the answer could not be delivered"
+                )
+            rows.extend(chunk)
+        results.append(StatementResult(cur.rowcount, columns, tuple(rows)))
+    if size > max_bytes:
+        raise BranchFailed(f"results larger than {max_bytes} bytes (the max_result_bytes limit)")
     return results
+
+
+_ROWS_PER_CHUNK = 1000
 
 
 async def _settle(conn: AsyncConn, step: Awaitable[T]) -> T:
