@@ -9,7 +9,7 @@ from __future__ import annotations
 import itertools
 import os
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import grpc
 import pytest
@@ -204,13 +204,14 @@ def _agent_refuses(system: LocalSystem, shard: str, statements: list[Statement])
     details = []
     with grpc.insecure_channel(system.participants[shard].address) as channel:
         stub = pgrpc.ParticipantStub(channel)
-        for call in (
+        calls: list[Callable[[], object]] = [
             lambda: stub.Prepare(ppb.PrepareRequest(transaction_id=txid, statements=msgs)),
             lambda: stub.Prepare(
                 ppb.PrepareRequest(transaction_id=txid, statements=msgs, one_phase=True)
             ),
             lambda: stub.Execute(ppb.BranchExecuteRequest(transaction_id=txid, statements=msgs)),
-        ):
+        ]
+        for call in calls:
             with pytest.raises(grpc.RpcError) as caught:
                 call()
             assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, caught.value.details()
