@@ -392,6 +392,8 @@ class Coordinator:
         sizes = {p: sum(map(result_bytes, r)) for p, r in results}
         limit = self.config.limits.max_result_bytes
         decision = bound_results(decide(participants, ballots, tx.interruption), sizes, limit)
+        if sum(sizes.values()) > limit:
+            results = ()  # an abort's answer must be deliverable too
         await failpoints.hit("coordinator.after_votes_before_decision")
         if not decision.commit:
             assert decision.cause is not None
