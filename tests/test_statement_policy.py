@@ -22,7 +22,7 @@ from twopc_common.errors import InvalidArgument
 from twopc_common.statements import (
     ALWAYS_REFUSED,
     DEFAULT_ALLOWED,
-    LEGACY_MARKER_TABLE,
+    LEGACY_TABLES,
     StatementKind,
     StatementPolicy,
     classify,
@@ -73,7 +73,8 @@ HOSTILE: list[tuple[str, str, StatementKind]] = [
     ("two-statements", "UPDATE accounts SET balance = balance + 1; COMMIT", K.MULTIPLE),
     ("two-harmless-statements", "SELECT 1; SELECT 2", K.MULTIPLE),
     ("delete-markers", f"DELETE FROM {MARKER_TABLE}", K.AGENT_SCHEMA),
-    ("drop-legacy-markers", f"DROP TABLE {LEGACY_MARKER_TABLE}", K.AGENT_SCHEMA),
+    ("drop-legacy-markers", f"DROP TABLE {LEGACY_TABLES[0]}", K.AGENT_SCHEMA),
+    ("update-legacy-epochs", f"UPDATE {LEGACY_TABLES[1]} SET epoch = 0", K.AGENT_SCHEMA),
     ("drop-agent-schema", "DROP SCHEMA twopc CASCADE", K.AGENT_SCHEMA),
     ("agent-schema-literal", "SELECT 'twopc.branch_marker'::regclass", K.AGENT_SCHEMA),
     ("prepared-statement", "PREPARE p AS SELECT 1", K.PREPARED_STATEMENT),

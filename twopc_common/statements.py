@@ -43,8 +43,8 @@ from twopc_common.values import Statement
 
 AGENT_SCHEMA = "twopc"
 """The schema that holds the agent's own tables (the branch markers)."""
-LEGACY_MARKER_TABLE = "twopc_branch_marker"
-"""Where older versions kept the markers (in the database's default schema)."""
+LEGACY_TABLES = ("twopc_branch_marker", "twopc_coordinator_epoch")
+"""Where older versions kept the agent's tables (in the database's default schema)."""
 
 # Texts up to this size are cached; longer ones (rare, up to the 64 KiB SQL limit) are
 # parsed each time, so a stream of distinct huge texts cannot fill memory.
@@ -411,18 +411,18 @@ def _nodes(tree: Any, name: str) -> Iterator[dict[str, Any]]:
 
 def _names_agent_schema(tree: Any) -> bool:
     """Whether any identifier (or a literal that reads like a qualified name, as in
-    'twopc.x'::regclass) names the agent's schema or the legacy marker table."""
+    'twopc.x'::regclass) names the agent's schema or one of its legacy tables."""
     if isinstance(tree, dict):
         for key, value in tree.items():
             if key == "A_Const" and isinstance(value, dict):
                 literal = value.get("sval", {}).get("sval") if "sval" in value else None
                 if isinstance(literal, str) and (
-                    _SCHEMA_IN_LITERAL.search(literal) or LEGACY_MARKER_TABLE in literal
+                    _SCHEMA_IN_LITERAL.search(literal) or any(t in literal for t in LEGACY_TABLES)
                 ):
                     return True
                 continue
             if isinstance(value, str):
-                if value in (AGENT_SCHEMA, LEGACY_MARKER_TABLE):
+                if value == AGENT_SCHEMA or value in LEGACY_TABLES:
                     return True
             elif _names_agent_schema(value):
                 return True
