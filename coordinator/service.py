@@ -89,9 +89,7 @@ class CoordinatorService(cgrpc.CoordinatorServicer):
         self._limits = engine.config.limits
         # The agents check the same policy; checking here too refuses a bad Run
         # before any branch opens, with INVALID_ARGUMENT rather than an abort.
-        self._policy = StatementPolicy(
-            engine.config.statement_kinds, self._limits.statement_cache_entries
-        )
+        self._policy = StatementPolicy(engine.config.statement_kinds)
 
     @translate_errors
     async def Run(self, request: pb.RunRequest, context: Context) -> pb.TransactionOutcome:

@@ -127,6 +127,13 @@ def parse_args(argv: list[str] | None = None) -> tuple[ParticipantConfig, str]:
         metavar="SECONDS",
         help="a prepared branch younger than this is left to the live protocol",
     )
+    p.add_argument(
+        "--branch-role",
+        default=d.branch_role,
+        metavar="ROLE",
+        help="PostgreSQL role branch statements run as (no superuser, no rights on "
+        "schema twopc); default: the agent's own role",
+    )
     add_statement_policy_flags(p)
     add_daemon_flags(p)
     a = p.parse_args(argv)
@@ -145,6 +152,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[ParticipantConfig, str]:
             recovery_interval=a.recovery_interval,
             recovery_grace=a.recovery_grace,
             allow_failpoints=a.allow_failpoints,
+            branch_role=a.branch_role,
             statement_kinds=policy_kinds(a.allow_statement, a.refuse_statement),
         )
     except (TwoPCError, argparse.ArgumentTypeError) as exc:

@@ -57,6 +57,10 @@ class ParticipantConfig:
     """Seconds in-flight RPCs get to finish on SIGTERM."""
     allow_failpoints: bool = False
     """Accept the SetFailpoints admin call (a test hook that can crash the daemon)."""
+    branch_role: str = ""
+    """PostgreSQL role branch statements run as (SET LOCAL ROLE); it must not be a
+    superuser nor have any privilege on the agent's schema (checked at start). Empty:
+    branch statements run as the agent's own role."""
     statement_kinds: frozenset[StatementKind] = DEFAULT_ALLOWED
     """Kinds of statement a branch may run (`twopc_common.statements`); the default
     widened and narrowed by --allow-statement / --refuse-statement."""

@@ -51,9 +51,7 @@ class ParticipantService(pgrpc.ParticipantServicer):
         self._agent = agent
         self._recovery = recovery
         self._limits = agent.config.limits
-        self._policy = StatementPolicy(
-            agent.config.statement_kinds, self._limits.statement_cache_entries
-        )
+        self._policy = StatementPolicy(agent.config.statement_kinds)
 
     @translate_errors
     async def Execute(

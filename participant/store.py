@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
@@ -26,12 +27,14 @@ from psycopg import sql
 from psycopg.pq import TransactionStatus
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
+from participant import containment
 from participant.config import ParticipantConfig
 from twopc_common import ids
 from twopc_common.errors import FailedPrecondition, TwoPCError, Unavailable
+from twopc_common.statements import AGENT_SCHEMA, LEGACY_TABLES, session_safe
 from twopc_common.values import RESULT_OVERHEAD_BYTES, Statement, StatementResult, row_bytes
 
-MARKER_TABLE = "twopc_branch_marker"
+MARKER_TABLE = f"{AGENT_SCHEMA}.branch_marker"
 
 # One row per settled branch gid. 'committed' rows are written inside the branch
 # itself (so they exist exactly when it committed); 'aborted' rows are fences written
@@ -46,7 +49,9 @@ CREATE TABLE IF NOT EXISTS {MARKER_TABLE} (
     created_at timestamptz NOT NULL DEFAULT now()
 )"""
 
-EPOCH_TABLE = "twopc_coordinator_epoch"
+EPOCH_TABLE = f"{AGENT_SCHEMA}.coordinator_epoch"
+# Older versions kept these tables in the default schema; they are moved at start.
+_LEGACY_TABLES = dict(zip(LEGACY_TABLES, (MARKER_TABLE, EPOCH_TABLE), strict=True))
 
 # The highest epoch of each coordinator id this agent has opened a branch for (see
 # participant/epochs.py). One row per coordinator id, written once per its start.
@@ -183,6 +188,21 @@ class Store:
             kwargs=kwargs,
             open=False,
             name=f"participant-{config.id}",
+            reset=self._reset_session,
+        )
+        # Connections whose branch may have changed session state (see
+        # participant.containment); reset before the pool hands them out again.
+        self._dirty: weakref.WeakSet[AsyncConn] = weakref.WeakSet()
+        self._branch_setup = (
+            containment.BRANCH_SETUP,
+            (
+                f"{_ms(config.lock_timeout)}ms",
+                f"{_ms(config.statement_timeout)}ms",
+                config.branch_role or "none",
+            ),
+        )
+        self._as_agent: list[tuple[Query, tuple[object, ...] | None]] = (
+            [(containment.AGENT_ROLE_AGAIN, None)] if config.branch_role else []
         )
         self.control: AsyncConnectionPool[AsyncConn] = AsyncConnectionPool(
             config.dsn,
@@ -210,8 +230,15 @@ class Store:
                     "prepare branches: set max_prepared_transactions (for example 100) "
                     "in postgresql.conf and restart PostgreSQL"
                 )
-            await conn.execute(_CREATE_MARKER)
-            await conn.execute(_CREATE_EPOCHS)
+            try:
+                await containment.create_schema(conn)
+                await conn.execute(_CREATE_MARKER)
+                await conn.execute(_CREATE_EPOCHS)
+                await containment.migrate_legacy_tables(conn, _LEGACY_TABLES)
+                if self._config.branch_role:
+                    await containment.check_branch_role(conn, self._config.branch_role)
+            except containment.ContainmentError as exc:
+                raise ConfigurationError(str(exc)) from exc
         await self.pool.open(wait=True, timeout=self._config.pool_timeout)
         await self.control.open(wait=True, timeout=self._config.pool_timeout)
 
@@ -226,6 +253,22 @@ class Store:
             return await self.pool.getconn()
         except Exception as exc:
             raise BranchFailed(f"no database connection: {exc}") from exc
+
+    async def _reset_session(self, conn: AsyncConn) -> None:
+        if conn in self._dirty:
+            self._dirty.discard(conn)
+            await conn.execute(containment.RESET_SESSION)
+            await conn.commit()
+
+    def _head(
+        self, conn: AsyncConn, statements: Sequence[Statement]
+    ) -> list[tuple[Query, tuple[object, ...] | None]]:
+        """What goes before the statements: the branch's settings if it starts now."""
+        if not session_safe(statements):
+            self._dirty.add(conn)
+        if conn.info.transaction_status == TransactionStatus.IDLE:
+            return [self._branch_setup]
+        return []
 
     async def release(self, conn: AsyncConn) -> None:
         broken = conn.broken
@@ -250,7 +293,7 @@ class Store:
         """Run statements in the branch, pipelined; a failure or broken expectation
         raises (the branch must then be rolled back)."""
         try:
-            cursors, _ = await _pipelined(conn, statements, [])
+            cursors, _ = await _pipelined(conn, self._head(conn, statements), statements, [])
             return await _results(statements, cursors, self._config.limits.max_result_bytes)
         except psycopg.Error as exc:
             raise BranchFailed(_describe(exc), exc.sqlstate or "") from exc
@@ -284,12 +327,14 @@ class Store:
         xid = ids.branch_xid(transaction_id, participant_id)
         gid = str(xid)
         try:
-            cursors, (marker, prepared) = await _settle(
+            cursors, tails = await _settle(
                 conn,
                 _pipelined(
                     conn,
+                    self._head(conn, statements),
                     statements,
                     [
+                        *self._as_agent,
                         (
                             f"INSERT INTO {MARKER_TABLE} (gid, transaction_id) SELECT %s, %s "
                             "WHERE pg_current_xact_id_if_assigned() IS NOT NULL",
@@ -299,6 +344,7 @@ class Store:
                     ],
                 ),
             )
+            marker, prepared = tails[-2:]
             if prepared.statusmessage != "PREPARE TRANSACTION":
                 raise BranchFailed(
                     f"PREPARE TRANSACTION answered {prepared.statusmessage!r}: "
@@ -331,12 +377,14 @@ class Store:
         try:
             cursors, _ = await _pipelined(
                 conn,
+                self._head(conn, statements),
                 statements,
                 [
+                    *self._as_agent,
                     (
                         f"INSERT INTO {MARKER_TABLE} (gid, transaction_id) VALUES (%s, %s)",
                         (gid, transaction_id),
-                    )
+                    ),
                 ],
             )
             results = await _results(statements, cursors, self._config.limits.max_result_bytes)
@@ -527,13 +575,17 @@ Cursor = psycopg.AsyncCursor[tuple[object, ...]]
 
 async def _pipelined(
     conn: AsyncConn,
+    head: Sequence[tuple[Query, tuple[object, ...] | None]],
     statements: Sequence[Statement],
     tail: Sequence[tuple[Query, tuple[object, ...] | None]],
 ) -> tuple[list[Cursor], list[Cursor]]:
-    """Send the statements and then `tail` in one pipeline; one cursor each."""
+    """Send `head`, the statements and then `tail` in one pipeline; one cursor each
+    for the statements and for `tail`."""
     cursors: list[Cursor] = []
     tails: list[Cursor] = []
     async with conn.pipeline():
+        for query, params in head:
+            await conn.cursor().execute(query, params)  # type: ignore[arg-type]
         for st in statements:
             cur = conn.cursor()
             await cur.execute(st.sql.encode(), st.params or None)

@@ -125,7 +125,7 @@ def test_ordinary_statement_is_allowed(sql: str, kind: StatementKind) -> None:
 
 
 def test_placeholders_are_converted_as_psycopg_does_and_counted() -> None:
-    policy = StatementPolicy(DEFAULT_ALLOWED, 100)
+    policy = StatementPolicy(DEFAULT_ALLOWED)
     # psycopg replaces %s even inside a literal: what PostgreSQL sees has $1 there.
     assert classify("SELECT '%s'", with_params=True).placeholders == 1
     assert classify("SELECT %s %% 2", with_params=True).placeholders == 1
@@ -136,7 +136,7 @@ def test_placeholders_are_converted_as_psycopg_does_and_counted() -> None:
 
 
 def test_refusal_names_index_and_kind() -> None:
-    policy = StatementPolicy(DEFAULT_ALLOWED, 100)
+    policy = StatementPolicy(DEFAULT_ALLOWED)
     statements = [Statement("SELECT 1"), Statement("UPDATE accounts SET balance = 0; COMMIT")]
     with pytest.raises(InvalidArgument, match=r"branch 'shard1' statement 2: multiple"):
         policy.check(statements, "branch 'shard1'")

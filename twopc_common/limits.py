@@ -25,8 +25,6 @@ class Limits:
     """Length of an idempotency key."""
     max_phase2_batch: int = 1000
     """Decisions one Finish call (the coordinator's batched phase 2) may carry."""
-    statement_cache_entries: int = 10_000
-    """Distinct SQL texts whose classification (`twopc_common.statements`) is cached."""
 
     @property
     def max_result_bytes(self) -> int:

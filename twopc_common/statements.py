@@ -46,6 +46,8 @@ AGENT_SCHEMA = "twopc"
 LEGACY_TABLES = ("twopc_branch_marker", "twopc_coordinator_epoch")
 """Where older versions kept the agent's tables (in the database's default schema)."""
 
+CACHE_ENTRIES = 10_000
+"""Distinct SQL texts whose classification is cached (one cache per process)."""
 # Texts up to this size are cached; longer ones (rare, up to the 64 KiB SQL limit) are
 # parsed each time, so a stream of distinct huge texts cannot fill memory.
 _CACHEABLE_SQL_CHARS = 8192
@@ -247,6 +249,9 @@ class Classified:
     detail: str
     """What in the text decided the kind (for messages), e.g. "COMMIT"."""
     placeholders: int = 0
+    session_safe: bool = False
+    """Whether running it cannot change session state: a query, SET LOCAL, savepoint
+    or LOCK calling no function (a trigger still can: see participant.containment)."""
 
 
 def parse_kinds(names: Iterable[str]) -> set[StatementKind]:
@@ -269,23 +274,27 @@ def policy_kinds(allow: Iterable[str] = (), refuse: Iterable[str] = ()) -> froze
     return frozenset((DEFAULT_ALLOWED | widened) - parse_kinds(refuse))
 
 
+def classified(st: Statement) -> Classified:
+    """`classify`, cached per distinct text."""
+    if len(st.sql) <= _CACHEABLE_SQL_CHARS:
+        return _cached_classify(st.sql, bool(st.params))
+    return classify(st.sql, bool(st.params))
+
+
+def session_safe(statements: Sequence[Statement]) -> bool:
+    return all(classified(st).session_safe for st in statements)
+
+
 class StatementPolicy:
-    """Checks requests against a set of allowed kinds; one per daemon (it owns the
-    classification cache)."""
+    """Checks requests against a set of allowed kinds."""
 
-    def __init__(self, allowed: frozenset[StatementKind], cache_entries: int) -> None:
+    def __init__(self, allowed: frozenset[StatementKind]) -> None:
         self.allowed = allowed - ALWAYS_REFUSED
-        self._cached = functools.lru_cache(maxsize=cache_entries)(classify)
-
-    def classify(self, sql: str, with_params: bool) -> Classified:
-        if len(sql) <= _CACHEABLE_SQL_CHARS:
-            return self._cached(sql, with_params)
-        return classify(sql, with_params)
 
     def check(self, statements: Sequence[Statement], where: str) -> None:
         """InvalidArgument for the first statement the policy refuses."""
         for i, st in enumerate(statements, 1):
-            found = self.classify(st.sql, bool(st.params))
+            found = classified(st)
             if found.kind not in self.allowed:
                 raise InvalidArgument(
                     f"{where} statement {i}: {found.kind.value} ({found.detail}) is not "
@@ -324,9 +333,17 @@ def classify(sql: str, with_params: bool) -> Classified:
     if _names_agent_schema(node):
         return Classified(K.AGENT_SCHEMA, AGENT_SCHEMA, placeholders)
     kind, detail = _kind_of(node_name, node)
-    if kind in (K.QUERY, K.CALL, K.DDL) and (call := _refused_set_config(node)):
+    calls_functions = any(True for _ in _nodes(node, "FuncCall"))
+    if calls_functions and (call := _refused_set_config(node)):
         kind, detail = call
-    return Classified(kind, detail, placeholders)
+    safe = kind in _SESSION_SAFE and not calls_functions
+    return Classified(kind, detail, placeholders, safe)
+
+
+_SESSION_SAFE = {K.QUERY, K.SET_LOCAL, K.SAVEPOINT, K.LOCK}
+
+
+_cached_classify = functools.lru_cache(maxsize=CACHE_ENTRIES)(classify)
 
 
 def _kind_of(name: str, node: dict[str, Any]) -> tuple[StatementKind, str]:
