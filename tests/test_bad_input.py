@@ -262,3 +262,29 @@ def test_malformed_transaction_id_is_invalid_argument_at_the_coordinator(
     ):
         code, details = status_of(call)
         assert code == grpc.StatusCode.INVALID_ARGUMENT, details
+
+
+# Field 1 (a string) holding bytes that are not UTF-8, and a message cut short.
+UNDECODABLE = {
+    "invalid-utf8": b"\x0a\x03\xff\xfe\xfd",
+    "truncated": b"\x0a\x10abc",
+}
+
+
+@pytest.mark.parametrize("payload", UNDECODABLE.values(), ids=UNDECODABLE.keys())
+def test_undecodable_request_bytes_are_invalid_argument(
+    system: LocalSystem, payload: bytes
+) -> None:
+    assert system.coordinator is not None
+    targets = [
+        (system.coordinator.address, "/twopc.v1.Coordinator/GetTransaction"),
+        (system.coordinator.address, "/twopc.v1.Coordinator/Commit"),
+        (system.participants["shard1"].address, "/twopc.v1.Participant/Prepare"),
+        (system.participants["shard1"].address, "/twopc.v1.Participant/Abort"),
+    ]
+    for address, method in targets:
+        with grpc.insecure_channel(address) as channel:
+            call: grpc.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(method)
+            code, details = status_of(lambda: call(payload, timeout=10))  # noqa: B023
+        assert code == grpc.StatusCode.INVALID_ARGUMENT, (method, code, details)
+        assert "undecodable request" in details

@@ -47,8 +47,9 @@ def test_two_phase_results_too_large_together_abort_everywhere(system: LocalSyst
             },
             wait_for_completion=True,
         )
-    assert not outcome.committed and outcome.abort_cause == "VOTE_NO"
-    assert "max_result_bytes" in outcome.abort_reason
+    assert not outcome.committed
+    why = (outcome.abort_cause, outcome.abort_participant, outcome.abort_reason)
+    assert outcome.abort_cause == "VOTE_NO" and "max_result_bytes" in outcome.abort_reason, why
     after = bank.snapshot(dsns(system))
     assert after.total == before.total and not any(after.prepared.values())
 
