@@ -18,6 +18,7 @@ from twopc_common.cli import (
     add_daemon_flags,
     listen_address,
     log_level,
+    add_statement_policy_flags,
     named_addresses,
     non_negative,
     positive,
@@ -27,6 +28,7 @@ from twopc_common.cli import (
 from twopc_common.errors import TwoPCError
 from twopc_common.ids import check_name
 from twopc_common.server import ListenError, bind_grpc_server
+from twopc_common.statements import policy_kinds
 from twopc_pb import coordinator_pb2_grpc as cgrpc
 
 
@@ -240,6 +242,7 @@ def parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="period of the in-doubt branch scan",
     )
+    add_statement_policy_flags(p)
     add_daemon_flags(p)
     return p
 
@@ -265,6 +268,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[CoordinatorConfig, str]:
             probe_timeout=a.probe_interval,
             recovery_interval=a.recovery_interval,
             allow_failpoints=a.allow_failpoints,
+            statement_kinds=policy_kinds(a.allow_statement, a.refuse_statement),
         )
     except (TwoPCError, argparse.ArgumentTypeError) as exc:
         p.error(str(exc))

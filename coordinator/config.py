@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from coordinator.protocol import RetryPolicy
 from twopc_common import settings
 from twopc_common.limits import Limits
+from twopc_common.statements import DEFAULT_ALLOWED, StatementKind
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +74,9 @@ class CoordinatorConfig:
     """When a participant cannot be reached, seconds a plain TCP connect to its address
     may take to find out why (connection refused, timed out, ...) for the abort reason
     and the log."""
+    statement_kinds: frozenset[StatementKind] = DEFAULT_ALLOWED
+    """Kinds of statement a branch may run (`twopc_common.statements`); the default
+    widened and narrowed by --allow-statement / --refuse-statement."""
     limits: Limits = field(default_factory=Limits)
     """Request limits."""
 

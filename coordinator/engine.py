@@ -37,6 +37,7 @@ from coordinator.protocol import (
     TxState,
     Vote,
     abort_cause,
+    bound_results,
     decide,
     one_phase_committed,
     reported,
@@ -56,7 +57,7 @@ from twopc_common.errors import (
 )
 from twopc_common.ids import TransactionId
 from twopc_common.log import EventLogger
-from twopc_common.values import Statement, StatementResult
+from twopc_common.values import Statement, StatementResult, result_bytes
 
 BranchResults = tuple[tuple[str, tuple[StatementResult, ...]], ...]
 
@@ -388,7 +389,11 @@ class Coordinator:
     async def _two_phase(self, tx: _Tx, work: Mapping[str, tuple[Statement, ...]]) -> None:
         participants = tuple(work)
         ballots, results = await self._collect_votes(tx, work)
-        decision = decide(participants, ballots, tx.interruption)
+        sizes = {p: sum(map(result_bytes, r)) for p, r in results}
+        limit = self.config.limits.max_result_bytes
+        decision = bound_results(decide(participants, ballots, tx.interruption), sizes, limit)
+        if sum(sizes.values()) > limit:
+            results = ()  # an abort's answer must be deliverable too
         await failpoints.hit("coordinator.after_votes_before_decision")
         if not decision.commit:
             assert decision.cause is not None

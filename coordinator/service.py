@@ -16,6 +16,7 @@ from coordinator.engine import Coordinator, Outcome, TransactionInfo
 from coordinator.protocol import AbortCause, Reported, TxState
 from twopc_common import failpoints
 from twopc_common.grpc_errors import Context, translate_errors
+from twopc_common.statements import StatementPolicy
 from twopc_common.values import results_to_pb, statements_from_pb
 from twopc_pb import coordinator_pb2 as pb
 from twopc_pb import coordinator_pb2_grpc as cgrpc
@@ -86,6 +87,9 @@ class CoordinatorService(cgrpc.CoordinatorServicer):
     def __init__(self, engine: Coordinator) -> None:
         self._engine = engine
         self._limits = engine.config.limits
+        # The agents check the same policy; checking here too refuses a bad Run
+        # before any branch opens, with INVALID_ARGUMENT rather than an abort.
+        self._policy = StatementPolicy(engine.config.statement_kinds)
 
     @translate_errors
     async def Run(self, request: pb.RunRequest, context: Context) -> pb.TransactionOutcome:
@@ -96,6 +100,8 @@ class CoordinatorService(cgrpc.CoordinatorServicer):
             )
             for b in request.branches
         ]
+        for participant, statements in branches:
+            self._policy.check(statements, f"branch {participant!r}")
         key = request.idempotency_key or None
         request_hash = None
         if key is not None:
@@ -115,6 +121,7 @@ class CoordinatorService(cgrpc.CoordinatorServicer):
     @translate_errors
     async def Execute(self, request: pb.ExecuteRequest, context: Context) -> pb.ExecuteResponse:
         statements = statements_from_pb(request.statements, self._limits, "Execute")
+        self._policy.check(statements, "Execute")
         results = await _shielded(
             self._engine.execute(request.transaction_id, request.participant, statements)
         )

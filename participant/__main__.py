@@ -14,6 +14,7 @@ from participant.store import ConfigurationError, Store
 from twopc_common.cli import (
     HelpFormatter,
     add_daemon_flags,
+    add_statement_policy_flags,
     at_least_one,
     dsn,
     listen_address,
@@ -28,6 +29,7 @@ from twopc_common.errors import TwoPCError
 from twopc_common.ids import check_name
 from twopc_common.server import ListenError, bind_grpc_server
 from twopc_common.settings import describe_dsn
+from twopc_common.statements import policy_kinds
 from twopc_pb import participant_pb2_grpc as pgrpc
 
 
@@ -167,6 +169,14 @@ def parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="a prepared branch younger than this is left to the live protocol",
     )
+    p.add_argument(
+        "--branch-role",
+        default=d.branch_role,
+        metavar="ROLE",
+        help="PostgreSQL role branch statements run as (no superuser, no rights on "
+        "schema twopc); default: the agent's own role",
+    )
+    add_statement_policy_flags(p)
     add_daemon_flags(p)
     return p
 
@@ -189,6 +199,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[ParticipantConfig, str]:
             recovery_interval=a.recovery_interval,
             recovery_grace=a.recovery_grace,
             allow_failpoints=a.allow_failpoints,
+            branch_role=a.branch_role,
+            statement_kinds=policy_kinds(a.allow_statement, a.refuse_statement),
         )
     except (TwoPCError, argparse.ArgumentTypeError) as exc:
         p.error(str(exc))

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from twopc_common import settings
 from twopc_common.errors import InvalidArgument
 from twopc_common.limits import Limits
+from twopc_common.statements import DEFAULT_ALLOWED, StatementKind
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +62,13 @@ class ParticipantConfig:
     """Seconds in-flight RPCs get to finish on SIGTERM."""
     allow_failpoints: bool = False
     """Accept the SetFailpoints admin call (a test hook that can crash the daemon)."""
+    branch_role: str = ""
+    """PostgreSQL role branch statements run as (SET LOCAL ROLE); it must not be a
+    superuser nor have any privilege on the agent's schema (checked at start). Empty:
+    branch statements run as the agent's own role."""
+    statement_kinds: frozenset[StatementKind] = DEFAULT_ALLOWED
+    """Kinds of statement a branch may run (`twopc_common.statements`); the default
+    widened and narrowed by --allow-statement / --refuse-statement."""
     limits: Limits = field(default_factory=Limits)
     """Request limits."""
 

@@ -19,6 +19,7 @@ from participant.recovery import Recovery
 from twopc_common import failpoints
 from twopc_common.errors import InvalidArgument
 from twopc_common.grpc_errors import Context, status_for, translate_errors
+from twopc_common.statements import StatementPolicy
 from twopc_common.values import results_to_pb, statements_from_pb
 from twopc_pb import participant_pb2 as pb
 from twopc_pb import participant_pb2_grpc as pgrpc
@@ -50,12 +51,14 @@ class ParticipantService(pgrpc.ParticipantServicer):
         self._agent = agent
         self._recovery = recovery
         self._limits = agent.config.limits
+        self._policy = StatementPolicy(agent.config.statement_kinds)
 
     @translate_errors
     async def Execute(
         self, request: pb.BranchExecuteRequest, context: Context
     ) -> pb.BranchExecuteResponse:
         statements = statements_from_pb(request.statements, self._limits, "Execute")
+        self._policy.check(statements, "Execute")
         results = await _shielded(
             self._agent.execute(request.transaction_id, statements, request.incarnation)
         )
@@ -66,6 +69,7 @@ class ParticipantService(pgrpc.ParticipantServicer):
     @translate_errors
     async def Prepare(self, request: pb.PrepareRequest, context: Context) -> pb.PrepareResponse:
         statements = statements_from_pb(request.statements, self._limits, "Prepare")
+        self._policy.check(statements, "Prepare")
         vote = await _shielded(
             self._agent.prepare(
                 request.transaction_id, statements, request.one_phase, request.incarnation

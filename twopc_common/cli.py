@@ -19,6 +19,7 @@ from typing import Any
 from twopc_common import failpoints, log, settings
 from twopc_common.errors import InvalidArgument
 from twopc_common.ids import check_name
+from twopc_common.statements import StatementKind
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
@@ -114,6 +115,25 @@ async def wait_for_termination() -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+
+
+def add_statement_policy_flags(p: argparse.ArgumentParser) -> None:
+    """--allow-statement / --refuse-statement: the statement policy (see README)."""
+    p.add_argument(
+        "--allow-statement",
+        action="append",
+        default=[],
+        metavar="KIND",
+        help="also allow this kind of statement in branches (repeatable; "
+        f"kinds: {', '.join(k.value for k in StatementKind)})",
+    )
+    p.add_argument(
+        "--refuse-statement",
+        action="append",
+        default=[],
+        metavar="KIND",
+        help="refuse this kind of statement although the default allows it (repeatable)",
+    )
 
 
 def add_daemon_flags(p: argparse.ArgumentParser) -> None:

@@ -3,11 +3,17 @@
 Binding happens in `bind_grpc_server`, before the daemon does anything durable (the
 coordinator bumps its epoch only after its port is secured); `start` follows once the
 daemon is ready to answer.
+
+A request whose bytes do not decode (a truncated message, invalid UTF-8 in a string
+field) is answered INVALID_ARGUMENT, not gRPC's UNKNOWN: every handler's deserializer
+is wrapped once, at registration, so a call pays one isinstance check for it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, cast
 
 import grpc
 
@@ -29,7 +35,7 @@ def bind_grpc_server(
             ("grpc.so_reuseport", 0),
         ]
     )
-    register(server)
+    register(cast(grpc.aio.Server, _DecodeGuard(server)))
     try:
         port = server.add_insecure_port(listen)
     except RuntimeError as exc:
@@ -37,3 +43,53 @@ def bind_grpc_server(
     if port == 0:
         raise ListenError(f"cannot listen on {listen}")
     return server
+
+
+@dataclass(frozen=True, slots=True)
+class _Undecodable:
+    error: str
+
+
+def _guarded(handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMethodHandler[Any, Any]:
+    """The same unary handler, answering undecodable requests INVALID_ARGUMENT."""
+    deserialize = handler.request_deserializer
+    behavior = handler.unary_unary
+    assert deserialize is not None and behavior is not None, "only unary-unary methods"
+
+    def decode(data: bytes) -> object:
+        try:
+            return deserialize(data)
+        except Exception as exc:
+            return _Undecodable(f"{type(exc).__name__}: {exc}")
+
+    async def guarded(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        if isinstance(request, _Undecodable):
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"undecodable request ({request.error})"
+            )
+        return await cast(Callable[..., Awaitable[Any]], behavior)(request, context)
+
+    return grpc.unary_unary_rpc_method_handler(
+        guarded, request_deserializer=decode, response_serializer=handler.response_serializer
+    )
+
+
+class _DecodeGuard:
+    """What the generated `add_*Servicer_to_server` functions see instead of the
+    server: they register each service's handlers twice (generic and registered), and
+    both registrations get the guarded handlers."""
+
+    def __init__(self, server: grpc.aio.Server) -> None:
+        self._server = server
+
+    def add_registered_method_handlers(
+        self, service: str, handlers: Mapping[str, grpc.RpcMethodHandler[Any, Any]]
+    ) -> None:
+        guarded = {name: _guarded(h) for name, h in handlers.items()}
+        self._server.add_registered_method_handlers(service, guarded)
+        self._server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(service, guarded),)
+        )
+
+    def add_generic_rpc_handlers(self, handlers: object) -> None:
+        """Replaced by the guarded copy `add_registered_method_handlers` adds."""

@@ -23,7 +23,13 @@ from twopc_harness.daemons import (
     participant_daemon,
 )
 from twopc_harness.network import FaultNetwork, start_network
-from twopc_harness.postgres import PostgresCluster, free_port, start_clusters, stop_clusters
+from twopc_harness.postgres import (
+    BRANCH_ROLE,
+    PostgresCluster,
+    free_port,
+    start_clusters,
+    stop_clusters,
+)
 
 COORDINATOR_ID = "coord1"
 
@@ -119,6 +125,7 @@ def start_system(
         coord_address = f"127.0.0.1:{free_port()}"
         agent_routes = {}
         for i, cluster in enumerate(clusters, 1):
+            cluster.create_branch_role()
             name = f"shard{i}"
             listen = f"127.0.0.1:{free_port()}"
             system.participants[name] = participant_daemon(
@@ -127,7 +134,8 @@ def start_system(
                 cluster.dsn_via(route(f"{name}_postgres", f"127.0.0.1:{cluster.port}")),
                 {coordinator_id: route(f"{name}_coordinator", coord_address)},
                 workdir / "logs" / f"{name}.log",
-                participant_args,
+                # Branch statements as a least-privilege role, never the superuser.
+                ["--branch-role", BRANCH_ROLE, *(participant_args or [])],
             )
             agent_routes[name] = route(f"coordinator_{name}", listen)
         system.client_address = route("client_coordinator", coord_address)
