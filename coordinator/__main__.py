@@ -16,9 +16,9 @@ from coordinator.service import CoordinatorService
 from twopc_common.cli import (
     HelpFormatter,
     add_daemon_flags,
+    add_statement_policy_flags,
     listen_address,
     log_level,
-    add_statement_policy_flags,
     named_addresses,
     non_negative,
     positive,
