@@ -7,21 +7,29 @@ import asyncio
 import contextlib
 import sys
 
+from prometheus_client import CollectorRegistry
+
+from coordinator import metrics
 from coordinator.config import CoordinatorConfig
 from coordinator.decision_log import DecisionLog, LogInUse
 from coordinator.engine import Coordinator, LogBehind
 from coordinator.participants import ParticipantClient
 from coordinator.service import CoordinatorService
 from twopc_common.cli import (
+    LogSettings,
     add_daemon_flags,
+    log_settings,
     named_addresses,
     positive,
     run_daemon,
     wait_for_termination,
 )
 from twopc_common.errors import TwoPCError
+from twopc_common.health import Health
 from twopc_common.ids import check_name
+from twopc_common.metrics import RpcMetrics, serve_metrics
 from twopc_common.server import ListenError, bind_grpc_server
+from twopc_pb import coordinator_pb2 as pb
 from twopc_pb import coordinator_pb2_grpc as cgrpc
 
 
@@ -56,25 +64,47 @@ async def serve(config: CoordinatorConfig) -> None:
         raise StartupError(str(exc)) from exc
     decision_log.begin_epoch()
     engine.log.info("starting", epoch=decision_log.epoch, participants=len(clients))
-    await engine.recover()
+    health = Health(pb.DESCRIPTOR.services_by_name["Coordinator"].full_name, engine.log)
+    registry = CollectorRegistry()
     server = bind_grpc_server(
         config.listen,
         config.limits.max_message_bytes,
         lambda s: cgrpc.add_CoordinatorServicer_to_server(CoordinatorService(engine), s),
+        health,
+        [RpcMetrics(registry)],
     )
+    metrics.register(registry, engine, health)
+    metrics_server = (
+        await serve_metrics(config.metrics_listen, registry, engine.log)
+        if config.metrics_listen
+        else None
+    )
+    # Listening during recovery, NOT_SERVING until it is done: probes and operators
+    # can tell "recovering" from "down". GetTransaction answers UNAVAILABLE until
+    # recovery made "unknown" safe; new transactions cannot race it (it leaves alone
+    # whatever is in memory).
+    await health.update(False, "start-up recovery")
     await server.start()
-    engine.log.info("serving", listen=config.listen, epoch=decision_log.epoch)
+    engine.log.info("listening", listen=config.listen, epoch=decision_log.epoch)
+    await engine.recover()
     tasks = [
         asyncio.create_task(engine.recovery_loop()),
         asyncio.create_task(engine.reap_idle_transactions()),
         *(asyncio.create_task(engine.probe_loop(p)) for p in clients),
+        asyncio.create_task(
+            health.watch(decision_log.probe, config.health_interval, config.health_timeout)
+        ),
     ]
     if config.deadlock_interval > 0:
         tasks.append(asyncio.create_task(engine.deadlock_loop()))
+    engine.log.info("serving", listen=config.listen, epoch=decision_log.epoch)
     try:
         await wait_for_termination()
     finally:
         engine.log.info("stopping")
+        await health.shutdown()
+        if metrics_server is not None:
+            metrics_server.close()
         await server.stop(config.shutdown_grace)
         for task in tasks:
             task.cancel()
@@ -84,7 +114,7 @@ async def serve(config: CoordinatorConfig) -> None:
         decision_log.close()
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[CoordinatorConfig, str]:
+def parse_args(argv: list[str] | None = None) -> tuple[CoordinatorConfig, LogSettings]:
     d = CoordinatorConfig(id="-", log_path="-")
     p = argparse.ArgumentParser(
         prog="twopc-coordinator",
@@ -193,11 +223,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[CoordinatorConfig, str]:
             probe_interval=a.probe_interval,
             probe_timeout=a.probe_interval,
             recovery_interval=a.recovery_interval,
+            metrics_listen=a.metrics,
             allow_failpoints=a.allow_failpoints,
         )
     except (TwoPCError, argparse.ArgumentTypeError) as exc:
         p.error(str(exc))
-    return config, a.log_level
+    return config, log_settings(a)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -207,8 +238,8 @@ def main(argv: list[str] | None = None) -> None:
 
         inspect(args[1:])
         return
-    config, level = parse_args(args)
-    run_daemon("twopc-coordinator", serve(config), level, (StartupError, ListenError))
+    config, logs = parse_args(args)
+    run_daemon("twopc-coordinator", serve(config), logs, (StartupError, ListenError))
 
 
 if __name__ == "__main__":

@@ -11,10 +11,12 @@ import sys
 import threading
 import time
 from collections.abc import Coroutine, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from twopc_common import failpoints, log
 from twopc_common.ids import check_name
+from twopc_common.metrics import parse_listen
 
 
 def named_addresses(items: Iterable[str], flag: str) -> dict[str, str]:
@@ -47,8 +49,37 @@ async def wait_for_termination() -> None:
     await stop.wait()
 
 
+@dataclass(frozen=True, slots=True)
+class LogSettings:
+    level: str
+    """DEBUG, INFO, WARNING or ERROR."""
+    format: str
+    """`text` (key=value) or `json` (one object per line)."""
+
+
+def metrics_address(text: str) -> str:
+    try:
+        parse_listen(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
 def add_daemon_flags(p: argparse.ArgumentParser) -> None:
     """The flags every daemon has."""
+    p.add_argument(
+        "--metrics",
+        type=metrics_address,
+        default=None,
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (off if not given)",
+    )
+    p.add_argument(
+        "--log-format",
+        choices=log.FORMATS,
+        default=os.environ.get("TWOPC_LOG_FORMAT", "text"),
+        help="text (key=value) or json, one object per line (env TWOPC_LOG_FORMAT)",
+    )
     p.add_argument(
         "--allow-failpoints",
         action="store_true",
@@ -61,15 +92,19 @@ def add_daemon_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
+def log_settings(args: argparse.Namespace) -> LogSettings:
+    return LogSettings(args.log_level, args.log_format)
+
+
 def run_daemon(
     prog: str,
     serve: Coroutine[Any, Any, None],
-    level: str,
+    logs: LogSettings,
     startup_errors: type[Exception] | tuple[type[Exception], ...],
 ) -> None:
     """Set up logs and failpoints, serve until SIGTERM; a start-up failure ends the
     process with one line naming the program."""
-    log.setup(level)
+    log.setup(logs.level, logs.format)
     try:
         failpoints.configure_from_env()
     except ValueError as exc:

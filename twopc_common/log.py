@@ -1,4 +1,6 @@
-"""Structured log lines: `ts=... level=... daemon=... event=... key=value ...`.
+"""Structured log lines: `ts=... level=... daemon=... event=... key=value ...`, or
+with `setup(fmt="json")` one JSON object per line with the same keys, for log
+pipelines.
 
 Every line about a transaction carries `txid=...`, so one grep over the daemons' logs
 tells a transaction's whole story.
@@ -6,10 +8,16 @@ tells a transaction's whole story.
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import time
 from typing import Any
+
+FORMATS = ("text", "json")
+"""The values of `--log-format`."""
+
+_json = False
 
 
 def _quote(value: object) -> str:
@@ -17,6 +25,11 @@ def _quote(value: object) -> str:
     if text == "" or any(c in text for c in ' "=\n'):
         return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
     return text
+
+
+def _plain(value: object) -> object:
+    """JSON keeps numbers and booleans; anything else is logged as its text."""
+    return value if isinstance(value, bool | int | float | str) else str(value)
 
 
 class EventLogger:
@@ -29,6 +42,17 @@ class EventLogger:
         if not self._logger.isEnabledFor(level):
             return
         ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
+        if _json:
+            record: dict[str, Any] = {
+                "ts": f"{ts}Z",
+                "level": logging.getLevelName(level).lower(),
+                "daemon": self._daemon,
+                "id": self._name,
+                "event": event,
+            }
+            record.update((k, _plain(v)) for k, v in fields.items() if v is not None)
+            self._logger.log(level, json.dumps(record, separators=(",", ":")))
+            return
         parts = [
             f"ts={ts}Z",
             f"level={logging.getLevelName(level).lower()}",
@@ -52,7 +76,11 @@ class EventLogger:
         self._emit(logging.ERROR, event, fields)
 
 
-def setup(level: str = "INFO") -> None:
+def setup(level: str = "INFO", fmt: str = "text") -> None:
+    global _json
+    if fmt not in FORMATS:
+        raise ValueError(f"log format {fmt!r}: expected one of {', '.join(FORMATS)}")
+    _json = fmt == "json"
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s"))
     root = logging.getLogger("twopc")
