@@ -13,6 +13,7 @@ from coordinator import metrics
 from coordinator.config import CoordinatorConfig
 from coordinator.decision_log import DecisionLog, LogInUse
 from coordinator.engine import Coordinator, LogBehind
+from coordinator.heuristics import HeuristicWatch
 from coordinator.participants import ParticipantClient
 from coordinator.service import CoordinatorService
 from twopc_common.cli import (
@@ -73,7 +74,8 @@ async def serve(config: CoordinatorConfig) -> None:
         health,
         [RpcMetrics(registry)],
     )
-    metrics.register(registry, engine, health)
+    heuristics = HeuristicWatch(engine)
+    metrics.register(registry, engine, health, heuristics)
     metrics_server = (
         await serve_metrics(config.metrics_listen, registry, engine.log)
         if config.metrics_listen
@@ -94,6 +96,7 @@ async def serve(config: CoordinatorConfig) -> None:
         asyncio.create_task(
             health.watch(decision_log.probe, config.health_interval, config.health_timeout)
         ),
+        asyncio.create_task(heuristics.run_forever(config.recovery_interval)),
     ]
     if config.deadlock_interval > 0:
         tasks.append(asyncio.create_task(engine.deadlock_loop()))

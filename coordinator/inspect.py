@@ -3,7 +3,9 @@
 It reads the decision log directly (with sqlite-utils; safe while the coordinator runs,
 the log is in WAL mode), and when given addresses, asks the live coordinator for its
 in-flight transactions and every participant for this coordinator's prepared
-(in-doubt) branches, with their age. Read-only: it decides nothing.
+(in-doubt) branches, with their age, and for the operators' heuristic decisions on
+them (`twopc-participant resolve`), each judged against the log: a contradiction is
+a heuristic hazard. Read-only: it decides nothing.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 import grpc
 import sqlite_utils
 
+from coordinator.heuristics import is_hazard
 from twopc_common.cli import named_addresses
 from twopc_pb import coordinator_pb2 as cpb
 from twopc_pb import coordinator_pb2_grpc as cgrpc
@@ -88,6 +91,50 @@ def _from_participants(coordinator_id: str, participants: dict[str, str]) -> dic
     return out
 
 
+def _logged_outcome(db: sqlite_utils.Database, transaction_id: str) -> str:
+    """The log's answer for a transaction, as GetTransaction would give it."""
+    rows = list(db.query("SELECT state FROM transactions WHERE id = ?", [transaction_id]))
+    if not rows:
+        return "unknown"
+    state = rows[0]["state"]
+    return {"committing": "committed", "committed": "committed", "aborted": "aborted"}.get(
+        state, "in_progress"
+    )
+
+
+def _heuristic(path: str, coordinator_id: str, participants: dict[str, str]) -> dict[str, Any]:
+    """Every agent's heuristic decisions on this coordinator's branches, each judged
+    against the log (a contradiction is a heuristic hazard)."""
+    db = sqlite_utils.Database(path)
+    out: dict[str, Any] = {}
+    for name, address in participants.items():
+        try:
+            with grpc.insecure_channel(address) as channel:
+                reply = pgrpc.ParticipantStub(channel).ListHeuristic(
+                    ppb.ListHeuristicRequest(coordinator_id=coordinator_id), timeout=5
+                )
+        except grpc.RpcError as exc:
+            out[name] = {"error": f"{exc.code().name}: {exc.details()}"}
+            continue
+        decisions = []
+        for d in reply.decisions:
+            logged = _logged_outcome(db, d.transaction_id)
+            decisions.append(
+                {
+                    "transaction_id": d.transaction_id,
+                    "decision": "commit" if d.commit else "abort",
+                    "operator": d.operator,
+                    "reason": d.reason,
+                    "decided_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(d.decided_at)),
+                    "coordinator_check": d.coordinator_check,
+                    "logged": logged,
+                    "hazard": is_hazard(d.commit, logged),
+                }
+            )
+        out[name] = decisions
+    return out
+
+
 def main(argv: list[str]) -> None:
     p = argparse.ArgumentParser(prog="twopc-coordinator inspect", description=__doc__)
     p.add_argument("--log", required=True, metavar="PATH", help="the decision log")
@@ -113,6 +160,7 @@ def main(argv: list[str]) -> None:
             report["in_flight"] = {"error": f"{exc.code().name}: {exc.details()}"}
     if participants:
         report["in_doubt"] = _from_participants(report["coordinator_id"] or "", participants)
+        report["heuristic"] = _heuristic(a.log, report["coordinator_id"] or "", participants)
     if a.json:
         json.dump(report, sys.stdout, indent=2)
         print()
@@ -141,3 +189,15 @@ def main(argv: list[str]) -> None:
         print(f"in doubt on {name}: {len(branches)}")
         for b in branches:
             print(f"  {b['transaction_id']:<32} prepared {b['age_seconds']:>8}s ago")
+    for name, decisions in report.get("heuristic", {}).items():
+        if isinstance(decisions, dict):
+            print(f"heuristic decisions on {name}: unreachable ({decisions['error']})")
+            continue
+        hazards = sum(d["hazard"] for d in decisions)
+        print(f"heuristic decisions on {name}: {len(decisions)} ({hazards} HAZARD)")
+        for d in decisions:
+            flag = "HAZARD" if d["hazard"] else "ok"
+            print(
+                f"  {d['transaction_id']:<32} {d['decision']:<6} {flag:<6} log: {d['logged']:<10} "
+                f"by {d['operator']} at {d['decided_at']}: {d['reason']}"
+            )

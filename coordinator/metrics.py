@@ -15,6 +15,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from coordinator.engine import Coordinator
+from coordinator.heuristics import HeuristicWatch
 from coordinator.protocol import AbortCause, TxState
 from twopc_common.health import Health
 
@@ -31,9 +32,10 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
 
 class _EngineCollector(Collector):
-    def __init__(self, engine: Coordinator, health: Health) -> None:
+    def __init__(self, engine: Coordinator, health: Health, heuristics: HeuristicWatch) -> None:
         self._engine = engine
         self._health = health
+        self._heuristics = heuristics
 
     def collect(self) -> Iterator[Metric]:
         engine = self._engine
@@ -97,6 +99,16 @@ class _EngineCollector(Collector):
         yield calls
         yield decisions
         yield GaugeMetricFamily(
+            "twopc_coordinator_heuristic_decisions",
+            "Operators' heuristic decisions on this coordinator's branches, found on the agents",
+            value=len(self._heuristics.verdicts),
+        )
+        yield GaugeMetricFamily(
+            "twopc_coordinator_heuristic_hazard_branches",
+            "Of those, the ones that contradict this coordinator's outcome",
+            value=len(self._heuristics.hazards),
+        )
+        yield GaugeMetricFamily(
             "twopc_coordinator_recovered",
             "1 once start-up recovery has made 'unknown' answers safe",
             value=int(engine.recovered),
@@ -109,9 +121,11 @@ class _EngineCollector(Collector):
         )
 
 
-def register(registry: CollectorRegistry, engine: Coordinator, health: Health) -> None:
+def register(
+    registry: CollectorRegistry, engine: Coordinator, health: Health, heuristics: HeuristicWatch
+) -> None:
     """Everything the coordinator exports, on `registry`."""
-    registry.register(_EngineCollector(engine, health))
+    registry.register(_EngineCollector(engine, health, heuristics))
     write = Histogram(
         "twopc_decision_log_fsync_seconds",
         "Time to commit one forced (fsynced) batch of decision-log records",

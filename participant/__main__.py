@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import sys
 
 from prometheus_client import CollectorRegistry
 
@@ -87,7 +88,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[ParticipantConfig, LogSet
     d = ParticipantConfig(id="-", dsn="-")
     p = argparse.ArgumentParser(
         prog="twopc-participant",
-        description="Participant agent: wraps one PostgreSQL database for the coordinator.",
+        description="Participant agent: wraps one PostgreSQL database for the coordinator. "
+        "`twopc-participant resolve --help` shows the operator's heuristic way out.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--id", required=True, help="this participant's name")
@@ -178,7 +180,13 @@ def parse_args(argv: list[str] | None = None) -> tuple[ParticipantConfig, LogSet
 
 
 def main(argv: list[str] | None = None) -> None:
-    config, logs = parse_args(argv)
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["resolve"]:
+        from participant.heuristic import main as resolve
+
+        resolve(args[1:])
+        return
+    config, logs = parse_args(args)
     run_daemon("twopc-participant", serve(config), logs, (ConfigurationError, ListenError))
 
 
