@@ -4,12 +4,14 @@ reflection, and the Prometheus endpoint of both daemons, all against real daemon
 
 from __future__ import annotations
 
+import json
 import re
 import sqlite3
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import pytest
@@ -60,6 +62,17 @@ def scrape(address: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]
         for family in text_string_to_metric_families(text)
         for s in family.samples
     }
+
+
+def families(address: str) -> set[str]:
+    """The metric family names the daemon at `address` exports (even with no samples)."""
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as reply:
+        return {f.name for f in text_string_to_metric_families(reply.read().decode())}
+
+
+DASHBOARD = (
+    Path(__file__).resolve().parent.parent / "docker" / "grafana" / "dashboards" / "twopc.json"
+)
 
 
 def value(
@@ -203,6 +216,15 @@ def test_metrics_parse_and_count_commits_and_aborts(ops: LocalSystem) -> None:
     assert value(agent_after, "twopc_participant_database_up") == 1
     assert value(agent_after, "twopc_participant_pool_max_connections") == 20
     assert agent_moved("twopc_participant_pool_requests_total") >= 2
+    # Every metric the Grafana dashboard plots is one the daemons export.
+    exported = families(coordinator_metrics) | families(agent_metrics)
+    plotted = {
+        re.sub(r"_(total|bucket|sum|count)$", "", name)
+        for panel in json.loads(DASHBOARD.read_text())["panels"]
+        for target in panel["targets"]
+        for name in re.findall(r"twopc_\w+", target["expr"])
+    }
+    assert plotted and plotted <= exported, sorted(plotted - exported)
     # Bounded cardinality: no transaction id or key in any label value.
     for metrics in (after, agent_after):
         for _, labels in metrics:
@@ -249,3 +271,23 @@ def test_metrics_endpoint_answers_only_get_metrics(ops: LocalSystem) -> None:
     with pytest.raises(urllib.error.HTTPError) as posted:
         urllib.request.urlopen(f"http://{address}/metrics", data=b"x", timeout=10)
     assert posted.value.code == 405
+
+
+def test_log_format_json_writes_one_object_per_line(ops: LocalSystem) -> None:
+    coordinator = ops.coordinator
+    assert coordinator is not None
+    coordinator.stop()
+    start = coordinator.logfile.stat().st_size
+    coordinator.argv += ["--log-format", "json"]
+    coordinator.start()
+    coordinator.stop()
+    with coordinator.logfile.open("rb") as f:
+        f.seek(start)
+        lines = [line for line in f.read().decode().splitlines() if line.strip()]
+    records = [json.loads(line) for line in lines]
+    events = [r["event"] for r in records]
+    assert "serving" in events and "stopping" in events, events
+    serving = records[events.index("serving")]
+    assert serving["daemon"] == "coordinator" and serving["level"] == "info"
+    assert isinstance(serving["epoch"], int) and serving["ts"].endswith("Z")
+    coordinator.start()
