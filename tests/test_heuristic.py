@@ -127,24 +127,30 @@ def test_heuristic_commit_after_the_log_was_lost_is_audited_and_reported(
 
     wait_until(lambda: hazards() == 1, 30, "the heuristic hazard in the metrics")
     assert f"event=heuristic_hazard txid={txid} participant=shard1" in coordinator.log_tail(20000)
-    inspected = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "coordinator",
-            "inspect",
-            "--log",
-            str(Path(system.workdir) / "decisions.sqlite"),
-            "--participant",
-            f"shard1={shard1.address}",
-            "--json",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
-    (shown,) = json.loads(inspected.stdout)["heuristic"]["shard1"]
+
+    def inspect(*flags: str) -> str:
+        return subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "coordinator",
+                "inspect",
+                "--log",
+                str(Path(system.workdir) / "decisions.sqlite"),
+                "--participant",
+                f"shard1={shard1.address}",
+                *flags,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        ).stdout
+
+    text = inspect()
+    assert "heuristic decisions on shard1: 1 (1 HAZARD)" in text, text
+    assert txid in text and "customer was charged" in text
+    (shown,) = json.loads(inspect("--json"))["heuristic"]["shard1"]
     assert shown["transaction_id"] == txid
     assert shown["decision"] == "commit" and shown["hazard"] is True
     assert shown["operator"] == "alice" and shown["reason"] == "customer was charged"

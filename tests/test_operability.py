@@ -26,6 +26,8 @@ from tests.conftest import SystemFactory, reset_bank, wait_no_prepared
 from twopc_harness.daemons import Daemon, wait_until
 from twopc_harness.postgres import free_port
 from twopc_harness.system import LocalSystem
+from twopc_pb import coordinator_pb2 as cpb
+from twopc_pb import coordinator_pb2_grpc as cgrpc
 
 TXID = re.compile(r"\.\d+\.\d+$")
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -176,6 +178,10 @@ def test_metrics_parse_and_count_commits_and_aborts(ops: LocalSystem) -> None:
             bank.transfer("t-no", source, target, 1000, shards), wait_for_completion=True
         )
     assert ok.committed and not no.committed
+    with grpc.insecure_channel(coordinator.address) as channel, pytest.raises(grpc.RpcError):
+        cgrpc.CoordinatorStub(channel).GetTransaction(
+            cpb.GetTransactionRequest(transaction_id="not an id"), timeout=10
+        )
 
     after = scrape(coordinator_metrics)
 
@@ -191,6 +197,13 @@ def test_metrics_parse_and_count_commits_and_aborts(ops: LocalSystem) -> None:
         )
         == 2
     )
+    bad_id = value(
+        after,
+        "twopc_rpc_duration_seconds_count",
+        method="twopc.v1.Coordinator/GetTransaction",
+        code="INVALID_ARGUMENT",
+    )
+    assert bad_id == 1
     assert moved("twopc_decision_log_fsync_seconds_count") >= 1
     assert value(after, "twopc_decision_log_batch_records_count", forced="true") >= 1
     assert value(after, "twopc_serving") == 1

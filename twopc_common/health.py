@@ -33,9 +33,13 @@ class Health:
         self._log = log
         self.serving = False
         self.reason = "starting"
+        self._stopped = False
 
     async def update(self, serving: bool, reason: str = "") -> None:
-        """Report SERVING or NOT_SERVING (with why, for the log and the metrics)."""
+        """Report SERVING or NOT_SERVING (with why, for the log and the metrics);
+        ignored once the daemon is stopping."""
+        if self._stopped:
+            return
         changed = serving != self.serving or reason != self.reason
         self.serving, self.reason = serving, reason
         status = _SERVING if serving else _NOT_SERVING
@@ -47,6 +51,7 @@ class Health:
 
     async def shutdown(self) -> None:
         """NOT_SERVING for good: the daemon is stopping."""
+        self._stopped = True
         self.serving, self.reason = False, "stopping"
         await self.servicer.enter_graceful_shutdown()
 
