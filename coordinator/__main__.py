@@ -57,14 +57,6 @@ async def serve(config: CoordinatorConfig) -> None:
         for name, address in config.participants.items()
     }
     engine = Coordinator(config, decision_log, clients)
-    try:
-        await engine.check_log_is_current()
-    except LogBehind as exc:
-        await engine.close()
-        decision_log.close()
-        raise StartupError(str(exc)) from exc
-    decision_log.begin_epoch()
-    engine.log.info("starting", epoch=decision_log.epoch, participants=len(clients))
     health = Health(pb.DESCRIPTOR.services_by_name["Coordinator"].full_name, engine.log)
     registry = CollectorRegistry()
     server = bind_grpc_server(
@@ -81,6 +73,19 @@ async def serve(config: CoordinatorConfig) -> None:
         if config.metrics_listen
         else None
     )
+    # Both ports are secured before anything durable happens: a daemon that cannot
+    # listen must not have bumped its epoch.
+    try:
+        await engine.check_log_is_current()
+    except LogBehind as exc:
+        if metrics_server is not None:
+            metrics_server.close()
+        await server.stop(None)
+        await engine.close()
+        decision_log.close()
+        raise StartupError(str(exc)) from exc
+    decision_log.begin_epoch()
+    engine.log.info("starting", epoch=decision_log.epoch, participants=len(clients))
     # Listening during recovery, NOT_SERVING until it is done: probes and operators
     # can tell "recovering" from "down". GetTransaction answers UNAVAILABLE until
     # recovery made "unknown" safe; new transactions cannot race it (it leaves alone

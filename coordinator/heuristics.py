@@ -10,7 +10,8 @@ commit of a transaction it aborted (or has no record of), or a heuristic abort o
 one it committed, is a hazard, logged once as an error (`event=heuristic_hazard`),
 counted in the metrics, and listed by `twopc-coordinator inspect`. A decision that
 agrees with the log is harmless. A transaction still being decided is judged again
-at the next scan.
+at the next scan; one whose record is past the retention (FORGOTTEN) cannot be
+judged any more.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 
 from coordinator.engine import Coordinator
 from coordinator.participants import HeuristicDecision
+from coordinator.protocol import Reported
 from twopc_common.errors import TwoPCError
 
 
@@ -28,8 +30,8 @@ class Verdict:
     participant: str
     decision: HeuristicDecision
     logged: str
-    """The coordinator's answer: committed, aborted, unknown (presumed abort) or
-    in_progress."""
+    """The coordinator's answer (GetTransaction's, `Reported`): committed, aborted,
+    unknown (never committed), in_progress or forgotten."""
 
     @property
     def hazard(self) -> bool:
@@ -37,10 +39,12 @@ class Verdict:
 
 
 def is_hazard(heuristic_commit: bool, logged: str) -> bool:
-    """Does a heuristic commit (or abort) contradict the coordinator's outcome?"""
-    if logged == "in_progress":
-        return False  # not decided yet: judged again later
-    return heuristic_commit != (logged == "committed")
+    """Does a heuristic commit (or abort) contradict the coordinator's outcome? Not
+    while it is still deciding (judged again later), nor once its record is past the
+    retention (forgotten: nothing left to contradict)."""
+    if logged in (Reported.IN_PROGRESS.value, Reported.FORGOTTEN.value):
+        return False
+    return heuristic_commit != (logged == Reported.COMMITTED.value)
 
 
 class HeuristicWatch:
@@ -65,7 +69,7 @@ class HeuristicWatch:
             return
         for decision in decisions:
             try:
-                logged = (await engine.get(decision.transaction_id)).outcome
+                logged = (await engine.get(decision.transaction_id)).outcome.value
             except TwoPCError:
                 continue  # recovery not finished: ask again next time
             verdict = Verdict(participant, decision, logged)

@@ -20,7 +20,9 @@ import grpc
 import sqlite_utils
 
 from coordinator.heuristics import is_hazard
+from coordinator.protocol import TxState, reported, reported_without_record
 from twopc_common.cli import named_addresses
+from twopc_common.ids import TransactionId
 from twopc_pb import coordinator_pb2 as cpb
 from twopc_pb import coordinator_pb2_grpc as cgrpc
 from twopc_pb import participant_pb2 as ppb
@@ -92,14 +94,24 @@ def _from_participants(coordinator_id: str, participants: dict[str, str]) -> dic
 
 
 def _logged_outcome(db: sqlite_utils.Database, transaction_id: str) -> str:
-    """The log's answer for a transaction, as GetTransaction would give it."""
+    """The log's answer for a transaction, as GetTransaction would give it after
+    recovery (`coordinator.protocol.Reported`)."""
     rows = list(db.query("SELECT state FROM transactions WHERE id = ?", [transaction_id]))
-    if not rows:
-        return "unknown"
-    state = rows[0]["state"]
-    return {"committing": "committed", "committed": "committed", "aborted": "aborted"}.get(
-        state, "in_progress"
+    if rows:
+        state = rows[0]["state"]
+        return reported(TxState(state)).value if state != "one_phase" else "in_progress"
+    epoch = TransactionId.parse(transaction_id).epoch
+    started = (
+        [
+            r["started_at"]
+            for r in db.query("SELECT started_at FROM epochs WHERE epoch = ?", [epoch])
+        ]
+        if "epochs" in db.table_names()
+        else []
     )
+    meta = {row["key"]: row["value"] for row in db["meta"].rows}
+    pruned = float(meta["pruned_before"]) if "pruned_before" in meta else None
+    return reported_without_record(started[0] if started else None, pruned).value
 
 
 def _heuristic(path: str, coordinator_id: str, participants: dict[str, str]) -> dict[str, Any]:

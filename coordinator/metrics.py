@@ -59,6 +59,11 @@ class _EngineCollector(Collector):
             ("heuristic_hazards", "heuristic_hazards", "Branches found in the other final state"),
             ("idempotent_replays", "idempotent_replays", "Keyed Runs answered from memory or log"),
             ("recovered_commits", "recovered_commits", "Logged commits re-driven after a start"),
+            (
+                "aborts_left_to_recovery",
+                "aborts_left_to_recovery",
+                "Abort deliveries given up and left to recovery (presumed abort)",
+            ),
         ):
             yield CounterMetricFamily(f"twopc_coordinator_{name}", doc, value=c[key])
         resolved = CounterMetricFamily(

@@ -2,12 +2,14 @@
 
 Read at scrape time from what the agent already keeps: its counters, its open
 branches, the recovery's last scan, the connection pool's statistics, and the health
-probe's view of the database (in-doubt branches and foreign prepared transactions,
-`participant.probe`). Labels are bounded (vote, decision, fixed pool statistics).
+probe's view of the database (in-doubt branches, `participant.probe`) and the
+foreign prepared transactions the recovery scan found. Labels are bounded (vote,
+decision, fixed pool statistics).
 """
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry
@@ -70,6 +72,9 @@ class _AgentCollector(Collector):
         yield recovered
         for key, doc in (
             ("outcome_unknown", "Prepares whose connection broke while settling"),
+            ("votes_no_stale_epoch", "NO votes for a coordinator epoch older than one seen"),
+            ("votes_no_branch_lost", "NO votes for a branch this incarnation does not hold"),
+            ("interactive_branches_refused", "Interactive branches refused (pool reserve)"),
             ("idle_branches_rolled_back", "Interactive branches rolled back as idle"),
             ("branches_opened", "Branches opened"),
         ):
@@ -95,15 +100,26 @@ class _AgentCollector(Collector):
             "Prepared branches past the grace period whose coordinator has not answered",
             value=self._recovery.waiting,
         )
+        foreign = self._recovery.foreign
+        now = dt.datetime.now(dt.UTC)
         yield GaugeMetricFamily(
             "twopc_participant_foreign_prepared_transactions",
-            "Prepared transactions in this database that this system did not make",
-            value=view.foreign,
+            "Prepared transactions in this database that are not this participant's "
+            "branches (as of the last recovery scan); nothing here resolves them",
+            value=len(foreign),
         )
         yield GaugeMetricFamily(
             "twopc_participant_oldest_foreign_prepared_seconds",
             "Age of the oldest foreign prepared transaction",
-            value=view.oldest_foreign_seconds,
+            value=max(
+                ((now - f.prepared_at).total_seconds() for f in foreign if f.prepared_at),
+                default=0.0,
+            ),
+        )
+        yield GaugeMetricFamily(
+            "twopc_participant_foreign_prepared_locks",
+            "Locks the foreign prepared transactions hold",
+            value=sum(f.locks for f in foreign),
         )
         yield GaugeMetricFamily(
             "twopc_participant_database_up",

@@ -3,10 +3,9 @@ health interval, on a dedicated connection (so that a pool busy with branches is
 never mistaken for a database that is down).
 
 The query lists the database's prepared transactions, which answers two questions
-at once: is the database reachable (health), and how many branches are in doubt and
-since when, ours and anyone else's (metrics). A prepared transaction whose gid is not
-one of ours ("foreign") holds locks and VACUUM back just the same, and nothing here
-will ever resolve it.
+at once: is the database reachable (health), and how many of this participant's
+branches are in doubt and since when (metrics, fresher than the recovery scan).
+Foreign prepared transactions are the recovery scan's business (`Recovery.foreign`).
 """
 
 from __future__ import annotations
@@ -29,11 +28,6 @@ class ShardView:
     """Prepared branches of this participant."""
     oldest_in_doubt_seconds: float = 0.0
     """Age of the oldest of them."""
-    other_participants: int = 0
-    """Prepared branches of this system for another participant id in this database."""
-    foreign: int = 0
-    """Prepared transactions in this database that are not this system's."""
-    oldest_foreign_seconds: float = 0.0
 
 
 class DatabaseProbe:
@@ -84,26 +78,13 @@ class DatabaseProbe:
         return await cur.fetchall()
 
     def _summarise(self, rows: list[tuple[object, ...]]) -> ShardView:
-        mine: list[float] = []
-        others = 0
-        foreign: list[float] = []
+        ages = []
         for gid, prepared, now in rows:
             assert isinstance(prepared, dt.datetime) and isinstance(now, dt.datetime)
-            age = max(0.0, (now - prepared).total_seconds())
             xid = Xid.from_string(str(gid))
-            if not ids.is_ours(xid):
-                foreign.append(age)
-            elif xid.bqual == self._participant:
-                mine.append(age)
-            else:
-                others += 1
-        return ShardView(
-            in_doubt=len(mine),
-            oldest_in_doubt_seconds=max(mine, default=0.0),
-            other_participants=others,
-            foreign=len(foreign),
-            oldest_foreign_seconds=max(foreign, default=0.0),
-        )
+            if ids.is_ours(xid) and xid.bqual == self._participant:
+                ages.append(max(0.0, (now - prepared).total_seconds()))
+        return ShardView(in_doubt=len(ages), oldest_in_doubt_seconds=max(ages, default=0.0))
 
     async def close(self) -> None:
         if self._conn is not None:

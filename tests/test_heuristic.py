@@ -1,7 +1,8 @@
-"""Heuristic resolution: when a coordinator's log is lost, the operator can commit or
-roll back a prepared branch by hand, but only once the coordinator does not answer,
-with an audit record on the shard; a returning coordinator reports the decision that
-contradicts its log (a heuristic hazard) in its log, its metrics and `inspect`."""
+"""Heuristic resolution: when a coordinator and its log are gone, the operator can
+commit or roll back a prepared branch by hand, but only while the coordinator does not
+answer, with an audit record on the shard; a returning coordinator reports the
+decision that contradicts its log (a heuristic hazard) in its log, its metrics and
+`inspect`."""
 
 from __future__ import annotations
 
@@ -75,10 +76,8 @@ def test_heuristic_commit_after_the_log_was_lost_is_audited_and_reported(
         client.run(tagged_inserts("heuristic", ("shard1", "shard2")))
     assert coordinator.wait_exit(30) == FAILPOINT_EXIT_CODE
     (txid,) = prepared_txids(system, "shard1")
-    # shard1's agent is down too, and the decision log is lost for good.
+    # shard1's agent is down too, so nothing resolves its branch on its own.
     shard1.stop()
-    for path in Path(system.workdir).glob("decisions.sqlite*"):
-        path.unlink()
     coordinator.start()
 
     # Refused while the coordinator answers: it knows the outcome (presumed abort).
@@ -87,6 +86,14 @@ def test_heuristic_commit_after_the_log_was_lost_is_audited_and_reported(
     assert "knows the outcome" in refused.stderr and "UNKNOWN" in refused.stderr, refused.stderr
     assert prepared_txids(system, "shard1") == [txid]
     assert "--reason" in resolve(system, txid, "--commit", "--reason", " ").stderr
+
+    # The coordinator's machine is gone, and its decision log with it (a coordinator
+    # on an empty log refuses to start while participants remember its epochs).
+    coordinator.stop()
+    lost = Path(system.workdir) / "lost"
+    lost.mkdir()
+    for path in Path(system.workdir).glob("decisions.sqlite*"):
+        path.rename(lost / path.name)
 
     # Accepted once it does not answer; recorded before it acts.
     coordinator.stop()
@@ -108,8 +115,10 @@ def test_heuristic_commit_after_the_log_was_lost_is_audited_and_reported(
     assert again.returncode == 1 and "no prepared branch" in again.stderr
     assert len(audit_rows(system)) == 1
 
-    # The returning coordinator's log has no record of txid (presumed abort): the
-    # heuristic commit contradicts it, and it says so.
+    # The log is found after all and the coordinator returns. It has no record of
+    # txid (presumed abort): the heuristic commit contradicts it, and it says so.
+    for path in lost.iterdir():
+        path.rename(Path(system.workdir) / path.name)
     shard1.start()
     metrics = f"127.0.0.1:{free_port()}"
     coordinator.argv += ["--metrics", metrics]
