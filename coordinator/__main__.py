@@ -25,7 +25,7 @@ from twopc_common.cli import (
     run_daemon,
     wait_for_termination,
 )
-from twopc_common.errors import TwoPCError
+from twopc_common.errors import TwoPCError, Unavailable
 from twopc_common.health import Health
 from twopc_common.ids import check_name
 from twopc_common.metrics import RpcMetrics, serve_metrics
@@ -94,13 +94,18 @@ async def serve(config: CoordinatorConfig) -> None:
     await server.start()
     engine.log.info("listening", listen=config.listen, epoch=decision_log.epoch)
     await engine.recover()
+
+    async def healthy() -> None:
+        """SERVING: it takes new transactions and its log can make a record durable."""
+        if (why := engine.stopped) is not None:
+            raise Unavailable(f"accepts no new transactions: {why}")
+        await decision_log.probe()
+
     tasks = [
         asyncio.create_task(engine.recovery_loop()),
         asyncio.create_task(engine.reap_idle_transactions()),
         *(asyncio.create_task(engine.probe_loop(p)) for p in clients),
-        asyncio.create_task(
-            health.watch(decision_log.probe, config.health_interval, config.health_timeout)
-        ),
+        asyncio.create_task(health.watch(healthy, config.health_interval, config.health_timeout)),
         asyncio.create_task(heuristics.run_forever(config.recovery_interval)),
     ]
     if config.deadlock_interval > 0:
