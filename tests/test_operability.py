@@ -5,6 +5,7 @@ reflection, and the Prometheus endpoint of both daemons, all against real daemon
 from __future__ import annotations
 
 import json
+import logging
 import re
 import sqlite3
 import time
@@ -23,6 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from bank_demo import bank
 from tests.conftest import SystemFactory, reset_bank, wait_no_prepared
+from twopc_common import log
 from twopc_harness.daemons import Daemon, wait_until
 from twopc_harness.postgres import free_port
 from twopc_harness.system import LocalSystem
@@ -304,3 +306,19 @@ def test_log_format_json_writes_one_object_per_line(ops: LocalSystem) -> None:
     assert serving["daemon"] == "coordinator" and serving["level"] == "info"
     assert isinstance(serving["epoch"], int) and serving["ts"].endswith("Z")
     coordinator.start()
+
+
+def test_json_log_lines_stay_json_for_tracebacks_too(capsys: pytest.CaptureFixture[str]) -> None:
+    log.setup("INFO", "json")
+    try:
+        log.EventLogger("coordinator", "c1").info("decided", txid="c1.1.1", attempt=3)
+        try:
+            raise RuntimeError("boom")
+        except RuntimeError:
+            logging.getLogger("twopc").exception("internal error in %s", "Run")
+    finally:
+        log.setup("INFO", "text")
+    event, failure = (json.loads(line) for line in capsys.readouterr().err.splitlines())
+    assert event["event"] == "decided" and event["txid"] == "c1.1.1" and event["attempt"] == 3
+    assert failure["level"] == "error" and failure["message"] == "internal error in Run"
+    assert "RuntimeError: boom" in failure["exception"]

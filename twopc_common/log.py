@@ -32,6 +32,29 @@ def _plain(value: object) -> object:
     return value if isinstance(value, bool | int | float | str) else str(value)
 
 
+_EVENT = "twopc_event"
+
+
+class _JsonLines(logging.Formatter):
+    """Event lines are JSON already; anything else logged under `twopc` (an
+    unexpected error's traceback, say) becomes one JSON object too, so a pipeline
+    never meets a line it cannot parse."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        if getattr(record, _EVENT, False):
+            return record.getMessage()
+        out: dict[str, Any] = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(record.created)),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "event": "log",
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        return json.dumps(out, separators=(",", ":"))
+
+
 class EventLogger:
     def __init__(self, daemon: str, name: str) -> None:
         self._daemon = daemon
@@ -51,7 +74,8 @@ class EventLogger:
                 "event": event,
             }
             record.update((k, _plain(v)) for k, v in fields.items() if v is not None)
-            self._logger.log(level, json.dumps(record, separators=(",", ":")))
+            line = json.dumps(record, separators=(",", ":"))
+            self._logger.log(level, line, extra={_EVENT: True})
             return
         parts = [
             f"ts={ts}Z",
@@ -82,7 +106,7 @@ def setup(level: str = "INFO", fmt: str = "text") -> None:
         raise ValueError(f"log format {fmt!r}: expected one of {', '.join(FORMATS)}")
     _json = fmt == "json"
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(message)s"))
+    handler.setFormatter(_JsonLines() if _json else logging.Formatter("%(message)s"))
     root = logging.getLogger("twopc")
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
