@@ -59,6 +59,12 @@ class _EngineCollector(Collector):
             ("heuristic_hazards", "heuristic_hazards", "Branches found in the other final state"),
             ("idempotent_replays", "idempotent_replays", "Keyed Runs answered from memory or log"),
             ("recovered_commits", "recovered_commits", "Logged commits re-driven after a start"),
+            ("deadlocks_broken", "deadlocks_broken", "Cross-shard deadlock cycles broken"),
+            (
+                "participants_marked_down",
+                "participants_marked_down",
+                "Times a participant was marked down by the probes",
+            ),
             (
                 "aborts_left_to_recovery",
                 "aborts_left_to_recovery",
@@ -90,6 +96,15 @@ class _EngineCollector(Collector):
             "Age of the oldest transaction still waiting for a phase-2 acknowledgement",
             value=max((t.age_seconds for t in waiting), default=0.0),
         )
+        up = GaugeMetricFamily(
+            "twopc_coordinator_participant_up",
+            "1 unless the coordinator's probes mark the participant down (new transactions "
+            "touching it then abort at once)",
+            labels=["participant"],
+        )
+        for name in engine.clients:
+            up.add_metric([name], 0 if engine.down([name]) else 1)
+        yield up
         calls = CounterMetricFamily(
             "twopc_coordinator_phase2_calls", "Finish calls sent", labels=["participant"]
         )
