@@ -60,6 +60,12 @@ class _EngineCollector(Collector):
             ("idempotent_replays", "idempotent_replays", "Keyed Runs answered from memory or log"),
             ("recovered_commits", "recovered_commits", "Logged commits re-driven after a start"),
             ("deadlocks_broken", "deadlocks_broken", "Cross-shard deadlock cycles broken"),
+            ("deadlock_retries", "deadlock_retries", "Deadlock victims retried by the coordinator"),
+            (
+                "refused_in_flight_limit",
+                "refused_in_flight",
+                "New transactions refused at the --max-in-flight limit (admission control)",
+            ),
             (
                 "participants_marked_down",
                 "participants_marked_down",
