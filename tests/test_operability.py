@@ -168,8 +168,18 @@ def test_metrics_parse_and_count_commits_and_aborts(ops: LocalSystem) -> None:
     coordinator, shard1 = ops.coordinator, ops.participants["shard1"]
     assert coordinator is not None
     coordinator_metrics, agent_metrics = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
-    restart_with(coordinator, "--metrics", coordinator_metrics)
     restart_with(shard1, "--metrics", agent_metrics)
+    restart_with(coordinator, "--metrics", coordinator_metrics)
+    # The coordinator's probes must see every agent up, or a transfer fails fast.
+    wait_until(
+        lambda: all(
+            value(scrape(coordinator_metrics), "twopc_coordinator_participant_up", participant=p)
+            == 1
+            for p in ops.shard_names
+        ),
+        30,
+        "every participant up in the coordinator's eyes",
+    )
     before, agent_before = scrape(coordinator_metrics), scrape(agent_metrics)
     shards = ops.shard_names
     source, target = _account_on("shard1", shards), _account_on("shard2", shards)
