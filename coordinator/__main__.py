@@ -8,13 +8,18 @@ import contextlib
 import os
 import sys
 
+from prometheus_client import CollectorRegistry
+
+from coordinator import metrics
 from coordinator.config import CoordinatorConfig
 from coordinator.decision_log import DecisionLog, LogInUse
 from coordinator.engine import Coordinator, LogBehind
+from coordinator.heuristics import HeuristicWatch
 from coordinator.participants import ParticipantClient
 from coordinator.service import CoordinatorService
 from twopc_common.cli import (
     HelpFormatter,
+    LogSettings,
     add_daemon_flags,
     add_statement_policy_flags,
     listen_address,
@@ -25,10 +30,13 @@ from twopc_common.cli import (
     run_daemon,
     wait_for_termination,
 )
-from twopc_common.errors import TwoPCError
+from twopc_common.errors import TwoPCError, Unavailable
+from twopc_common.health import Health
 from twopc_common.ids import check_name
+from twopc_common.metrics import RpcMetrics, serve_metrics
 from twopc_common.server import ListenError, bind_grpc_server
 from twopc_common.statements import policy_kinds
+from twopc_pb import coordinator_pb2 as pb
 from twopc_pb import coordinator_pb2_grpc as cgrpc
 
 
@@ -50,33 +58,51 @@ async def serve(config: CoordinatorConfig) -> None:
         for name, address in config.participants.items()
     }
     engine = Coordinator(config, decision_log, clients)
-    # Bind before the log is touched: a daemon that cannot get its port must leave no
-    # trace (no new log file, no epoch bumped). Nothing is served until `start`.
+    health = Health(pb.DESCRIPTOR.services_by_name["Coordinator"].full_name, engine.log)
+    registry = CollectorRegistry()
+    # Both ports are bound before the log is touched: a daemon that cannot get its
+    # ports must leave no trace (no new log file, no epoch bumped).
     try:
         server = bind_grpc_server(
             config.listen,
             config.limits.max_message_bytes,
             lambda s: cgrpc.add_CoordinatorServicer_to_server(CoordinatorService(engine), s),
+            health,
+            [RpcMetrics(registry)],
         )
     except ListenError:
         await engine.close()
         raise
+    heuristics = HeuristicWatch(engine)
+    metrics.register(registry, engine, health, heuristics)
+    metrics_server = (
+        await serve_metrics(config.metrics_listen, registry, engine.log)
+        if config.metrics_listen
+        else None
+    )
+
+    async def give_up(exc: Exception) -> StartupError:
+        if metrics_server is not None:
+            metrics_server.close()
+        await server.stop(None)
+        await engine.close()
+        decision_log.close()
+        return exc if isinstance(exc, StartupError) else StartupError(str(exc))
+
     try:
         decision_log.acquire()
     except LogInUse as exc:
-        await engine.close()
-        raise StartupError(str(exc)) from exc
+        raise await give_up(exc) from exc
     except Exception as exc:
-        await engine.close()
         folder = os.path.dirname(os.path.abspath(config.log_path))
         hint = "" if os.path.isdir(folder) else f" (folder {folder} does not exist: create it)"
-        raise StartupError(f"cannot open decision log {config.log_path}: {exc}{hint}") from exc
+        raise await give_up(
+            StartupError(f"cannot open decision log {config.log_path}: {exc}{hint}")
+        ) from exc
     try:
         await engine.check_log_is_current()
     except LogBehind as exc:
-        await engine.close()
-        decision_log.close()
-        raise StartupError(str(exc)) from exc
+        raise await give_up(exc) from exc
     decision_log.begin_epoch()
     engine.log.info(
         "starting",
@@ -90,21 +116,39 @@ async def serve(config: CoordinatorConfig) -> None:
             "no_participants",
             hint="every transaction will fail: add --participant NAME=HOST:PORT per agent",
         )
-    await engine.recover()
+    # Listening during recovery, NOT_SERVING until it is done: probes and operators
+    # can tell "recovering" from "down". GetTransaction answers UNAVAILABLE until
+    # recovery made "unknown" safe; new transactions cannot race it (it leaves alone
+    # whatever is in memory).
+    await health.update(False, "start-up recovery")
     await server.start()
-    engine.log.info("serving", listen=config.listen, epoch=decision_log.epoch)
+    engine.log.info("listening", listen=config.listen, epoch=decision_log.epoch)
+    await engine.recover()
+
+    async def healthy() -> None:
+        """SERVING: it takes new transactions and its log can make a record durable."""
+        if (why := engine.stopped) is not None:
+            raise Unavailable(f"accepts no new transactions: {why}")
+        await decision_log.probe()
+
     tasks = [
         asyncio.create_task(check_participant_ids(engine, clients)),
         asyncio.create_task(engine.recovery_loop()),
         asyncio.create_task(engine.reap_idle_transactions()),
         *(asyncio.create_task(engine.probe_loop(p)) for p in clients),
+        asyncio.create_task(health.watch(healthy, config.health_interval, config.health_timeout)),
+        asyncio.create_task(heuristics.run_forever(config.recovery_interval)),
     ]
     if config.deadlock_interval > 0:
         tasks.append(asyncio.create_task(engine.deadlock_loop()))
+    engine.log.info("serving", listen=config.listen, epoch=decision_log.epoch)
     try:
         await wait_for_termination()
     finally:
         engine.log.info("stopping")
+        await health.shutdown()
+        if metrics_server is not None:
+            metrics_server.close()
         await server.stop(config.shutdown_grace)
         for task in tasks:
             task.cancel()
@@ -247,7 +291,7 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[CoordinatorConfig, str]:
+def parse_args(argv: list[str] | None = None) -> tuple[CoordinatorConfig, LogSettings]:
     p = parser()
     a = p.parse_args(argv)
     try:
@@ -267,12 +311,13 @@ def parse_args(argv: list[str] | None = None) -> tuple[CoordinatorConfig, str]:
             probe_interval=a.probe_interval,
             probe_timeout=a.probe_interval,
             recovery_interval=a.recovery_interval,
+            metrics_listen=a.metrics,
             allow_failpoints=a.allow_failpoints,
             statement_kinds=policy_kinds(a.allow_statement, a.refuse_statement),
         )
     except (TwoPCError, argparse.ArgumentTypeError) as exc:
         p.error(str(exc))
-    return config, log_level(p, a.log_level)
+    return config, LogSettings(log_level(p, a.log_level), a.log_format)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -282,8 +327,8 @@ def main(argv: list[str] | None = None) -> None:
 
         inspect(args[1:])
         return
-    config, level = parse_args(args)
-    run_daemon("twopc-coordinator", serve(config), level, (StartupError, ListenError))
+    config, logs = parse_args(args)
+    run_daemon("twopc-coordinator", serve(config), logs, (StartupError, ListenError))
 
 
 if __name__ == "__main__":

@@ -68,6 +68,12 @@ class CoordinatorConfig:
     """Most decision-log records written under one fsync (group commit)."""
     shutdown_grace: float = 2.0
     """Seconds in-flight RPCs get to finish on SIGTERM."""
+    metrics_listen: str | None = None
+    """HOST:PORT of the Prometheus `/metrics` endpoint; None: no endpoint."""
+    health_interval: float = 1.0
+    """Seconds between the health probes behind the gRPC health service."""
+    health_timeout: float = 2.0
+    """A health probe not answered within this many seconds means NOT_SERVING."""
     allow_failpoints: bool = False
     """Accept the SetFailpoints admin call (a test hook that can crash the daemon)."""
     connect_probe_timeout: float = 1.0

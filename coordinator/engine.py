@@ -418,6 +418,7 @@ class Coordinator:
             return
         outcome = Outcome(tx.id, True, results=results)
         if not decision.phase2:  # every vote READ_ONLY: nothing to commit anywhere
+            self.counters["committed_read_only"] += 1
             await self._complete_without_phase2(tx, outcome)
             return
         await self.decision_log.record_commit(

@@ -6,6 +6,9 @@ coordinator for its in-flight transactions and every participant for this
 coordinator's prepared (in-doubt) branches, with their age. Read-only: it decides
 nothing, and it never creates a file. Exit status 1 if a source it was given could not
 be reached (the report says which), 2 for a usage error or a log it cannot read.
+With participants, it also lists the operators' heuristic decisions on this
+coordinator's branches (`twopc-participant resolve`), each judged against the log: a
+contradiction is a heuristic hazard.
 """
 
 from __future__ import annotations
@@ -21,8 +24,11 @@ from typing import Any
 import grpc
 import sqlite_utils
 
+from coordinator.heuristics import is_hazard
+from coordinator.protocol import TxState, reported, reported_without_record
 from twopc_common.cli import HelpFormatter, add_version_flag, named_addresses
 from twopc_common.errors import TwoPCError
+from twopc_common.ids import TransactionId
 from twopc_pb import coordinator_pb2 as cpb
 from twopc_pb import coordinator_pb2_grpc as cgrpc
 from twopc_pb import participant_pb2 as ppb
@@ -119,6 +125,60 @@ def _from_participants(coordinator_id: str, participants: dict[str, str]) -> dic
     return out
 
 
+def _logged_outcome(db: sqlite_utils.Database, transaction_id: str) -> str:
+    """The log's answer for a transaction, as GetTransaction would give it after
+    recovery (`coordinator.protocol.Reported`)."""
+    rows = list(db.query("SELECT state FROM transactions WHERE id = ?", [transaction_id]))
+    if rows:
+        state = rows[0]["state"]
+        return reported(TxState(state)).value if state != "one_phase" else "in_progress"
+    epoch = TransactionId.parse(transaction_id).epoch
+    started = (
+        [
+            r["started_at"]
+            for r in db.query("SELECT started_at FROM epochs WHERE epoch = ?", [epoch])
+        ]
+        if "epochs" in db.table_names()
+        else []
+    )
+    meta = {row["key"]: row["value"] for row in db["meta"].rows}
+    pruned = float(meta["pruned_before"]) if "pruned_before" in meta else None
+    return reported_without_record(started[0] if started else None, pruned).value
+
+
+def _heuristic(path: str, coordinator_id: str, participants: dict[str, str]) -> dict[str, Any]:
+    """Every agent's heuristic decisions on this coordinator's branches, each judged
+    against the log (a contradiction is a heuristic hazard)."""
+    db = _open_read_only(path)
+    out: dict[str, Any] = {}
+    for name, address in participants.items():
+        try:
+            with grpc.insecure_channel(address) as channel:
+                reply = pgrpc.ParticipantStub(channel).ListHeuristic(
+                    ppb.ListHeuristicRequest(coordinator_id=coordinator_id), timeout=5
+                )
+        except grpc.RpcError as exc:
+            out[name] = {"error": f"{exc.code().name}: {exc.details()}"}
+            continue
+        decisions = []
+        for d in reply.decisions:
+            logged = _logged_outcome(db, d.transaction_id)
+            decisions.append(
+                {
+                    "transaction_id": d.transaction_id,
+                    "decision": "commit" if d.commit else "abort",
+                    "operator": d.operator,
+                    "reason": d.reason,
+                    "decided_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(d.decided_at)),
+                    "coordinator_check": d.coordinator_check,
+                    "logged": logged,
+                    "hazard": is_hazard(d.commit, logged),
+                }
+            )
+        out[name] = decisions
+    return out
+
+
 def _unreachable(exc: grpc.RpcError, address: str) -> dict[str, Any]:
     return {"error": f"{exc.code().name} at {address}: {exc.details()}"}
 
@@ -152,6 +212,18 @@ def _render(report: dict[str, Any]) -> str:
         lines.append(f"in doubt on {name}: {len(branches)}")
         lines += [
             f"  {b['transaction_id']:<32} prepared {b['age_seconds']:>8}s ago" for b in branches
+        ]
+    for name, decisions in report.get("heuristic", {}).items():
+        if isinstance(decisions, dict):
+            lines.append(f"heuristic decisions on {name}: unreachable ({decisions['error']})")
+            continue
+        hazards = sum(d["hazard"] for d in decisions)
+        lines.append(f"heuristic decisions on {name}: {len(decisions)} ({hazards} HAZARD)")
+        lines += [
+            f"  {d['transaction_id']:<32} {d['decision']:<6} "
+            f"{'HAZARD' if d['hazard'] else 'ok':<6} log: {d['logged']:<10} "
+            f"by {d['operator']} at {d['decided_at']}: {d['reason']}"
+            for d in decisions
         ]
     return "\n".join(lines)
 
@@ -191,6 +263,7 @@ def main(argv: list[str]) -> None:
             report["in_flight"] = _unreachable(exc, a.coordinator)
     if participants:
         report["in_doubt"] = _from_participants(report["coordinator_id"] or "", participants)
+        report["heuristic"] = _heuristic(a.log, report["coordinator_id"] or "", participants)
     if a.json:
         json.dump(report, sys.stdout, indent=2)
         print()

@@ -72,6 +72,17 @@ class PrepareReply:
 
 
 @dataclass(frozen=True, slots=True)
+class HeuristicDecision:
+    """An operator's heuristic decision on one of our branches (the agent's audit table)."""
+
+    transaction_id: str
+    commit: bool
+    reason: str
+    operator: str
+    decided_at: float
+
+
+@dataclass(frozen=True, slots=True)
 class InDoubtBranch:
     transaction_id: str
     age_seconds: float
@@ -358,3 +369,17 @@ class ParticipantClient:
             tuple(InDoubtBranch(b.transaction_id, b.age_seconds) for b in reply.branches),
             reply.highest_epoch,
         )
+
+    async def list_heuristic(self, coordinator_id: str) -> list[HeuristicDecision]:
+        try:
+            reply = await self._stub.ListHeuristic(
+                pb.ListHeuristicRequest(coordinator_id=coordinator_id),
+                timeout=self._rpc_timeout,
+                wait_for_ready=True,
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise self._error(exc) from exc
+        return [
+            HeuristicDecision(d.transaction_id, d.commit, d.reason, d.operator, d.decided_at)
+            for d in reply.decisions
+        ]

@@ -5,14 +5,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import sys
 
+from prometheus_client import CollectorRegistry
+
+from participant import metrics
 from participant.agent import Agent
 from participant.config import ParticipantConfig
+from participant.probe import DatabaseProbe
 from participant.recovery import Recovery
 from participant.service import ParticipantService
 from participant.store import ConfigurationError, Store
 from twopc_common.cli import (
     HelpFormatter,
+    LogSettings,
     add_daemon_flags,
     add_statement_policy_flags,
     at_least_one,
@@ -26,10 +32,13 @@ from twopc_common.cli import (
     wait_for_termination,
 )
 from twopc_common.errors import TwoPCError
+from twopc_common.health import Health
 from twopc_common.ids import check_name
+from twopc_common.metrics import RpcMetrics, serve_metrics
 from twopc_common.server import ListenError, bind_grpc_server
 from twopc_common.settings import describe_dsn
 from twopc_common.statements import policy_kinds
+from twopc_pb import participant_pb2 as pb
 from twopc_pb import participant_pb2_grpc as pgrpc
 
 
@@ -51,21 +60,39 @@ async def serve(config: ParticipantConfig) -> None:
             "for every coordinator that uses this agent",
         )
     recovery = Recovery(agent)
+    health = Health(pb.DESCRIPTOR.services_by_name["Participant"].full_name, agent.log)
+    probe = DatabaseProbe(config.dsn, config.id, config.health_timeout)
+    registry = CollectorRegistry()
     server = bind_grpc_server(
         config.listen,
         config.limits.max_message_bytes,
         lambda s: pgrpc.add_ParticipantServicer_to_server(ParticipantService(agent, recovery), s),
+        health,
+        [RpcMetrics(registry)],
     )
+    metrics.register(registry, agent, recovery, probe, health)
+    metrics_server = (
+        await serve_metrics(config.metrics_listen, registry, agent.log)
+        if config.metrics_listen
+        else None
+    )
+    await health.update(False, "first database probe")
     await server.start()
     agent.log.info("serving", listen=config.listen)
     tasks = [
         asyncio.create_task(agent.reap_idle_branches()),
         asyncio.create_task(recovery.run_forever()),
+        asyncio.create_task(
+            health.watch(probe.check, config.health_interval, config.health_timeout)
+        ),
     ]
     try:
         await wait_for_termination()
     finally:
         agent.log.info("stopping")
+        await health.shutdown()
+        if metrics_server is not None:
+            metrics_server.close()
         await server.stop(config.shutdown_grace)
         for task in tasks:
             task.cancel()
@@ -73,6 +100,7 @@ async def serve(config: ParticipantConfig) -> None:
                 await task
         await agent.close()
         await recovery.close()
+        await probe.close()
         await store.close()
 
 
@@ -181,7 +209,7 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[ParticipantConfig, str]:
+def parse_args(argv: list[str] | None = None) -> tuple[ParticipantConfig, LogSettings]:
     p = parser()
     a = p.parse_args(argv)
     try:
@@ -198,18 +226,25 @@ def parse_args(argv: list[str] | None = None) -> tuple[ParticipantConfig, str]:
             idle_branch_timeout=a.idle_branch_timeout,
             recovery_interval=a.recovery_interval,
             recovery_grace=a.recovery_grace,
+            metrics_listen=a.metrics,
             allow_failpoints=a.allow_failpoints,
             branch_role=a.branch_role,
             statement_kinds=policy_kinds(a.allow_statement, a.refuse_statement),
         )
     except (TwoPCError, argparse.ArgumentTypeError) as exc:
         p.error(str(exc))
-    return config, log_level(p, a.log_level)
+    return config, LogSettings(log_level(p, a.log_level), a.log_format)
 
 
 def main(argv: list[str] | None = None) -> None:
-    config, level = parse_args(argv)
-    run_daemon("twopc-participant", serve(config), level, (ConfigurationError, ListenError))
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["resolve"]:
+        from participant.heuristic import main as resolve
+
+        resolve(args[1:])
+        return
+    config, logs = parse_args(args)
+    run_daemon("twopc-participant", serve(config), logs, (ConfigurationError, ListenError))
 
 
 if __name__ == "__main__":

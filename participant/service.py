@@ -14,6 +14,7 @@ import datetime as dt
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
+from participant import heuristic
 from participant.agent import Agent, Vote
 from participant.recovery import Recovery
 from twopc_common import failpoints
@@ -117,6 +118,27 @@ class ParticipantService(pgrpc.ParticipantServicer):
                 for b in branches
             ],
             highest_epoch=self._agent.epochs.highest(request.coordinator_id),
+        )
+
+    @translate_errors
+    async def ListHeuristic(
+        self, request: pb.ListHeuristicRequest, context: Context
+    ) -> pb.ListHeuristicResponse:
+        decisions = await heuristic.list_applied(
+            self._agent.store, request.coordinator_id, self._agent.config.id
+        )
+        return pb.ListHeuristicResponse(
+            decisions=[
+                pb.HeuristicDecision(
+                    transaction_id=d.transaction_id,
+                    commit=d.commit,
+                    reason=d.reason,
+                    operator=d.operator,
+                    decided_at=d.decided_at.timestamp(),
+                    coordinator_check=d.coordinator_check,
+                )
+                for d in decisions
+            ]
         )
 
     @translate_errors

@@ -17,6 +17,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bank_demo import bank
 from coordinator.client import AsyncCoordinatorClient, Outcome, Statement, TransportError
@@ -173,6 +174,34 @@ def test_agent_cut_from_its_database_mid_transaction_aborts_everywhere(net: Loca
             outcome = tx.commit()
     assert not outcome.committed and outcome.abort_participant == "shard2"
     check_atomic(net, "dbcut", ("shard1", "shard2"), committed=False)
+
+
+def _agent_health(system: LocalSystem, shard: str) -> int | None:
+    with grpc.insecure_channel(system.participants[shard].address) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=2
+            )
+        except grpc.RpcError:
+            return None
+    return int(reply.status)
+
+
+def test_agent_is_not_serving_while_its_database_is_unreachable(net: LocalSystem) -> None:
+    serving = health_pb2.HealthCheckResponse.SERVING
+    wait_until(lambda: _agent_health(net, "shard2") == serving, RECOVERY_BOUND, "SERVING")
+    with network(net)["shard2_postgres"].down():
+        wait_until(
+            lambda: _agent_health(net, "shard2") == health_pb2.HealthCheckResponse.NOT_SERVING,
+            RECOVERY_BOUND,
+            "shard2's agent NOT_SERVING while its database is cut off",
+        )
+        assert _agent_health(net, "shard1") == serving
+    wait_until(
+        lambda: _agent_health(net, "shard2") == serving,
+        RECOVERY_BOUND,
+        "shard2's agent SERVING once its database is back",
+    )
 
 
 def test_slow_path_aborts_without_blocking_other_transactions(net: LocalSystem) -> None:

@@ -13,12 +13,14 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Coroutine, Iterable
+from dataclasses import dataclass
 from importlib import metadata
 from typing import Any
 
 from twopc_common import failpoints, log, settings
 from twopc_common.errors import InvalidArgument
 from twopc_common.ids import check_name
+from twopc_common.metrics import parse_listen
 from twopc_common.statements import StatementKind
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -136,8 +138,37 @@ def add_statement_policy_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class LogSettings:
+    level: str
+    """DEBUG, INFO, WARNING or ERROR."""
+    format: str
+    """`text` (key=value) or `json` (one object per line)."""
+
+
+def metrics_address(text: str) -> str:
+    try:
+        parse_listen(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
 def add_daemon_flags(p: argparse.ArgumentParser) -> None:
     """The flags every daemon has."""
+    p.add_argument(
+        "--metrics",
+        type=metrics_address,
+        default=None,
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (off if not given)",
+    )
+    p.add_argument(
+        "--log-format",
+        choices=log.FORMATS,
+        default=os.environ.get("TWOPC_LOG_FORMAT", "text"),
+        help="text (key=value) or json, one object per line (env TWOPC_LOG_FORMAT)",
+    )
     p.add_argument(
         "--allow-failpoints",
         action="store_true",
@@ -154,16 +185,20 @@ def add_daemon_flags(p: argparse.ArgumentParser) -> None:
     add_version_flag(p)
 
 
+def log_settings(args: argparse.Namespace) -> LogSettings:
+    return LogSettings(args.log_level, args.log_format)
+
+
 def run_daemon(
     prog: str,
     serve: Coroutine[Any, Any, None],
-    level: str,
+    logs: LogSettings,
     startup_errors: type[Exception] | tuple[type[Exception], ...],
 ) -> None:
     """Set up logs and failpoints, serve until SIGTERM; a start-up failure ends the
     process with one line naming the program."""
     try:
-        log.setup(level)
+        log.setup(logs.level, logs.format)
         failpoints.configure_from_env()
     except ValueError as exc:
         serve.close()  # never started: close it, or Python warns it was never awaited

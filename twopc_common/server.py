@@ -7,17 +7,26 @@ daemon is ready to answer.
 A request whose bytes do not decode (a truncated message, invalid UTF-8 in a string
 field) is answered INVALID_ARGUMENT, not gRPC's UNKNOWN: every handler's deserializer
 is wrapped once, at registration, so a call pays one isinstance check for it.
+
+Besides the daemon's own service, every server carries the standard health service
+(`twopc_common.health`) and server reflection, so that `grpc_health_probe`,
+`grpcurl list` and `grpcurl describe` work without the .proto files. Interceptors
+(the RPC metrics of `twopc_common.metrics`) wrap every call.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
 import grpc
+from grpc_health.v1 import health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
 
 from twopc_common.errors import TwoPCError
+from twopc_common.health import SERVICE_NAME as HEALTH_SERVICE
+from twopc_common.health import Health
 
 
 class ListenError(TwoPCError):
@@ -25,17 +34,27 @@ class ListenError(TwoPCError):
 
 
 def bind_grpc_server(
-    listen: str, max_message: int, register: Callable[[grpc.aio.Server], None]
+    listen: str,
+    max_message: int,
+    register: Callable[[grpc.aio.Server], None],
+    health: Health,
+    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
 ) -> grpc.aio.Server:
-    """A server with the servicers `register` adds, bound to `listen` (not started)."""
+    """A server with the servicers `register` adds, the health service answering for
+    `health.service`, and reflection, bound to `listen` (not started)."""
     server = grpc.aio.server(
+        interceptors=list(interceptors),
         options=[
             ("grpc.max_receive_message_length", max_message),
             ("grpc.max_send_message_length", max_message),
             ("grpc.so_reuseport", 0),
-        ]
+        ],
     )
     register(cast(grpc.aio.Server, _DecodeGuard(server)))
+    health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)
+    reflection.enable_server_reflection(
+        (health.service, HEALTH_SERVICE, reflection.SERVICE_NAME), server
+    )
     try:
         port = server.add_insecure_port(listen)
     except RuntimeError as exc:
