@@ -55,7 +55,7 @@ class CoordinatorConfig:
     a new transaction before its client is told DEADLOCK: all its work is known."""
     probe_interval: float = 0.5
     """Seconds between health probes of each participant."""
-    probe_timeout: float = 0.5
+    probe_timeout: float = 1.0
     """A probe not answered within this fails."""
     probe_failures: int = 2
     """Consecutive failed probes that mark a participant down: new transactions that

@@ -933,13 +933,19 @@ class Coordinator:
         retrying it as always."""
         client = self.clients[participant]
         failures = 0
+        window = self.config.probe_interval * self.config.probe_failures + self.config.probe_timeout
         while True:
-            await asyncio.sleep(self.config.probe_interval)
+            down = participant in self._down
+            # Down, it is probed more often: a restarted agent is back within moments.
+            await asyncio.sleep(self.config.probe_interval / (5 if down else 1))
             try:
                 await client.probe(self.config.probe_timeout)
             except TwoPCError as exc:
                 failures += 1
-                if failures >= self.config.probe_failures and participant not in self._down:
+                # Any other answer within the window proves it alive: a slow probe on a
+                # loaded machine must not turn a working agent's transactions away.
+                silent = time.monotonic() - client.last_answer > window
+                if failures >= self.config.probe_failures and silent and not down:
                     self._mark_down(participant, f"{failures} health probes unanswered ({exc})")
                 continue
             failures = 0

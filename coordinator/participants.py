@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 
@@ -115,6 +117,24 @@ async def why_unreachable(address: str, timeout: float) -> str:
 _Decision = tuple[str, bool, "asyncio.Future[bool]"]
 
 
+class _Answered:
+    """The stub, noting in `client.last_answer` when each call was answered."""
+
+    def __init__(self, stub: pgrpc.ParticipantStub, client: ParticipantClient) -> None:
+        self._stub = stub
+        self._client = client
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self._stub, name)
+
+        async def call(*args: Any, **kwargs: Any) -> Any:
+            reply = await method(*args, **kwargs)
+            self._client.last_answer = time.monotonic()
+            return reply
+
+        return call
+
+
 class ParticipantClient:
     def __init__(
         self,
@@ -149,7 +169,10 @@ class ParticipantClient:
                 ("grpc.max_reconnect_backoff_ms", 2_000),
             ],
         )
-        self._stub = pgrpc.ParticipantStub(self._channel)
+        self.last_answer = 0.0
+        """When the agent last answered any call (monotonic): proof of life, so that a
+        probe that times out on a loaded machine does not mark a working agent down."""
+        self._stub = _Answered(pgrpc.ParticipantStub(self._channel), self)
 
     async def close(self) -> None:
         if self._sender is not None:
