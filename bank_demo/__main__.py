@@ -236,7 +236,7 @@ def play(
     records = workload.records
     outcomes = {r.id: r.outcome for r in records}
     checks = checker.run_checks(dsns, outcomes)
-    figs = report.figures(records, args.duration)
+    figs = report.figures(records, args.duration, workload.timeline)
     ok = all(c.ok for c in checks)
     report.write_transfers(out / "transfers.jsonl", records)
     report.write_chart(

@@ -24,10 +24,15 @@ def _percentile(values: Sequence[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def figures(records: Sequence[TransferRecord], duration: float) -> dict[str, Any]:
+def figures(
+    records: Sequence[TransferRecord], duration: float, timeline: Sequence[Second] = ()
+) -> dict[str, Any]:
     committed = [r for r in records if r.outcome == "committed"]
     latencies = [r.latency for r in committed]
     return {
+        "deadlocks_broken": sum(s.deadlocks or 0 for s in timeline),
+        "deadlocks_broken_per_second": [s.deadlocks for s in timeline],
+        "unaffected_committed_per_second": [s.unaffected for s in timeline],
         "transfers": len(records),
         "committed": len(committed),
         "committed_one_phase": sum(1 for r in committed if r.one_phase),
@@ -72,11 +77,24 @@ def write_chart(
     top.plot(t, [s.committed for s in timeline], label="committed / s", color="tab:green")
     top.plot(t, [s.aborted for s in timeline], label="aborted / s", color="tab:red")
     top.plot(t, [s.unknown for s in timeline], label="unanswered / s", color="tab:gray")
+    top.plot(
+        t,
+        [s.unaffected for s in timeline],
+        label="committed / s, not touching the faulted shard",
+        color="tab:blue",
+        linestyle="--",
+    )
     bottom.plot(
         t,
         [s.in_doubt if s.in_doubt is not None else float("nan") for s in timeline],
         color="tab:purple",
         label="in-doubt (prepared) branches",
+    )
+    bottom.plot(
+        t,
+        [s.deadlocks if s.deadlocks is not None else float("nan") for s in timeline],
+        color="tab:brown",
+        label="deadlocks broken / s",
     )
     ymax = max([s.committed for s in timeline] + [1])
     for i, event in enumerate(schedule):
@@ -93,7 +111,7 @@ def write_chart(
     top.set_ylabel("transfers per second")
     top.set_title(title)
     top.legend(loc="lower right", fontsize=8)
-    bottom.set_ylabel("in doubt")
+    bottom.set_ylabel("in doubt, deadlocks")
     bottom.set_xlabel("seconds since start (shaded: faults in force)")
     bottom.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
@@ -109,6 +127,7 @@ def render(figs: dict[str, Any], checks: Sequence[Check], recovery_seconds: floa
         f"committed            {figs['committed']} ({figs['committed_two_phase']} two-phase, "
         f"{figs['committed_one_phase']} one-phase), {figs['committed_per_second']}/s",
         f"aborted              {figs['aborted']} ({causes})",
+        f"deadlocks broken     {figs['deadlocks_broken']} (cross-shard cycles, by the coordinator)",
         f"unanswered           {figs['unknown']}   (retried after a lost answer: "
         f"{figs['retried_after_transport_error']})",
         f"latency (committed)  p50 {figs['latency_p50_ms']} ms, p99 {figs['latency_p99_ms']} ms",

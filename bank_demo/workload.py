@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import random
+import re
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -21,6 +22,7 @@ import psycopg
 from bank_demo import bank
 from coordinator.client import AsyncCoordinatorClient, TransportError
 from twopc_common import ids
+from twopc_common.errors import TwoPCError
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +50,11 @@ class Second:
     in_doubt: int | None = None
     fault: str = ""
     aborts_by_cause: dict[str, int] = field(default_factory=dict)
+    deadlocks: int | None = None
+    """Cross-shard deadlocks the coordinator broke this second (None: no answer)."""
+    unaffected: int = 0
+    """Commits this second of transfers that touch no shard the current fault names:
+    what a failed shard must not take from the others."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,13 +88,14 @@ def in_doubt(dsns: Mapping[str, str]) -> int | None:
 
 
 def _progress_line(second: Second, totals: collections.Counter[str]) -> str:
+    deadlocks = "" if second.deadlocks is None else f"  deadlocks broken {second.deadlocks}/s"
     aborts = {k.split(":", 1)[1]: v for k, v in totals.items() if k.startswith("aborted:")}
     causes = ", ".join(f"{cause or '?'} {n}" for cause, n in sorted(aborts.items()))
     in_doubt_now = "?" if second.in_doubt is None else second.in_doubt
     return (
         f"[{second.t:>4}s] {second.committed + second.aborted:>5} tx/s  "
         f"committed {totals['committed']}  aborted {sum(aborts.values())}"
-        f"{f' ({causes})' if causes else ''}  in-doubt {in_doubt_now}  "
+        f"{f' ({causes})' if causes else ''}  in-doubt {in_doubt_now}{deadlocks}  "
         f"fault: {second.fault or '-'}"
     )
 
@@ -161,14 +169,33 @@ class Workload:
                 )
             )
 
-    async def _monitor(self, until: float, progress: bool) -> None:
+    @staticmethod
+    async def _deadlocks_broken(client: AsyncCoordinatorClient) -> int | None:
+        try:
+            status = await client.status(timeout=1.0)
+        except TwoPCError:
+            return None
+        return int(status.counters.get("deadlocks_broken", 0))
+
+    async def _monitor(self, client: AsyncCoordinatorClient, until: float, progress: bool) -> None:
         seen = 0
+        deadlocks_before = await self._deadlocks_broken(client)
         totals: collections.Counter[str] = collections.Counter()
         tty = sys.stderr.isatty()
         while True:
             await asyncio.sleep(1.0)
             second = Second(len(self.timeline) + 1, fault=self._fault())
+            faulted = set(re.split(r"[^A-Za-z0-9-]+", second.fault)) & set(self._shards)
+            broken = await self._deadlocks_broken(client)
+            if broken is not None and deadlocks_before is not None:
+                second.deadlocks = broken - deadlocks_before
+            deadlocks_before = broken if broken is not None else deadlocks_before
             for record in self.records[seen:]:
+                if record.outcome == "committed" and not faulted & {
+                    bank.shard_of(record.source, self._shards),
+                    bank.shard_of(record.target, self._shards),
+                }:
+                    second.unaffected += 1
                 if record.outcome == "aborted":
                     second.aborted += 1
                     second.aborts_by_cause[record.cause] = (
@@ -199,7 +226,7 @@ class Workload:
         until = self._started + self._config.duration
         async with AsyncCoordinatorClient(self._address, self._config.client_timeout) as client:
             workers = [self._worker(client, w, until) for w in range(self._config.concurrency)]
-            monitor = asyncio.create_task(self._monitor(until, progress))
+            monitor = asyncio.create_task(self._monitor(client, until, progress))
             await asyncio.gather(*workers)
             await monitor
 
