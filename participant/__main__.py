@@ -125,8 +125,8 @@ def parser() -> argparse.ArgumentParser:
         type=dsn,
         metavar="DSN",
         help="libpq connection string of the database, e.g. 'host=db1 dbname=bank user=app'; "
-        "the database needs max_prepared_transactions > 0, and the role CREATE on its "
-        "schema (for the agent's two tables)",
+        "the database needs max_prepared_transactions > 0, and the role its own schema "
+        "twopc (created if the role may CREATE on the database)",
     )
     p.add_argument(
         "--listen", type=listen_address, default=d.listen, metavar="HOST:PORT", help="gRPC address"

@@ -186,8 +186,13 @@ def test_a_role_without_create_is_told_which_grant_fixes_it(
         ) as conn:
             conn.execute("REVOKE CREATE ON SCHEMA public FROM PUBLIC")
         done = cli("twopc-participant", "--id", "p1", "--dsn", dsn)
+        # The agent's tables live in its own schema: it needs that schema, or the
+        # right to create it.
         assert_one_line_error(
-            done, "twopc-participant", 'run "GRANT CREATE ON SCHEMA public TO twopc_nocreate;"', 1
+            done,
+            "twopc-participant",
+            'run "CREATE SCHEMA twopc AUTHORIZATION twopc_nocreate;"',
+            1,
         )
     finally:
         with psycopg.connect(cluster.dsn, autocommit=True) as conn:
