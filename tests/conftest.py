@@ -3,10 +3,12 @@ loopback, and the bank schema reset before each test that uses it."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from bank_demo import bank
@@ -75,7 +77,34 @@ def make_system(clusters: list[PostgresCluster], tmp_path: Path) -> Iterator[Sys
 
     yield make
     for system in started:
+        settle(system)
         system.stop()
+
+
+SETTLE_TIMEOUT = 10.0
+"""How long a test's system gets, after the test, to finish what it decided."""
+
+
+def settle(system: LocalSystem) -> None:
+    """Let a system whose daemons all run finish phase 2 of what it decided before it
+    is stopped: a client is answered once a commit is durable, and a branch whose
+    Commit was still on its way when the agents stopped would stay prepared on the
+    session's shared clusters, where the next tests would find it (and its locks). A
+    system the test left broken (a daemon down) is stopped as it is."""
+    if system.coordinator is None or not all(d.running for d in system.daemons()):
+        return
+    prefix = f"{system.coordinator.name}."
+
+    def ours() -> list[str]:
+        return [
+            gid
+            for gids in system.prepared_transactions().values()
+            for gid in gids
+            if str(psycopg.Xid.from_string(gid).gtrid).startswith(prefix)
+        ]
+
+    with contextlib.suppress(AssertionError):
+        wait_until(lambda: not ours(), SETTLE_TIMEOUT, "the system's branches finished")
 
 
 @pytest.fixture(scope="session")
