@@ -21,6 +21,7 @@ import psycopg
 from bank_demo import bank
 from coordinator.client import AsyncCoordinatorClient, TransportError
 from twopc_common import ids
+from twopc_common.tls import TlsConfig
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +93,7 @@ class Workload:
     def __init__(
         self,
         address: str,
+        tls: TlsConfig,
         shards: Sequence[str],
         dsns: Mapping[str, str],
         config: WorkloadConfig,
@@ -99,6 +101,7 @@ class Workload:
         current_fault: Callable[[], str],
     ) -> None:
         self._address = address
+        self._tls = tls
         self._shards = list(shards)
         self._dsns = dsns
         self._config = config
@@ -193,7 +196,9 @@ class Workload:
     async def run(self, progress: bool = True) -> None:
         self._started = time.monotonic()
         until = self._started + self._config.duration
-        async with AsyncCoordinatorClient(self._address, self._config.client_timeout) as client:
+        async with AsyncCoordinatorClient(
+            self._address, self._config.client_timeout, tls=self._tls
+        ) as client:
             workers = [self._worker(client, w, until) for w in range(self._config.concurrency)]
             monitor = asyncio.create_task(self._monitor(until, progress))
             await asyncio.gather(*workers)

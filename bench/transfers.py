@@ -208,7 +208,7 @@ async def run_config(
     pid = system.coordinator.process.pid
     rows = []
     try:
-        async with AsyncCoordinatorClient(system.client_address, timeout=60) as client:
+        async with system.async_client(timeout=60) as client:
             variants: dict[str, Transfer] = {
                 "raw": raw_2pc(pools, shards),
                 "system": through_system(client, shards),
@@ -302,7 +302,7 @@ async def soak(
     assert system.coordinator is not None and system.coordinator.process is not None
     pid = system.coordinator.process.pid
     samples: list[tuple[float, int]] = []
-    async with AsyncCoordinatorClient(system.client_address, timeout=60) as client:
+    async with system.async_client(timeout=60) as client:
         started = time.monotonic()
         load = asyncio.create_task(
             drive(through_system(client, shards), Picker(shards, seed), 16, minutes * 60, "soak")

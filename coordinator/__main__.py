@@ -6,12 +6,15 @@ import argparse
 import asyncio
 import contextlib
 import sys
+from pathlib import Path
 
+from coordinator import access
 from coordinator.config import CoordinatorConfig
 from coordinator.decision_log import DecisionLog, LogInUse
 from coordinator.engine import Coordinator, LogBehind
 from coordinator.participants import ParticipantClient
 from coordinator.service import CoordinatorService
+from twopc_common.auth import Authenticator, TokenFile, TokenFileError, guard, token_main
 from twopc_common.cli import (
     add_daemon_flags,
     named_addresses,
@@ -22,6 +25,8 @@ from twopc_common.cli import (
 from twopc_common.errors import TwoPCError
 from twopc_common.ids import check_name
 from twopc_common.server import ListenError, bind_grpc_server
+from twopc_common.tls import TlsError, daemon_tls
+from twopc_pb import coordinator_pb2 as pb
 from twopc_pb import coordinator_pb2_grpc as cgrpc
 
 
@@ -30,6 +35,8 @@ class StartupError(TwoPCError):
 
 
 async def serve(config: CoordinatorConfig) -> None:
+    tokens = TokenFile(config.tokens_file) if config.tokens_file else None
+    authenticator = Authenticator(not config.tls.insecure, config.admins, tokens)
     decision_log = DecisionLog(config.log_path, config.id, batch_max=config.log_batch_max)
     try:
         decision_log.acquire()
@@ -44,6 +51,7 @@ async def serve(config: CoordinatorConfig) -> None:
             config.rpc_timeout,
             config.limits.max_message_bytes,
             config.limits.max_phase2_batch,
+            tls=config.tls,
         )
         for name, address in config.participants.items()
     }
@@ -60,7 +68,17 @@ async def serve(config: CoordinatorConfig) -> None:
     server = bind_grpc_server(
         config.listen,
         config.limits.max_message_bytes,
-        lambda s: cgrpc.add_CoordinatorServicer_to_server(CoordinatorService(engine), s),
+        lambda s: cgrpc.add_CoordinatorServicer_to_server(
+            guard(
+                CoordinatorService(engine, access.Owners(config.owners_remembered)),
+                pb.DESCRIPTOR.services_by_name["Coordinator"],
+                authenticator,
+                access.rules(config),
+            ),
+            s,
+        ),
+        config.tls,
+        config.token_listen,
     )
     await server.start()
     engine.log.info("serving", listen=config.listen, epoch=decision_log.epoch)
@@ -89,7 +107,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[CoordinatorConfig, str]:
     p = argparse.ArgumentParser(
         prog="twopc-coordinator",
         description="Two-phase-commit coordinator for PostgreSQL participant agents. "
-        "`twopc-coordinator inspect --help` shows the operator's view.",
+        "Subcommands: `inspect` (the operator's view), `certs` (development "
+        "certificates), `token` (issue a bearer token); each has --help.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--id", required=True, help="this coordinator's name (in every txid)")
@@ -174,8 +193,24 @@ def parse_args(argv: list[str] | None = None) -> tuple[CoordinatorConfig, str]:
         metavar="SECONDS",
         help="period of the in-doubt branch scan",
     )
+    p.add_argument(
+        "--token-listen",
+        metavar="HOST:PORT",
+        help="a second port, TLS without client certificates, for clients with bearer tokens",
+    )
+    p.add_argument(
+        "--tokens-file",
+        type=Path,
+        metavar="PATH",
+        help="hashed bearer tokens (`twopc-coordinator token --help` issues them)",
+    )
     add_daemon_flags(p)
     a = p.parse_args(argv)
+    if a.token_listen and not a.tokens_file:
+        p.error("--token-listen needs --tokens-file")
+    if a.token_listen and a.insecure:
+        p.error("--token-listen needs TLS: bearer tokens are never sent in plaintext")
+    tls = daemon_tls(p.prog, a, [a.listen, *([a.token_listen] if a.token_listen else [])])
     try:
         config = CoordinatorConfig(
             id=check_name("coordinator", a.id),
@@ -194,6 +229,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[CoordinatorConfig, str]:
             probe_timeout=a.probe_interval,
             recovery_interval=a.recovery_interval,
             allow_failpoints=a.allow_failpoints,
+            tls=tls,
+            token_listen=a.token_listen,
+            tokens_file=a.tokens_file,
+            admins=frozenset(a.admin),
         )
     except (TwoPCError, argparse.ArgumentTypeError) as exc:
         p.error(str(exc))
@@ -207,8 +246,22 @@ def main(argv: list[str] | None = None) -> None:
 
         inspect(args[1:])
         return
+    if args[:1] == ["certs"]:
+        from twopc_common.certs import main as certs
+
+        certs(args[1:])
+        return
+    if args[:1] == ["token"]:
+        token_main(args[1:])
+        return
     config, level = parse_args(args)
-    run_daemon("twopc-coordinator", serve(config), level, (StartupError, ListenError))
+    run_daemon(
+        "twopc-coordinator",
+        serve(config),
+        level,
+        (StartupError, ListenError, TlsError, TokenFileError),
+        config.allow_failpoints,
+    )
 
 
 if __name__ == "__main__":

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from coordinator.protocol import RetryPolicy
 from twopc_common.limits import Limits
+from twopc_common.tls import TlsConfig
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +70,17 @@ class CoordinatorConfig:
     """Seconds in-flight RPCs get to finish on SIGTERM."""
     allow_failpoints: bool = False
     """Accept the SetFailpoints admin call (a test hook that can crash the daemon)."""
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    """Certificate, key and CA for every channel (the default is plaintext: --insecure)."""
+    token_listen: str | None = None
+    """HOST:PORT of a second port with server-only TLS for clients with bearer tokens."""
+    tokens_file: Path | None = None
+    """Hashed bearer tokens (`NAME sha256:HEX [admin]` per line), re-read on change."""
+    admins: frozenset[str] = frozenset()
+    """Client identities with the admin role (all transactions, SetFailpoints)."""
+    owners_remembered: int = 200_000
+    """Transactions whose owning client is remembered; older ones are NOT_FOUND for
+    clients (far more than can be live: the idle timeout ends forgotten ones)."""
     limits: Limits = field(default_factory=Limits)
     """Request limits."""
 

@@ -4,6 +4,10 @@ It reads the decision log directly (with sqlite-utils; safe while the coordinato
 the log is in WAL mode), and when given addresses, asks the live coordinator for its
 in-flight transactions and every participant for this coordinator's prepared
 (in-doubt) branches, with their age. Read-only: it decides nothing.
+
+Agents answer ListPrepared only to their coordinators, so against a secure deployment
+inspect runs where the coordinator runs, with the coordinator's own certificate
+(`--tls-cert/--tls-key/--tls-ca`), which also lets it see every live transaction.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import grpc
 import sqlite_utils
 
 from twopc_common.cli import named_addresses
+from twopc_common.tls import TlsConfig, TlsError, add_tls_flags, channel, client_tls
 from twopc_pb import coordinator_pb2 as cpb
 from twopc_pb import coordinator_pb2_grpc as cgrpc
 from twopc_pb import participant_pb2 as ppb
@@ -53,11 +58,9 @@ def _from_log(path: str) -> dict[str, Any]:
     }
 
 
-def _from_coordinator(address: str) -> list[dict[str, Any]]:
-    with grpc.insecure_channel(address) as channel:
-        reply = cgrpc.CoordinatorStub(channel).ListTransactions(
-            cpb.ListTransactionsRequest(), timeout=5
-        )
+def _from_coordinator(address: str, coordinator_id: str, tls: TlsConfig) -> list[dict[str, Any]]:
+    with channel(address, tls, server_name=coordinator_id) as ch:
+        reply = cgrpc.CoordinatorStub(ch).ListTransactions(cpb.ListTransactionsRequest(), timeout=5)
     return [
         {
             "transaction_id": t.transaction_id,
@@ -70,12 +73,14 @@ def _from_coordinator(address: str) -> list[dict[str, Any]]:
     ]
 
 
-def _from_participants(coordinator_id: str, participants: dict[str, str]) -> dict[str, Any]:
+def _from_participants(
+    coordinator_id: str, participants: dict[str, str], tls: TlsConfig
+) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, address in participants.items():
         try:
-            with grpc.insecure_channel(address) as channel:
-                reply = pgrpc.ParticipantStub(channel).ListPrepared(
+            with channel(address, tls, server_name=name) as ch:
+                reply = pgrpc.ParticipantStub(ch).ListPrepared(
                     ppb.ListPreparedRequest(coordinator_id=coordinator_id), timeout=5
                 )
         except grpc.RpcError as exc:
@@ -100,19 +105,23 @@ def main(argv: list[str]) -> None:
         help="a participant to ask for in-doubt branches (repeatable)",
     )
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    add_tls_flags(p, daemon=False)
     a = p.parse_args(argv)
     try:
         participants = named_addresses(a.participant, "--participant")
-    except argparse.ArgumentTypeError as exc:
+        tls = client_tls(a)
+    except (argparse.ArgumentTypeError, TlsError) as exc:
         p.error(str(exc))
     report = _from_log(a.log)
     if a.coordinator:
         try:
-            report["in_flight"] = _from_coordinator(a.coordinator)
+            report["in_flight"] = _from_coordinator(
+                a.coordinator, report["coordinator_id"] or "", tls
+            )
         except grpc.RpcError as exc:
             report["in_flight"] = {"error": f"{exc.code().name}: {exc.details()}"}
     if participants:
-        report["in_doubt"] = _from_participants(report["coordinator_id"] or "", participants)
+        report["in_doubt"] = _from_participants(report["coordinator_id"] or "", participants, tls)
     if a.json:
         json.dump(report, sys.stdout, indent=2)
         print()

@@ -27,6 +27,7 @@ from coordinator.protocol import Ballot, Vote
 from twopc_common.errors import Unavailable
 from twopc_common.grpc_errors import error_for
 from twopc_common.limits import Limits
+from twopc_common.tls import TlsConfig, aio_channel
 from twopc_common.values import Statement, StatementResult, result_from_pb, statement_to_pb
 from twopc_pb import participant_pb2 as pb
 from twopc_pb import participant_pb2_grpc as pgrpc
@@ -106,6 +107,8 @@ class ParticipantClient:
         rpc_timeout: float,
         max_message: int,
         phase2_batch: int = Limits().max_phase2_batch,
+        *,
+        tls: TlsConfig,
     ) -> None:
         self.name = name
         self.address = address
@@ -114,8 +117,12 @@ class ParticipantClient:
         self._decisions: list[_Decision] = []
         self._sender: asyncio.Task[None] | None = None
         self.stats: collections.Counter[str] = collections.Counter()
-        self._channel = grpc.aio.insecure_channel(
+        # The agent must prove it is `name` (a DNS SAN of its certificate), whatever
+        # address or proxy it is dialled through.
+        self._channel = aio_channel(
             address,
+            tls,
+            server_name=name,
             options=[
                 ("grpc.max_receive_message_length", max_message),
                 ("grpc.max_send_message_length", max_message),

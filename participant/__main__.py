@@ -5,12 +5,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+from pathlib import Path
 
+from participant import access
 from participant.agent import Agent
 from participant.config import ParticipantConfig
+from participant.dsn import ENV_VAR, load_dsn
 from participant.recovery import Recovery
 from participant.service import ParticipantService
 from participant.store import ConfigurationError, Store
+from twopc_common.auth import Authenticator, guard
 from twopc_common.cli import (
     add_daemon_flags,
     named_addresses,
@@ -21,6 +25,8 @@ from twopc_common.cli import (
 from twopc_common.errors import TwoPCError
 from twopc_common.ids import check_name
 from twopc_common.server import ListenError, bind_grpc_server
+from twopc_common.tls import TlsError, daemon_tls
+from twopc_pb import participant_pb2 as pb
 from twopc_pb import participant_pb2_grpc as pgrpc
 
 
@@ -33,7 +39,16 @@ async def serve(config: ParticipantConfig) -> None:
     server = bind_grpc_server(
         config.listen,
         config.limits.max_message_bytes,
-        lambda s: pgrpc.add_ParticipantServicer_to_server(ParticipantService(agent, recovery), s),
+        lambda s: pgrpc.add_ParticipantServicer_to_server(
+            guard(
+                ParticipantService(agent, recovery),
+                pb.DESCRIPTOR.services_by_name["Participant"],
+                Authenticator(not config.tls.insecure, config.admins),
+                access.rules(config),
+            ),
+            s,
+        ),
+        config.tls,
     )
     await server.start()
     agent.log.info("serving", listen=config.listen)
@@ -63,7 +78,17 @@ def parse_args(argv: list[str] | None = None) -> tuple[ParticipantConfig, str]:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--id", required=True, help="this participant's name")
-    p.add_argument("--dsn", required=True, help="libpq connection string of the database")
+    p.add_argument(
+        "--dsn",
+        help=f"libpq connection string of the database, without a password "
+        f"(that goes in --dsn-file, {ENV_VAR} or PGPASSFILE)",
+    )
+    p.add_argument(
+        "--dsn-file",
+        type=Path,
+        metavar="PATH",
+        help="file holding the connection string (may carry the password)",
+    )
     p.add_argument("--listen", default=d.listen, help="HOST:PORT to serve gRPC on")
     p.add_argument(
         "--coordinator",
@@ -127,10 +152,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[ParticipantConfig, str]:
     )
     add_daemon_flags(p)
     a = p.parse_args(argv)
+    tls = daemon_tls(p.prog, a, [a.listen])
     try:
         config = ParticipantConfig(
             id=check_name("participant", a.id),
-            dsn=a.dsn,
+            dsn=load_dsn(a.dsn, a.dsn_file),
             listen=a.listen,
             coordinators=named_addresses(a.coordinator, "--coordinator"),
             pool_min_size=a.pool_min_size,
@@ -142,6 +168,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[ParticipantConfig, str]:
             recovery_interval=a.recovery_interval,
             recovery_grace=a.recovery_grace,
             allow_failpoints=a.allow_failpoints,
+            tls=tls,
+            admins=frozenset(a.admin),
         )
     except (TwoPCError, argparse.ArgumentTypeError) as exc:
         p.error(str(exc))
@@ -150,7 +178,13 @@ def parse_args(argv: list[str] | None = None) -> tuple[ParticipantConfig, str]:
 
 def main(argv: list[str] | None = None) -> None:
     config, level = parse_args(argv)
-    run_daemon("twopc-participant", serve(config), level, (ConfigurationError, ListenError))
+    run_daemon(
+        "twopc-participant",
+        serve(config),
+        level,
+        (ConfigurationError, ListenError, TlsError),
+        config.allow_failpoints,
+    )
 
 
 if __name__ == "__main__":

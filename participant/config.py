@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from twopc_common.limits import Limits
+from twopc_common.tls import TlsConfig
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +57,10 @@ class ParticipantConfig:
     """Seconds in-flight RPCs get to finish on SIGTERM."""
     allow_failpoints: bool = False
     """Accept the SetFailpoints admin call (a test hook that can crash the daemon)."""
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    """Certificate, key and CA for every channel (the default is plaintext: --insecure)."""
+    admins: frozenset[str] = frozenset()
+    """Client identities with the admin role (SetFailpoints)."""
     limits: Limits = field(default_factory=Limits)
     """Request limits."""
 

@@ -27,6 +27,7 @@ from psycopg.pq import TransactionStatus
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from participant.config import ParticipantConfig
+from participant.dsn import redacted
 from twopc_common import ids
 from twopc_common.errors import FailedPrecondition, TwoPCError, Unavailable
 from twopc_common.values import Statement, StatementResult
@@ -200,7 +201,9 @@ class Store:
         try:
             conn = await psycopg.AsyncConnection.connect(self._config.dsn, autocommit=True)
         except psycopg.OperationalError as exc:
-            raise ConfigurationError(f"cannot connect to {self._config.dsn!r}: {exc}") from exc
+            raise ConfigurationError(
+                f"cannot connect to {redacted(self._config.dsn)!r}: {exc}"
+            ) from exc
         async with conn:
             cur = await conn.execute("SHOW max_prepared_transactions")
             row = await cur.fetchone()

@@ -26,7 +26,7 @@ UPDATE = "UPDATE accounts SET balance = 0"
 def stub(system: LocalSystem) -> Iterator[cgrpc.CoordinatorStub]:
     assert system.coordinator is not None
     before = bank.snapshot(dsns(system))
-    with grpc.insecure_channel(system.coordinator.address) as channel:
+    with system.coordinator_channel() as channel:
         yield cgrpc.CoordinatorStub(channel)
     after = bank.snapshot(dsns(system))
     assert after.total == before.total and after.legs == before.legs
@@ -170,8 +170,7 @@ def test_client_refuses_unsupported_parameter_types(system: LocalSystem) -> None
 
 
 def test_participant_refuses_commit_of_a_branch_never_prepared(system: LocalSystem) -> None:
-    address = system.participants["shard1"].address
-    with grpc.insecure_channel(address) as channel:
+    with system.participant_channel("shard1") as channel:
         participant = pgrpc.ParticipantStub(channel)
         code, details = status_of(
             lambda: participant.Commit(ppb.BranchRef(transaction_id="shared.1.424242"))

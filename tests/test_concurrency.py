@@ -9,7 +9,7 @@ import os
 import random
 
 from bank_demo import bank
-from coordinator.client import AsyncCoordinatorClient, Outcome
+from coordinator.client import Outcome
 from tests.conftest import dsns, wait_no_prepared
 from twopc_harness.system import LocalSystem
 
@@ -27,7 +27,7 @@ def test_300_concurrent_cross_shard_transfers_conserve_money(system: LocalSystem
 
     async def run_all() -> list[Outcome]:
         assert system.coordinator is not None
-        async with AsyncCoordinatorClient(system.client_address, timeout=60) as client:
+        async with system.async_client(timeout=60) as client:
             return await asyncio.gather(
                 *(
                     client.run(bank.transfer(t, s, d, amount, shards))

@@ -10,6 +10,7 @@ import sys
 from coordinator.client import Statement
 from tests.conftest import SystemFactory
 from twopc_harness.daemons import wait_until
+from twopc_harness.system import LocalSystem
 
 
 def inspect(*args: str) -> subprocess.CompletedProcess[str]:
@@ -19,6 +20,11 @@ def inspect(*args: str) -> subprocess.CompletedProcess[str]:
         text=True,
         timeout=60,
     )
+
+
+def tls_args(system: LocalSystem, identity: str) -> list[str]:
+    tls = system.tls(identity)
+    return [f"--tls-cert={tls.cert}", f"--tls-key={tls.key}", f"--tls-ca={tls.ca}"]
 
 
 def test_inspect_shows_a_commit_stuck_in_phase_two_everywhere(make_system: SystemFactory) -> None:
@@ -37,6 +43,7 @@ def test_inspect_shows_a_commit_stuck_in_phase_two_everywhere(make_system: Syste
         "--coordinator",
         system.client_address,
         *[f"--participant={n}={d.address}" for n, d in system.participants.items()],
+        *tls_args(system, system.coordinator_id),
     ]
     done = inspect(*args, "--json")
     assert done.returncode == 0, done.stderr

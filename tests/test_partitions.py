@@ -14,11 +14,10 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
-import grpc
 import pytest
 
 from bank_demo import bank
-from coordinator.client import AsyncCoordinatorClient, Outcome, Statement, TransportError
+from coordinator.client import Outcome, Statement, TransportError
 from tests.conftest import (
     COORDINATOR_ARGS,
     PARTICIPANT_ARGS,
@@ -235,7 +234,7 @@ def test_a_phase_two_batch_costs_one_round_trip_on_a_slow_database_link(
     # A coordinator id nobody runs: the net coordinator's in-doubt scan stays away.
     txids = [f"slowdb.1.{i}" for i in range(1, count + 1)]
     insert = "INSERT INTO twopc_test_rows VALUES ('slowdb')"
-    with grpc.insecure_channel(net.participants["shard1"].address) as channel:
+    with net.participant_channel("shard1") as channel:
         agent = pgrpc.ParticipantStub(channel)
         for txid in txids:
             vote = agent.Prepare(
@@ -327,7 +326,7 @@ def test_flapping_partitions_during_concurrent_transfers(net: LocalSystem, secon
     proxies = network(net)
 
     async def transfers(worker: int, until: float) -> None:
-        async with AsyncCoordinatorClient(net.client_address, timeout=10) as client:
+        async with net.async_client(timeout=10) as client:
             n = 0
             while time.monotonic() < until:
                 n += 1

@@ -15,6 +15,7 @@ from typing import Any
 
 from twopc_common import failpoints, log
 from twopc_common.ids import check_name
+from twopc_common.tls import add_tls_flags
 
 
 def named_addresses(items: Iterable[str], flag: str) -> dict[str, str]:
@@ -55,6 +56,14 @@ def add_daemon_flags(p: argparse.ArgumentParser) -> None:
         help="accept the SetFailpoints admin call (tests only)",
     )
     p.add_argument(
+        "--admin",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a client identity with the admin role (repeatable)",
+    )
+    add_tls_flags(p, daemon=True)
+    p.add_argument(
         "--log-level",
         default=os.environ.get("TWOPC_LOG_LEVEL", "INFO"),
         help="DEBUG, INFO, WARNING or ERROR (env TWOPC_LOG_LEVEL)",
@@ -66,12 +75,13 @@ def run_daemon(
     serve: Coroutine[Any, Any, None],
     level: str,
     startup_errors: type[Exception] | tuple[type[Exception], ...],
+    allow_failpoints: bool,
 ) -> None:
     """Set up logs and failpoints, serve until SIGTERM; a start-up failure ends the
     process with one line naming the program."""
     log.setup(level)
     try:
-        failpoints.configure_from_env()
+        failpoints.configure_from_env(allow_failpoints)
     except ValueError as exc:
         serve.close()
         sys.exit(f"{prog}: {exc}")

@@ -1,0 +1,86 @@
+"""Who may call what on the coordinator, and whose transactions are whose.
+
+Rules (per RPC, enforced by `twopc_common.auth.guard` before the servicer runs):
+- Run, Begin, Execute, Commit, Rollback: clients.
+- ListTransactions: clients, and this coordinator's own identity (`inspect` runs with
+  the coordinator's certificate).
+- GetTransaction: clients, this coordinator's own identity, and the configured
+  participants' agents (their recovery asks for the outcome of in-doubt branches).
+- Status: anyone authenticated. SetFailpoints: admins (and the daemon must run with
+  --allow-failpoints).
+
+Ownership: a transaction belongs to the client that began it (Begin or Run). Only its
+owner (or an admin; or an agent, for GetTransaction) may Execute, Commit, Rollback or
+GetTransaction it; another client gets PERMISSION_DENIED and nothing changes. A
+transaction whose owner is not known here (never existed, begun before this process
+started, or forgotten after `owners_remembered` newer ones) is NOT_FOUND for clients.
+ListTransactions shows a client its own transactions, an admin (or `inspect`) all. Idempotency keys
+are scoped per client: `client/key` is what the engine and the decision log see, so
+two clients cannot collide on, or learn about, each other's keys.
+"""
+
+from __future__ import annotations
+
+import collections
+
+from coordinator.config import CoordinatorConfig
+from twopc_common.auth import Principal, Rule
+from twopc_common.errors import NotFound, PermissionDenied
+from twopc_common.ids import TransactionId
+
+
+def rules(config: CoordinatorConfig) -> dict[str, Rule]:
+    def client(p: Principal) -> bool:
+        return p.is_("client")
+
+    def itself(p: Principal) -> bool:
+        return p.is_("coordinator", {config.id: config.listen})
+
+    return {
+        "Run": client,
+        "Begin": client,
+        "Execute": client,
+        "Commit": client,
+        "Rollback": client,
+        "ListTransactions": lambda p: client(p) or itself(p),
+        "GetTransaction": lambda p: (
+            client(p) or itself(p) or p.is_("participant", config.participants)
+        ),
+        "Status": lambda p: True,
+        "SetFailpoints": lambda p: p.admin,
+    }
+
+
+def scoped_key(caller: Principal, key: str) -> str:
+    """The idempotency key as the engine sees it: per client."""
+    return f"{caller.name}/{key}"
+
+
+class Owners:
+    """Transaction id -> the client that began it, for the most recent `capacity`."""
+
+    def __init__(self, capacity: int) -> None:
+        self._capacity = capacity
+        self._owner: collections.OrderedDict[str, str] = collections.OrderedDict()
+
+    def claim(self, transaction_id: str, caller: Principal) -> None:
+        self._owner[transaction_id] = caller.name
+        self._owner.move_to_end(transaction_id)
+        while len(self._owner) > self._capacity:
+            self._owner.popitem(last=False)
+
+    def check(self, transaction_id: str, caller: Principal) -> None:
+        """Refuse a client that does not own the transaction."""
+        TransactionId.parse(transaction_id)  # a malformed id is INVALID_ARGUMENT
+        if caller.admin or caller.unrestricted or caller.kind != "client":
+            return
+        owner = self._owner.get(transaction_id)
+        if owner is None:
+            raise NotFound(f"transaction {transaction_id} not found among {caller}'s")
+        if owner != caller.name:
+            raise PermissionDenied(f"transaction {transaction_id} belongs to another client")
+
+    def visible(self, transaction_id: str, caller: Principal) -> bool:
+        if caller.admin or caller.kind != "client":
+            return True
+        return self._owner.get(transaction_id) == caller.name
