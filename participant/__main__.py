@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 from pathlib import Path
 
 from participant import access
 from participant.agent import Agent
 from participant.config import ParticipantConfig
-from participant.dsn import ENV_VAR, load_dsn
+from participant.dsn import ENV_VAR, inline_dsn, read_dsn_file
 from participant.recovery import Recovery
 from participant.service import ParticipantService
 from participant.store import ConfigurationError, Store
@@ -22,7 +23,7 @@ from twopc_common.cli import (
     run_daemon,
     wait_for_termination,
 )
-from twopc_common.errors import TwoPCError
+from twopc_common.errors import InvalidArgument, TwoPCError
 from twopc_common.ids import check_name
 from twopc_common.server import ListenError, bind_grpc_server
 from twopc_common.tls import TlsError, daemon_tls
@@ -31,6 +32,11 @@ from twopc_pb import participant_pb2_grpc as pgrpc
 
 
 async def serve(config: ParticipantConfig) -> None:
+    if config.dsn_file is not None:
+        try:
+            config = dataclasses.replace(config, dsn=read_dsn_file(config.dsn_file))
+        except InvalidArgument as exc:
+            raise ConfigurationError(str(exc)) from None
     store = Store(config)
     await store.open()
     agent = Agent(config, store)
@@ -156,7 +162,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[ParticipantConfig, str]:
     try:
         config = ParticipantConfig(
             id=check_name("participant", a.id),
-            dsn=load_dsn(a.dsn, a.dsn_file),
+            dsn=inline_dsn(a.dsn, a.dsn_file),
+            dsn_file=a.dsn_file,
             listen=a.listen,
             coordinators=named_addresses(a.coordinator, "--coordinator"),
             pool_min_size=a.pool_min_size,

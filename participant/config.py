@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from twopc_common.limits import Limits
 from twopc_common.tls import TlsConfig
@@ -13,7 +14,10 @@ class ParticipantConfig:
     id: str
     """This participant's name; the coordinator enlists it by this name."""
     dsn: str
-    """libpq connection string of the PostgreSQL database this agent wraps."""
+    """libpq connection string of the PostgreSQL database this agent wraps ("" while
+    it is still in `dsn_file`)."""
+    dsn_file: Path | None = None
+    """File the DSN is read from at start (it may carry the password)."""
     listen: str = "127.0.0.1:7001"
     """HOST:PORT the gRPC server binds."""
     coordinators: dict[str, str] = field(default_factory=dict)

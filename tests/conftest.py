@@ -98,6 +98,12 @@ def dsns(system: LocalSystem) -> dict[str, str]:
     return {shard: system.dsn(shard) for shard in system.shard_names}
 
 
+def tls_args(system: LocalSystem, identity: str) -> list[str]:
+    """The command-line flags of a tool acting as `identity`."""
+    tls = system.tls(identity)
+    return [f"--tls-cert={tls.cert}", f"--tls-key={tls.key}", f"--tls-ca={tls.ca}"]
+
+
 def reset_bank(system: LocalSystem, accounts: int = 20, balance: int = 100) -> None:
     bank.create_schema(dsns(system))
     bank.open_accounts(dsns(system), accounts, balance)

@@ -15,7 +15,7 @@ import pytest
 
 from bank_demo import bank
 from bank_demo.faults import make_schedule
-from tests.conftest import dsns
+from tests.conftest import dsns, tls_args
 from twopc_common.ids import branch_xid
 from twopc_harness.postgres import free_port, start_clusters, stop_clusters
 from twopc_harness.system import LocalSystem
@@ -69,6 +69,7 @@ def test_report_figures_agree_with_the_checker_on_an_existing_deployment(
         "--coordinator",
         system.client_address,
         *shard_args(system),
+        *tls_args(system, "app"),
         "--faults",
         "none",
         "--duration",

@@ -8,9 +8,8 @@ import subprocess
 import sys
 
 from coordinator.client import Statement
-from tests.conftest import SystemFactory
+from tests.conftest import SystemFactory, tls_args
 from twopc_harness.daemons import wait_until
-from twopc_harness.system import LocalSystem
 
 
 def inspect(*args: str) -> subprocess.CompletedProcess[str]:
@@ -20,11 +19,6 @@ def inspect(*args: str) -> subprocess.CompletedProcess[str]:
         text=True,
         timeout=60,
     )
-
-
-def tls_args(system: LocalSystem, identity: str) -> list[str]:
-    tls = system.tls(identity)
-    return [f"--tls-cert={tls.cert}", f"--tls-key={tls.key}", f"--tls-ca={tls.ca}"]
 
 
 def test_inspect_shows_a_commit_stuck_in_phase_two_everywhere(make_system: SystemFactory) -> None:

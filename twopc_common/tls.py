@@ -111,12 +111,8 @@ def daemon_tls(prog: str, a: argparse.Namespace, listens: Sequence[str]) -> TlsC
             "(`twopc-coordinator certs --help` makes development certificates), "
             "or --insecure on a loopback address",
         )
-    tls = TlsConfig(a.tls_cert, a.tls_key, a.tls_ca)
-    try:
-        tls._read()
-    except TlsError as exc:
-        _refuse(prog, str(exc))
-    return tls
+    # The files are read when the server is built (a missing one stops the start then).
+    return TlsConfig(a.tls_cert, a.tls_key, a.tls_ca)
 
 
 def client_tls(a: argparse.Namespace) -> TlsConfig:
