@@ -24,6 +24,7 @@ from twopc_common.cli import (
 )
 from twopc_common.errors import TwoPCError
 from twopc_common.ids import check_name
+from twopc_common.log import EventLogger
 from twopc_common.server import ListenError, bind_grpc_server
 from twopc_common.tls import TlsError, daemon_tls
 from twopc_pb import coordinator_pb2 as pb
@@ -35,7 +36,8 @@ class StartupError(TwoPCError):
 
 
 async def serve(config: CoordinatorConfig) -> None:
-    tokens = TokenFile(config.tokens_file) if config.tokens_file else None
+    log = EventLogger("coordinator", config.id)
+    tokens = TokenFile(config.tokens_file, log) if config.tokens_file else None
     authenticator = Authenticator(not config.tls.insecure, config.admins, tokens)
     decision_log = DecisionLog(config.log_path, config.id, batch_max=config.log_batch_max)
     try:
@@ -74,10 +76,12 @@ async def serve(config: CoordinatorConfig) -> None:
                 pb.DESCRIPTOR.services_by_name["Coordinator"],
                 authenticator,
                 access.rules(config),
+                log,
             ),
             s,
         ),
         config.tls,
+        log,
         config.token_listen,
     )
     await server.start()

@@ -51,10 +51,12 @@ async def serve(config: ParticipantConfig) -> None:
                 pb.DESCRIPTOR.services_by_name["Participant"],
                 Authenticator(not config.tls.insecure, config.admins),
                 access.rules(config),
+                agent.log,
             ),
             s,
         ),
         config.tls,
+        agent.log,
     )
     await server.start()
     agent.log.info("serving", listen=config.listen)

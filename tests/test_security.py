@@ -392,3 +392,39 @@ def test_a_password_never_rides_on_the_command_line(tmp_path: Path) -> None:
     done = daemon(*base, "--dsn-file", str(dsn_file))
     assert done.returncode != 0 and "cannot connect" in done.stderr
     assert secret not in done.stderr and "password=***" in done.stderr
+
+
+def test_a_renewed_certificate_is_served_without_a_restart(
+    make_system: SystemFactory, tmp_path: Path
+) -> None:
+    """Rotation: the coordinator's certificate is replaced in place by one of a new CA
+    (with both CAs trusted meanwhile); new connections get it, no restart needed."""
+    system = make_system()
+    coordinator = system.coordinator
+    assert coordinator is not None
+    own = system.tls(system.coordinator_id)
+    assert own.cert is not None and own.key is not None and own.ca is not None
+    new = certs.issue(
+        tmp_path / "ca2",
+        [certs.Identity("coordinator", system.coordinator_id), certs.Identity("client", "app2")],
+    )
+    app2 = TlsConfig(new["app2"].cert, new["app2"].key, new["app2"].ca)
+    with channel(system.client_address, app2) as ch:  # the old certificate: not trusted
+        code, _ = code_of(lambda: cgrpc.CoordinatorStub(ch).Status(cpb.StatusRequest(), timeout=5))
+    assert code == grpc.StatusCode.UNAVAILABLE
+    pid = coordinator.process.pid if coordinator.process else None
+    own.ca.write_bytes(own.ca.read_bytes() + new["app2"].ca.read_bytes())
+    own.key.write_bytes(new[system.coordinator_id].key.read_bytes())
+    own.cert.write_bytes(new[system.coordinator_id].cert.read_bytes())
+
+    def served() -> bool:
+        with channel(system.client_address, app2) as ch:
+            try:
+                cgrpc.CoordinatorStub(ch).Status(cpb.StatusRequest(), timeout=5)
+                return True
+            except grpc.RpcError:
+                return False
+
+    wait_until(served, 20, "the renewed certificate served")
+    assert coordinator.process is not None and coordinator.process.pid == pid
+    assert "event=tls_reloaded" in coordinator.log_tail(10**6)

@@ -26,7 +26,6 @@ import argparse
 import contextvars
 import functools
 import hashlib
-import logging
 import os
 import secrets
 from collections.abc import Awaitable, Callable, Mapping
@@ -38,6 +37,7 @@ import grpc
 
 from twopc_common.errors import TwoPCError, Unauthenticated
 from twopc_common.ids import check_name
+from twopc_common.log import EventLogger
 
 URI_PREFIX = "twopc://"
 KINDS = ("coordinator", "participant", "client")
@@ -85,8 +85,9 @@ def new_token() -> str:
 class TokenFile:
     """Hashed bearer tokens, re-read when the file's modification time changes."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, log: EventLogger) -> None:
         self.path = path
+        self._log = log
         self._stamp = -1.0
         self._by_hash: dict[str, tuple[str, bool]] = {}
         self._reload()
@@ -119,7 +120,7 @@ class TokenFile:
         try:
             self._reload()
         except TokenFileError as exc:  # keep the last good table during a rewrite
-            logging.getLogger("twopc").warning("event=tokens_reload_failed error=%s", exc)
+            self._log.warning("tokens_reload_failed", error=str(exc))
         return self._by_hash.get(hash_token(token))
 
 
@@ -159,7 +160,11 @@ Rule = Callable[[Principal], bool]
 
 
 def guard(
-    servicer: Any, service: Any, authenticator: Authenticator, rules: Mapping[str, Rule]
+    servicer: Any,
+    service: Any,
+    authenticator: Authenticator,
+    rules: Mapping[str, Rule],
+    log: EventLogger,
 ) -> Any:
     """`servicer` with every method of `service` (a protobuf ServiceDescriptor) behind
     authentication and its rule."""
@@ -168,7 +173,7 @@ def guard(
         raise AssertionError(f"authorization rules for {service.name} differ: {rules} vs {methods}")
     guarded = _Guarded()
     for name, rule in rules.items():
-        setattr(guarded, name, _guarded(getattr(servicer, name), name, rule, authenticator))
+        setattr(guarded, name, _guarded(getattr(servicer, name), name, rule, authenticator, log))
     return guarded
 
 
@@ -181,6 +186,7 @@ def _guarded(
     name: str,
     rule: Rule,
     authenticator: Authenticator,
+    log: EventLogger,
 ) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]:
     @functools.wraps(method)
     async def call(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
@@ -189,9 +195,7 @@ def _guarded(
         except Unauthenticated as exc:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
         if not rule(principal):
-            logging.getLogger("twopc").warning(
-                "event=permission_denied method=%s caller=%s", name, principal
-            )
+            log.warning("permission_denied", method=name, caller=principal, peer=context.peer())
             await context.abort(
                 grpc.StatusCode.PERMISSION_DENIED, f"{principal} may not call {name}"
             )

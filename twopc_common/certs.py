@@ -72,7 +72,11 @@ def _load_or_make_ca(out: Path) -> tuple[x509.Certificate, ec.EllipticCurvePriva
         assert isinstance(key, ec.EllipticCurvePrivateKey)
         return x509.load_pem_x509_certificate(cert_path.read_bytes()), key
     key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "twopc development CA")])
+    # A name of its own: verifiers find an issuer by name, so two CAs trusted together
+    # during a rotation must not share one.
+    name = x509.Name(
+        [x509.NameAttribute(NameOID.COMMON_NAME, f"twopc development CA {os.urandom(4).hex()}")]
+    )
     now = dt.datetime.now(dt.UTC)
     cert = (
         x509.CertificateBuilder()

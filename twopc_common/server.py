@@ -14,6 +14,7 @@ from collections.abc import Callable
 import grpc
 
 from twopc_common.errors import TwoPCError
+from twopc_common.log import EventLogger
 from twopc_common.tls import TlsConfig, server_credentials
 
 
@@ -26,6 +27,7 @@ def bind_grpc_server(
     max_message: int,
     register: Callable[[grpc.aio.Server], None],
     tls: TlsConfig,
+    log: EventLogger,
     token_listen: str | None = None,
 ) -> grpc.aio.Server:
     """A server with the servicers `register` adds, bound to `listen` (mutual TLS) and
@@ -47,7 +49,7 @@ def bind_grpc_server(
             if tls.insecure:
                 port = server.add_insecure_port(address)
             else:
-                port = server.add_secure_port(address, server_credentials(tls, client_certs))
+                port = server.add_secure_port(address, server_credentials(tls, client_certs, log))
         except RuntimeError as exc:
             raise ListenError(f"cannot listen on {address}: {exc}") from exc
         if port == 0:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
-import logging
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from typing import Any
 import grpc
 
 from twopc_common.errors import TwoPCError
+from twopc_common.log import EventLogger
 
 ChannelOptions = Sequence[tuple[str, Any]]
 
@@ -129,7 +129,9 @@ def _refuse(prog: str, message: str) -> None:
     sys.exit(2)
 
 
-def server_credentials(tls: TlsConfig, require_client_cert: bool = True) -> grpc.ServerCredentials:
+def server_credentials(
+    tls: TlsConfig, require_client_cert: bool, log: EventLogger
+) -> grpc.ServerCredentials:
     """Server credentials that re-read the files when they change (checked at every new
     handshake; one stat per file)."""
     assert not tls.insecure and tls.key is not None and tls.cert is not None
@@ -148,10 +150,10 @@ def server_credentials(tls: TlsConfig, require_client_cert: bool = True) -> grpc
             config = configuration()
         except (OSError, TlsError, RuntimeError) as exc:
             # Half-written files during a rotation: keep serving the old certificate.
-            logging.getLogger("twopc").warning("event=tls_reload_failed error=%r", exc)
+            log.warning("tls_reload_failed", error=repr(exc))
             return None
         stamp[0] = now
-        logging.getLogger("twopc").info("event=tls_reloaded cert=%s", tls.cert)
+        log.info("tls_reloaded", cert=tls.cert)
         return config
 
     return grpc.dynamic_ssl_server_credentials(
