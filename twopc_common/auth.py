@@ -137,11 +137,17 @@ class Authenticator:
     def authenticate(self, context: grpc.aio.ServicerContext[Any, Any]) -> Principal:
         if not self._secure:
             return INSECURE
-        for uri in context.auth_context().get("peer_uri", []):
+        peer = context.auth_context()
+        for uri in peer.get("peer_uri", []):
             text = uri.decode(errors="replace")
             kind, _, name = text.removeprefix(URI_PREFIX).partition("/")
             if text.startswith(URI_PREFIX) and kind in KINDS and name:
                 return Principal(kind, name, admin=kind == "client" and name in self._admins)
+        if "x509_subject" in peer:
+            raise Unauthenticated(
+                "the client certificate names no identity: it needs a URI SAN "
+                "twopc://coordinator|participant|client/NAME"
+            )
         for key, value in context.invocation_metadata() or ():
             if key != "authorization":
                 continue
