@@ -12,7 +12,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import grpc
 import pytest
 from psycopg import sql
 
@@ -178,7 +177,7 @@ def _meta(log: Path) -> dict[str, str]:
 def test_an_agent_refuses_a_branch_of_an_older_coordinator_epoch(
     shared_system: LocalSystem,
 ) -> None:
-    with grpc.insecure_channel(shared_system.participants["shard1"].address) as channel:
+    with shared_system.participant_channel("shard1") as channel:
         agent = pgrpc.ParticipantStub(channel)
         select = types_pb2.Statement(sql="SELECT 1")
         newer = agent.Prepare(
@@ -219,7 +218,7 @@ def test_a_malformed_gid_that_looks_like_ours_is_reported_and_recovery_goes_on(
             "the in-doubt branch rolled back by recovery",
         )
         # ... and the other two are reported, with why, and left alone.
-        with grpc.insecure_channel(system.participants["shard1"].address) as channel:
+        with system.participant_channel("shard1") as channel:
             agent = pgrpc.ParticipantStub(channel)
             wait_until(
                 lambda: len(agent.Status(ppb.ParticipantStatusRequest()).foreign_prepared) == 2,
