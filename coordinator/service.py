@@ -90,6 +90,10 @@ class CoordinatorService(cgrpc.CoordinatorServicer):
         self._limits = engine.config.limits
         self._owners = owners
 
+    async def _live(self, transaction_id: str) -> bool:
+        info = await self._engine.get(transaction_id)
+        return info.outcome is Reported.IN_PROGRESS
+
     @translate_errors
     async def Run(self, request: pb.RunRequest, context: Context) -> pb.TransactionOutcome:
         branches = [
@@ -121,7 +125,7 @@ class CoordinatorService(cgrpc.CoordinatorServicer):
 
     @translate_errors
     async def Execute(self, request: pb.ExecuteRequest, context: Context) -> pb.ExecuteResponse:
-        self._owners.check(request.transaction_id, caller())
+        await self._owners.check(request.transaction_id, caller(), self._live)
         statements = statements_from_pb(request.statements, self._limits, "Execute")
         results = await _shielded(
             self._engine.execute(request.transaction_id, request.participant, statements)
@@ -130,7 +134,7 @@ class CoordinatorService(cgrpc.CoordinatorServicer):
 
     @translate_errors
     async def Commit(self, request: pb.CommitRequest, context: Context) -> pb.TransactionOutcome:
-        self._owners.check(request.transaction_id, caller())
+        await self._owners.check(request.transaction_id, caller(), self._live)
         outcome = await _shielded(
             self._engine.commit(request.transaction_id, request.wait_for_completion)
         )
@@ -140,14 +144,14 @@ class CoordinatorService(cgrpc.CoordinatorServicer):
     async def Rollback(
         self, request: pb.RollbackRequest, context: Context
     ) -> pb.TransactionOutcome:
-        self._owners.check(request.transaction_id, caller())
+        await self._owners.check(request.transaction_id, caller(), self._live)
         return outcome_to_pb(await _shielded(self._engine.rollback(request.transaction_id)))
 
     @translate_errors
     async def GetTransaction(
         self, request: pb.GetTransactionRequest, context: Context
     ) -> pb.TransactionStatus:
-        self._owners.check(request.transaction_id, caller())
+        await self._owners.check(request.transaction_id, caller(), self._live, changes=False)
         return info_to_pb(await self._engine.get(request.transaction_id))
 
     @translate_errors

@@ -8,6 +8,7 @@ keys; bearer tokens are checked; --insecure is refused off loopback.
 
 from __future__ import annotations
 
+import datetime as dt
 import functools
 import os
 import subprocess
@@ -18,16 +19,21 @@ from pathlib import Path
 
 import grpc
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from coordinator.client import (
     CoordinatorClient,
     Outcome,
     TlsConfig,
+    Transaction,
 )
 from tests.conftest import SystemFactory, create_tagged_rows, rows, tagged_inserts
 from twopc_common import certs
 from twopc_common.auth import hash_token
-from twopc_common.errors import NotFound, PermissionDenied, Unauthenticated
+from twopc_common.errors import PermissionDenied, Unauthenticated
 from twopc_common.tls import channel
 from twopc_harness.daemons import wait_until
 from twopc_harness.postgres import free_port
@@ -293,8 +299,6 @@ def test_a_client_cannot_touch_another_clients_transaction_or_key(
         assert mine.transaction_id != theirs.transaction_id
         again = other.run(tagged_inserts("key-other", ("shard2",)), idempotency_key="shared-key")
         assert again.transaction_id == theirs.transaction_id
-        with pytest.raises(NotFound):
-            other.get_transaction(f"{system.coordinator_id}.999.1")
     assert rows(system, "mine") == {"shard1": 1, "shard2": 1, "shard3": 0}
     assert rows(system, "key-app") == {"shard1": 1, "shard2": 0, "shard3": 0}
     assert rows(system, "key-other") == {"shard1": 0, "shard2": 1, "shard3": 0}
@@ -428,3 +432,75 @@ def test_a_renewed_certificate_is_served_without_a_restart(
     wait_until(served, 20, "the renewed certificate served")
     assert coordinator.process is not None and coordinator.process.pid == pid
     assert "event=tls_reloaded" in coordinator.log_tail(10**6)
+
+
+def test_a_certificate_without_an_identity_is_unauthenticated(
+    make_system: SystemFactory, tmp_path: Path
+) -> None:
+    """Signed by the right CA but naming no twopc:// identity (a host certificate of
+    some other service, say): every RPC is UNAUTHENTICATED, and says why."""
+    system = make_system()
+    create_tagged_rows(system)
+    ca = system.tls("app").ca
+    assert ca is not None
+    ca_key = serialization.load_pem_private_key((ca.parent / "ca.key").read_bytes(), None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    ca_cert = x509.load_pem_x509_certificate(ca.read_bytes())
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "web")]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("web.example")]), False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    (tmp_path / "web.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "web.key").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    web = TlsConfig(tmp_path / "web.pem", tmp_path / "web.key", ca)
+    targets = [("coordinator", system.client_address, system.coordinator_id)] + [
+        ("participant", d.address, shard) for shard, d in system.participants.items()
+    ]
+    for service, address, name in targets:
+        with channel(address, web, server_name=name) as ch:
+            for method, call in calls(ch, service).items():
+                code, details = code_of(call)
+                assert code == grpc.StatusCode.UNAUTHENTICATED, (service, method, code)
+                assert "names no identity" in details
+    assert rows(system, "intruder") == {"shard1": 0, "shard2": 0, "shard3": 0}
+
+
+def test_a_client_cannot_roll_back_another_clients_run_in_flight(
+    make_system: SystemFactory,
+) -> None:
+    """A one-shot Run's id is claimed only when it returns; meanwhile its owner is not
+    known, and another client who guesses the id still cannot touch it."""
+    system = make_system(["--prepare-timeout", "10"], ["--allow-failpoints"])
+    create_tagged_rows(system)
+    system.participants["shard2"].set_failpoints("participant.before_prepare=1*sleep(4000)")
+    told: list[Outcome] = []
+    work = tagged_inserts("in-flight", ("shard1", "shard2"))
+    runner = threading.Thread(target=lambda: told.append(system.client().run(work)))
+    runner.start()
+    try:
+        with system.client(identity="admin") as admin:
+            wait_until(lambda: bool(admin.list_transactions()), 20, "the Run in flight")
+            (live,) = admin.list_transactions()
+        with system.client(identity="other") as other:
+            with pytest.raises(PermissionDenied, match="belongs to another client"):
+                Transaction(other, live.transaction_id).rollback()
+            assert other.list_transactions() == []
+    finally:
+        runner.join(30)
+    assert told and told[0].committed
+    assert rows(system, "in-flight") == {"shard1": 1, "shard2": 1, "shard3": 0}
