@@ -1,6 +1,7 @@
 """Who may call what on a participant agent.
 
-Execute, Prepare, Commit, Abort, Finish and ListPrepared come only from the agent's
+Execute, Prepare, Commit, Abort, Finish, ListPrepared and WaitsFor (the deadlock
+detector's lock graph, which names transactions) come only from the agent's
 configured coordinators (`--coordinator NAME=HOST:PORT`: the caller's certificate must
 name `twopc://coordinator/NAME`); anyone else gets PERMISSION_DENIED before the agent
 does anything. Configured coordinators trust each other: one is not held to the
@@ -25,6 +26,7 @@ def rules(config: ParticipantConfig) -> dict[str, Rule]:
         "Abort": coordinator,
         "Finish": coordinator,
         "ListPrepared": coordinator,
+        "WaitsFor": coordinator,
         "Status": lambda p: True,
         "SetFailpoints": lambda p: p.admin,
     }

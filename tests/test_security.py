@@ -74,6 +74,7 @@ PARTICIPANT_CALLS: dict[str, object] = {
     "Abort": ppb.BranchRef(transaction_id="x.1.1"),
     "Finish": ppb.FinishRequest(decisions=[ppb.Decision(transaction_id="x.1.1", commit=True)]),
     "ListPrepared": ppb.ListPreparedRequest(coordinator_id="x"),
+    "WaitsFor": ppb.WaitsForRequest(),
     "Status": ppb.ParticipantStatusRequest(),
     "SetFailpoints": tpb.FailpointsRequest(spec="participant.before_prepare=crash"),
 }
