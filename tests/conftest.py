@@ -3,10 +3,12 @@ loopback, and the bank schema reset before each test that uses it."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from bank_demo import bank
@@ -75,7 +77,35 @@ def make_system(clusters: list[PostgresCluster], tmp_path: Path) -> Iterator[Sys
 
     yield make
     for system in started:
+        settle(system)
         system.stop()
+
+
+SETTLE_TIMEOUT = 10.0
+"""How long a test's system gets, after the test, to finish what it decided."""
+
+
+def settle(system: LocalSystem) -> None:
+    """Let a system whose daemons all run finish phase 2 of what it decided before it
+    is stopped: a client is answered once a commit is durable, and a branch whose
+    Commit was still on its way when the agents stopped would stay prepared on the
+    session's shared clusters, where the next tests would find it. A system the test
+    left broken (a daemon down) is stopped as it is."""
+    if not system.daemons() or not all(d.running for d in system.daemons()):
+        return
+    prefix = f"{system.coordinator_id}."
+
+    def ours() -> list[str]:
+        found = []
+        for gids in system.prepared_transactions().values():
+            for gid in gids:
+                with contextlib.suppress(ValueError):
+                    if str(psycopg.Xid.from_string(gid).gtrid).startswith(prefix):
+                        found.append(gid)
+        return found
+
+    with contextlib.suppress(AssertionError):
+        wait_until(lambda: not ours(), SETTLE_TIMEOUT, "the system's branches finished")
 
 
 @pytest.fixture(scope="session")
@@ -96,6 +126,18 @@ def shared_system(
 
 def dsns(system: LocalSystem) -> dict[str, str]:
     return {shard: system.dsn(shard) for shard in system.shard_names}
+
+
+def wait_coordinator_reaches(system: LocalSystem, shard: str, timeout: float = 30.0) -> None:
+    """After an agent restart, until the coordinator's health probes see the agent again
+    (a one-branch Run on it commits), so that the next call meets the agent itself and
+    not the probes' verdict of the restart window."""
+    with system.client() as client:
+        wait_until(
+            lambda: client.run({shard: [Statement("SELECT 1")]}).committed,
+            timeout,
+            f"the coordinator reaching {shard} again",
+        )
 
 
 def tls_args(system: LocalSystem, identity: str) -> list[str]:

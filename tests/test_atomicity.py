@@ -21,6 +21,7 @@ from tests.conftest import (
     create_tagged_rows,
     rows,
     tagged_inserts,
+    wait_coordinator_reaches,
     wait_no_prepared,
 )
 from twopc_common.errors import ResourceExhausted
@@ -53,6 +54,7 @@ def test_interactive_commit_after_agent_restart_aborts_naming_the_agent(
         agent = system.participants["shard1"]
         agent.kill()
         agent.start()
+        wait_coordinator_reaches(system, "shard1")
         outcome = tx.commit()
         assert not outcome.committed, outcome
         assert outcome.abort_participant == "shard1"
@@ -74,6 +76,7 @@ def test_execute_after_agent_restart_fails_instead_of_opening_a_new_branch(
         agent = system.participants["shard1"]
         agent.kill()
         agent.start()
+        wait_coordinator_reaches(system, "shard1")
         with pytest.raises(TransactionAborted, match="restarted"):
             tx.execute_many("shard1", [_insert("restart-exec-later")])
         outcome = tx.commit()
