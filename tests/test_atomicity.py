@@ -155,13 +155,13 @@ def test_a_coordinator_on_an_older_copy_of_its_log_refuses_to_start(
     log = Path(coordinator.argv[coordinator.argv.index("--log") + 1])
     create_tagged_rows(system)
     with system.client() as client:
-        assert client.run(tagged_inserts("old-log-1")).committed
+        assert client.run(tagged_inserts("old-log-1"), wait_for_completion=True).committed
     coordinator.stop()
     backup = log.with_name("backup.sqlite")
     shutil.copy(log, backup)
     coordinator.start()  # epoch 2, seen by every agent
     with system.client() as client:
-        assert client.run(tagged_inserts("old-log-2")).committed
+        assert client.run(tagged_inserts("old-log-2"), wait_for_completion=True).committed
     coordinator.stop()
     for suffix in ("-wal", "-shm"):
         Path(f"{log}{suffix}").unlink(missing_ok=True)
