@@ -8,17 +8,26 @@ crashes hit them, proved from the shards themselves.
                       the same against an existing deployment (e.g. docker compose)
     bank-demo check --shard shard1=DSN ... [--transfers FILE]
                       the invariant checker alone; exit status 1 on any FAIL
+
+Against existing databases the demo creates its tables (accounts, ledger, bank_meta)
+and marks them as its own; it drops and recreates only tables that carry its mark. A
+table of one of those names that it did not create is never touched: the run stops
+and names it, unless you pass --reset. Every option is checked before anything starts.
+Exit status: 0 all checks passed, 1 a check failed or the deployment is unusable, 2 a
+usage error.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import random
 import signal
 import sys
 import threading
 import time
+import uuid
 from dataclasses import asdict
 from pathlib import Path
 from typing import NoReturn
@@ -37,12 +46,14 @@ from bank_demo.faults import (
 )
 from bank_demo.workload import Workload, WorkloadConfig, in_doubt
 from coordinator.client import CoordinatorClient
+from twopc_common import settings
+from twopc_common.cli import HelpFormatter, add_version_flag
 from twopc_common.errors import TwoPCError
 from twopc_common.ids import check_name
 from twopc_common.tls import TlsConfig, TlsError, add_tls_flags, client_tls
 from twopc_harness.network import FaultNetwork, attach_network
 from twopc_harness.postgres import HarnessError
-from twopc_harness.system import LocalSystem, start_system
+from twopc_harness.system import LocalSystem, local_proxy_names, start_system
 
 # The local deployment runs with short timeouts so that faults resolve within seconds.
 LOCAL_COORDINATOR_ARGS = [
@@ -72,18 +83,23 @@ class DemoError(Exception):
     """Bad options or an unusable deployment: one clear line, non-zero exit."""
 
 
+class UsageError(DemoError):
+    """A bad option, found before anything started (exit status 2)."""
+
+
 def _shard_dsns(items: list[str]) -> dict[str, str]:
     dsns: dict[str, str] = {}
     for item in items:
         name, sep, dsn = item.partition("=")
         if not sep or not dsn:
-            raise DemoError(f"--shard {item!r}: expected NAME=DSN")
+            raise UsageError(f"--shard {settings.redact(item)!r}: expected NAME=DSN")
         try:
             check_name("participant", name)
+            settings.dsn(f"--shard {name}", dsn)
         except TwoPCError as exc:
-            raise DemoError(str(exc)) from None
+            raise UsageError(str(exc)) from None
         if name in dsns:
-            raise DemoError(f"--shard {name!r} given twice")
+            raise UsageError(f"--shard {name!r} given twice")
         dsns[name] = dsn
     return dsns
 
@@ -95,7 +111,10 @@ def _check_shards(dsns: dict[str, str]) -> None:
                 row = conn.execute("SHOW max_prepared_transactions").fetchone()
         except psycopg.Error as exc:
             message = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
-            raise DemoError(f"shard {name} does not answer ({message})") from None
+            raise DemoError(
+                f"shard {name} does not answer ({settings.redact(message)}) at "
+                f"{settings.describe_dsn(dsn)}"
+            ) from None
         if row is None or int(str(row[0])) == 0:
             raise DemoError(
                 f"shard {name} has max_prepared_transactions = 0: it cannot "
@@ -115,10 +134,12 @@ def _schedule(
     args: argparse.Namespace,
     seed: int,
     shards: list[str],
-    network: FaultNetwork | None,
+    proxies: list[str] | None,
     can_kill: bool,
 ) -> list[FaultEvent]:
-    proxies = sorted(network.proxies) if network is not None else []
+    """The fault schedule; `proxies` None means there is no fault network."""
+    network = proxies is not None
+    proxies = proxies or []
     faults = args.faults or ("mixed" if can_kill else "network" if network else "none")
     try:
         if faults in PRESETS:
@@ -127,9 +148,14 @@ def _schedule(
                     "the mixed preset kills processes: only for the local "
                     "deployment (use --faults network)"
                 )
-            if faults == "network" and network is None:
+            if faults == "network" and not network:
                 raise ScheduleError("--faults network needs a Toxiproxy (--toxiproxy-url)")
             return make_schedule(faults, seed, args.duration, shards, proxies)
+        if not Path(faults).exists():
+            raise ScheduleError(
+                f"--faults {faults!r} is neither a preset ({', '.join(PRESETS)}) "
+                "nor an existing schedule file (FILE.json)"
+            )
         return load_schedule(Path(faults), shards, proxies, can_kill)
     except ScheduleError as exc:
         raise DemoError(str(exc)) from None
@@ -160,7 +186,8 @@ def play(
     seed: int,
 ) -> int:
     shards = list(dsns)
-    schedule = _schedule(args, seed, shards, network, system is not None)
+    proxies = sorted(network.proxies) if network is not None else None
+    schedule = _schedule(args, seed, shards, proxies, system is not None)
     out = _out_dir(args, seed)
     print(
         f"bank-demo: {len(shards)} shards, {args.accounts} accounts of {args.balance}, "
@@ -172,7 +199,10 @@ def play(
             f"  fault at {event.at:>5.1f}s for {event.duration:.1f}s: {event.label}",
             file=sys.stderr,
         )
-    bank.create_schema(dsns)
+    try:
+        bank.create_schema(dsns, reset=args.reset)
+    except bank.NotTheDemosSchema as exc:
+        raise DemoError(str(exc)) from None
     bank.open_accounts(dsns, args.accounts, args.balance)
 
     player = FaultPlayer(network, system)
@@ -187,6 +217,9 @@ def play(
             duration=args.duration,
             hot_accounts=args.hot_accounts,
             hot_fraction=args.hot_fraction,
+            # Unique per run: the coordinator keeps keys (its retention), and this
+            # run's transfers are not the last run's.
+            run_id=f"{uuid.uuid4().hex[:8]}-",
         ),
         random.Random(seed),
         lambda: player.current,
@@ -219,7 +252,11 @@ def play(
         out / "report.json",
         {
             "seed": seed,
-            "config": {k: v for k, v in vars(args).items() if k != "command"},
+            "config": {
+                k: [settings.redact(shard) for shard in v] if k == "shard" else v
+                for k, v in vars(args).items()
+                if k != "command"
+            },
             "deployment": "local" if system is not None else address,
             "fault_network": network.kind if network is not None else None,
             "schedule": schedule_json(schedule),
@@ -243,12 +280,54 @@ def play(
     return 0 if ok else 1
 
 
-def run(args: argparse.Namespace) -> int:
-    seed = args.seed if args.seed is not None else random.randrange(2**31)
+def _check_run_options(args: argparse.Namespace, seed: int) -> None:
+    """Everything that can be checked without a deployment, before one is started or
+    touched: a bad option costs a second, not a cluster start-up."""
     if args.coordinator:
+        try:
+            settings.host_port("--coordinator", args.coordinator)
+        except TwoPCError as exc:
+            raise UsageError(str(exc)) from None
         dsns = _shard_dsns(args.shard)
         if not dsns:
-            raise DemoError("--coordinator needs the shards' DSNs: --shard NAME=DSN ...")
+            raise UsageError("--coordinator needs the shards' DSNs: --shard NAME=DSN ...")
+        # The proxies of an existing Toxiproxy are known only once it answers; the
+        # schedule is checked against them then.
+        proxies: list[str] | None = [] if args.toxiproxy_url else None
+        if args.faults in PRESETS or proxies is None:
+            _schedule_usage(args, seed, list(dsns), proxies, can_kill=False)
+        return
+    if args.shard or args.toxiproxy_url:
+        raise UsageError(
+            "--shard and --toxiproxy-url go with --coordinator (an existing "
+            "deployment); without it the demo starts its own"
+        )
+    if args.reset:
+        raise UsageError(
+            "--reset goes with --coordinator and --shard (the local demo starts empty)"
+        )
+    shards = [f"shard{i}" for i in range(1, args.shards + 1)]
+    _schedule_usage(args, seed, shards, local_proxy_names(shards), can_kill=True)
+
+
+def _schedule_usage(
+    args: argparse.Namespace,
+    seed: int,
+    shards: list[str],
+    proxies: list[str] | None,
+    can_kill: bool,
+) -> None:
+    try:
+        _schedule(args, seed, shards, proxies, can_kill)
+    except DemoError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def run(args: argparse.Namespace) -> int:
+    seed = args.seed if args.seed is not None else random.randrange(2**31)
+    _check_run_options(args, seed)
+    if args.coordinator:
+        dsns = _shard_dsns(args.shard)
         _check_shards(dsns)
         try:
             tls = client_tls(args)
@@ -264,11 +343,6 @@ def run(args: argparse.Namespace) -> int:
         finally:
             if network is not None:
                 network.stop()
-    if args.shard or args.toxiproxy_url:
-        raise DemoError(
-            "--shard and --toxiproxy-url go with --coordinator (an existing "
-            "deployment); without it the demo starts its own"
-        )
     print(
         f"bank-demo: starting {args.shards} PostgreSQL shards, Toxiproxy, agents and the "
         "coordinator...",
@@ -298,46 +372,85 @@ def run(args: argparse.Namespace) -> int:
 
 def check(args: argparse.Namespace) -> int:
     dsns = _shard_dsns(args.shard)
-    if not dsns:
-        raise DemoError("check needs the shards: --shard NAME=DSN ...")
-    _check_shards(dsns)
     outcomes = None
     if args.transfers:
         try:
             outcomes = checker.load_outcomes(Path(args.transfers))
         except (OSError, ValueError, KeyError) as exc:
-            raise DemoError(f"cannot read {args.transfers}: {exc}") from None
+            raise UsageError(f"cannot read --transfers {args.transfers}: {exc}") from None
+    _check_shards(dsns)
+    try:
+        bank.require_schema(dsns)
+    except bank.NotTheDemosSchema as exc:
+        raise DemoError(str(exc)) from None
     checks = checker.run_checks(dsns, outcomes)
     print(checker.render(checks))
     return 0 if all(c.ok for c in checks) else 1
 
 
+class _Formatter(HelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults shown, the description's layout kept."""
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="bank-demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    p = argparse.ArgumentParser(prog="bank-demo", description=__doc__, formatter_class=_Formatter)
+    add_version_flag(p)
+    sub = p.add_subparsers(dest="command", metavar="{run,check}")
+    r = sub.add_parser(
+        "run", help="run the demo (the default)", description=__doc__, formatter_class=_Formatter
     )
-    sub = p.add_subparsers(dest="command")
-    r = sub.add_parser("run", help="run the demo (the default)")
-    c = sub.add_parser("check", help="check the invariants of existing shards")
+    c = sub.add_parser(
+        "check",
+        help="check the invariants of existing shards",
+        description=checker.__doc__,
+        formatter_class=_Formatter,
+    )
     for target in (p, r):
-        target.add_argument("--shards", type=int, default=3, help="shards to start (local)")
-        target.add_argument("--accounts", type=int, default=100)
-        target.add_argument("--balance", type=int, default=1000, help="initial balance")
-        target.add_argument("--concurrency", type=int, default=16, help="concurrent clients")
-        target.add_argument("--duration", type=float, default=30.0, help="seconds of transfers")
         target.add_argument(
-            "--hot-accounts", type=int, default=0, help="size of a hot set of accounts (0: no skew)"
+            "--shards", type=int, default=3, metavar="N", help="shards to start (local demo)"
         )
         target.add_argument(
-            "--hot-fraction", type=float, default=0.8, help="share of transfers within the hot set"
+            "--accounts", type=int, default=100, metavar="N", help="accounts opened, ids 1..N"
+        )
+        target.add_argument(
+            "--balance", type=int, default=1000, metavar="AMOUNT", help="initial balance of each"
+        )
+        target.add_argument(
+            "--concurrency", type=int, default=16, metavar="N", help="concurrent clients"
+        )
+        target.add_argument(
+            "--duration",
+            type=float,
+            default=30.0,
+            metavar="SECONDS",
+            help="how long transfers run",
+        )
+        target.add_argument(
+            "--hot-accounts",
+            type=int,
+            default=0,
+            metavar="N",
+            help="size of a hot set of accounts, ids 1..N (0: no skew)",
+        )
+        target.add_argument(
+            "--hot-fraction",
+            type=float,
+            default=0.8,
+            metavar="FRACTION",
+            help="share of transfers within the hot set, 0 to 1",
         )
         target.add_argument(
             "--faults",
+            metavar="SCHEDULE",
             help=f"{' | '.join(PRESETS)} | FILE.json "
-            "(default: mixed locally, network with --toxiproxy-url)",
+            "(default: mixed locally, network with --toxiproxy-url, else none)",
         )
-        target.add_argument("--seed", type=int, help="random seed (printed; replays the run)")
-        target.add_argument("--out", help="output folder (default out/bank-demo-SEED)")
+        target.add_argument(
+            "--seed", type=int, metavar="N", help="random seed (default: random, printed)"
+        )
+        target.add_argument(
+            "--out", metavar="DIR", help="output folder (default: out/bank-demo-SEED)"
+        )
         target.add_argument("--quiet", action="store_true", help="no live progress line")
         target.add_argument(
             "--coordinator", metavar="HOST:PORT", help="an existing deployment's coordinator"
@@ -347,13 +460,31 @@ def _parser() -> argparse.ArgumentParser:
             action="append",
             default=[],
             metavar="NAME=DSN",
-            help="an existing deployment's shard (repeatable)",
+            help="an existing deployment's shard: the agent's --id and its database (repeatable)",
         )
-        target.add_argument("--toxiproxy-url", help="an existing deployment's Toxiproxy API")
+        target.add_argument(
+            "--toxiproxy-url", metavar="URL", help="an existing deployment's Toxiproxy API"
+        )
+        target.add_argument(
+            "--reset",
+            action="store_true",
+            help="with --shard: drop tables named accounts, ledger or bank_meta even if "
+            "the demo did not create them (without it the demo refuses to touch them)",
+        )
         add_tls_flags(target, daemon=False)
-    c.add_argument("--shard", action="append", default=[], metavar="NAME=DSN", required=True)
     c.add_argument(
-        "--transfers", help="transfers.jsonl of a run, to check the outcomes the client was told"
+        "--shard",
+        action="append",
+        default=[],
+        metavar="NAME=DSN",
+        required=True,
+        help="a shard to check: its name and its database (repeatable)",
+    )
+    c.add_argument(
+        "--transfers",
+        metavar="FILE",
+        help="transfers.jsonl of a run, to check the outcomes the client was told "
+        "(without it those two checks are skipped)",
     )
     return p
 
@@ -366,7 +497,7 @@ def _validate(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
         (a.accounts < 2, "--accounts must be at least 2"),
         (a.balance < 0, "--balance cannot be negative"),
         (a.concurrency < 1, "--concurrency must be at least 1"),
-        (a.duration <= 0, "--duration must be positive"),
+        (not math.isfinite(a.duration) or a.duration <= 0, "--duration must be positive"),
         (
             a.hot_accounts != 0 and not 2 <= a.hot_accounts <= a.accounts,
             "--hot-accounts must be 0 or between 2 and --accounts",
@@ -378,9 +509,9 @@ def _validate(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
             p.error(message)
 
 
-def _fail(message: str) -> NoReturn:
-    print(f"bank-demo: {message}", file=sys.stderr)
-    sys.exit(1)
+def _fail(message: str, code: int = 1) -> NoReturn:
+    print(f"bank-demo: {settings.redact(message)}", file=sys.stderr)
+    sys.exit(code)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -391,6 +522,8 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
         code = check(a) if a.command == "check" else run(a)
+    except UsageError as exc:
+        _fail(str(exc), 2)
     except (DemoError, HarnessError) as exc:
         _fail(str(exc))
     except KeyboardInterrupt:

@@ -13,16 +13,19 @@ import zlib
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import psycopg
 
 from twopc_common import ids
 from twopc_common.values import Statement, exactly
 
+# The demo's tables, each marked as the demo's by its comment: the demo drops and
+# recreates a table only if it carries the mark (or the user asked for --reset), so
+# a user's own `accounts` in the same database is never touched.
+TABLES = ("bank_meta", "accounts", "ledger")
+MARK = "bank-demo"
 SCHEMA = [
-    "DROP TABLE IF EXISTS ledger",
-    "DROP TABLE IF EXISTS accounts",
-    "DROP TABLE IF EXISTS bank_meta",
     # What this shard was given at the start: the checker's reference for total money.
     "CREATE TABLE bank_meta (key text PRIMARY KEY, value bigint NOT NULL)",
     """CREATE TABLE accounts (
@@ -36,7 +39,13 @@ SCHEMA = [
         amount bigint NOT NULL CHECK (amount > 0),
         PRIMARY KEY (transfer_id, leg)
     )""",
+    *(f"COMMENT ON TABLE {table} IS '{MARK}'" for table in TABLES),
 ]
+
+
+class NotTheDemosSchema(Exception):
+    """A shard holds tables of the demo's names that the demo did not create, or lacks
+    the demo's tables."""
 
 
 BOTH_LEGS = frozenset({"debit", "credit"})
@@ -47,13 +56,59 @@ def shard_of(account: int, shards: Sequence[str]) -> str:
     return shards[zlib.crc32(str(account).encode()) % len(shards)]
 
 
-def create_schema(dsns: Mapping[str, str]) -> None:
+def tables(conn: psycopg.Connection[Any]) -> dict[str, bool | None]:
+    """Each demo table name -> True if it is the demo's (marked), False if it is
+    someone else's, None if there is none (looked up on the search path, as the demo's
+    statements resolve them)."""
+    rows = conn.execute(
+        "SELECT t, to_regclass(t) IS NOT NULL, obj_description(to_regclass(t), 'pg_class') "
+        "FROM unnest(%s::text[]) AS t",
+        (list(TABLES),),
+    ).fetchall()
+    return {str(t): (desc == MARK if exists else None) for t, exists, desc in rows}
+
+
+def create_schema(dsns: Mapping[str, str], reset: bool = False) -> None:
+    """(Re)create the demo's tables on every shard. A table of one of the demo's names
+    that the demo did not create is dropped only with `reset`; otherwise nothing is
+    touched on any shard and NotTheDemosSchema names the table."""
+    foreign = []
+    for shard, dsn in dsns.items():
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            foreign += [f"{shard}: {t}" for t, ours in tables(conn).items() if ours is False]
+    if foreign and not reset:
+        raise NotTheDemosSchema(
+            f"refusing to drop tables the demo did not create ({', '.join(foreign)}): "
+            "point --shard at databases of their own, or pass --reset to drop them"
+        )
     for dsn in dsns.values():
         with psycopg.connect(dsn, autocommit=True) as conn:
             # A leftover prepared transaction would block DROP TABLE forever.
             conn.execute("SET lock_timeout = '10s'")
-            for statement in SCHEMA:
-                conn.execute(statement)
+            with conn.transaction():
+                for table in reversed(TABLES):
+                    conn.execute(f"DROP TABLE IF EXISTS {table}")
+                for statement in SCHEMA:
+                    conn.execute(statement)
+
+
+def require_schema(dsns: Mapping[str, str]) -> None:
+    """Raise NotTheDemosSchema unless every shard holds the demo's own tables."""
+    for shard, dsn in dsns.items():
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            found = tables(conn)
+        missing = [t for t, ours in found.items() if ours is None]
+        foreign = [t for t, ours in found.items() if ours is False]
+        if missing:
+            raise NotTheDemosSchema(
+                f"shard {shard} has no bank-demo schema (no table {', '.join(missing)}): "
+                "check the DSN, or run `bank-demo run` against it first"
+            )
+        if foreign:
+            raise NotTheDemosSchema(
+                f"shard {shard}: table {', '.join(foreign)} was not created by bank-demo "
+                "(it has no bank-demo mark): check the DSN"
+            )
 
 
 def open_accounts(dsns: Mapping[str, str], accounts: int, balance: int) -> None:

@@ -63,6 +63,10 @@ class WorkloadConfig:
     hot_fraction: float = 0.8
     answer_deadline: float = 30.0
     client_timeout: float = 10.0
+    run_id: str = ""
+    """Prefix of every transfer id, which is also its idempotency key: keys outlive a
+    run in the coordinator's log (its retention), and the same key sent again with
+    another transfer is ALREADY_EXISTS, so each run needs its own."""
 
 
 def in_doubt(dsns: Mapping[str, str]) -> int | None:
@@ -124,7 +128,7 @@ class Workload:
         n = 0
         while time.monotonic() < until:
             n += 1
-            tid = f"t{worker}-{n}"
+            tid = f"{self._config.run_id}t{worker}-{n}"
             source, target = self._pick()
             amount = self._rng.randint(1, self._config.max_amount)
             branches = bank.transfer(tid, source, target, amount, self._shards)

@@ -5,27 +5,40 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import sys
 from pathlib import Path
 
-from coordinator import access
+from prometheus_client import CollectorRegistry
+
+from coordinator import access, metrics
 from coordinator.config import CoordinatorConfig
 from coordinator.decision_log import DecisionLog, LogInUse
 from coordinator.engine import Coordinator, LogBehind
+from coordinator.heuristics import HeuristicWatch
 from coordinator.participants import ParticipantClient
 from coordinator.service import CoordinatorService
 from twopc_common.auth import Authenticator, TokenFile, TokenFileError, guard, token_main
 from twopc_common.cli import (
+    HelpFormatter,
+    LogSettings,
     add_daemon_flags,
+    add_statement_policy_flags,
+    listen_address,
+    log_level,
     named_addresses,
+    non_negative,
     positive,
     run_daemon,
     wait_for_termination,
 )
-from twopc_common.errors import TwoPCError
+from twopc_common.errors import TwoPCError, Unavailable
+from twopc_common.health import Health
 from twopc_common.ids import check_name
 from twopc_common.log import EventLogger
+from twopc_common.metrics import RpcMetrics, serve_metrics
 from twopc_common.server import ListenError, bind_grpc_server
+from twopc_common.statements import policy_kinds
 from twopc_common.tls import TlsError, daemon_tls
 from twopc_pb import coordinator_pb2 as pb
 from twopc_pb import coordinator_pb2_grpc as cgrpc
@@ -40,12 +53,6 @@ async def serve(config: CoordinatorConfig) -> None:
     tokens = TokenFile(config.tokens_file, log) if config.tokens_file else None
     authenticator = Authenticator(not config.tls.insecure, config.admins, tokens)
     decision_log = DecisionLog(config.log_path, config.id, batch_max=config.log_batch_max)
-    try:
-        decision_log.acquire()
-    except LogInUse as exc:
-        raise StartupError(str(exc)) from exc
-    except Exception as exc:
-        raise StartupError(f"cannot open decision log {config.log_path}: {exc}") from exc
     clients = {
         name: ParticipantClient(
             name,
@@ -53,50 +60,115 @@ async def serve(config: CoordinatorConfig) -> None:
             config.rpc_timeout,
             config.limits.max_message_bytes,
             config.limits.max_phase2_batch,
+            config.connect_probe_timeout,
             tls=config.tls,
         )
         for name, address in config.participants.items()
     }
     engine = Coordinator(config, decision_log, clients)
+    health = Health(pb.DESCRIPTOR.services_by_name["Coordinator"].full_name, engine.log)
+    registry = CollectorRegistry()
+    # Both ports are bound before the log is touched: a daemon that cannot get its
+    # ports must leave no trace (no new log file, no epoch bumped).
+    try:
+        server = bind_grpc_server(
+            config.listen,
+            config.limits.max_message_bytes,
+            lambda s: cgrpc.add_CoordinatorServicer_to_server(
+                guard(
+                    CoordinatorService(engine, access.Owners(config.owners_remembered)),
+                    pb.DESCRIPTOR.services_by_name["Coordinator"],
+                    authenticator,
+                    access.rules(config),
+                    log,
+                ),
+                s,
+            ),
+            health,
+            config.tls,
+            log,
+            [RpcMetrics(registry)],
+            config.token_listen,
+        )
+    except ListenError:
+        await engine.close()
+        raise
+    heuristics = HeuristicWatch(engine)
+    metrics.register(registry, engine, health, heuristics)
+    metrics_server = (
+        await serve_metrics(config.metrics_listen, registry, engine.log)
+        if config.metrics_listen
+        else None
+    )
+
+    async def give_up(exc: Exception) -> StartupError:
+        if metrics_server is not None:
+            metrics_server.close()
+        await server.stop(None)
+        await engine.close()
+        decision_log.close()
+        return exc if isinstance(exc, StartupError) else StartupError(str(exc))
+
+    try:
+        decision_log.acquire()
+    except LogInUse as exc:
+        raise await give_up(exc) from exc
+    except Exception as exc:
+        folder = os.path.dirname(os.path.abspath(config.log_path))
+        hint = "" if os.path.isdir(folder) else f" (folder {folder} does not exist: create it)"
+        raise await give_up(
+            StartupError(f"cannot open decision log {config.log_path}: {exc}{hint}")
+        ) from exc
     try:
         await engine.check_log_is_current()
     except LogBehind as exc:
-        await engine.close()
-        decision_log.close()
-        raise StartupError(str(exc)) from exc
+        raise await give_up(exc) from exc
     decision_log.begin_epoch()
-    engine.log.info("starting", epoch=decision_log.epoch, participants=len(clients))
-    await engine.recover()
-    server = bind_grpc_server(
-        config.listen,
-        config.limits.max_message_bytes,
-        lambda s: cgrpc.add_CoordinatorServicer_to_server(
-            guard(
-                CoordinatorService(engine, access.Owners(config.owners_remembered)),
-                pb.DESCRIPTOR.services_by_name["Coordinator"],
-                authenticator,
-                access.rules(config),
-                log,
-            ),
-            s,
-        ),
-        config.tls,
-        log,
-        config.token_listen,
+    engine.log.info(
+        "starting",
+        epoch=decision_log.epoch,
+        log=os.path.abspath(config.log_path),
+        listen=config.listen,
+        participants=",".join(f"{n}={a}" for n, a in config.participants.items()) or "none",
     )
+    if not config.participants:
+        engine.log.warning(
+            "no_participants",
+            hint="every transaction will fail: add --participant NAME=HOST:PORT per agent",
+        )
+    # Listening during recovery, NOT_SERVING until it is done: probes and operators
+    # can tell "recovering" from "down". GetTransaction answers UNAVAILABLE until
+    # recovery made "unknown" safe; new transactions cannot race it (it leaves alone
+    # whatever is in memory).
+    await health.update(False, "start-up recovery")
     await server.start()
-    engine.log.info("serving", listen=config.listen, epoch=decision_log.epoch)
+    engine.log.info("listening", listen=config.listen, epoch=decision_log.epoch)
+    await engine.recover()
+
+    async def healthy() -> None:
+        """SERVING: it takes new transactions and its log can make a record durable."""
+        if (why := engine.stopped) is not None:
+            raise Unavailable(f"accepts no new transactions: {why}")
+        await decision_log.probe()
+
     tasks = [
+        asyncio.create_task(check_participant_ids(engine, clients)),
         asyncio.create_task(engine.recovery_loop()),
         asyncio.create_task(engine.reap_idle_transactions()),
         *(asyncio.create_task(engine.probe_loop(p)) for p in clients),
+        asyncio.create_task(health.watch(healthy, config.health_interval, config.health_timeout)),
+        asyncio.create_task(heuristics.run_forever(config.recovery_interval)),
     ]
     if config.deadlock_interval > 0:
         tasks.append(asyncio.create_task(engine.deadlock_loop()))
+    engine.log.info("serving", listen=config.listen, epoch=decision_log.epoch)
     try:
         await wait_for_termination()
     finally:
         engine.log.info("stopping")
+        await health.shutdown()
+        if metrics_server is not None:
+            metrics_server.close()
         await server.stop(config.shutdown_grace)
         for task in tasks:
             task.cancel()
@@ -106,24 +178,62 @@ async def serve(config: CoordinatorConfig) -> None:
         decision_log.close()
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[CoordinatorConfig, str]:
+async def check_participant_ids(engine: Coordinator, clients: dict[str, ParticipantClient]) -> None:
+    """Ask every agent its id once, so that a `--participant NAME=ADDRESS` pointing at
+    an agent with another id (whose branches would never be found) is reported at
+    start-up rather than discovered in the first in-doubt branch."""
+
+    async def one(name: str, client: ParticipantClient) -> None:
+        try:
+            answered = await client.participant_id()
+        except TwoPCError as exc:
+            engine.log.warning("participant_unreachable", participant=name, error=str(exc))
+            return
+        if answered != name:
+            engine.log.error(
+                "participant_id_mismatch",
+                participant=name,
+                address=client.address,
+                answers_as=answered,
+                hint=f"the agent at {client.address} runs with --id {answered}: "
+                f"use --participant {answered}={client.address} or fix the agent's --id",
+            )
+
+    await asyncio.gather(*(one(n, c) for n, c in clients.items()))
+
+
+def parser() -> argparse.ArgumentParser:
+    """The command line, with every flag's help and default."""
     d = CoordinatorConfig(id="-", log_path="-")
     p = argparse.ArgumentParser(
         prog="twopc-coordinator",
         description="Two-phase-commit coordinator for PostgreSQL participant agents. "
         "Subcommands: `inspect` (the operator's view), `certs` (development "
         "certificates), `token` (issue a bearer token); each has --help.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
-    p.add_argument("--id", required=True, help="this coordinator's name (in every txid)")
-    p.add_argument("--log", required=True, metavar="PATH", help="SQLite decision log")
-    p.add_argument("--listen", default=d.listen, help="HOST:PORT to serve gRPC on")
+    p.add_argument(
+        "--id",
+        required=True,
+        metavar="NAME",
+        help="this coordinator's name, 1-24 of [A-Za-z0-9_-]; part of every transaction "
+        "id, and the decision log refuses another",
+    )
+    p.add_argument(
+        "--log",
+        required=True,
+        metavar="PATH",
+        help="SQLite decision log (created if missing; its folder must exist)",
+    )
+    p.add_argument(
+        "--listen", type=listen_address, default=d.listen, metavar="HOST:PORT", help="gRPC address"
+    )
     p.add_argument(
         "--participant",
         action="append",
         default=[],
         metavar="NAME=HOST:PORT",
-        help="a participant agent (repeatable)",
+        help="a participant agent: its --id and its address (repeatable)",
     )
     p.add_argument(
         "--prepare-timeout",
@@ -144,7 +254,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[CoordinatorConfig, str]:
         type=positive,
         default=d.phase2_backoff_max,
         metavar="SECONDS",
-        help="cap of the phase-2 retry backoff",
+        help="cap of the phase-2 retry backoff (phase 2 is retried forever)",
     )
     p.add_argument(
         "--transaction-idle-timeout",
@@ -170,7 +280,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[CoordinatorConfig, str]:
     )
     p.add_argument(
         "--deadlock-interval",
-        type=float,
+        type=non_negative,
         default=d.deadlock_interval,
         metavar="SECONDS",
         help="period of the cross-shard deadlock detector (0: off)",
@@ -199,6 +309,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[CoordinatorConfig, str]:
     )
     p.add_argument(
         "--token-listen",
+        type=listen_address,
         metavar="HOST:PORT",
         help="a second port, TLS without client certificates, for clients with bearer tokens",
     )
@@ -208,7 +319,13 @@ def parse_args(argv: list[str] | None = None) -> tuple[CoordinatorConfig, str]:
         metavar="PATH",
         help="hashed bearer tokens (`twopc-coordinator token --help` issues them)",
     )
+    add_statement_policy_flags(p)
     add_daemon_flags(p)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[CoordinatorConfig, LogSettings]:
+    p = parser()
     a = p.parse_args(argv)
     if a.token_listen and not a.tokens_file:
         p.error("--token-listen needs --tokens-file")
@@ -230,17 +347,19 @@ def parse_args(argv: list[str] | None = None) -> tuple[CoordinatorConfig, str]:
             deadlock_interval=a.deadlock_interval,
             deadlock_retries=a.deadlock_retries,
             probe_interval=a.probe_interval,
-            probe_timeout=a.probe_interval,
+            probe_timeout=max(1.0, a.probe_interval),
             recovery_interval=a.recovery_interval,
+            metrics_listen=a.metrics,
             allow_failpoints=a.allow_failpoints,
             tls=tls,
             token_listen=a.token_listen,
             tokens_file=a.tokens_file,
             admins=frozenset(a.admin),
+            statement_kinds=policy_kinds(a.allow_statement, a.refuse_statement),
         )
     except (TwoPCError, argparse.ArgumentTypeError) as exc:
         p.error(str(exc))
-    return config, a.log_level
+    return config, LogSettings(log_level(p, a.log_level), a.log_format)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -258,11 +377,11 @@ def main(argv: list[str] | None = None) -> None:
     if args[:1] == ["token"]:
         token_main(args[1:])
         return
-    config, level = parse_args(args)
+    config, logs = parse_args(args)
     run_daemon(
         "twopc-coordinator",
         serve(config),
-        level,
+        logs,
         (StartupError, ListenError, TlsError, TokenFileError),
         config.allow_failpoints,
     )

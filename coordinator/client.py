@@ -34,11 +34,14 @@ and the project's errors for a refused request (`InvalidArgument`, `NotFound`,
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+import random
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 
@@ -71,9 +74,40 @@ __all__ = [
     "TransactionStatus",
     "TransportError",
     "exactly",
+    "retry_when_refused",
+    "retry_when_refused_async",
 ]
 
 Branches = Mapping[str, Sequence[Statement]]
+T = TypeVar("T")
+
+
+def _refusal_delay(exc: ResourceExhausted, attempt: int) -> float:
+    """The coordinator's hint, or capped exponential backoff, with full jitter."""
+    base = exc.retry_after if exc.retry_after is not None else min(2.0, 0.05 * 2**attempt)
+    return random.uniform(0.5, 1.5) * base
+
+
+def retry_when_refused(call: Callable[[], T], attempts: int = 10) -> T:
+    """`call()`, again after each RESOURCE_EXHAUSTED of a coordinator at its admission
+    limit (--max-in-flight), waiting its retry hint with jitter. Safe for any call:
+    refused work never ran. Other errors, and the last refusal, are raised."""
+    for attempt in range(attempts - 1):
+        try:
+            return call()
+        except ResourceExhausted as exc:
+            time.sleep(_refusal_delay(exc, attempt))
+    return call()
+
+
+async def retry_when_refused_async(call: Callable[[], Awaitable[T]], attempts: int = 10) -> T:
+    """`retry_when_refused` for the asyncio client."""
+    for attempt in range(attempts - 1):
+        try:
+            return await call()
+        except ResourceExhausted as exc:
+            await asyncio.sleep(_refusal_delay(exc, attempt))
+    return await call()
 
 
 class TransportError(TwoPCError):

@@ -6,7 +6,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from coordinator.protocol import RetryPolicy
+from twopc_common import settings
 from twopc_common.limits import Limits
+from twopc_common.statements import DEFAULT_ALLOWED, StatementKind
 from twopc_common.tls import TlsConfig
 
 
@@ -55,7 +57,7 @@ class CoordinatorConfig:
     a new transaction before its client is told DEADLOCK: all its work is known."""
     probe_interval: float = 0.5
     """Seconds between health probes of each participant."""
-    probe_timeout: float = 0.5
+    probe_timeout: float = 1.0
     """A probe not answered within this fails."""
     probe_failures: int = 2
     """Consecutive failed probes that mark a participant down: new transactions that
@@ -68,8 +70,21 @@ class CoordinatorConfig:
     """Most decision-log records written under one fsync (group commit)."""
     shutdown_grace: float = 2.0
     """Seconds in-flight RPCs get to finish on SIGTERM."""
+    metrics_listen: str | None = None
+    """HOST:PORT of the Prometheus `/metrics` endpoint; None: no endpoint."""
+    health_interval: float = 1.0
+    """Seconds between the health probes behind the gRPC health service."""
+    health_timeout: float = 2.0
+    """A health probe not answered within this many seconds means NOT_SERVING."""
     allow_failpoints: bool = False
     """Accept the SetFailpoints admin call (a test hook that can crash the daemon)."""
+    connect_probe_timeout: float = 1.0
+    """When a participant cannot be reached, seconds a plain TCP connect to its address
+    may take to find out why (connection refused, timed out, ...) for the abort reason
+    and the log."""
+    statement_kinds: frozenset[StatementKind] = DEFAULT_ALLOWED
+    """Kinds of statement a branch may run (`twopc_common.statements`); the default
+    widened and narrowed by --allow-statement / --refuse-statement."""
     tls: TlsConfig = field(default_factory=TlsConfig)
     """Certificate, key and CA for every channel (the default is plaintext: --insecure)."""
     token_listen: str | None = None
@@ -87,3 +102,31 @@ class CoordinatorConfig:
     @property
     def phase2_retry(self) -> RetryPolicy:
         return RetryPolicy(self.phase2_backoff_initial, self.phase2_backoff_max)
+
+    def __post_init__(self) -> None:
+        # The id is checked where it is parsed (check_name); these would otherwise be
+        # found only when the first transaction needs them.
+        settings.host_port("listen", self.listen)
+        for name, address in self.participants.items():
+            settings.host_port(f"participant {name}", address)
+        for name in (
+            "prepare_timeout",
+            "rpc_timeout",
+            "phase2_backoff_initial",
+            "phase2_backoff_max",
+            "transaction_idle_timeout",
+            "transaction_max_lifetime",
+            "recovery_interval",
+            "startup_recovery_timeout",
+            "probe_interval",
+            "probe_timeout",
+            "retention",
+            "connect_probe_timeout",
+        ):
+            settings.seconds(name, getattr(self, name))
+        settings.seconds("shutdown_grace", self.shutdown_grace, zero_ok=True)
+        settings.seconds("deadlock_interval", self.deadlock_interval, zero_ok=True)
+        settings.count("probe_failures", self.probe_failures)
+        settings.count("abort_attempts", self.abort_attempts)
+        settings.count("recent_outcomes", self.recent_outcomes)
+        settings.count("log_batch_max", self.log_batch_max)

@@ -140,6 +140,8 @@ class DecisionLog:
         self._lock_fd: int | None = None
         self._writer_conn: sqlite3.Connection | None = None
         self.stats = {"log_batches": 0, "log_records": 0, "log_fsync_batches": 0}
+        self.on_batch: Callable[[int, bool, float], None] = lambda records, forced, secs: None
+        """Called by the writer thread after each batch it committed (metrics)."""
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
@@ -257,6 +259,7 @@ class DecisionLog:
             if wanted != synchronous:
                 conn.execute(f"PRAGMA synchronous = {wanted}")
                 synchronous = wanted
+            started = time.perf_counter()
             try:
                 self._commit(conn, [write for write, _, _ in batch])
             except sqlite3.IntegrityError:
@@ -276,6 +279,7 @@ class DecisionLog:
             self.stats["log_batches"] += 1
             self.stats["log_records"] += len(batch)
             self.stats["log_fsync_batches"] += wanted == "FULL"
+            self.on_batch(len(batch), wanted == "FULL", time.perf_counter() - started)
             for _, _, fut in batch:
                 _settle(fut)
 
@@ -481,6 +485,20 @@ class DecisionLog:
         # worst FORGOTTEN for a record still there, never UNKNOWN for one gone.
         self.pruned_before = horizon
         await self._write(prune, forced=False)
+
+    async def probe(self) -> None:
+        """Force one tiny write through the writer, as a COMMIT record would go: it
+        returns only if the log can make a record durable right now (health)."""
+        self._check_open()
+        now = str(time.time())
+        await self._write(
+            lambda c: c.execute(
+                "INSERT INTO meta (key, value) VALUES ('health_probe', ?) "
+                "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (now,),
+            ),
+            forced=True,
+        )
 
     def _check_open(self) -> None:
         if self._writer is None:

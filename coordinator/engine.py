@@ -37,6 +37,7 @@ from coordinator.protocol import (
     TxState,
     Vote,
     abort_cause,
+    bound_results,
     decide,
     one_phase_committed,
     reported,
@@ -56,7 +57,7 @@ from twopc_common.errors import (
 )
 from twopc_common.ids import TransactionId
 from twopc_common.log import EventLogger
-from twopc_common.values import Statement, StatementResult
+from twopc_common.values import Statement, StatementResult, result_bytes
 
 BranchResults = tuple[tuple[str, tuple[StatementResult, ...]], ...]
 
@@ -388,7 +389,11 @@ class Coordinator:
     async def _two_phase(self, tx: _Tx, work: Mapping[str, tuple[Statement, ...]]) -> None:
         participants = tuple(work)
         ballots, results = await self._collect_votes(tx, work)
-        decision = decide(participants, ballots, tx.interruption)
+        sizes = {p: sum(map(result_bytes, r)) for p, r in results}
+        limit = self.config.limits.max_result_bytes
+        decision = bound_results(decide(participants, ballots, tx.interruption), sizes, limit)
+        if sum(sizes.values()) > limit:
+            results = ()  # an abort's answer must be deliverable too
         await failpoints.hit("coordinator.after_votes_before_decision")
         if not decision.commit:
             assert decision.cause is not None
@@ -413,6 +418,7 @@ class Coordinator:
             return
         outcome = Outcome(tx.id, True, results=results)
         if not decision.phase2:  # every vote READ_ONLY: nothing to commit anywhere
+            self.counters["committed_read_only"] += 1
             await self._complete_without_phase2(tx, outcome)
             return
         await self.decision_log.record_commit(
@@ -476,6 +482,10 @@ class Coordinator:
             interrupted.cancel()
             for task in pending:
                 task.cancel()
+                # A vote missing because the agent cannot be reached says why.
+                missing = self.clients[calls[task]].missing_vote()
+                if missing is not None:
+                    ballots[calls[task]] = missing
         return ballots, tuple((p, results[p]) for p in work if p in results)
 
     async def _one_phase(
@@ -923,13 +933,19 @@ class Coordinator:
         retrying it as always."""
         client = self.clients[participant]
         failures = 0
+        window = self.config.probe_interval * self.config.probe_failures + self.config.probe_timeout
         while True:
-            await asyncio.sleep(self.config.probe_interval)
+            down = participant in self._down
+            # Down, it is probed more often: a restarted agent is back within moments.
+            await asyncio.sleep(self.config.probe_interval / (5 if down else 1))
             try:
                 await client.probe(self.config.probe_timeout)
             except TwoPCError as exc:
                 failures += 1
-                if failures >= self.config.probe_failures and participant not in self._down:
+                # Any other answer within the window proves it alive: a slow probe on a
+                # loaded machine must not turn a working agent's transactions away.
+                silent = time.monotonic() - client.last_answer > window
+                if failures >= self.config.probe_failures and silent and not down:
                     self._mark_down(participant, f"{failures} health probes unanswered ({exc})")
                 continue
             failures = 0

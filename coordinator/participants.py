@@ -11,14 +11,21 @@ is in flight and all go in the next, like a group commit. Under load that turns 
 RPC per branch into a fraction of one, and the agent finishes a whole batch in one
 pipelined round trip to its database. The engine sends aborts alone (`abort`): an abort may have to
 interrupt a branch waiting on a lock, and must not hold up the commits behind it.
+
+An agent that cannot be reached is reported as what it is: a watcher follows the
+channel's connectivity and, when connecting fails, finds out why with one plain TCP
+connect (`connection refused at 127.0.0.1:7001`), so that abort reasons and log lines
+say that instead of gRPC's "Deadline Exceeded".
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 
@@ -68,6 +75,17 @@ class PrepareReply:
 
 
 @dataclass(frozen=True, slots=True)
+class HeuristicDecision:
+    """An operator's heuristic decision on one of our branches (the agent's audit table)."""
+
+    transaction_id: str
+    commit: bool
+    reason: str
+    operator: str
+    decided_at: float
+
+
+@dataclass(frozen=True, slots=True)
 class InDoubtBranch:
     transaction_id: str
     age_seconds: float
@@ -80,23 +98,42 @@ class InDoubtList:
     """The highest epoch of the asking coordinator the participant has seen."""
 
 
-def _as_error(exc: Exception, participant: str) -> Exception:
-    """A failed call, as the error of each decision it carried (retried by phase 2)."""
-    if isinstance(exc, grpc.aio.AioRpcError):
-        return _error(exc, participant)
-    if isinstance(exc, Unavailable):
-        return Unavailable(str(exc))  # one instance per waiting decision
-    return Unavailable(f"participant {participant}: {exc!r}")
-
-
-def _error(exc: grpc.aio.AioRpcError, participant: str) -> Exception:
-    message = f"participant {participant}: {exc.details() or exc.code().name}"
-    if exc.code() in _UNREACHABLE:
-        return Unavailable(message)
-    return error_for(exc.code(), message)
+async def why_unreachable(address: str, timeout: float) -> str:
+    """Why `address` cannot be reached, from one TCP connect (closed at once)."""
+    host, _, port = address.rpartition(":")
+    try:
+        _, writer = await asyncio.wait_for(
+            asyncio.open_connection(host.strip("[]"), int(port)), timeout
+        )
+    except ConnectionRefusedError:
+        return f"connection refused at {address}"
+    except TimeoutError:
+        return f"no TCP answer from {address} within {timeout:g}s"
+    except OSError as exc:
+        return f"cannot connect to {address}: {exc.strerror or exc}"
+    writer.close()
+    return f"{address} accepts TCP connections but does not speak gRPC (is it the agent?)"
 
 
 _Decision = tuple[str, bool, "asyncio.Future[bool]"]
+
+
+class _Answered:
+    """The stub, noting in `client.last_answer` when each call was answered."""
+
+    def __init__(self, stub: pgrpc.ParticipantStub, client: ParticipantClient) -> None:
+        self._stub = stub
+        self._client = client
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self._stub, name)
+
+        async def call(*args: Any, **kwargs: Any) -> Any:
+            reply = await method(*args, **kwargs)
+            self._client.last_answer = time.monotonic()
+            return reply
+
+        return call
 
 
 class ParticipantClient:
@@ -107,11 +144,16 @@ class ParticipantClient:
         rpc_timeout: float,
         max_message: int,
         phase2_batch: int = Limits().max_phase2_batch,
+        probe_timeout: float = 1.0,
         *,
         tls: TlsConfig,
     ) -> None:
         self.name = name
         self.address = address
+        self.unreachable: str | None = None
+        """Why the last attempt to connect failed; None once connected."""
+        self._probe_timeout = probe_timeout
+        self._watcher: asyncio.Task[None] | None = None
         self._rpc_timeout = rpc_timeout
         self._phase2_batch = phase2_batch
         self._decisions: list[_Decision] = []
@@ -134,12 +176,63 @@ class ParticipantClient:
                 ("grpc.max_reconnect_backoff_ms", 2_000),
             ],
         )
-        self._stub = pgrpc.ParticipantStub(self._channel)
+        self.last_answer = 0.0
+        """When the agent last answered any call (monotonic): proof of life, so that a
+        probe that times out on a loaded machine does not mark a working agent down."""
+        self._stub = _Answered(pgrpc.ParticipantStub(self._channel), self)
 
     async def close(self) -> None:
         if self._sender is not None:
             self._sender.cancel()
+        if self._watcher is not None:
+            self._watcher.cancel()
         await self._channel.close()
+
+    def _watch(self) -> None:
+        if self._watcher is None:
+            self._watcher = asyncio.create_task(self._follow_connectivity())
+
+    async def _follow_connectivity(self) -> None:
+        state = self._channel.get_state(try_to_connect=False)
+        while True:
+            await self._channel.wait_for_state_change(state)
+            state = self._channel.get_state(try_to_connect=False)
+            if state is grpc.ChannelConnectivity.READY:
+                self.unreachable = None
+            elif state is grpc.ChannelConnectivity.TRANSIENT_FAILURE:
+                self.unreachable = await why_unreachable(self.address, self._probe_timeout)
+
+    def missing_vote(self) -> Ballot | None:
+        """What a vote that did not come is, if the agent cannot be reached at all."""
+        if self.unreachable is None:
+            return None
+        return Ballot(Vote.UNAVAILABLE, self.unreachable)
+
+    def _error(self, exc: grpc.aio.AioRpcError) -> Exception:
+        if exc.code() in _UNREACHABLE:
+            return Unavailable(
+                f"participant {self.name}: {self.unreachable or exc.details() or exc.code().name}"
+            )
+        return error_for(exc.code(), f"participant {self.name}: {exc.details() or exc.code().name}")
+
+    def _as_error(self, exc: Exception) -> Exception:
+        """A failed call, as the error of each decision it carried (retried by phase 2)."""
+        if isinstance(exc, grpc.aio.AioRpcError):
+            return self._error(exc)
+        if isinstance(exc, Unavailable):
+            return Unavailable(str(exc))  # one instance per waiting decision
+        return Unavailable(f"participant {self.name}: {exc!r}")
+
+    async def participant_id(self) -> str:
+        """The id the agent at this address answers to (its Status)."""
+        self._watch()
+        try:
+            reply = await self._stub.Status(
+                pb.ParticipantStatusRequest(), timeout=self._rpc_timeout, wait_for_ready=True
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise self._error(exc) from exc
+        return str(reply.participant_id)
 
     async def prepare(
         self,
@@ -155,9 +248,12 @@ class ParticipantClient:
             one_phase=one_phase,
             incarnation=incarnation,
         )
+        self._watch()
         try:
             reply = await self._stub.Prepare(request, timeout=timeout, wait_for_ready=True)
         except grpc.aio.AioRpcError as exc:
+            if exc.code() in _UNREACHABLE and (missing := self.missing_vote()) is not None:
+                return PrepareReply(missing)
             if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
                 return PrepareReply(Ballot(Vote.TIMEOUT, "no vote before the prepare timeout"))
             if exc.code() in _UNREACHABLE:
@@ -180,6 +276,7 @@ class ParticipantClient:
     ) -> tuple[list[StatementResult], str]:
         """Run statements in the branch (opened if `incarnation` is empty); returns the
         results and the incarnation of the agent that ran them."""
+        self._watch()
         request = pb.BranchExecuteRequest(
             transaction_id=txid,
             statements=[statement_to_pb(s) for s in statements],
@@ -190,12 +287,13 @@ class ParticipantClient:
                 request, timeout=self._rpc_timeout, wait_for_ready=True
             )
         except grpc.aio.AioRpcError as exc:
-            raise _error(exc, self.name) from exc
+            raise self._error(exc) from exc
         return [result_from_pb(r) for r in reply.results], reply.incarnation
 
     async def finish(self, txid: str, commit: bool) -> bool:
         """Commit or abort the branch in the next batched Finish call. Answers as
         `commit` / `abort` do: changed, or raises the branch's own error."""
+        self._watch()
         answer: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._decisions.append((txid, commit, answer))
         if self._sender is None or self._sender.done():
@@ -213,7 +311,7 @@ class ParticipantClient:
             try:
                 answers = await self._finish_call([(t, c) for t, c, _ in batch])
             except Exception as exc:  # every decision of the batch waits for an answer
-                answers = [_as_error(exc, self.name) for _ in batch]
+                answers = [self._as_error(exc) for _ in batch]
             for (_, _, answer), outcome in zip(batch, answers, strict=True):
                 if answer.done():
                     continue
@@ -246,29 +344,32 @@ class ParticipantClient:
         ]
 
     async def commit(self, txid: str) -> bool:
+        self._watch()
         try:
             ack = await self._stub.Commit(
                 pb.BranchRef(transaction_id=txid), timeout=self._rpc_timeout, wait_for_ready=True
             )
         except grpc.aio.AioRpcError as exc:
-            raise _error(exc, self.name) from exc
+            raise self._error(exc) from exc
         return bool(ack.changed)
 
     async def abort(self, txid: str) -> bool:
+        self._watch()
         try:
             ack = await self._stub.Abort(
                 pb.BranchRef(transaction_id=txid), timeout=self._rpc_timeout, wait_for_ready=True
             )
         except grpc.aio.AioRpcError as exc:
-            raise _error(exc, self.name) from exc
+            raise self._error(exc) from exc
         return bool(ack.changed)
 
     async def waits_for(self, timeout: float) -> list[Wait]:
         """The agent's lock waits between open branches (see coordinator.deadlock)."""
+        self._watch()
         try:
             reply = await self._stub.WaitsFor(pb.WaitsForRequest(), timeout=timeout)
         except grpc.aio.AioRpcError as exc:
-            raise _error(exc, self.name) from exc
+            raise self._error(exc) from exc
         return [
             Wait(self.name, e.waiter_transaction_id, e.holder_transaction_id, e.wait_started)
             for e in reply.edges
@@ -278,12 +379,14 @@ class ParticipantClient:
     async def probe(self, timeout: float) -> None:
         """One health probe: the agent answers Status within `timeout`, or this raises.
         No waiting for a reconnect: a refused connection fails at once."""
+        self._watch()
         try:
             await self._stub.Status(pb.ParticipantStatusRequest(), timeout=timeout)
         except grpc.aio.AioRpcError as exc:
-            raise _error(exc, self.name) from exc
+            raise self._error(exc) from exc
 
     async def list_prepared(self, coordinator_id: str) -> InDoubtList:
+        self._watch()
         try:
             reply = await self._stub.ListPrepared(
                 pb.ListPreparedRequest(coordinator_id=coordinator_id),
@@ -291,8 +394,22 @@ class ParticipantClient:
                 wait_for_ready=True,
             )
         except grpc.aio.AioRpcError as exc:
-            raise _error(exc, self.name) from exc
+            raise self._error(exc) from exc
         return InDoubtList(
             tuple(InDoubtBranch(b.transaction_id, b.age_seconds) for b in reply.branches),
             reply.highest_epoch,
         )
+
+    async def list_heuristic(self, coordinator_id: str) -> list[HeuristicDecision]:
+        try:
+            reply = await self._stub.ListHeuristic(
+                pb.ListHeuristicRequest(coordinator_id=coordinator_id),
+                timeout=self._rpc_timeout,
+                wait_for_ready=True,
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise self._error(exc) from exc
+        return [
+            HeuristicDecision(d.transaction_id, d.commit, d.reason, d.operator, d.decided_at)
+            for d in reply.decisions
+        ]

@@ -179,6 +179,21 @@ def decide(
     return Decision(False, phase2, cause, culprit, votes[culprit].reason)
 
 
+def bound_results(decision: Decision, sizes: Mapping[str, int], limit: int) -> Decision:
+    """A COMMIT whose answer (every branch's results, `sizes` in bytes) would be larger
+    than `limit` becomes an ABORT blamed on the largest branch: work whose answer
+    cannot reach the client is never committed."""
+    total = sum(sizes.values())
+    if not decision.commit or total <= limit:
+        return decision
+    culprit = max(sizes, key=lambda p: sizes[p])
+    reason = (
+        f"the transaction's results ({total} bytes) are larger than the "
+        f"max_result_bytes limit ({limit} bytes): the answer could not be delivered"
+    )
+    return Decision(False, decision.phase2, AbortCause.VOTE_NO, culprit, reason)
+
+
 @dataclass(frozen=True, slots=True)
 class RetryPolicy:
     """Capped exponential backoff: the one retry policy of phase 2 and of the log

@@ -18,6 +18,7 @@ from coordinator.protocol import AbortCause, Reported, TxState
 from twopc_common import failpoints
 from twopc_common.auth import caller
 from twopc_common.grpc_errors import Context, translate_errors
+from twopc_common.statements import StatementPolicy
 from twopc_common.values import results_to_pb, statements_from_pb
 from twopc_pb import coordinator_pb2 as pb
 from twopc_pb import coordinator_pb2_grpc as cgrpc
@@ -89,6 +90,9 @@ class CoordinatorService(cgrpc.CoordinatorServicer):
         self._engine = engine
         self._limits = engine.config.limits
         self._owners = owners
+        # The agents check the same policy; checking here too refuses a bad Run
+        # before any branch opens, with INVALID_ARGUMENT rather than an abort.
+        self._policy = StatementPolicy(engine.config.statement_kinds)
 
     async def _live(self, transaction_id: str) -> bool:
         info = await self._engine.get(transaction_id)
@@ -103,6 +107,8 @@ class CoordinatorService(cgrpc.CoordinatorServicer):
             )
             for b in request.branches
         ]
+        for participant, statements in branches:
+            self._policy.check(statements, f"branch {participant!r}")
         who = caller()
         key = scoped_key(who, request.idempotency_key) if request.idempotency_key else None
         request_hash = None
@@ -127,6 +133,7 @@ class CoordinatorService(cgrpc.CoordinatorServicer):
     async def Execute(self, request: pb.ExecuteRequest, context: Context) -> pb.ExecuteResponse:
         await self._owners.check(request.transaction_id, caller(), self._live)
         statements = statements_from_pb(request.statements, self._limits, "Execute")
+        self._policy.check(statements, "Execute")
         results = await _shielded(
             self._engine.execute(request.transaction_id, request.participant, statements)
         )

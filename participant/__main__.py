@@ -6,26 +6,42 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import sys
 from pathlib import Path
 
-from participant import access
+from prometheus_client import CollectorRegistry
+
+from participant import access, metrics
 from participant.agent import Agent
 from participant.config import ParticipantConfig
 from participant.dsn import ENV_VAR, inline_dsn, read_dsn_file
+from participant.probe import DatabaseProbe
 from participant.recovery import Recovery
 from participant.service import ParticipantService
 from participant.store import ConfigurationError, Store
 from twopc_common.auth import Authenticator, guard
 from twopc_common.cli import (
+    HelpFormatter,
+    LogSettings,
     add_daemon_flags,
+    add_statement_policy_flags,
+    at_least_one,
+    dsn,
+    listen_address,
+    log_level,
     named_addresses,
+    non_negative,
     positive,
     run_daemon,
     wait_for_termination,
 )
 from twopc_common.errors import InvalidArgument, TwoPCError
+from twopc_common.health import Health
 from twopc_common.ids import check_name
+from twopc_common.metrics import RpcMetrics, serve_metrics
 from twopc_common.server import ListenError, bind_grpc_server
+from twopc_common.settings import describe_dsn
+from twopc_common.statements import policy_kinds
 from twopc_common.tls import TlsError, daemon_tls
 from twopc_pb import participant_pb2 as pb
 from twopc_pb import participant_pb2_grpc as pgrpc
@@ -41,7 +57,22 @@ async def serve(config: ParticipantConfig) -> None:
     await store.open()
     agent = Agent(config, store)
     await agent.epochs.load()
+    agent.log.info(
+        "starting",
+        database=describe_dsn(config.dsn),
+        listen=config.listen,
+        coordinators=",".join(f"{n}={a}" for n, a in config.coordinators.items()) or "none",
+    )
+    if not config.coordinators:
+        agent.log.warning(
+            "no_coordinator",
+            hint="in-doubt branches cannot be resolved: add --coordinator NAME=HOST:PORT "
+            "for every coordinator that uses this agent",
+        )
     recovery = Recovery(agent)
+    health = Health(pb.DESCRIPTOR.services_by_name["Participant"].full_name, agent.log)
+    probe = DatabaseProbe(config.dsn, config.id, config.health_timeout)
+    registry = CollectorRegistry()
     server = bind_grpc_server(
         config.listen,
         config.limits.max_message_bytes,
@@ -55,19 +86,34 @@ async def serve(config: ParticipantConfig) -> None:
             ),
             s,
         ),
+        health,
         config.tls,
         agent.log,
+        [RpcMetrics(registry)],
     )
+    metrics.register(registry, agent, recovery, probe, health)
+    metrics_server = (
+        await serve_metrics(config.metrics_listen, registry, agent.log)
+        if config.metrics_listen
+        else None
+    )
+    await health.update(False, "first database probe")
     await server.start()
     agent.log.info("serving", listen=config.listen)
     tasks = [
         asyncio.create_task(agent.reap_idle_branches()),
         asyncio.create_task(recovery.run_forever()),
+        asyncio.create_task(
+            health.watch(probe.check, config.health_interval, config.health_timeout)
+        ),
     ]
     try:
         await wait_for_termination()
     finally:
         agent.log.info("stopping")
+        await health.shutdown()
+        if metrics_server is not None:
+            metrics_server.close()
         await server.stop(config.shutdown_grace)
         for task in tasks:
             task.cancel()
@@ -75,21 +121,33 @@ async def serve(config: ParticipantConfig) -> None:
                 await task
         await agent.close()
         await recovery.close()
+        await probe.close()
         await store.close()
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[ParticipantConfig, str]:
-    d = ParticipantConfig(id="-", dsn="-")
+def parser() -> argparse.ArgumentParser:
+    """The command line, with every flag's help and default."""
+    d = ParticipantConfig(id="-", dsn="")
     p = argparse.ArgumentParser(
         prog="twopc-participant",
         description="Participant agent: wraps one PostgreSQL database for the coordinator.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
-    p.add_argument("--id", required=True, help="this participant's name")
+    p.add_argument(
+        "--id",
+        required=True,
+        metavar="NAME",
+        help="this participant's name, 1-32 of [A-Za-z0-9_-]; the coordinator's "
+        "--participant NAME=... must use the same name",
+    )
     p.add_argument(
         "--dsn",
-        help=f"libpq connection string of the database, without a password "
-        f"(that goes in --dsn-file, {ENV_VAR} or PGPASSFILE)",
+        type=dsn,
+        metavar="DSN",
+        help="libpq connection string of the database, e.g. 'host=db1 dbname=bank user=app', "
+        f"without a password (that goes in --dsn-file, {ENV_VAR} or PGPASSFILE); "
+        "the database needs max_prepared_transactions > 0, and the role CREATE on its "
+        "schema (for the agent's two tables)",
     )
     p.add_argument(
         "--dsn-file",
@@ -97,22 +155,30 @@ def parse_args(argv: list[str] | None = None) -> tuple[ParticipantConfig, str]:
         metavar="PATH",
         help="file holding the connection string (may carry the password)",
     )
-    p.add_argument("--listen", default=d.listen, help="HOST:PORT to serve gRPC on")
+    p.add_argument(
+        "--listen", type=listen_address, default=d.listen, metavar="HOST:PORT", help="gRPC address"
+    )
     p.add_argument(
         "--coordinator",
         action="append",
         default=[],
         metavar="NAME=HOST:PORT",
-        help="a coordinator to ask about in-doubt branches (repeatable)",
+        help="a coordinator (its --id and address) to ask about in-doubt branches; "
+        "without one, in-doubt branches wait for an operator (repeatable)",
     )
     p.add_argument(
-        "--pool-min-size", type=int, default=d.pool_min_size, help="connections kept open"
+        "--pool-min-size",
+        type=at_least_one,
+        default=d.pool_min_size,
+        metavar="N",
+        help="database connections kept open",
     )
     p.add_argument(
         "--pool-max-size",
-        type=int,
+        type=at_least_one,
         default=d.pool_max_size,
-        help="most connections: one per branch at work",
+        metavar="N",
+        help="most database connections: one per branch at work",
     )
     p.add_argument(
         "--interactive-reserve",
@@ -153,12 +219,25 @@ def parse_args(argv: list[str] | None = None) -> tuple[ParticipantConfig, str]:
     )
     p.add_argument(
         "--recovery-grace",
-        type=float,
+        type=non_negative,
         default=d.recovery_grace,
         metavar="SECONDS",
         help="a prepared branch younger than this is left to the live protocol",
     )
+    p.add_argument(
+        "--branch-role",
+        default=d.branch_role,
+        metavar="ROLE",
+        help="PostgreSQL role branch statements run as (no superuser, no rights on "
+        "schema twopc); default: the agent's own role",
+    )
+    add_statement_policy_flags(p)
     add_daemon_flags(p)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[ParticipantConfig, LogSettings]:
+    p = parser()
     a = p.parse_args(argv)
     tls = daemon_tls(p.prog, a, [a.listen])
     try:
@@ -176,21 +255,30 @@ def parse_args(argv: list[str] | None = None) -> tuple[ParticipantConfig, str]:
             idle_branch_timeout=a.idle_branch_timeout,
             recovery_interval=a.recovery_interval,
             recovery_grace=a.recovery_grace,
+            metrics_listen=a.metrics,
             allow_failpoints=a.allow_failpoints,
             tls=tls,
             admins=frozenset(a.admin),
+            branch_role=a.branch_role,
+            statement_kinds=policy_kinds(a.allow_statement, a.refuse_statement),
         )
     except (TwoPCError, argparse.ArgumentTypeError) as exc:
         p.error(str(exc))
-    return config, a.log_level
+    return config, LogSettings(log_level(p, a.log_level), a.log_format)
 
 
 def main(argv: list[str] | None = None) -> None:
-    config, level = parse_args(argv)
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["resolve"]:
+        from participant.heuristic import main as resolve
+
+        resolve(args[1:])
+        return
+    config, logs = parse_args(args)
     run_daemon(
         "twopc-participant",
         serve(config),
-        level,
+        logs,
         (ConfigurationError, ListenError, TlsError),
         config.allow_failpoints,
     )

@@ -5,7 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from twopc_common import settings
+from twopc_common.errors import InvalidArgument
 from twopc_common.limits import Limits
+from twopc_common.statements import DEFAULT_ALLOWED, StatementKind
 from twopc_common.tls import TlsConfig
 
 
@@ -48,6 +51,9 @@ class ParticipantConfig:
     """Seconds between scans for in-doubt prepared branches."""
     recovery_grace: float = 2.0
     """A prepared branch younger than this is left to the live protocol."""
+    in_doubt_warning_interval: float = 60.0
+    """Seconds between repeated warnings about the same in-doubt branch (it is looked
+    at every recovery interval, but said once per this interval)."""
     coordinator_rpc_timeout: float = 3.0
     """Deadline of the GetTransaction calls recovery makes."""
     marker_retention: float = 7 * 24 * 3600.0
@@ -59,8 +65,21 @@ class ParticipantConfig:
     Abort is refused instead of opening a new branch."""
     shutdown_grace: float = 2.0
     """Seconds in-flight RPCs get to finish on SIGTERM."""
+    metrics_listen: str | None = None
+    """HOST:PORT of the Prometheus `/metrics` endpoint; None: no endpoint."""
+    health_interval: float = 1.0
+    """Seconds between the health probes behind the gRPC health service."""
+    health_timeout: float = 2.0
+    """A health probe not answered within this many seconds means NOT_SERVING."""
     allow_failpoints: bool = False
     """Accept the SetFailpoints admin call (a test hook that can crash the daemon)."""
+    branch_role: str = ""
+    """PostgreSQL role branch statements run as (SET LOCAL ROLE); it must not be a
+    superuser nor have any privilege on the agent's schema (checked at start). Empty:
+    branch statements run as the agent's own role."""
+    statement_kinds: frozenset[StatementKind] = DEFAULT_ALLOWED
+    """Kinds of statement a branch may run (`twopc_common.statements`); the default
+    widened and narrowed by --allow-statement / --refuse-statement."""
     tls: TlsConfig = field(default_factory=TlsConfig)
     """Certificate, key and CA for every channel (the default is plaintext: --insecure)."""
     admins: frozenset[str] = frozenset()
@@ -71,3 +90,35 @@ class ParticipantConfig:
     @property
     def max_interactive_branches(self) -> int:
         return max(1, self.pool_max_size - self.interactive_reserve)
+
+    def __post_init__(self) -> None:
+        # The id is checked where it is parsed (check_name); the rest would otherwise
+        # surface as a traceback from psycopg or grpc, or not at all (a nan timeout).
+        settings.dsn("dsn", self.dsn)
+        settings.host_port("listen", self.listen)
+        for name, address in self.coordinators.items():
+            settings.host_port(f"coordinator {name}", address)
+        settings.count("pool_min_size", self.pool_min_size)
+        settings.count("pool_max_size", self.pool_max_size)
+        if self.pool_min_size > self.pool_max_size:
+            raise InvalidArgument(
+                f"pool_min_size ({self.pool_min_size}) is larger than pool_max_size "
+                f"({self.pool_max_size}): lower --pool-min-size or raise --pool-max-size"
+            )
+        for name in (
+            "pool_timeout",
+            "lock_timeout",
+            "statement_timeout",
+            "idle_branch_timeout",
+            "recovery_interval",
+            "coordinator_rpc_timeout",
+            "in_doubt_warning_interval",
+            "marker_retention",
+            "marker_prune_interval",
+        ):
+            settings.seconds(name, getattr(self, name))
+        settings.seconds("recovery_grace", self.recovery_grace, zero_ok=True)
+        settings.seconds("shutdown_grace", self.shutdown_grace, zero_ok=True)
+        settings.count("tombstones", self.tombstones)
+        settings.count("control_pool_size", self.control_pool_size)
+        settings.count("interactive_reserve", self.interactive_reserve, least=0)

@@ -50,14 +50,3 @@ def _params(dsn: str) -> dict[str, Any]:
         return psycopg.conninfo.conninfo_to_dict(dsn)
     except psycopg.ProgrammingError as exc:
         raise InvalidArgument(f"malformed DSN: {exc}") from None
-
-
-def redacted(dsn: str) -> str:
-    """`dsn` without its password, for logs and error messages."""
-    try:
-        params = psycopg.conninfo.conninfo_to_dict(dsn)
-    except psycopg.ProgrammingError:
-        return "(malformed DSN)"
-    if "password" in params:
-        params["password"] = "***"
-    return psycopg.conninfo.make_conninfo("", **params)

@@ -4,8 +4,9 @@ Runs at start and then periodically. A prepared branch younger than the grace pe
 left to the live protocol. An older one is resolved only on its coordinator's word:
 COMMITTED -> COMMIT PREPARED; ABORTED or UNKNOWN (no record after the coordinator's own
 recovery: presumed abort) -> ROLLBACK PREPARED. If the coordinator is unreachable,
-still deciding, or not configured here, the branch keeps waiting and is reported: a
-participant that voted YES never decides alone.
+still deciding, or not configured here, the branch keeps waiting and is reported (once
+per `in_doubt_warning_interval`, not at every scan): a participant that voted YES never
+decides alone.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from participant.agent import Agent
 from participant.store import ForeignPrepared
 from twopc_common.errors import TwoPCError
 from twopc_common.ids import TransactionId
+from twopc_common.log import RateLimit
 from twopc_common.tls import aio_channel
 from twopc_pb import coordinator_pb2 as cpb
 from twopc_pb import coordinator_pb2_grpc as cgrpc
@@ -31,6 +33,7 @@ class Recovery:
         self._config = agent.config
         self._stubs: dict[str, cgrpc.CoordinatorStub] = {}
         self._channels: list[grpc.aio.Channel] = []
+        self._warn = RateLimit(self._config.in_doubt_warning_interval)
         self.prepared = 0
         """Prepared branches of this participant seen by the last scan."""
         self.waiting = 0
@@ -79,7 +82,15 @@ class Recovery:
             stub = self._stub(coordinator)
             if stub is None:
                 waiting += 1
-                log.warning("in_doubt_unknown_coordinator", txid=txid, coordinator=coordinator)
+                if self._warn.due(f"unknown_coordinator {txid}"):
+                    log.warning(
+                        "in_doubt_unknown_coordinator",
+                        txid=txid,
+                        coordinator=coordinator,
+                        age=round(age, 1),
+                        hint=f"start this agent with --coordinator {coordinator}=HOST:PORT "
+                        "so it can ask for the outcome",
+                    )
                 continue
             try:
                 status = await stub.GetTransaction(
@@ -88,12 +99,15 @@ class Recovery:
                 )
             except grpc.aio.AioRpcError as exc:
                 waiting += 1
-                log.warning(
-                    "in_doubt_coordinator_unreachable",
-                    txid=txid,
-                    age=round(age, 1),
-                    code=exc.code().name,
-                )
+                if self._warn.due(f"coordinator_unreachable {txid}"):
+                    log.warning(
+                        "in_doubt_coordinator_unreachable",
+                        txid=txid,
+                        age=round(age, 1),
+                        coordinator=coordinator,
+                        address=self._config.coordinators[coordinator],
+                        code=exc.code().name,
+                    )
                 continue
             try:
                 if status.outcome == cpb.COMMITTED:
@@ -107,7 +121,8 @@ class Recovery:
                     log.info("in_doubt_in_progress", txid=txid, age=round(age, 1))
             except TwoPCError as exc:
                 waiting += 1
-                log.warning("in_doubt_resolve_failed", txid=txid, error=str(exc))
+                if self._warn.due(f"resolve_failed {txid}"):
+                    log.warning("in_doubt_resolve_failed", txid=txid, error=str(exc))
         self.prepared, self.waiting = len(branches), waiting
 
     def _report_foreign(self, foreign: tuple[ForeignPrepared, ...]) -> None:

@@ -14,11 +14,13 @@ import datetime as dt
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
+from participant import heuristic
 from participant.agent import Agent, Vote
 from participant.recovery import Recovery
 from twopc_common import failpoints
 from twopc_common.errors import InvalidArgument
 from twopc_common.grpc_errors import Context, status_for, translate_errors
+from twopc_common.statements import StatementPolicy
 from twopc_common.values import results_to_pb, statements_from_pb
 from twopc_pb import participant_pb2 as pb
 from twopc_pb import participant_pb2_grpc as pgrpc
@@ -50,12 +52,14 @@ class ParticipantService(pgrpc.ParticipantServicer):
         self._agent = agent
         self._recovery = recovery
         self._limits = agent.config.limits
+        self._policy = StatementPolicy(agent.config.statement_kinds)
 
     @translate_errors
     async def Execute(
         self, request: pb.BranchExecuteRequest, context: Context
     ) -> pb.BranchExecuteResponse:
         statements = statements_from_pb(request.statements, self._limits, "Execute")
+        self._policy.check(statements, "Execute")
         results = await _shielded(
             self._agent.execute(request.transaction_id, statements, request.incarnation)
         )
@@ -66,6 +70,7 @@ class ParticipantService(pgrpc.ParticipantServicer):
     @translate_errors
     async def Prepare(self, request: pb.PrepareRequest, context: Context) -> pb.PrepareResponse:
         statements = statements_from_pb(request.statements, self._limits, "Prepare")
+        self._policy.check(statements, "Prepare")
         vote = await _shielded(
             self._agent.prepare(
                 request.transaction_id, statements, request.one_phase, request.incarnation
@@ -113,6 +118,27 @@ class ParticipantService(pgrpc.ParticipantServicer):
                 for b in branches
             ],
             highest_epoch=self._agent.epochs.highest(request.coordinator_id),
+        )
+
+    @translate_errors
+    async def ListHeuristic(
+        self, request: pb.ListHeuristicRequest, context: Context
+    ) -> pb.ListHeuristicResponse:
+        decisions = await heuristic.list_applied(
+            self._agent.store, request.coordinator_id, self._agent.config.id
+        )
+        return pb.ListHeuristicResponse(
+            decisions=[
+                pb.HeuristicDecision(
+                    transaction_id=d.transaction_id,
+                    commit=d.commit,
+                    reason=d.reason,
+                    operator=d.operator,
+                    decided_at=d.decided_at.timestamp(),
+                    coordinator_check=d.coordinator_check,
+                )
+                for d in decisions
+            ]
         )
 
     @translate_errors

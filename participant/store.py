@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
@@ -26,13 +27,14 @@ from psycopg import sql
 from psycopg.pq import TransactionStatus
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
+from participant import containment
 from participant.config import ParticipantConfig
-from participant.dsn import redacted
-from twopc_common import ids
+from twopc_common import ids, settings
 from twopc_common.errors import FailedPrecondition, TwoPCError, Unavailable
-from twopc_common.values import Statement, StatementResult
+from twopc_common.statements import AGENT_SCHEMA, LEGACY_TABLES, session_safe
+from twopc_common.values import RESULT_OVERHEAD_BYTES, Statement, StatementResult, row_bytes
 
-MARKER_TABLE = "twopc_branch_marker"
+MARKER_TABLE = f"{AGENT_SCHEMA}.branch_marker"
 
 # One row per settled branch gid. 'committed' rows are written inside the branch
 # itself (so they exist exactly when it committed); 'aborted' rows are fences written
@@ -47,7 +49,9 @@ CREATE TABLE IF NOT EXISTS {MARKER_TABLE} (
     created_at timestamptz NOT NULL DEFAULT now()
 )"""
 
-EPOCH_TABLE = "twopc_coordinator_epoch"
+EPOCH_TABLE = f"{AGENT_SCHEMA}.coordinator_epoch"
+# Older versions kept these tables in the default schema; they are moved at start.
+_LEGACY_TABLES = dict(zip(LEGACY_TABLES, (MARKER_TABLE, EPOCH_TABLE), strict=True))
 
 # The highest epoch of each coordinator id this agent has opened a branch for (see
 # participant/epochs.py). One row per coordinator id, written once per its start.
@@ -79,6 +83,30 @@ class OutcomeUnknown(Unavailable):
 
 class ConfigurationError(TwoPCError):
     """The database cannot host branches (for example max_prepared_transactions = 0)."""
+
+
+async def _role_and_schema(conn: AsyncConn) -> tuple[str, str, str]:
+    cur = await conn.execute("SELECT current_user, current_database(), current_schema()")
+    row = await cur.fetchone()
+    return (str(row[0]), str(row[1]), str(row[2] or "public")) if row else ("?", "?", "public")
+
+
+def _no_create_privilege(what: str, where: tuple[str, str, str]) -> str:
+    """What to GRANT when the agent's role may not create its schema (`where` has no
+    schema) or a table in it."""
+    role, database, schema = where
+    if not schema:
+        return (
+            f"role {role} may not create the agent's schema {what} in database {database}: "
+            f'as a superuser run "CREATE SCHEMA {what} AUTHORIZATION {role};" (or '
+            f'"GRANT CREATE ON DATABASE {database} TO {role};")'
+        )
+    return (
+        f"role {role} may not create the agent's {what} table in schema {schema} "
+        f"of database {database}: as its owner or a superuser run "
+        f'"GRANT CREATE ON SCHEMA {schema} TO {role};" (or create the table once as '
+        f"another role and grant {role} SELECT, INSERT, UPDATE, DELETE on it)"
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,6 +212,21 @@ class Store:
             kwargs=kwargs,
             open=False,
             name=f"participant-{config.id}",
+            reset=self._reset_session,
+        )
+        # Connections whose branch may have changed session state (see
+        # participant.containment); reset before the pool hands them out again.
+        self._dirty: weakref.WeakSet[AsyncConn] = weakref.WeakSet()
+        self._branch_setup = (
+            containment.BRANCH_SETUP,
+            (
+                f"{_ms(config.lock_timeout)}ms",
+                f"{_ms(config.statement_timeout)}ms",
+                config.branch_role or "none",
+            ),
+        )
+        self._as_agent: list[tuple[Query, tuple[object, ...] | None]] = (
+            [(containment.AGENT_ROLE_AGAIN, None)] if config.branch_role else []
         )
         self.control: AsyncConnectionPool[AsyncConn] = AsyncConnectionPool(
             config.dsn,
@@ -198,12 +241,12 @@ class Store:
 
     async def open(self) -> None:
         """Check the database can host branches, create the marker table, open the pool."""
+        where = settings.describe_dsn(self._config.dsn)
         try:
             conn = await psycopg.AsyncConnection.connect(self._config.dsn, autocommit=True)
         except psycopg.OperationalError as exc:
-            raise ConfigurationError(
-                f"cannot connect to {redacted(self._config.dsn)!r}: {exc}"
-            ) from exc
+            reason = settings.redact(str(exc).strip())
+            raise ConfigurationError(f"cannot connect to {where}: {reason}") from exc
         async with conn:
             cur = await conn.execute("SHOW max_prepared_transactions")
             row = await cur.fetchone()
@@ -213,10 +256,42 @@ class Store:
                     "prepare branches: set max_prepared_transactions (for example 100) "
                     "in postgresql.conf and restart PostgreSQL"
                 )
-            await conn.execute(_CREATE_MARKER)
-            await conn.execute(_CREATE_EPOCHS)
-        await self.pool.open(wait=True, timeout=self._config.pool_timeout)
-        await self.control.open(wait=True, timeout=self._config.pool_timeout)
+            try:
+                await containment.create_schema(conn)
+            except psycopg.errors.InsufficientPrivilege as exc:
+                role, database, _ = await _role_and_schema(conn)
+                raise ConfigurationError(
+                    _no_create_privilege(AGENT_SCHEMA, (role, database, ""))
+                ) from exc
+            except containment.ContainmentError as exc:
+                raise ConfigurationError(str(exc)) from exc
+            # Looked up first: PostgreSQL checks CREATE on the schema even when the
+            # table exists, and a role given ready-made tables needs no CREATE.
+            for table, create in ((MARKER_TABLE, _CREATE_MARKER), (EPOCH_TABLE, _CREATE_EPOCHS)):
+                cur = await conn.execute("SELECT to_regclass(%s)", (table,))
+                found = await cur.fetchone()
+                if found is not None and found[0] is not None:
+                    continue
+                try:
+                    await conn.execute(create)
+                except psycopg.errors.InsufficientPrivilege as exc:
+                    role_schema = await _role_and_schema(conn)
+                    raise ConfigurationError(_no_create_privilege(table, role_schema)) from exc
+            try:
+                await containment.migrate_legacy_tables(conn, _LEGACY_TABLES)
+                if self._config.branch_role:
+                    await containment.check_branch_role(conn, self._config.branch_role)
+            except containment.ContainmentError as exc:
+                raise ConfigurationError(str(exc)) from exc
+        try:
+            await self.pool.open(wait=True, timeout=self._config.pool_timeout)
+            await self.control.open(wait=True, timeout=self._config.pool_timeout)
+        except PoolTimeout as exc:
+            raise ConfigurationError(
+                f"could not open {self._config.pool_min_size} connections to {where} "
+                f"within {self._config.pool_timeout:g}s ({exc}): check the database's "
+                "max_connections and the role's connection limit, or lower --pool-min-size"
+            ) from exc
 
     async def close(self) -> None:
         await self.pool.close()
@@ -229,6 +304,22 @@ class Store:
             return await self.pool.getconn()
         except Exception as exc:
             raise BranchFailed(f"no database connection: {exc}") from exc
+
+    async def _reset_session(self, conn: AsyncConn) -> None:
+        if conn in self._dirty:
+            self._dirty.discard(conn)
+            await conn.execute(containment.RESET_SESSION)
+            await conn.commit()
+
+    def _head(
+        self, conn: AsyncConn, statements: Sequence[Statement]
+    ) -> list[tuple[Query, tuple[object, ...] | None]]:
+        """What goes before the statements: the branch's settings if it starts now."""
+        if not session_safe(statements):
+            self._dirty.add(conn)
+        if conn.info.transaction_status == TransactionStatus.IDLE:
+            return [self._branch_setup]
+        return []
 
     async def release(self, conn: AsyncConn) -> None:
         broken = conn.broken
@@ -247,13 +338,14 @@ class Store:
         await self.pool.check()
         await self.control.check()
 
-    @staticmethod
-    async def execute(conn: AsyncConn, statements: Sequence[Statement]) -> list[StatementResult]:
+    async def execute(
+        self, conn: AsyncConn, statements: Sequence[Statement]
+    ) -> list[StatementResult]:
         """Run statements in the branch, pipelined; a failure or broken expectation
         raises (the branch must then be rolled back)."""
         try:
-            cursors, _ = await _pipelined(conn, statements, [])
-            return await _results(statements, cursors)
+            cursors, _ = await _pipelined(conn, self._head(conn, statements), statements, [])
+            return await _results(statements, cursors, self._config.limits.max_result_bytes)
         except psycopg.Error as exc:
             raise BranchFailed(_describe(exc), exc.sqlstate or "") from exc
 
@@ -266,9 +358,12 @@ class Store:
         with contextlib.suppress(psycopg.Error):
             await conn.rollback()
 
-    @staticmethod
     async def prepare(
-        conn: AsyncConn, statements: Sequence[Statement], transaction_id: str, participant_id: str
+        self,
+        conn: AsyncConn,
+        statements: Sequence[Statement],
+        transaction_id: str,
+        participant_id: str,
     ) -> tuple[list[StatementResult], bool]:
         """Run the statements, write the branch marker and PREPARE, in one round trip.
 
@@ -283,12 +378,14 @@ class Store:
         xid = ids.branch_xid(transaction_id, participant_id)
         gid = str(xid)
         try:
-            cursors, (marker, prepared) = await _settle(
+            cursors, tails = await _settle(
                 conn,
                 _pipelined(
                     conn,
+                    self._head(conn, statements),
                     statements,
                     [
+                        *self._as_agent,
                         (
                             f"INSERT INTO {MARKER_TABLE} (gid, transaction_id) SELECT %s, %s "
                             "WHERE pg_current_xact_id_if_assigned() IS NOT NULL",
@@ -298,13 +395,14 @@ class Store:
                     ],
                 ),
             )
+            marker, prepared = tails[-2:]
             if prepared.statusmessage != "PREPARE TRANSACTION":
                 raise BranchFailed(
                     f"PREPARE TRANSACTION answered {prepared.statusmessage!r}: "
                     "the branch had already failed and was rolled back"
                 )
             try:
-                results = await _results(statements, cursors)
+                results = await _results(statements, cursors, self._config.limits.max_result_bytes)
             except BranchFailed:
                 await _settle(conn, conn.tpc_rollback(xid))
                 raise
@@ -315,9 +413,12 @@ class Store:
             raise BranchFailed(_describe(exc), exc.sqlstate or "") from exc
         return results, True
 
-    @staticmethod
     async def commit_one_phase(
-        conn: AsyncConn, statements: Sequence[Statement], transaction_id: str, participant_id: str
+        self,
+        conn: AsyncConn,
+        statements: Sequence[Statement],
+        transaction_id: str,
+        participant_id: str,
     ) -> list[StatementResult]:
         """Run the statements and the marker (so that a later Abort can tell the branch
         committed) in one round trip, check the expectations, then COMMIT."""
@@ -327,15 +428,17 @@ class Store:
         try:
             cursors, _ = await _pipelined(
                 conn,
+                self._head(conn, statements),
                 statements,
                 [
+                    *self._as_agent,
                     (
                         f"INSERT INTO {MARKER_TABLE} (gid, transaction_id) VALUES (%s, %s)",
                         (gid, transaction_id),
-                    )
+                    ),
                 ],
             )
-            results = await _results(statements, cursors)
+            results = await _results(statements, cursors, self._config.limits.max_result_bytes)
             await _settle(conn, conn.commit())
         except psycopg.Error as exc:
             raise BranchFailed(_describe(exc), exc.sqlstate or "") from exc
@@ -523,13 +626,17 @@ Cursor = psycopg.AsyncCursor[tuple[object, ...]]
 
 async def _pipelined(
     conn: AsyncConn,
+    head: Sequence[tuple[Query, tuple[object, ...] | None]],
     statements: Sequence[Statement],
     tail: Sequence[tuple[Query, tuple[object, ...] | None]],
 ) -> tuple[list[Cursor], list[Cursor]]:
-    """Send the statements and then `tail` in one pipeline; one cursor each."""
+    """Send `head`, the statements and then `tail` in one pipeline; one cursor each
+    for the statements and for `tail`."""
     cursors: list[Cursor] = []
     tails: list[Cursor] = []
     async with conn.pipeline():
+        for query, params in head:
+            await conn.cursor().execute(query, params)  # type: ignore[arg-type]
         for st in statements:
             cur = conn.cursor()
             await cur.execute(st.sql.encode(), st.params or None)
@@ -542,18 +649,38 @@ async def _pipelined(
 
 
 async def _results(
-    statements: Sequence[Statement], cursors: Sequence[Cursor]
+    statements: Sequence[Statement], cursors: Sequence[Cursor], max_bytes: int
 ) -> list[StatementResult]:
+    """The statements' results, read in chunks and counted as they are read: results
+    larger than `max_bytes` (`Limits.max_result_bytes`) fail the branch before it can
+    prepare or commit, because its answer could not be delivered."""
     results = []
+    size = 0
     for i, (st, cur) in enumerate(zip(statements, cursors, strict=True), 1):
         if st.expect is not None and (why := st.expect.violation(cur.rowcount)):
             raise BranchFailed(f"statement {i}: {why}")
         if cur.description is None:
             results.append(StatementResult(cur.rowcount))
-        else:
-            columns = tuple(c.name for c in cur.description)
-            results.append(StatementResult(cur.rowcount, columns, tuple(await cur.fetchall())))
+            size += RESULT_OVERHEAD_BYTES
+            continue
+        columns = tuple(c.name for c in cur.description)
+        size += RESULT_OVERHEAD_BYTES + sum(len(c) + 2 for c in columns)
+        rows: list[tuple[object, ...]] = []
+        while chunk := await cur.fetchmany(_ROWS_PER_CHUNK):
+            size += sum(row_bytes(row) for row in chunk)
+            if size > max_bytes:
+                raise BranchFailed(
+                    f"statement {i}: results larger than {max_bytes} bytes (the "
+                    "max_result_bytes limit): the answer could not be delivered"
+                )
+            rows.extend(chunk)
+        results.append(StatementResult(cur.rowcount, columns, tuple(rows)))
+    if size > max_bytes:
+        raise BranchFailed(f"results larger than {max_bytes} bytes (the max_result_bytes limit)")
     return results
+
+
+_ROWS_PER_CHUNK = 1000
 
 
 async def _settle(conn: AsyncConn, step: Awaitable[T]) -> T:

@@ -87,6 +87,26 @@ def test_unknown_participant_is_not_found(stub: cgrpc.CoordinatorStub) -> None:
             ),
             "idempotency key longer",
         ),
+        (
+            cpb.RunRequest(
+                branches=[
+                    branch("shard1", stmt("UPDATE accounts SET balance = 0\x00 WHERE id = 1"))
+                ]
+            ),
+            "NUL",
+        ),
+        (
+            cpb.RunRequest(
+                branches=[branch("shard1", stmt("SELECT %s", tpb.Value(text_value="a\x00b")))]
+            ),
+            "NUL",
+        ),
+        (
+            cpb.RunRequest(
+                branches=[branch("shard1", stmt("SELECT %s, %s", tpb.Value(int_value=1)))]
+            ),
+            "2 placeholder(s) for 1 parameter(s)",
+        ),
     ],
     ids=[
         "no-branches",
@@ -98,6 +118,9 @@ def test_unknown_participant_is_not_found(stub: cgrpc.CoordinatorStub) -> None:
         "bad-decimal",
         "too-many-statements",
         "long-key",
+        "nul-in-sql",
+        "nul-in-text-parameter",
+        "placeholder-count",
     ],
 )
 def test_invalid_run_is_invalid_argument(
@@ -179,3 +202,93 @@ def test_participant_refuses_commit_of_a_branch_never_prepared(system: LocalSyst
         assert "not prepared" in details
         code, _ = status_of(lambda: participant.Commit(ppb.BranchRef(transaction_id="x")))
         assert code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+MALFORMED_TXIDS = [
+    "x" * 65,
+    "shared.1." + "1" * 60,
+    "c" * 25 + ".1.1",
+    "shared.1.+1",
+    "shared.1.1_0",
+    "shared. 1.2",
+    "shared.1.2\x00",
+    "shared.-1.2",
+    "shar ed.1.2",
+    "",
+]
+
+
+@pytest.mark.parametrize("txid", MALFORMED_TXIDS, ids=range(len(MALFORMED_TXIDS)))
+def test_malformed_transaction_id_opens_nothing_at_the_agent(
+    system: LocalSystem, txid: str
+) -> None:
+    with system.participant_channel("shard1") as channel:
+        participant = pgrpc.ParticipantStub(channel)
+        for call in (
+            lambda: participant.Prepare(
+                ppb.PrepareRequest(transaction_id=txid, statements=[stmt("SELECT 1")])
+            ),
+            lambda: participant.Prepare(
+                ppb.PrepareRequest(
+                    transaction_id=txid, statements=[stmt("SELECT 1")], one_phase=True
+                )
+            ),
+            lambda: participant.Execute(
+                ppb.BranchExecuteRequest(transaction_id=txid, statements=[stmt("SELECT 1")])
+            ),
+            lambda: participant.Commit(ppb.BranchRef(transaction_id=txid)),
+            lambda: participant.Abort(ppb.BranchRef(transaction_id=txid)),
+        ):
+            code, details = status_of(call)
+            assert code == grpc.StatusCode.INVALID_ARGUMENT, details
+            assert "malformed transaction id" in details
+        status = participant.Status(ppb.ParticipantStatusRequest())
+    assert status.open_branches == 0
+    assert system.prepared_transactions() == {s: [] for s in system.shard_names}
+
+
+@pytest.mark.parametrize("txid", MALFORMED_TXIDS, ids=range(len(MALFORMED_TXIDS)))
+def test_malformed_transaction_id_is_invalid_argument_at_the_coordinator(
+    stub: cgrpc.CoordinatorStub, txid: str
+) -> None:
+    for call in (
+        lambda: stub.GetTransaction(cpb.GetTransactionRequest(transaction_id=txid)),
+        lambda: stub.Commit(cpb.CommitRequest(transaction_id=txid)),
+        lambda: stub.Rollback(cpb.RollbackRequest(transaction_id=txid)),
+        lambda: stub.Execute(
+            cpb.ExecuteRequest(transaction_id=txid, participant="shard1", statements=[stmt()])
+        ),
+    ):
+        code, details = status_of(call)
+        assert code == grpc.StatusCode.INVALID_ARGUMENT, details
+
+
+# Field 1 (a string) holding bytes that are not UTF-8, and a message cut short.
+UNDECODABLE = {
+    "invalid-utf8": b"\x0a\x03\xff\xfe\xfd",
+    "truncated": b"\x0a\x10abc",
+}
+
+
+@pytest.mark.parametrize("payload", UNDECODABLE.values(), ids=UNDECODABLE.keys())
+def test_undecodable_request_bytes_are_invalid_argument(
+    system: LocalSystem, payload: bytes
+) -> None:
+    assert system.coordinator is not None
+    # Each as a caller the method's authorization rule admits, so that the request
+    # reaches its decoding.
+    targets = [
+        (None, "/twopc.v1.Coordinator/GetTransaction"),
+        (None, "/twopc.v1.Coordinator/Commit"),
+        ("shard1", "/twopc.v1.Participant/Prepare"),
+        ("shard1", "/twopc.v1.Participant/Abort"),
+    ]
+    for shard, method in targets:
+        opened = (
+            system.coordinator_channel() if shard is None else system.participant_channel(shard)
+        )
+        with opened as channel:
+            call: grpc.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(method)
+            code, details = status_of(lambda: call(payload, timeout=10))  # noqa: B023
+        assert code == grpc.StatusCode.INVALID_ARGUMENT, (method, code, details)
+        assert "undecodable request" in details

@@ -8,6 +8,7 @@ import json
 import random
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
@@ -16,8 +17,9 @@ import pytest
 from bank_demo import bank
 from bank_demo.faults import make_schedule
 from tests.conftest import dsns, tls_args
+from tests.fix_cli import assert_one_line_error
 from twopc_common.ids import branch_xid
-from twopc_harness.postgres import free_port, start_clusters, stop_clusters
+from twopc_harness.postgres import PostgresCluster, free_port, start_clusters, stop_clusters
 from twopc_harness.system import LocalSystem
 
 
@@ -197,15 +199,18 @@ def test_same_seed_plays_the_same_fault_schedule() -> None:
         (["--accounts", "1"], "--accounts must be at least 2"),
         (["--balance", "-5"], "--balance cannot be negative"),
         (["--shards", "0"], "--shards must be at least 1"),
-        (["--faults", "chaos-monkey"], "cannot read fault schedule chaos-monkey"),
+        (["--faults", "chaos-monkey"], "--faults 'chaos-monkey' is neither a preset"),
         (["--shard", "shard1=host=127.0.0.1"], "go with --coordinator"),
+        (["--reset"], "--reset goes with --coordinator"),
+        (["--coordinator", "localhost", "--shard", "s1=host=x"], "expected HOST:PORT"),
+        (["--coordinator", "127.0.0.1:1", "--shard", "s1=host=x junk"], "libpq connection"),
+        (["--coordinator", "127.0.0.1:1", "--shard", "s1=host=x", "--faults", "mixed"], "local"),
     ],
 )
 def test_bad_options_end_with_one_clear_line(args: list[str], message: str) -> None:
     done = demo("run", *args, "--duration", "1", timeout=60)
-    assert done.returncode != 0
-    assert message in done.stderr
-    assert "Traceback" not in done.stderr
+    assert_one_line_error(done, "bank-demo", message, 2)
+    assert "starting" not in done.stderr, "the demo started things before checking its options"
 
 
 def test_unreachable_deployment_ends_with_one_clear_line() -> None:
@@ -257,3 +262,119 @@ def test_three_minute_run_with_faults_passes_every_invariant(tmp_path: Path) -> 
     assert done.returncode == 0, done.stdout + done.stderr
     report = json.loads((out / "report.json").read_text())
     assert report["passed"] and report["figures"]["committed"] > 0
+
+
+@pytest.fixture
+def user_database(clusters: list[PostgresCluster]) -> Iterator[str]:
+    """A database on shard 1's cluster holding a user's own `accounts` table, the
+    name the README's client example uses."""
+    cluster = clusters[0]
+    with psycopg.connect(cluster.dsn, autocommit=True) as conn:
+        conn.execute("DROP DATABASE IF EXISTS users_own")
+        conn.execute("CREATE DATABASE users_own")
+    dsn = f"host=127.0.0.1 port={cluster.port} user=postgres dbname=users_own"
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE accounts (id int PRIMARY KEY, owner text, balance int)")
+        conn.execute(
+            "INSERT INTO accounts SELECT i, 'customer ' || i, 100 * i FROM generate_series(1, 10) i"
+        )
+    yield dsn
+    with psycopg.connect(cluster.dsn, autocommit=True) as conn:
+        conn.execute("DROP DATABASE IF EXISTS users_own")
+
+
+def users_rows(dsn: str) -> list[tuple[object, ...]]:
+    with psycopg.connect(dsn) as conn:
+        return conn.execute("SELECT * FROM accounts ORDER BY id").fetchall()
+
+
+def test_the_demo_never_drops_a_table_it_did_not_create(
+    system: LocalSystem, user_database: str, tmp_path: Path
+) -> None:
+    before = users_rows(user_database)
+    assert len(before) == 10
+    bank_before = bank.snapshot({s: d for s, d in dsns(system).items() if s != "shard1"})
+    shards = [f"--shard=shard1={user_database}", *shard_args(system)[1:]]
+    done = demo(
+        "run",
+        "--coordinator",
+        system.client_address,
+        *shards,
+        *tls_args(system, "app"),
+        "--faults",
+        "none",
+        "--duration",
+        "2",
+        "--out",
+        str(tmp_path / "refused"),
+        "--quiet",
+        timeout=120,
+    )
+    assert_one_line_error(done, "bank-demo", "refusing to drop tables the demo did not create", 1)
+    assert "shard1: accounts" in done.stderr and "--reset" in done.stderr
+    assert users_rows(user_database) == before
+    # Nothing was touched on the other shards either.
+    assert bank.snapshot({s: d for s, d in dsns(system).items() if s != "shard1"}) == bank_before
+
+
+def test_reset_drops_the_tables_and_marks_the_new_ones_as_the_demos(user_database: str) -> None:
+    with pytest.raises(bank.NotTheDemosSchema, match="shard1: accounts"):
+        bank.create_schema({"shard1": user_database})
+    bank.create_schema({"shard1": user_database}, reset=True)
+    with psycopg.connect(user_database) as conn:
+        assert bank.tables(conn) == {"bank_meta": True, "accounts": True, "ledger": True}
+    bank.create_schema({"shard1": user_database})  # its own tables: no --reset needed
+
+
+def test_check_on_a_database_without_the_demo_schema_says_so(user_database: str) -> None:
+    done = demo("check", f"--shard=shard1={user_database}", timeout=60)
+    assert_one_line_error(done, "bank-demo", "shard shard1 has no bank-demo schema", 1)
+    assert "no table bank_meta, ledger" in done.stderr
+
+
+def test_check_without_transfers_shows_the_client_outcome_checks_as_skipped(
+    system: LocalSystem,
+) -> None:
+    done = demo("check", *shard_args(system), timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    skipped = [line.strip() for line in done.stdout.splitlines() if "SKIP" in line]
+    assert skipped == [
+        "SKIP  every committed transfer applied (no --transfers file: what the client "
+        "was told is not known)",
+        "SKIP  no aborted transfer applied (no --transfers file: what the client was "
+        "told is not known)",
+    ]
+    assert done.stdout.count("PASS") == 4
+
+
+def test_two_runs_against_one_deployment_use_their_own_idempotency_keys(
+    system: LocalSystem, tmp_path: Path
+) -> None:
+    """The coordinator keeps keys for its retention: a second run must not send the
+    first run's keys with other transfers (ALREADY_EXISTS) or get its outcomes. The
+    DSNs carry a password (trust authentication ignores it), which must show nowhere."""
+    with_password = [f"{arg} password=s3cret" for arg in shard_args(system)]
+    for run in ("first", "second"):
+        done = demo(
+            "run",
+            "--coordinator",
+            system.client_address,
+            *with_password,
+            *tls_args(system, "app"),
+            "--faults",
+            "none",
+            "--duration",
+            "2",
+            "--accounts",
+            "20",
+            "--seed",
+            "5",
+            "--out",
+            str(tmp_path / run),
+            "--quiet",
+        )
+        assert done.returncode == 0, run + done.stdout + done.stderr
+        report = json.loads((tmp_path / run / "report.json").read_text())
+        assert report["passed"] and report["figures"]["committed"] > 0
+        assert "s3cret" not in (tmp_path / run / "report.json").read_text()
+        assert "s3cret" not in done.stdout + done.stderr

@@ -47,6 +47,9 @@ SHARDS = ["shard1", "shard2", "shard3"]
 AGENT_ROLE_SCRIPT = DOCKER / "initdb" / "10-agent-role.sh"
 POSTGRES_PORT = 5432
 DAEMON_RESTART = {"unless-stopped", "always", "on-failure"}
+GRAFANA_PORT = 3000
+PROMETHEUS_CONFIG = DOCKER / "prometheus.yml"
+GRAFANA = DOCKER / "grafana"
 
 Service = dict[str, Any]
 
@@ -261,7 +264,12 @@ def test_postgres_shards(services: dict[str, Service]) -> None:
 def test_commands_are_console_scripts(
     services: dict[str, Service], scripts: dict[str, str]
 ) -> None:
-    theirs = {**_by_image(services, "postgres:"), **_by_image(services, "ghcr.io/shopify/")}
+    theirs = {
+        **_by_image(services, "postgres:"),
+        **_by_image(services, "ghcr.io/shopify/"),
+        **_by_image(services, "prom/prometheus:"),
+        **_by_image(services, "grafana/grafana:"),
+    }
     ours = {n: s for n, s in services.items() if n not in theirs}
     assert ours
     for name, service in ours.items():
@@ -395,9 +403,18 @@ class Deployment:
             api = int(self.toxiproxy_flag("port", "8474"))
             return {api} | set(self.by_listen_port)
         if service == self.coordinator_name:
-            return {_split(_one(self.coordinator, "--listen"))[1]}
+            return {
+                _split(a)[1]
+                for a in _flag(self.coordinator, "--listen") + _flag(self.coordinator, "--metrics")
+            }
         if service in self.agents:
-            return {_split(_one(self.agents[service], "--listen"))[1]}
+            argv = self.agents[service]
+            return {_split(a)[1] for a in _flag(argv, "--listen") + _flag(argv, "--metrics")}
+        if service == "prometheus":
+            (listen,) = _flag(_command(self.services[service]), "--web.listen-address")
+            return {_split(listen)[1]}
+        if service == "grafana":
+            return {GRAFANA_PORT}
         return set()
 
     def through_proxy(self, address: str) -> tuple[str, str, int]:
@@ -574,8 +591,63 @@ def test_daemon_healthchecks_probe_the_listen_port(deployment: Deployment) -> No
     for name, argv in daemons.items():
         test = deployment.services[name]["healthcheck"]["test"]
         text = test if isinstance(test, str) else " ".join(test)
-        probed = {int(p) for p in re.findall(r"\(\s*'127\.0\.0\.1'\s*,\s*(\d+)\s*\)", text)}
+        # `python -m twopc_common.health 127.0.0.1:PORT`: SERVING, not merely listening.
+        assert "twopc_common.health" in text, name
+        probed = {int(p) for p in re.findall(r"127\.0\.0\.1:(\d+)", text)}
         assert probed == {_split(_one(argv, "--listen"))[1]}, name
+
+
+# ---------------------------------------------------------------- Prometheus, Grafana
+
+
+def test_prometheus_scrapes_every_daemons_metrics_endpoint(deployment: Deployment) -> None:
+    prometheus = deployment.services["prometheus"]
+    mounts = {}
+    for volume in prometheus["volumes"]:
+        source, target, *_mode = volume.split(":")
+        mounts[target] = (COMPOSE_FILE.parent / source).resolve()
+    (config_flag,) = _flag(_command(prometheus), "--config.file")
+    assert mounts[config_flag] == PROMETHEUS_CONFIG
+    config = _load_yaml(PROMETHEUS_CONFIG)
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    targets = {
+        target
+        for job in jobs.values()
+        for static in job["static_configs"]
+        for target in static["targets"]
+    }
+    daemons = {deployment.coordinator_name: deployment.coordinator, **deployment.agents}
+    expected = set()
+    for name, argv in daemons.items():
+        host, port = _split(_one(argv, "--metrics"))
+        assert host == "0.0.0.0", f"{name}: metrics reachable from the prometheus container"
+        expected.add(f"{name}:{port}")
+    assert targets == expected
+    assert all(job.get("metrics_path", "/metrics") == "/metrics" for job in jobs.values())
+
+
+def test_grafana_is_provisioned_with_prometheus_and_the_dashboard(
+    deployment: Deployment,
+) -> None:
+    grafana = deployment.services["grafana"]
+    mounts = {}
+    for volume in grafana["volumes"]:
+        source, target, *_mode = volume.split(":")
+        mounts[target] = (COMPOSE_FILE.parent / source).resolve()
+    assert mounts["/etc/grafana/provisioning"] == GRAFANA / "provisioning"
+    (source,) = _load_yaml(GRAFANA / "provisioning" / "datasources" / "prometheus.yaml")[
+        "datasources"
+    ]
+    url = urlparse(source["url"])
+    assert url.hostname == "prometheus"
+    assert url.port in deployment.listen_ports("prometheus")
+    (provider,) = _load_yaml(GRAFANA / "provisioning" / "dashboards" / "twopc.yaml")["providers"]
+    assert mounts[provider["options"]["path"]] == GRAFANA / "dashboards"
+    dashboard = json.loads((GRAFANA / "dashboards" / "twopc.json").read_text())
+    assert dashboard["panels"]
+    for panel in dashboard["panels"]:
+        assert panel["datasource"]["uid"] == source["uid"], panel["title"]
+        assert panel["targets"], panel["title"]
 
 
 # ------------------------------------------------------------------------ Dockerfile

@@ -106,3 +106,26 @@ def test_key_survives_a_coordinator_kill(make_system: SystemFactory) -> None:
     wait_no_prepared(system)
     assert balances(system, source, target) == [60, 140]
     assert bank.snapshot(dsns(system)).total == 2000
+
+
+def test_a_replay_after_the_run_finished_has_the_outcome_but_not_the_read_results(
+    system: LocalSystem,
+) -> None:
+    """As the README says: the log keeps outcomes, not the rows statements returned."""
+    request = {
+        "shard1": [Statement("SELECT balance FROM accounts ORDER BY id LIMIT 1")],
+        "shard2": [Statement("UPDATE accounts SET balance = balance WHERE id = 0")],
+    }
+    with system.client() as client:
+        # An agent of the shared system may still hold a pooled connection that an
+        # earlier test's PostgreSQL crash broke: its first branch aborts (safely).
+        for attempt in range(3):
+            key = f"key-6-{attempt}"
+            first = client.run(request, idempotency_key=key, wait_for_completion=True)
+            if first.committed:
+                break
+        again = client.run(request, idempotency_key=key, wait_for_completion=True)
+    assert first.committed, f"{first.abort_cause} {first.abort_participant}: {first.abort_reason}"
+    assert first.results and first.results["shard1"]
+    assert again.committed and again.transaction_id == first.transaction_id
+    assert again.results == {}

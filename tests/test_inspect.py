@@ -6,10 +6,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 from coordinator.client import Statement
+from coordinator.decision_log import DecisionLog
 from tests.conftest import SystemFactory, tls_args
+from tests.fix_cli import assert_one_line_error
 from twopc_harness.daemons import wait_until
+from twopc_harness.postgres import free_port
 
 
 def inspect(*args: str) -> subprocess.CompletedProcess[str]:
@@ -60,3 +64,40 @@ def test_inspect_refuses_a_file_that_is_not_a_decision_log() -> None:
     done = inspect("--log", "/dev/null")
     assert done.returncode != 0
     assert "not a decision log" in done.stderr
+
+
+def test_inspect_on_a_missing_log_says_so_and_creates_nothing(tmp_path: Path) -> None:
+    missing = tmp_path / "decisions.sqlite"
+    done = inspect("--log", str(missing))
+    assert_one_line_error(done, "twopc-coordinator inspect", f"no decision log at {missing}", 2)
+    assert not missing.exists()
+    in_missing_folder = tmp_path / "nowhere" / "decisions.sqlite"
+    done = inspect("--log", str(in_missing_folder))
+    assert_one_line_error(done, "twopc-coordinator inspect", "does not exist either", 2)
+    assert not in_missing_folder.parent.exists()
+
+
+def test_inspect_prints_plain_text_and_fails_when_a_source_is_unreachable(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "decisions.sqlite"
+    log = DecisionLog(str(path), "c1")
+    log.open()
+    log.close()
+    before = path.read_bytes()
+    coordinator, agent = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+    args = ["--log", str(path), "--coordinator", coordinator, "--participant", f"p1={agent}"]
+    done = inspect(*args)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "{" not in done.stdout and "'" not in done.stdout, done.stdout
+    assert "coordinator c1, epoch 1; log holds no transactions" in done.stdout
+    assert f"in flight (coordinator): unreachable (UNAVAILABLE at {coordinator}" in done.stdout
+    assert f"in doubt on p1: unreachable (UNAVAILABLE at {agent}" in done.stdout
+    assert_one_line_error(
+        done, "twopc-coordinator inspect", "could not reach coordinator, participant p1", 1
+    )
+    as_json = inspect(*args, "--json")
+    assert as_json.returncode == 1
+    report = json.loads(as_json.stdout)
+    assert report["epoch"] == 1 and report["log_counts"] == {}
+    assert path.read_bytes() == before, "inspect wrote to the log"

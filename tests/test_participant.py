@@ -126,7 +126,7 @@ def test_an_abort_fences_a_branch_still_in_flight(system: LocalSystem) -> None:
         try:
             conn = await store.connect_branch()
             await conn.execute("INSERT INTO ledger VALUES ('orphan', 'debit', 1, 1)")
-            with pytest.raises(BranchFailed, match="twopc_branch_marker_pkey"):
+            with pytest.raises(BranchFailed, match="branch_marker_pkey"):
                 await store.commit_one_phase(conn, [], txid, "shard1")
             await store.rollback(conn)
             await store.release(conn)

@@ -11,10 +11,13 @@ import random
 import re
 import sqlite3
 import time
+import uuid
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
+import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bank_demo import bank
 from coordinator.client import Outcome, Statement, TransportError
@@ -173,6 +176,34 @@ def test_agent_cut_from_its_database_mid_transaction_aborts_everywhere(net: Loca
     check_atomic(net, "dbcut", ("shard1", "shard2"), committed=False)
 
 
+def _agent_health(system: LocalSystem, shard: str) -> int | None:
+    with system.participant_channel(shard) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=2
+            )
+        except grpc.RpcError:
+            return None
+    return int(reply.status)
+
+
+def test_agent_is_not_serving_while_its_database_is_unreachable(net: LocalSystem) -> None:
+    serving = health_pb2.HealthCheckResponse.SERVING
+    wait_until(lambda: _agent_health(net, "shard2") == serving, RECOVERY_BOUND, "SERVING")
+    with network(net)["shard2_postgres"].down():
+        wait_until(
+            lambda: _agent_health(net, "shard2") == health_pb2.HealthCheckResponse.NOT_SERVING,
+            RECOVERY_BOUND,
+            "shard2's agent NOT_SERVING while its database is cut off",
+        )
+        assert _agent_health(net, "shard1") == serving
+    wait_until(
+        lambda: _agent_health(net, "shard2") == serving,
+        RECOVERY_BOUND,
+        "shard2's agent SERVING once its database is back",
+    )
+
+
 def test_slow_path_aborts_without_blocking_other_transactions(net: LocalSystem) -> None:
     network(net)["coordinator_shard3"].add_toxic(
         type="latency",
@@ -324,13 +355,17 @@ def test_flapping_partitions_during_concurrent_transfers(net: LocalSystem, secon
     seen: dict[str, bool] = {}
     told: dict[str, Outcome] = {}
     proxies = network(net)
+    # Keys live in the coordinator's log for its retention, and this system serves
+    # every variant of this test: a key of an earlier run sent with another transfer
+    # would be ALREADY_EXISTS.
+    run = uuid.uuid4().hex[:8]
 
     async def transfers(worker: int, until: float) -> None:
         async with net.async_client(timeout=10) as client:
             n = 0
             while time.monotonic() < until:
                 n += 1
-                tid = f"f{worker}-{n}"
+                tid = f"f{run}-{worker}-{n}"
                 source, target = rng.sample(range(1, 41), 2)
                 branches = bank.transfer(tid, source, target, rng.randint(1, 20), shards)
                 for _ in range(50):  # retry with the same key until answered

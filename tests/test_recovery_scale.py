@@ -23,7 +23,8 @@ def prepared_count(system: LocalSystem) -> int:
 def test_a_thousand_in_doubt_branches_are_resolved_after_a_coordinator_crash(
     make_system: SystemFactory,
 ) -> None:
-    system = make_system(["--allow-failpoints"])
+    # Every one of them stays in flight (hung after its votes): admit them all.
+    system = make_system(["--allow-failpoints", "--max-in-flight", str(2 * TRANSACTIONS)])
     for shard in system.shard_names:
         with system.connect(shard) as conn:
             conn.execute("CREATE TABLE IF NOT EXISTS scale_rows (tag text)")

@@ -75,9 +75,9 @@ def test_wait_for_completion_answers_after_phase_two(system: LocalSystem) -> Non
             "expected exactly 1 row(s), got 0",
         ),
         (Statement("UPDATE accounts SET balance = balance - 1000"), "accounts_balance_check"),
-        (Statement("UPDAET accounts SET balance = 0"), "syntax error"),
+        (Statement("UPDATE no_such_table SET balance = 0"), "does not exist"),
     ],
-    ids=["expectation", "check-constraint", "syntax-error"],
+    ids=["expectation", "check-constraint", "undefined-table"],
 )
 def test_failing_branch_aborts_everywhere_and_names_the_culprit(
     system: LocalSystem, statement: Statement, reason: str

@@ -14,7 +14,10 @@ caller (UNAUTHENTICATED if it cannot) and then asks the service's rule for that 
 (PERMISSION_DENIED if refused) before the servicer runs: a refused call changes
 nothing. Every method of the service needs a rule, checked when the guard is built, so a
 new RPC cannot be served unguarded by accident. The servicer reads the caller with
-`caller()`.
+`caller()`. The standard health and reflection services, which every server also
+carries (`twopc_common.server`), are not guarded: they name no transaction and change
+nothing, and the TLS handshake already requires a certificate from the CA on the
+mutual-TLS ports.
 
 With `--insecure` there is no authentication: every caller is `INSECURE`, allowed
 everything (loopback development only, see `twopc_common.tls`).

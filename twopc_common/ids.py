@@ -25,6 +25,11 @@ _NAME = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
 # psycopg (like XA) caps gtrid at 64 characters: 24 for the coordinator id leaves room
 # for two 19-digit numbers and the dots.
 _MAX_LENGTH = {"coordinator": 24, "participant": 32}
+# What `__str__` produces and nothing else: a coordinator id, then two decimal
+# numbers of at most 19 digits (int() alone would also take "+1", " 1" and "1_0").
+_TRANSACTION_ID = re.compile(r"^([A-Za-z0-9_-]{1,24})\.([0-9]{1,19})\.([0-9]{1,19})$")
+MAX_TRANSACTION_ID_CHARS = 64
+"""psycopg's (XA's) cap on a gid's global part, which is the transaction id."""
 
 
 def check_name(kind: str, name: str) -> str:
@@ -46,16 +51,17 @@ class TransactionId:
 
     @classmethod
     def parse(cls, text: str) -> TransactionId:
-        parts = text.rsplit(".", 2)
-        if len(parts) != 3 or not _NAME.match(parts[0]):
-            raise InvalidArgument(f"malformed transaction id {text!r}")
-        try:
-            epoch, sequence = int(parts[1]), int(parts[2])
-        except ValueError:
-            raise InvalidArgument(f"malformed transaction id {text!r}") from None
-        if epoch < 0 or sequence < 0:
-            raise InvalidArgument(f"malformed transaction id {text!r}")
-        return cls(parts[0], epoch, sequence)
+        """Refuses (InvalidArgument) anything a coordinator could not have assigned,
+        before it can reach a gid or a database."""
+        match = _TRANSACTION_ID.match(text) if len(text) <= MAX_TRANSACTION_ID_CHARS else None
+        if match is None:
+            shown = text if len(text) <= 80 else f"{text[:80]}..."
+            raise InvalidArgument(
+                f"malformed transaction id {shown!r}: expected COORDINATOR.EPOCH.SEQUENCE "
+                f"(coordinator 1-24 of [A-Za-z0-9_-], at most {MAX_TRANSACTION_ID_CHARS} "
+                "characters)"
+            )
+        return cls(match[1], int(match[2]), int(match[3]))
 
 
 def branch_xid(transaction_id: str, participant_id: str) -> Xid:

@@ -25,3 +25,11 @@ class Limits:
     """Length of an idempotency key."""
     max_phase2_batch: int = 1000
     """Decisions one Finish call (the coordinator's batched phase 2) may carry."""
+
+    @property
+    def max_result_bytes(self) -> int:
+        """Result rows one answer (a Run outcome, an Execute, a branch's vote) may
+        carry, counted as the agent reads them: the message limit less room for the
+        rest of the answer, so that work whose results cannot be delivered is failed
+        before it commits."""
+        return self.max_message_bytes - 64 * 1024

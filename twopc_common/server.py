@@ -5,15 +5,33 @@ coordinator bumps its epoch only after its port is secured); `start` follows onc
 daemon is ready to answer. The server's transport security comes from one place,
 `twopc_common.tls`: mutual TLS on `listen` unless the daemon runs `--insecure`, and
 server-only TLS on the coordinator's optional token port.
+
+A request whose bytes do not decode (a truncated message, invalid UTF-8 in a string
+field) is answered INVALID_ARGUMENT, not gRPC's UNKNOWN: every handler's deserializer
+is wrapped once, at registration, so a call pays one isinstance check for it.
+
+Besides the daemon's own service, every server carries the standard health service
+(`twopc_common.health`) and server reflection, so that `grpc_health_probe`,
+`grpcurl list` and `grpcurl describe` work without the .proto files. They are not
+behind the per-RPC rules of `twopc_common.auth` (they name no transaction and change
+nothing): any peer that completed the handshake may call them, which on `listen` means
+a certificate from the CA. Interceptors (the RPC metrics of `twopc_common.metrics`)
+wrap every call.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, cast
 
 import grpc
+from grpc_health.v1 import health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
 
 from twopc_common.errors import TwoPCError
+from twopc_common.health import SERVICE_NAME as HEALTH_SERVICE
+from twopc_common.health import Health
 from twopc_common.log import EventLogger
 from twopc_common.tls import TlsConfig, server_credentials
 
@@ -26,21 +44,29 @@ def bind_grpc_server(
     listen: str,
     max_message: int,
     register: Callable[[grpc.aio.Server], None],
+    health: Health,
     tls: TlsConfig,
     log: EventLogger,
+    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
     token_listen: str | None = None,
 ) -> grpc.aio.Server:
-    """A server with the servicers `register` adds, bound to `listen` (mutual TLS) and
-    to `token_listen` if given (TLS without client certificates: callers present a
-    bearer token instead), not started."""
+    """A server with the servicers `register` adds, the health service answering for
+    `health.service`, and reflection, bound to `listen` (mutual TLS) and to
+    `token_listen` if given (TLS without client certificates: callers present a bearer
+    token instead), not started."""
     server = grpc.aio.server(
+        interceptors=list(interceptors),
         options=[
             ("grpc.max_receive_message_length", max_message),
             ("grpc.max_send_message_length", max_message),
             ("grpc.so_reuseport", 0),
-        ]
+        ],
     )
-    register(server)
+    register(cast(grpc.aio.Server, _DecodeGuard(server)))
+    health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)
+    reflection.enable_server_reflection(
+        (health.service, HEALTH_SERVICE, reflection.SERVICE_NAME), server
+    )
     ports: list[tuple[str, bool]] = [(listen, True)]
     if token_listen is not None:
         ports.append((token_listen, False))
@@ -55,3 +81,53 @@ def bind_grpc_server(
         if port == 0:
             raise ListenError(f"cannot listen on {address}")
     return server
+
+
+@dataclass(frozen=True, slots=True)
+class _Undecodable:
+    error: str
+
+
+def _guarded(handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMethodHandler[Any, Any]:
+    """The same unary handler, answering undecodable requests INVALID_ARGUMENT."""
+    deserialize = handler.request_deserializer
+    behavior = handler.unary_unary
+    assert deserialize is not None and behavior is not None, "only unary-unary methods"
+
+    def decode(data: bytes) -> object:
+        try:
+            return deserialize(data)
+        except Exception as exc:
+            return _Undecodable(f"{type(exc).__name__}: {exc}")
+
+    async def guarded(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        if isinstance(request, _Undecodable):
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"undecodable request ({request.error})"
+            )
+        return await cast(Callable[..., Awaitable[Any]], behavior)(request, context)
+
+    return grpc.unary_unary_rpc_method_handler(
+        guarded, request_deserializer=decode, response_serializer=handler.response_serializer
+    )
+
+
+class _DecodeGuard:
+    """What the generated `add_*Servicer_to_server` functions see instead of the
+    server: they register each service's handlers twice (generic and registered), and
+    both registrations get the guarded handlers."""
+
+    def __init__(self, server: grpc.aio.Server) -> None:
+        self._server = server
+
+    def add_registered_method_handlers(
+        self, service: str, handlers: Mapping[str, grpc.RpcMethodHandler[Any, Any]]
+    ) -> None:
+        guarded = {name: _guarded(h) for name, h in handlers.items()}
+        self._server.add_registered_method_handlers(service, guarded)
+        self._server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(service, guarded),)
+        )
+
+    def add_generic_rpc_handlers(self, handlers: object) -> None:
+        """Replaced by the guarded copy `add_registered_method_handlers` adds."""

@@ -84,6 +84,11 @@ def _param_from_pb(value: pb.Value, where: str, number: int) -> SqlValue:
             f"{where} parameter {number}: other_value is for results only; send a typed value"
         )
     result: SqlValue = getattr(value, kind)
+    if kind == "text_value" and "\x00" in value.text_value:
+        raise InvalidArgument(
+            f"{where} parameter {number}: text contains a NUL character, which "
+            "PostgreSQL text cannot hold; send bytes_value"
+        )
     return result
 
 
@@ -102,6 +107,9 @@ def statements_from_pb(
         sql = st.sql
         if not sql.strip():
             raise InvalidArgument(f"{where} statement {i}: empty SQL")
+        if "\x00" in sql:
+            # libpq sends SQL as a C string: everything after a NUL would vanish.
+            raise InvalidArgument(f"{where} statement {i}: SQL contains a NUL character")
         # At most 4 bytes per character: short text needs no encoding to be measured.
         if len(sql) * 4 > limits.max_sql_bytes and len(sql.encode()) > limits.max_sql_bytes:
             raise InvalidArgument(
@@ -122,6 +130,38 @@ def statements_from_pb(
             expect = Expectation(rule, getattr(st.expect, rule))
         out.append(Statement(sql, params, expect))
     return tuple(out)
+
+
+# -- sizes --------------------------------------------------------------------------
+
+RESULT_OVERHEAD_BYTES = 16
+"""Upper bound of a StatementResult's encoding without its columns and rows."""
+
+
+def value_bytes(value: object) -> int:
+    """An upper bound of `value_to_pb(value)`'s encoded size, cheap for the common
+    types (the bound of results is checked against it, with room to spare)."""
+    if isinstance(value, str):
+        return len(value.encode()) + 8
+    if isinstance(value, bytes | bytearray | memoryview):
+        return len(value) + 8
+    if value is None or isinstance(value, bool | int | float):
+        return 12
+    if isinstance(value, dict | list):
+        return len(json.dumps(value, default=str)) + 8
+    return len(str(value)) + 8
+
+
+def row_bytes(row: Sequence[object]) -> int:
+    return 8 + sum(value_bytes(v) for v in row)
+
+
+def result_bytes(result: StatementResult) -> int:
+    return (
+        RESULT_OVERHEAD_BYTES
+        + sum(len(c) + 2 for c in result.columns)
+        + sum(row_bytes(r) for r in result.rows)
+    )
 
 
 # -- domain -> protobuf -------------------------------------------------------------

@@ -15,17 +15,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from twopc_common.cli import EXIT_WITH_PARENT
 from twopc_common.tls import TlsConfig, channel
 from twopc_harness.postgres import HarnessError
-from twopc_pb import (
-    coordinator_pb2,
-    coordinator_pb2_grpc,
-    participant_pb2,
-    participant_pb2_grpc,
-    types_pb2,
-)
+from twopc_pb import coordinator_pb2_grpc, participant_pb2_grpc, types_pb2
+
+
+class _NotServing(Exception):
+    """The daemon answers, but its health says NOT_SERVING yet."""
 
 
 @dataclass
@@ -68,7 +67,13 @@ class Daemon:
         return self.process is not None and self.process.poll() is None
 
     def _probe(self, channel: grpc.Channel) -> None:
-        raise NotImplementedError
+        """Ready means SERVING in the gRPC health protocol: for the coordinator, its
+        start-up recovery is done; for an agent, its database answers."""
+        reply = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(), timeout=1.0
+        )
+        if reply.status != health_pb2.HealthCheckResponse.SERVING:
+            raise _NotServing()
 
     def _set_failpoints(self, channel: grpc.Channel, spec: str) -> dict[str, str]:
         raise NotImplementedError
@@ -91,7 +96,7 @@ class Daemon:
                 try:
                     self._probe(ch)
                     return
-                except grpc.RpcError:
+                except (grpc.RpcError, _NotServing):
                     time.sleep(0.05)
         raise HarnessError(f"{self.name} not ready after {timeout}s:\n{self.log_tail()}")
 
@@ -122,10 +127,6 @@ class Daemon:
 
 
 class CoordinatorDaemon(Daemon):
-    def _probe(self, channel: grpc.Channel) -> None:
-        stub = coordinator_pb2_grpc.CoordinatorStub(channel)
-        stub.Status(coordinator_pb2.StatusRequest(), timeout=1.0)
-
     def _set_failpoints(self, channel: grpc.Channel, spec: str) -> dict[str, str]:
         stub = coordinator_pb2_grpc.CoordinatorStub(channel)
         reply = stub.SetFailpoints(types_pb2.FailpointsRequest(spec=spec), timeout=5.0)
@@ -133,10 +134,6 @@ class CoordinatorDaemon(Daemon):
 
 
 class ParticipantDaemon(Daemon):
-    def _probe(self, channel: grpc.Channel) -> None:
-        stub = participant_pb2_grpc.ParticipantStub(channel)
-        stub.Status(participant_pb2.ParticipantStatusRequest(), timeout=1.0)
-
     def _set_failpoints(self, channel: grpc.Channel, spec: str) -> dict[str, str]:
         stub = participant_pb2_grpc.ParticipantStub(channel)
         reply = stub.SetFailpoints(types_pb2.FailpointsRequest(spec=spec), timeout=5.0)

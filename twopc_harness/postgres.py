@@ -22,6 +22,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psycopg
+
 INSTALL_HINT = (
     "PostgreSQL server binaries (initdb, pg_ctl) not found: install them with "
     "`apt-get install -y postgresql` (Debian/Ubuntu), or put their folder on PATH"
@@ -172,6 +174,16 @@ class PostgresCluster:
             tail = self.logfile.read_text()[-2000:] if self.logfile.exists() else ""
             raise HarnessError(f"pg_ctl start {self.name} failed: {done.stderr.strip()}\n{tail}")
 
+    def create_branch_role(self) -> None:
+        """The least-privilege role agents run branch statements as (README "Database
+        roles"): the application's rights on its tables in schema public, none on the
+        agent's schema twopc, no CREATE anywhere (a function it could create might
+        call set_config('role', ...), which PostgreSQL checks against the agent's
+        session user). Idempotent."""
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            for statement in BRANCH_ROLE_SQL:
+                conn.execute(statement)
+
     def stop(self, mode: str = "fast") -> None:
         """Stop the server; `immediate` is a crash (no checkpoint, recovery at start)."""
         self._run("pg_ctl", "-D", str(self.datadir), "-m", mode, "-w", "-t", "60", "stop")
@@ -184,6 +196,21 @@ class PostgresCluster:
                     return
             time.sleep(0.05)
         raise HarnessError(f"PostgreSQL {self.name} did not accept connections in {timeout}s")
+
+
+BRANCH_ROLE = "twopc_app"
+BRANCH_ROLE_SQL = [
+    f"""DO $$ BEGIN CREATE ROLE {BRANCH_ROLE} NOLOGIN;
+        EXCEPTION WHEN duplicate_object THEN NULL; END $$""",
+    f"GRANT USAGE ON SCHEMA public TO {BRANCH_ROLE}",
+    f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {BRANCH_ROLE}",
+    f"GRANT USAGE, SELECT, UPDATE ON ALL SEQUENCES IN SCHEMA public TO {BRANCH_ROLE}",
+    # Tables the tests and the demo create later (as the cluster's superuser).
+    "ALTER DEFAULT PRIVILEGES IN SCHEMA public "
+    f"GRANT SELECT, INSERT, UPDATE, DELETE ON TABLES TO {BRANCH_ROLE}",
+    "ALTER DEFAULT PRIVILEGES IN SCHEMA public "
+    f"GRANT USAGE, SELECT, UPDATE ON SEQUENCES TO {BRANCH_ROLE}",
+]
 
 
 def start_clusters(

@@ -32,7 +32,13 @@ from twopc_harness.daemons import (
     participant_daemon,
 )
 from twopc_harness.network import FaultNetwork, start_network
-from twopc_harness.postgres import PostgresCluster, free_port, start_clusters, stop_clusters
+from twopc_harness.postgres import (
+    BRANCH_ROLE,
+    PostgresCluster,
+    free_port,
+    start_clusters,
+    stop_clusters,
+)
 
 COORDINATOR_ID = "coord1"
 CLIENTS = ("app", "other", "admin")
@@ -116,6 +122,15 @@ class LocalSystem:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
 
+def local_proxy_names(shards: list[str]) -> list[str]:
+    """The proxies `start_system(faults=True)` creates, by name, sorted (so that a fault
+    schedule can be checked before anything starts)."""
+    names = ["client_coordinator"]
+    for shard in shards:
+        names += [f"{shard}_postgres", f"{shard}_coordinator", f"coordinator_{shard}"]
+    return sorted(names)
+
+
 def start_system(
     shards: int = 3,
     workdir: Path | None = None,
@@ -152,6 +167,7 @@ def start_system(
         coord_address = f"127.0.0.1:{free_port()}"
         agent_routes = {}
         for i, cluster in enumerate(clusters, 1):
+            cluster.create_branch_role()
             name = f"shard{i}"
             listen = f"127.0.0.1:{free_port()}"
             system.participants[name] = participant_daemon(
@@ -160,7 +176,8 @@ def start_system(
                 cluster.dsn_via(route(f"{name}_postgres", f"127.0.0.1:{cluster.port}")),
                 {coordinator_id: route(f"{name}_coordinator", coord_address)},
                 workdir / "logs" / f"{name}.log",
-                participant_args,
+                # Branch statements as a least-privilege role, never the superuser.
+                ["--branch-role", BRANCH_ROLE, *(participant_args or [])],
                 tls(name),
             )
             agent_routes[name] = route(f"coordinator_{name}", listen)

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from twopc_pb import types_pb2 as twopc__pb_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1atwopc_pb/participant.proto\x12\x08twopc.v1\x1a\x14twopc_pb/types.proto\"#\n\tBranchRef\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\"l\n\x14\x42ranchExecuteRequest\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\x12\'\n\nstatements\x18\x02 \x03(\x0b\x32\x13.twopc.v1.Statement\x12\x13\n\x0bincarnation\x18\x03 \x01(\t\"X\n\x15\x42ranchExecuteResponse\x12*\n\x07results\x18\x01 \x03(\x0b\x32\x19.twopc.v1.StatementResult\x12\x13\n\x0bincarnation\x18\x02 \x01(\t\"y\n\x0ePrepareRequest\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\x12\'\n\nstatements\x18\x02 \x03(\x0b\x32\x13.twopc.v1.Statement\x12\x11\n\tone_phase\x18\x03 \x01(\x08\x12\x13\n\x0bincarnation\x18\x04 \x01(\t\"}\n\x0fPrepareResponse\x12\x1c\n\x04vote\x18\x01 \x01(\x0e\x32\x0e.twopc.v1.Vote\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x10\n\x08sqlstate\x18\x03 \x01(\t\x12*\n\x07results\x18\x04 \x03(\x0b\x32\x19.twopc.v1.StatementResult\"\x16\n\x03\x41\x63k\x12\x0f\n\x07\x63hanged\x18\x01 \x01(\x08\"2\n\x08\x44\x65\x63ision\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\x12\x0e\n\x06\x63ommit\x18\x02 \x01(\x08\"6\n\rFinishRequest\x12%\n\tdecisions\x18\x01 \x03(\x0b\x32\x12.twopc.v1.Decision\":\n\x08\x46inished\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x0f\n\x07\x63hanged\x18\x03 \x01(\x08\"6\n\x0e\x46inishResponse\x12$\n\x08\x66inished\x18\x01 \x03(\x0b\x32\x12.twopc.v1.Finished\"-\n\x13ListPreparedRequest\x12\x16\n\x0e\x63oordinator_id\x18\x01 \x01(\t\"J\n\x0ePreparedBranch\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\x12\x0b\n\x03gid\x18\x02 \x01(\t\x12\x13\n\x0b\x61ge_seconds\x18\x03 \x01(\x01\"Y\n\x14ListPreparedResponse\x12*\n\x08\x62ranches\x18\x01 \x03(\x0b\x32\x18.twopc.v1.PreparedBranch\x12\x15\n\rhighest_epoch\x18\x02 \x01(\x04\"\x1a\n\x18ParticipantStatusRequest\"p\n\x0f\x46oreignPrepared\x12\x0b\n\x03gid\x18\x01 \x01(\t\x12\x13\n\x0b\x61ge_seconds\x18\x02 \x01(\x01\x12\r\n\x05owner\x18\x03 \x01(\t\x12\x10\n\x08\x64\x61tabase\x18\x04 \x01(\t\x12\r\n\x05locks\x18\x05 \x01(\r\x12\x0b\n\x03why\x18\x06 \x01(\t\"\x95\x02\n\x11ParticipantStatus\x12\x16\n\x0eparticipant_id\x18\x01 \x01(\t\x12\x15\n\ropen_branches\x18\x02 \x01(\r\x12\x19\n\x11prepared_branches\x18\x03 \x01(\r\x12;\n\x08\x63ounters\x18\x04 \x03(\x0b\x32).twopc.v1.ParticipantStatus.CountersEntry\x12\x13\n\x0bincarnation\x18\x05 \x01(\t\x12\x33\n\x10\x66oreign_prepared\x18\x06 \x03(\x0b\x32\x19.twopc.v1.ForeignPrepared\x1a/\n\rCountersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"\x11\n\x0fWaitsForRequest\"\x8b\x01\n\x08WaitEdge\x12\x1d\n\x15waiter_transaction_id\x18\x01 \x01(\t\x12\x1d\n\x15holder_transaction_id\x18\x02 \x01(\t\x12\x17\n\x0fholder_prepared\x18\x03 \x01(\x08\x12\x12\n\nholder_pid\x18\x04 \x01(\x05\x12\x14\n\x0cwait_started\x18\x05 \x01(\x01\"5\n\x10WaitsForResponse\x12!\n\x05\x65\x64ges\x18\x01 \x03(\x0b\x32\x12.twopc.v1.WaitEdge*U\n\x04Vote\x12\x14\n\x10VOTE_UNSPECIFIED\x10\x00\x12\x07\n\x03YES\x10\x01\x12\x06\n\x02NO\x10\x02\x12\r\n\tREAD_ONLY\x10\x03\x12\x17\n\x13\x43OMMITTED_ONE_PHASE\x10\x04\x32\xda\x04\n\x0bParticipant\x12J\n\x07\x45xecute\x12\x1e.twopc.v1.BranchExecuteRequest\x1a\x1f.twopc.v1.BranchExecuteResponse\x12>\n\x07Prepare\x12\x18.twopc.v1.PrepareRequest\x1a\x19.twopc.v1.PrepareResponse\x12,\n\x06\x43ommit\x12\x13.twopc.v1.BranchRef\x1a\r.twopc.v1.Ack\x12+\n\x05\x41\x62ort\x12\x13.twopc.v1.BranchRef\x1a\r.twopc.v1.Ack\x12;\n\x06\x46inish\x12\x17.twopc.v1.FinishRequest\x1a\x18.twopc.v1.FinishResponse\x12M\n\x0cListPrepared\x12\x1d.twopc.v1.ListPreparedRequest\x1a\x1e.twopc.v1.ListPreparedResponse\x12I\n\x06Status\x12\".twopc.v1.ParticipantStatusRequest\x1a\x1b.twopc.v1.ParticipantStatus\x12\x41\n\x08WaitsFor\x12\x19.twopc.v1.WaitsForRequest\x1a\x1a.twopc.v1.WaitsForResponse\x12J\n\rSetFailpoints\x12\x1b.twopc.v1.FailpointsRequest\x1a\x1c.twopc.v1.FailpointsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1atwopc_pb/participant.proto\x12\x08twopc.v1\x1a\x14twopc_pb/types.proto\"#\n\tBranchRef\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\"l\n\x14\x42ranchExecuteRequest\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\x12\'\n\nstatements\x18\x02 \x03(\x0b\x32\x13.twopc.v1.Statement\x12\x13\n\x0bincarnation\x18\x03 \x01(\t\"X\n\x15\x42ranchExecuteResponse\x12*\n\x07results\x18\x01 \x03(\x0b\x32\x19.twopc.v1.StatementResult\x12\x13\n\x0bincarnation\x18\x02 \x01(\t\"y\n\x0ePrepareRequest\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\x12\'\n\nstatements\x18\x02 \x03(\x0b\x32\x13.twopc.v1.Statement\x12\x11\n\tone_phase\x18\x03 \x01(\x08\x12\x13\n\x0bincarnation\x18\x04 \x01(\t\"}\n\x0fPrepareResponse\x12\x1c\n\x04vote\x18\x01 \x01(\x0e\x32\x0e.twopc.v1.Vote\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x10\n\x08sqlstate\x18\x03 \x01(\t\x12*\n\x07results\x18\x04 \x03(\x0b\x32\x19.twopc.v1.StatementResult\"\x16\n\x03\x41\x63k\x12\x0f\n\x07\x63hanged\x18\x01 \x01(\x08\"2\n\x08\x44\x65\x63ision\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\x12\x0e\n\x06\x63ommit\x18\x02 \x01(\x08\"6\n\rFinishRequest\x12%\n\tdecisions\x18\x01 \x03(\x0b\x32\x12.twopc.v1.Decision\":\n\x08\x46inished\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x0f\n\x07\x63hanged\x18\x03 \x01(\x08\"6\n\x0e\x46inishResponse\x12$\n\x08\x66inished\x18\x01 \x03(\x0b\x32\x12.twopc.v1.Finished\"-\n\x13ListPreparedRequest\x12\x16\n\x0e\x63oordinator_id\x18\x01 \x01(\t\"J\n\x0ePreparedBranch\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\x12\x0b\n\x03gid\x18\x02 \x01(\t\x12\x13\n\x0b\x61ge_seconds\x18\x03 \x01(\x01\"Y\n\x14ListPreparedResponse\x12*\n\x08\x62ranches\x18\x01 \x03(\x0b\x32\x18.twopc.v1.PreparedBranch\x12\x15\n\rhighest_epoch\x18\x02 \x01(\x04\".\n\x14ListHeuristicRequest\x12\x16\n\x0e\x63oordinator_id\x18\x01 \x01(\t\"\x8c\x01\n\x11HeuristicDecision\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\x12\x0e\n\x06\x63ommit\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x10\n\x08operator\x18\x04 \x01(\t\x12\x12\n\ndecided_at\x18\x05 \x01(\x01\x12\x19\n\x11\x63oordinator_check\x18\x06 \x01(\t\"G\n\x15ListHeuristicResponse\x12.\n\tdecisions\x18\x01 \x03(\x0b\x32\x1b.twopc.v1.HeuristicDecision\"\x1a\n\x18ParticipantStatusRequest\"p\n\x0f\x46oreignPrepared\x12\x0b\n\x03gid\x18\x01 \x01(\t\x12\x13\n\x0b\x61ge_seconds\x18\x02 \x01(\x01\x12\r\n\x05owner\x18\x03 \x01(\t\x12\x10\n\x08\x64\x61tabase\x18\x04 \x01(\t\x12\r\n\x05locks\x18\x05 \x01(\r\x12\x0b\n\x03why\x18\x06 \x01(\t\"\x95\x02\n\x11ParticipantStatus\x12\x16\n\x0eparticipant_id\x18\x01 \x01(\t\x12\x15\n\ropen_branches\x18\x02 \x01(\r\x12\x19\n\x11prepared_branches\x18\x03 \x01(\r\x12;\n\x08\x63ounters\x18\x04 \x03(\x0b\x32).twopc.v1.ParticipantStatus.CountersEntry\x12\x13\n\x0bincarnation\x18\x05 \x01(\t\x12\x33\n\x10\x66oreign_prepared\x18\x06 \x03(\x0b\x32\x19.twopc.v1.ForeignPrepared\x1a/\n\rCountersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"\x11\n\x0fWaitsForRequest\"\x8b\x01\n\x08WaitEdge\x12\x1d\n\x15waiter_transaction_id\x18\x01 \x01(\t\x12\x1d\n\x15holder_transaction_id\x18\x02 \x01(\t\x12\x17\n\x0fholder_prepared\x18\x03 \x01(\x08\x12\x12\n\nholder_pid\x18\x04 \x01(\x05\x12\x14\n\x0cwait_started\x18\x05 \x01(\x01\"5\n\x10WaitsForResponse\x12!\n\x05\x65\x64ges\x18\x01 \x03(\x0b\x32\x12.twopc.v1.WaitEdge*U\n\x04Vote\x12\x14\n\x10VOTE_UNSPECIFIED\x10\x00\x12\x07\n\x03YES\x10\x01\x12\x06\n\x02NO\x10\x02\x12\r\n\tREAD_ONLY\x10\x03\x12\x17\n\x13\x43OMMITTED_ONE_PHASE\x10\x04\x32\xac\x05\n\x0bParticipant\x12J\n\x07\x45xecute\x12\x1e.twopc.v1.BranchExecuteRequest\x1a\x1f.twopc.v1.BranchExecuteResponse\x12>\n\x07Prepare\x12\x18.twopc.v1.PrepareRequest\x1a\x19.twopc.v1.PrepareResponse\x12,\n\x06\x43ommit\x12\x13.twopc.v1.BranchRef\x1a\r.twopc.v1.Ack\x12+\n\x05\x41\x62ort\x12\x13.twopc.v1.BranchRef\x1a\r.twopc.v1.Ack\x12;\n\x06\x46inish\x12\x17.twopc.v1.FinishRequest\x1a\x18.twopc.v1.FinishResponse\x12M\n\x0cListPrepared\x12\x1d.twopc.v1.ListPreparedRequest\x1a\x1e.twopc.v1.ListPreparedResponse\x12P\n\rListHeuristic\x12\x1e.twopc.v1.ListHeuristicRequest\x1a\x1f.twopc.v1.ListHeuristicResponse\x12I\n\x06Status\x12\".twopc.v1.ParticipantStatusRequest\x1a\x1b.twopc.v1.ParticipantStatus\x12\x41\n\x08WaitsFor\x12\x19.twopc.v1.WaitsForRequest\x1a\x1a.twopc.v1.WaitsForResponse\x12J\n\rSetFailpoints\x12\x1b.twopc.v1.FailpointsRequest\x1a\x1c.twopc.v1.FailpointsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,8 +34,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_PARTICIPANTSTATUS_COUNTERSENTRY']._loaded_options = None
   _globals['_PARTICIPANTSTATUS_COUNTERSENTRY']._serialized_options = b'8\001'
-  _globals['_VOTE']._serialized_start=1649
-  _globals['_VOTE']._serialized_end=1734
+  _globals['_VOTE']._serialized_start=1913
+  _globals['_VOTE']._serialized_end=1998
   _globals['_BRANCHREF']._serialized_start=62
   _globals['_BRANCHREF']._serialized_end=97
   _globals['_BRANCHEXECUTEREQUEST']._serialized_start=99
@@ -62,20 +62,26 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PREPAREDBRANCH']._serialized_end=918
   _globals['_LISTPREPAREDRESPONSE']._serialized_start=920
   _globals['_LISTPREPAREDRESPONSE']._serialized_end=1009
-  _globals['_PARTICIPANTSTATUSREQUEST']._serialized_start=1011
-  _globals['_PARTICIPANTSTATUSREQUEST']._serialized_end=1037
-  _globals['_FOREIGNPREPARED']._serialized_start=1039
-  _globals['_FOREIGNPREPARED']._serialized_end=1151
-  _globals['_PARTICIPANTSTATUS']._serialized_start=1154
-  _globals['_PARTICIPANTSTATUS']._serialized_end=1431
-  _globals['_PARTICIPANTSTATUS_COUNTERSENTRY']._serialized_start=1384
-  _globals['_PARTICIPANTSTATUS_COUNTERSENTRY']._serialized_end=1431
-  _globals['_WAITSFORREQUEST']._serialized_start=1433
-  _globals['_WAITSFORREQUEST']._serialized_end=1450
-  _globals['_WAITEDGE']._serialized_start=1453
-  _globals['_WAITEDGE']._serialized_end=1592
-  _globals['_WAITSFORRESPONSE']._serialized_start=1594
-  _globals['_WAITSFORRESPONSE']._serialized_end=1647
-  _globals['_PARTICIPANT']._serialized_start=1737
-  _globals['_PARTICIPANT']._serialized_end=2339
+  _globals['_LISTHEURISTICREQUEST']._serialized_start=1011
+  _globals['_LISTHEURISTICREQUEST']._serialized_end=1057
+  _globals['_HEURISTICDECISION']._serialized_start=1060
+  _globals['_HEURISTICDECISION']._serialized_end=1200
+  _globals['_LISTHEURISTICRESPONSE']._serialized_start=1202
+  _globals['_LISTHEURISTICRESPONSE']._serialized_end=1273
+  _globals['_PARTICIPANTSTATUSREQUEST']._serialized_start=1275
+  _globals['_PARTICIPANTSTATUSREQUEST']._serialized_end=1301
+  _globals['_FOREIGNPREPARED']._serialized_start=1303
+  _globals['_FOREIGNPREPARED']._serialized_end=1415
+  _globals['_PARTICIPANTSTATUS']._serialized_start=1418
+  _globals['_PARTICIPANTSTATUS']._serialized_end=1695
+  _globals['_PARTICIPANTSTATUS_COUNTERSENTRY']._serialized_start=1648
+  _globals['_PARTICIPANTSTATUS_COUNTERSENTRY']._serialized_end=1695
+  _globals['_WAITSFORREQUEST']._serialized_start=1697
+  _globals['_WAITSFORREQUEST']._serialized_end=1714
+  _globals['_WAITEDGE']._serialized_start=1717
+  _globals['_WAITEDGE']._serialized_end=1856
+  _globals['_WAITSFORRESPONSE']._serialized_start=1858
+  _globals['_WAITSFORRESPONSE']._serialized_end=1911
+  _globals['_PARTICIPANT']._serialized_start=2001
+  _globals['_PARTICIPANT']._serialized_end=2685
 # @@protoc_insertion_point(module_scope)

@@ -129,6 +129,34 @@ class ListPreparedResponse(_message.Message):
     highest_epoch: int
     def __init__(self, branches: _Optional[_Iterable[_Union[PreparedBranch, _Mapping]]] = ..., highest_epoch: _Optional[int] = ...) -> None: ...
 
+class ListHeuristicRequest(_message.Message):
+    __slots__ = ("coordinator_id",)
+    COORDINATOR_ID_FIELD_NUMBER: _ClassVar[int]
+    coordinator_id: str
+    def __init__(self, coordinator_id: _Optional[str] = ...) -> None: ...
+
+class HeuristicDecision(_message.Message):
+    __slots__ = ("transaction_id", "commit", "reason", "operator", "decided_at", "coordinator_check")
+    TRANSACTION_ID_FIELD_NUMBER: _ClassVar[int]
+    COMMIT_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    OPERATOR_FIELD_NUMBER: _ClassVar[int]
+    DECIDED_AT_FIELD_NUMBER: _ClassVar[int]
+    COORDINATOR_CHECK_FIELD_NUMBER: _ClassVar[int]
+    transaction_id: str
+    commit: bool
+    reason: str
+    operator: str
+    decided_at: float
+    coordinator_check: str
+    def __init__(self, transaction_id: _Optional[str] = ..., commit: _Optional[bool] = ..., reason: _Optional[str] = ..., operator: _Optional[str] = ..., decided_at: _Optional[float] = ..., coordinator_check: _Optional[str] = ...) -> None: ...
+
+class ListHeuristicResponse(_message.Message):
+    __slots__ = ("decisions",)
+    DECISIONS_FIELD_NUMBER: _ClassVar[int]
+    decisions: _containers.RepeatedCompositeFieldContainer[HeuristicDecision]
+    def __init__(self, decisions: _Optional[_Iterable[_Union[HeuristicDecision, _Mapping]]] = ...) -> None: ...
+
 class ParticipantStatusRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

@@ -65,6 +65,11 @@ class ParticipantStub:
                 request_serializer=twopc__pb_dot_participant__pb2.ListPreparedRequest.SerializeToString,
                 response_deserializer=twopc__pb_dot_participant__pb2.ListPreparedResponse.FromString,
                 _registered_method=True)
+        self.ListHeuristic = channel.unary_unary(
+                '/twopc.v1.Participant/ListHeuristic',
+                request_serializer=twopc__pb_dot_participant__pb2.ListHeuristicRequest.SerializeToString,
+                response_deserializer=twopc__pb_dot_participant__pb2.ListHeuristicResponse.FromString,
+                _registered_method=True)
         self.Status = channel.unary_unary(
                 '/twopc.v1.Participant/Status',
                 request_serializer=twopc__pb_dot_participant__pb2.ParticipantStatusRequest.SerializeToString,
@@ -129,6 +134,14 @@ class ParticipantServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListHeuristic(self, request, context):
+        """Heuristic decisions an operator applied to this coordinator's branches here
+        (`twopc-participant resolve`), from the audit table on the shard.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Status(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -182,6 +195,11 @@ def add_ParticipantServicer_to_server(servicer, server):
                     servicer.ListPrepared,
                     request_deserializer=twopc__pb_dot_participant__pb2.ListPreparedRequest.FromString,
                     response_serializer=twopc__pb_dot_participant__pb2.ListPreparedResponse.SerializeToString,
+            ),
+            'ListHeuristic': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListHeuristic,
+                    request_deserializer=twopc__pb_dot_participant__pb2.ListHeuristicRequest.FromString,
+                    response_serializer=twopc__pb_dot_participant__pb2.ListHeuristicResponse.SerializeToString,
             ),
             'Status': grpc.unary_unary_rpc_method_handler(
                     servicer.Status,
@@ -361,6 +379,33 @@ class Participant:
             '/twopc.v1.Participant/ListPrepared',
             twopc__pb_dot_participant__pb2.ListPreparedRequest.SerializeToString,
             twopc__pb_dot_participant__pb2.ListPreparedResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListHeuristic(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/twopc.v1.Participant/ListHeuristic',
+            twopc__pb_dot_participant__pb2.ListHeuristicRequest.SerializeToString,
+            twopc__pb_dot_participant__pb2.ListHeuristicResponse.FromString,
             options,
             channel_credentials,
             insecure,
