@@ -50,6 +50,7 @@ from twopc_common import settings
 from twopc_common.cli import HelpFormatter, add_version_flag
 from twopc_common.errors import TwoPCError
 from twopc_common.ids import check_name
+from twopc_common.tls import TlsConfig, TlsError, add_tls_flags, client_tls
 from twopc_harness.network import FaultNetwork, attach_network
 from twopc_harness.postgres import HarnessError
 from twopc_harness.system import LocalSystem, local_proxy_names, start_system
@@ -121,9 +122,9 @@ def _check_shards(dsns: dict[str, str]) -> None:
             )
 
 
-def _check_coordinator(address: str) -> None:
+def _check_coordinator(address: str, tls: TlsConfig) -> None:
     try:
-        with CoordinatorClient(address, timeout=5) as client:
+        with CoordinatorClient(address, timeout=5, tls=tls) as client:
             client.status(timeout=5)
     except TwoPCError as exc:
         raise DemoError(f"the coordinator at {address} does not answer ({exc})") from None
@@ -178,6 +179,7 @@ def _wait_for_recovery(dsns: dict[str, str]) -> float | None:
 def play(
     args: argparse.Namespace,
     address: str,
+    tls: TlsConfig,
     dsns: dict[str, str],
     network: FaultNetwork | None,
     system: LocalSystem | None,
@@ -206,6 +208,7 @@ def play(
     player = FaultPlayer(network, system)
     workload = Workload(
         address,
+        tls,
         shards,
         dsns,
         WorkloadConfig(
@@ -326,13 +329,17 @@ def run(args: argparse.Namespace) -> int:
     if args.coordinator:
         dsns = _shard_dsns(args.shard)
         _check_shards(dsns)
-        _check_coordinator(args.coordinator)
+        try:
+            tls = client_tls(args)
+        except TlsError as exc:
+            raise DemoError(str(exc)) from None
+        _check_coordinator(args.coordinator, tls)
         try:
             network = attach_network(args.toxiproxy_url) if args.toxiproxy_url else None
         except HarnessError as exc:
             raise DemoError(str(exc)) from None
         try:
-            return play(args, args.coordinator, dsns, network, None, seed)
+            return play(args, args.coordinator, tls, dsns, network, None, seed)
         finally:
             if network is not None:
                 network.stop()
@@ -355,7 +362,9 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         dsns = {s: system.dsn(s) for s in system.shard_names}
-        return play(args, system.client_address, dsns, system.network, system, seed)
+        return play(
+            args, system.client_address, system.tls("app"), dsns, system.network, system, seed
+        )
     finally:
         # The daemons' logs (one grep for a txid tells its story) go with the report.
         system.stop(logs_to=_out_dir(args, seed) / "logs")
@@ -462,6 +471,7 @@ def _parser() -> argparse.ArgumentParser:
             help="with --shard: drop tables named accounts, ledger or bank_meta even if "
             "the demo did not create them (without it the demo refuses to touch them)",
         )
+        add_tls_flags(target, daemon=False)
     c.add_argument(
         "--shard",
         action="append",

@@ -23,6 +23,7 @@ from bank_demo import bank
 from coordinator.client import AsyncCoordinatorClient, TransportError
 from twopc_common import ids
 from twopc_common.errors import TwoPCError
+from twopc_common.tls import TlsConfig
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +105,7 @@ class Workload:
     def __init__(
         self,
         address: str,
+        tls: TlsConfig,
         shards: Sequence[str],
         dsns: Mapping[str, str],
         config: WorkloadConfig,
@@ -111,6 +113,7 @@ class Workload:
         current_fault: Callable[[], str],
     ) -> None:
         self._address = address
+        self._tls = tls
         self._shards = list(shards)
         self._dsns = dsns
         self._config = config
@@ -224,7 +227,9 @@ class Workload:
     async def run(self, progress: bool = True) -> None:
         self._started = time.monotonic()
         until = self._started + self._config.duration
-        async with AsyncCoordinatorClient(self._address, self._config.client_timeout) as client:
+        async with AsyncCoordinatorClient(
+            self._address, self._config.client_timeout, tls=self._tls
+        ) as client:
             workers = [self._worker(client, w, until) for w in range(self._config.concurrency)]
             monitor = asyncio.create_task(self._monitor(client, until, progress))
             await asyncio.gather(*workers)

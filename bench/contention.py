@@ -74,7 +74,7 @@ async def hot_accounts(duration: float, seed: int) -> list[dict[str, Any]]:
             try:
                 shards = system.shard_names
                 prepare_bank(system, shards)
-                async with AsyncCoordinatorClient(system.client_address, timeout=60) as client:
+                async with system.async_client(timeout=60) as client:
                     before = await deadlocks_broken(client)
                     result = await drive(
                         through_system(client, shards),
@@ -186,7 +186,7 @@ async def availability(fault_seconds: float, seed: int) -> list[dict[str, Any]]:
             ("agent killed", agent.kill, restart),
             ("partitioned from the coordinator", cut, network.heal),
         ]
-        async with AsyncCoordinatorClient(system.client_address, timeout=30) as client:
+        async with system.async_client(timeout=30) as client:
             load = Load(client, system.shard_names, seed)
             workers = [asyncio.create_task(load.worker(w)) for w in range(16)]
             await asyncio.sleep(3)  # warm up

@@ -35,7 +35,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from transfers import Picker, drive, prepare_bank, raw_2pc, start_bench_system, through_system
 
-from coordinator.client import AsyncCoordinatorClient
 from twopc_harness.system import LocalSystem
 
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -178,7 +177,7 @@ async def main_async(
     for pool in pools.values():
         await pool.open(wait=True)
     try:
-        async with AsyncCoordinatorClient(system.client_address, timeout=60) as client:
+        async with system.async_client(timeout=60) as client:
             await measure(
                 "system", through_system(client, shards), system, concurrency, duration, profile
             )

@@ -31,7 +31,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from transfers import Picker, prepare_bank, raw_2pc, start_bench_system
 
 from bank_demo import bank
-from coordinator.client import AsyncCoordinatorClient
 from coordinator.participants import ParticipantClient
 from coordinator.protocol import Vote
 from twopc_common.values import Statement
@@ -64,7 +63,11 @@ async def main_async(system: LocalSystem, samples: int) -> None:
         source, target = picker.pick()
         return bank.transfer(f"lat-{next(numbers)}", source, target, 1, shards)
 
-    agents = {s: ParticipantClient(s, system.participants[s].address, 10, 4 << 20) for s in shards}
+    tls = system.tls(system.coordinator_id)
+    agents = {
+        s: ParticipantClient(s, system.participants[s].address, 10, 4 << 20, tls=tls)
+        for s in shards
+    }
     pools = {
         s: AsyncConnectionPool(system.dsn(s), min_size=2, open=False, kwargs={"autocommit": True})
         for s in shards
@@ -72,7 +75,7 @@ async def main_async(system: LocalSystem, samples: int) -> None:
     for pool in pools.values():
         await pool.open(wait=True)
     try:
-        async with AsyncCoordinatorClient(system.client_address, timeout=60) as client:
+        async with system.async_client(timeout=60) as client:
 
             async def grpc_hop() -> None:
                 await client.status()

@@ -26,7 +26,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from transfers import ACCOUNTS, BALANCE, Picker, drive, rss_kb, through_system
 
 from bank_demo import bank
-from coordinator.client import AsyncCoordinatorClient
 from twopc_harness.system import start_system
 
 SHARDS = ["shard1", "shard2", "shard3"]
@@ -35,7 +34,7 @@ SHARDS = ["shard1", "shard2", "shard3"]
 async def watch(system: Any, minutes: float, seed: int) -> list[dict[str, Any]]:
     pid = system.coordinator.process.pid
     samples: list[dict[str, Any]] = []
-    async with AsyncCoordinatorClient(system.client_address, timeout=30) as client:
+    async with system.async_client(timeout=30) as client:
         started = time.monotonic()
         load = asyncio.create_task(
             drive(through_system(client, SHARDS), Picker(SHARDS, seed), 16, minutes * 60, "o")

@@ -7,7 +7,9 @@ expectation plus its ledger row on one shard, credit plus its ledger row on anot
              statements and PREPARE TRANSACTION on both shards in parallel, then
              COMMIT PREPARED on both. No coordinator, no gRPC: the limit.
   system     the same transfers through the client library, the coordinator and the
-             agents.
+             agents, with mutual TLS on every channel (as deployed: the headline).
+  insecure   the same system started with --insecure (plaintext, no authentication),
+             on the same clusters: what TLS and authentication cost.
   nonatomic  two independent local commits (what you give up without 2PC).
 
 At concurrency 1, 16 and 64, with 2 and 4 shards, plus a hot-account run. Also the
@@ -184,6 +186,7 @@ def rss_kb(pid: int) -> int:
 
 async def run_config(
     system: LocalSystem,
+    insecure: LocalSystem,
     shards: list[str],
     concurrencies: list[int],
     duration: float,
@@ -208,10 +211,14 @@ async def run_config(
     pid = system.coordinator.process.pid
     rows = []
     try:
-        async with AsyncCoordinatorClient(system.client_address, timeout=60) as client:
+        async with (
+            system.async_client(timeout=60) as client,
+            insecure.async_client(timeout=60) as plain,
+        ):
             variants: dict[str, Transfer] = {
                 "raw": raw_2pc(pools, shards),
                 "system": through_system(client, shards),
+                "insecure": through_system(plain, shards),
                 "nonatomic": non_atomic(pools, shards),
             }
             for concurrency in concurrencies:
@@ -230,6 +237,10 @@ async def run_config(
                 row["throughput_ratio_system_to_raw"] = (
                     round(row["system"]["transfers_per_s"] / raw_tps, 3) if raw_tps else None
                 )
+                plain_tps = row["insecure"]["transfers_per_s"]
+                row["throughput_ratio_tls_to_insecure"] = (
+                    round(row["system"]["transfers_per_s"] / plain_tps, 3) if plain_tps else None
+                )
                 if row["raw"]["p50_ms"] and row["system"]["p50_ms"]:
                     row["p50_ratio_system_to_raw"] = round(
                         row["system"]["p50_ms"] / row["raw"]["p50_ms"], 3
@@ -247,10 +258,11 @@ def format_row(row: dict[str, Any]) -> str:
     cells = [f"{row['shards']} shards", f"c={row['concurrency']:<3}"]
     if row["hot_accounts"]:
         cells.append(f"hot={row['hot_accounts']}")
-    for name in ("raw", "system", "nonatomic"):
+    for name in ("raw", "system", "insecure", "nonatomic"):
         r = row[name]
         cells.append(f"{name} {r['transfers_per_s']:>7}/s p50 {r['p50_ms']}ms p99 {r['p99_ms']}ms")
     cells.append(f"system/raw {row['throughput_ratio_system_to_raw']}")
+    cells.append(f"tls/insecure {row['throughput_ratio_tls_to_insecure']}")
     if "p50_ratio_system_to_raw" in row:
         cells.append(f"p50 ratio {row['p50_ratio_system_to_raw']}")
     return " | ".join(cells)
@@ -302,7 +314,7 @@ async def soak(
     assert system.coordinator is not None and system.coordinator.process is not None
     pid = system.coordinator.process.pid
     samples: list[tuple[float, int]] = []
-    async with AsyncCoordinatorClient(system.client_address, timeout=60) as client:
+    async with system.async_client(timeout=60) as client:
         started = time.monotonic()
         load = asyncio.create_task(
             drive(through_system(client, shards), Picker(shards, seed), 16, minutes * 60, "soak")
@@ -349,16 +361,22 @@ def main() -> None:
             system = start_bench_system(
                 clusters=clusters[:n], workdir=workdir / f"sys{n}", coordinator_id=f"bench{n}"
             )
+            insecure = start_bench_system(
+                clusters=clusters[:n],
+                workdir=workdir / f"sys{n}-insecure",
+                coordinator_id=f"bench{n}plain",
+                secure=False,
+            )
             try:
                 shards = system.shard_names
                 prepare_bank(system, shards)
                 results["runs"] += asyncio.run(
-                    run_config(system, shards, a.concurrency, a.duration, 0, a.seed)
+                    run_config(system, insecure, shards, a.concurrency, a.duration, 0, a.seed)
                 )
                 if n == min(a.shards):
                     prepare_bank(system, shards)
                     results["runs"] += asyncio.run(
-                        run_config(system, shards, [16], a.duration, 20, a.seed)
+                        run_config(system, insecure, shards, [16], a.duration, 20, a.seed)
                     )
                     if a.soak_minutes:
                         results["soak_rss_kb"] = asyncio.run(
@@ -366,6 +384,7 @@ def main() -> None:
                         )
             finally:
                 system.stop()
+                insecure.stop()
     finally:
         stop_clusters(clusters)
     out = Path(a.out)

@@ -7,16 +7,18 @@ import asyncio
 import contextlib
 import os
 import sys
+from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
-from coordinator import metrics
+from coordinator import access, metrics
 from coordinator.config import CoordinatorConfig
 from coordinator.decision_log import DecisionLog, LogInUse
 from coordinator.engine import Coordinator, LogBehind
 from coordinator.heuristics import HeuristicWatch
 from coordinator.participants import ParticipantClient
 from coordinator.service import CoordinatorService
+from twopc_common.auth import Authenticator, TokenFile, TokenFileError, guard, token_main
 from twopc_common.cli import (
     HelpFormatter,
     LogSettings,
@@ -33,9 +35,11 @@ from twopc_common.cli import (
 from twopc_common.errors import TwoPCError, Unavailable
 from twopc_common.health import Health
 from twopc_common.ids import check_name
+from twopc_common.log import EventLogger
 from twopc_common.metrics import RpcMetrics, serve_metrics
 from twopc_common.server import ListenError, bind_grpc_server
 from twopc_common.statements import policy_kinds
+from twopc_common.tls import TlsError, daemon_tls
 from twopc_pb import coordinator_pb2 as pb
 from twopc_pb import coordinator_pb2_grpc as cgrpc
 
@@ -45,6 +49,9 @@ class StartupError(TwoPCError):
 
 
 async def serve(config: CoordinatorConfig) -> None:
+    log = EventLogger("coordinator", config.id)
+    tokens = TokenFile(config.tokens_file, log) if config.tokens_file else None
+    authenticator = Authenticator(not config.tls.insecure, config.admins, tokens)
     decision_log = DecisionLog(config.log_path, config.id, batch_max=config.log_batch_max)
     clients = {
         name: ParticipantClient(
@@ -54,6 +61,7 @@ async def serve(config: CoordinatorConfig) -> None:
             config.limits.max_message_bytes,
             config.limits.max_phase2_batch,
             config.connect_probe_timeout,
+            tls=config.tls,
         )
         for name, address in config.participants.items()
     }
@@ -66,9 +74,21 @@ async def serve(config: CoordinatorConfig) -> None:
         server = bind_grpc_server(
             config.listen,
             config.limits.max_message_bytes,
-            lambda s: cgrpc.add_CoordinatorServicer_to_server(CoordinatorService(engine), s),
+            lambda s: cgrpc.add_CoordinatorServicer_to_server(
+                guard(
+                    CoordinatorService(engine, access.Owners(config.owners_remembered)),
+                    pb.DESCRIPTOR.services_by_name["Coordinator"],
+                    authenticator,
+                    access.rules(config),
+                    log,
+                ),
+                s,
+            ),
             health,
+            config.tls,
+            log,
             [RpcMetrics(registry)],
+            config.token_listen,
         )
     except ListenError:
         await engine.close()
@@ -188,7 +208,8 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="twopc-coordinator",
         description="Two-phase-commit coordinator for PostgreSQL participant agents. "
-        "`twopc-coordinator inspect --help` shows the operator's view.",
+        "Subcommands: `inspect` (the operator's view), `certs` (development "
+        "certificates), `token` (issue a bearer token); each has --help.",
         formatter_class=HelpFormatter,
     )
     p.add_argument(
@@ -286,6 +307,18 @@ def parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="period of the in-doubt branch scan",
     )
+    p.add_argument(
+        "--token-listen",
+        type=listen_address,
+        metavar="HOST:PORT",
+        help="a second port, TLS without client certificates, for clients with bearer tokens",
+    )
+    p.add_argument(
+        "--tokens-file",
+        type=Path,
+        metavar="PATH",
+        help="hashed bearer tokens (`twopc-coordinator token --help` issues them)",
+    )
     add_statement_policy_flags(p)
     add_daemon_flags(p)
     return p
@@ -294,6 +327,11 @@ def parser() -> argparse.ArgumentParser:
 def parse_args(argv: list[str] | None = None) -> tuple[CoordinatorConfig, LogSettings]:
     p = parser()
     a = p.parse_args(argv)
+    if a.token_listen and not a.tokens_file:
+        p.error("--token-listen needs --tokens-file")
+    if a.token_listen and a.insecure:
+        p.error("--token-listen needs TLS: bearer tokens are never sent in plaintext")
+    tls = daemon_tls(p.prog, a, [a.listen, *([a.token_listen] if a.token_listen else [])])
     try:
         config = CoordinatorConfig(
             id=check_name("coordinator", a.id),
@@ -313,6 +351,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[CoordinatorConfig, LogSet
             recovery_interval=a.recovery_interval,
             metrics_listen=a.metrics,
             allow_failpoints=a.allow_failpoints,
+            tls=tls,
+            token_listen=a.token_listen,
+            tokens_file=a.tokens_file,
+            admins=frozenset(a.admin),
             statement_kinds=policy_kinds(a.allow_statement, a.refuse_statement),
         )
     except (TwoPCError, argparse.ArgumentTypeError) as exc:
@@ -327,8 +369,22 @@ def main(argv: list[str] | None = None) -> None:
 
         inspect(args[1:])
         return
+    if args[:1] == ["certs"]:
+        from twopc_common.certs import main as certs
+
+        certs(args[1:])
+        return
+    if args[:1] == ["token"]:
+        token_main(args[1:])
+        return
     config, logs = parse_args(args)
-    run_daemon("twopc-coordinator", serve(config), logs, (StartupError, ListenError))
+    run_daemon(
+        "twopc-coordinator",
+        serve(config),
+        logs,
+        (StartupError, ListenError, TlsError, TokenFileError),
+        config.allow_failpoints,
+    )
 
 
 if __name__ == "__main__":

@@ -17,6 +17,12 @@
             tx.execute("shard2", "UPDATE ...", (...))
         print(tx.outcome)
 
+Credentials: `tls=TlsConfig(cert, key, ca)` authenticates the client by its certificate
+(mutual TLS), `tls=TlsConfig(ca=ca), token=...` by a bearer token (on the coordinator's
+token port); `server_name` is the name the coordinator's certificate must carry
+(default: the host dialled). Without `tls` the channel is plaintext, which only a
+coordinator started with `--insecure` accepts.
+
 SQL uses psycopg placeholders (`%s`); values are sent typed and bound by PostgreSQL.
 An aborted transaction is an outcome, not an exception. Exceptions mean the request
 itself failed: `TransportError` (coordinator unreachable or deadline exceeded: the
@@ -41,6 +47,7 @@ import grpc
 
 from twopc_common.errors import Aborted, ResourceExhausted, TwoPCError
 from twopc_common.grpc_errors import RETRY_AFTER_MS, error_for
+from twopc_common.tls import TlsConfig, aio_channel, channel
 from twopc_common.values import (
     Expectation,
     SqlValue,
@@ -61,6 +68,7 @@ __all__ = [
     "Outcome",
     "Statement",
     "StatementResult",
+    "TlsConfig",
     "Transaction",
     "TransactionAborted",
     "TransactionStatus",
@@ -216,9 +224,17 @@ _CHANNEL_OPTIONS = [
 class CoordinatorClient:
     """A blocking client; thread-safe (one channel, shared)."""
 
-    def __init__(self, address: str, timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        address: str,
+        timeout: float = 30.0,
+        *,
+        tls: TlsConfig | None = None,
+        token: str | None = None,
+        server_name: str | None = None,
+    ) -> None:
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(address, options=_CHANNEL_OPTIONS)
+        self._channel = channel(address, tls or TlsConfig(), _CHANNEL_OPTIONS, server_name, token)
         self._stub = cgrpc.CoordinatorStub(self._channel)
 
     def __enter__(self) -> CoordinatorClient:
@@ -327,9 +343,19 @@ class Transaction:
 class AsyncCoordinatorClient:
     """The same API for asyncio programs."""
 
-    def __init__(self, address: str, timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        address: str,
+        timeout: float = 30.0,
+        *,
+        tls: TlsConfig | None = None,
+        token: str | None = None,
+        server_name: str | None = None,
+    ) -> None:
         self.timeout = timeout
-        self._channel = grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS)
+        self._channel = aio_channel(
+            address, tls or TlsConfig(), _CHANNEL_OPTIONS, server_name, token
+        )
         self._stub = cgrpc.CoordinatorStub(self._channel)
 
     async def __aenter__(self) -> AsyncCoordinatorClient:

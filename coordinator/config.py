@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from coordinator.protocol import RetryPolicy
 from twopc_common import settings
 from twopc_common.limits import Limits
 from twopc_common.statements import DEFAULT_ALLOWED, StatementKind
+from twopc_common.tls import TlsConfig
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +85,17 @@ class CoordinatorConfig:
     statement_kinds: frozenset[StatementKind] = DEFAULT_ALLOWED
     """Kinds of statement a branch may run (`twopc_common.statements`); the default
     widened and narrowed by --allow-statement / --refuse-statement."""
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    """Certificate, key and CA for every channel (the default is plaintext: --insecure)."""
+    token_listen: str | None = None
+    """HOST:PORT of a second port with server-only TLS for clients with bearer tokens."""
+    tokens_file: Path | None = None
+    """Hashed bearer tokens (`NAME sha256:HEX [admin]` per line), re-read on change."""
+    admins: frozenset[str] = frozenset()
+    """Client identities with the admin role (all transactions, SetFailpoints)."""
+    owners_remembered: int = 200_000
+    """Transactions whose owning client is remembered; older ones are NOT_FOUND for
+    clients (far more than can be live: the idle timeout ends forgotten ones)."""
     limits: Limits = field(default_factory=Limits)
     """Request limits."""
 

@@ -9,6 +9,11 @@ be reached (the report says which), 2 for a usage error or a log it cannot read.
 With participants, it also lists the operators' heuristic decisions on this
 coordinator's branches (`twopc-participant resolve`), each judged against the log: a
 contradiction is a heuristic hazard.
+
+Agents answer ListPrepared and ListHeuristic only to their coordinators (and
+ListHeuristic to admins), so against a secure deployment inspect runs where the
+coordinator runs, with the coordinator's own certificate
+(`--tls-cert/--tls-key/--tls-ca`), which also lets it see every live transaction.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from coordinator.protocol import TxState, reported, reported_without_record
 from twopc_common.cli import HelpFormatter, add_version_flag, named_addresses
 from twopc_common.errors import TwoPCError
 from twopc_common.ids import TransactionId
+from twopc_common.tls import TlsConfig, add_tls_flags, channel, client_tls
 from twopc_pb import coordinator_pb2 as cpb
 from twopc_pb import coordinator_pb2_grpc as cgrpc
 from twopc_pb import participant_pb2 as ppb
@@ -90,11 +96,9 @@ def _read_log(db: sqlite_utils.Database, path: str) -> dict[str, Any]:
     }
 
 
-def _from_coordinator(address: str) -> list[dict[str, Any]]:
-    with grpc.insecure_channel(address) as channel:
-        reply = cgrpc.CoordinatorStub(channel).ListTransactions(
-            cpb.ListTransactionsRequest(), timeout=5
-        )
+def _from_coordinator(address: str, coordinator_id: str, tls: TlsConfig) -> list[dict[str, Any]]:
+    with channel(address, tls, server_name=coordinator_id) as ch:
+        reply = cgrpc.CoordinatorStub(ch).ListTransactions(cpb.ListTransactionsRequest(), timeout=5)
     return [
         {
             "transaction_id": t.transaction_id,
@@ -107,12 +111,14 @@ def _from_coordinator(address: str) -> list[dict[str, Any]]:
     ]
 
 
-def _from_participants(coordinator_id: str, participants: dict[str, str]) -> dict[str, Any]:
+def _from_participants(
+    coordinator_id: str, participants: dict[str, str], tls: TlsConfig
+) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, address in participants.items():
         try:
-            with grpc.insecure_channel(address) as channel:
-                reply = pgrpc.ParticipantStub(channel).ListPrepared(
+            with channel(address, tls, server_name=name) as ch:
+                reply = pgrpc.ParticipantStub(ch).ListPrepared(
                     ppb.ListPreparedRequest(coordinator_id=coordinator_id), timeout=5
                 )
         except grpc.RpcError as exc:
@@ -146,15 +152,17 @@ def _logged_outcome(db: sqlite_utils.Database, transaction_id: str) -> str:
     return reported_without_record(started[0] if started else None, pruned).value
 
 
-def _heuristic(path: str, coordinator_id: str, participants: dict[str, str]) -> dict[str, Any]:
+def _heuristic(
+    path: str, coordinator_id: str, participants: dict[str, str], tls: TlsConfig
+) -> dict[str, Any]:
     """Every agent's heuristic decisions on this coordinator's branches, each judged
     against the log (a contradiction is a heuristic hazard)."""
     db = _open_read_only(path)
     out: dict[str, Any] = {}
     for name, address in participants.items():
         try:
-            with grpc.insecure_channel(address) as channel:
-                reply = pgrpc.ParticipantStub(channel).ListHeuristic(
+            with channel(address, tls, server_name=name) as ch:
+                reply = pgrpc.ParticipantStub(ch).ListHeuristic(
                     ppb.ListHeuristicRequest(coordinator_id=coordinator_id), timeout=5
                 )
         except grpc.RpcError as exc:
@@ -240,6 +248,7 @@ def parser() -> argparse.ArgumentParser:
         help="a participant to ask for in-doubt branches (repeatable)",
     )
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    add_tls_flags(p, daemon=False)
     add_version_flag(p)
     return p
 
@@ -249,6 +258,7 @@ def main(argv: list[str]) -> None:
     a = p.parse_args(argv)
     try:
         participants = named_addresses(a.participant, "--participant")
+        tls = client_tls(a)
     except (argparse.ArgumentTypeError, TwoPCError) as exc:
         p.error(str(exc))
     try:
@@ -258,12 +268,14 @@ def main(argv: list[str]) -> None:
         sys.exit(2)
     if a.coordinator:
         try:
-            report["in_flight"] = _from_coordinator(a.coordinator)
+            report["in_flight"] = _from_coordinator(
+                a.coordinator, report["coordinator_id"] or "", tls
+            )
         except grpc.RpcError as exc:
             report["in_flight"] = _unreachable(exc, a.coordinator)
     if participants:
-        report["in_doubt"] = _from_participants(report["coordinator_id"] or "", participants)
-        report["heuristic"] = _heuristic(a.log, report["coordinator_id"] or "", participants)
+        report["in_doubt"] = _from_participants(report["coordinator_id"] or "", participants, tls)
+        report["heuristic"] = _heuristic(a.log, report["coordinator_id"] or "", participants, tls)
     if a.json:
         json.dump(report, sys.stdout, indent=2)
         print()

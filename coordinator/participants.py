@@ -34,6 +34,7 @@ from coordinator.protocol import Ballot, Vote
 from twopc_common.errors import Unavailable
 from twopc_common.grpc_errors import error_for
 from twopc_common.limits import Limits
+from twopc_common.tls import TlsConfig, aio_channel
 from twopc_common.values import Statement, StatementResult, result_from_pb, statement_to_pb
 from twopc_pb import participant_pb2 as pb
 from twopc_pb import participant_pb2_grpc as pgrpc
@@ -144,6 +145,8 @@ class ParticipantClient:
         max_message: int,
         phase2_batch: int = Limits().max_phase2_batch,
         probe_timeout: float = 1.0,
+        *,
+        tls: TlsConfig,
     ) -> None:
         self.name = name
         self.address = address
@@ -156,8 +159,12 @@ class ParticipantClient:
         self._decisions: list[_Decision] = []
         self._sender: asyncio.Task[None] | None = None
         self.stats: collections.Counter[str] = collections.Counter()
-        self._channel = grpc.aio.insecure_channel(
+        # The agent must prove it is `name` (a DNS SAN of its certificate), whatever
+        # address or proxy it is dialled through.
+        self._channel = aio_channel(
             address,
+            tls,
+            server_name=name,
             options=[
                 ("grpc.max_receive_message_length", max_message),
                 ("grpc.max_send_message_length", max_message),

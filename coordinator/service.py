@@ -12,9 +12,11 @@ import hashlib
 from collections.abc import Awaitable
 from typing import TypeVar
 
+from coordinator.access import Owners, scoped_key
 from coordinator.engine import Coordinator, Outcome, TransactionInfo
 from coordinator.protocol import AbortCause, Reported, TxState
 from twopc_common import failpoints
+from twopc_common.auth import caller
 from twopc_common.grpc_errors import Context, translate_errors
 from twopc_common.statements import StatementPolicy
 from twopc_common.values import results_to_pb, statements_from_pb
@@ -84,12 +86,17 @@ async def _shielded(call: Awaitable[T]) -> T:
 
 
 class CoordinatorService(cgrpc.CoordinatorServicer):
-    def __init__(self, engine: Coordinator) -> None:
+    def __init__(self, engine: Coordinator, owners: Owners) -> None:
         self._engine = engine
         self._limits = engine.config.limits
+        self._owners = owners
         # The agents check the same policy; checking here too refuses a bad Run
         # before any branch opens, with INVALID_ARGUMENT rather than an abort.
         self._policy = StatementPolicy(engine.config.statement_kinds)
+
+    async def _live(self, transaction_id: str) -> bool:
+        info = await self._engine.get(transaction_id)
+        return info.outcome is Reported.IN_PROGRESS
 
     @translate_errors
     async def Run(self, request: pb.RunRequest, context: Context) -> pb.TransactionOutcome:
@@ -102,7 +109,8 @@ class CoordinatorService(cgrpc.CoordinatorServicer):
         ]
         for participant, statements in branches:
             self._policy.check(statements, f"branch {participant!r}")
-        key = request.idempotency_key or None
+        who = caller()
+        key = scoped_key(who, request.idempotency_key) if request.idempotency_key else None
         request_hash = None
         if key is not None:
             canonical = pb.RunRequest(branches=request.branches)
@@ -112,14 +120,18 @@ class CoordinatorService(cgrpc.CoordinatorServicer):
         outcome = await _shielded(
             self._engine.run(branches, key, request_hash, request.wait_for_completion)
         )
+        self._owners.claim(outcome.transaction_id, who)
         return outcome_to_pb(outcome)
 
     @translate_errors
     async def Begin(self, request: pb.BeginRequest, context: Context) -> pb.BeginResponse:
-        return pb.BeginResponse(transaction_id=self._engine.begin())
+        transaction_id = self._engine.begin()
+        self._owners.claim(transaction_id, caller())
+        return pb.BeginResponse(transaction_id=transaction_id)
 
     @translate_errors
     async def Execute(self, request: pb.ExecuteRequest, context: Context) -> pb.ExecuteResponse:
+        await self._owners.check(request.transaction_id, caller(), self._live)
         statements = statements_from_pb(request.statements, self._limits, "Execute")
         self._policy.check(statements, "Execute")
         results = await _shielded(
@@ -129,6 +141,7 @@ class CoordinatorService(cgrpc.CoordinatorServicer):
 
     @translate_errors
     async def Commit(self, request: pb.CommitRequest, context: Context) -> pb.TransactionOutcome:
+        await self._owners.check(request.transaction_id, caller(), self._live)
         outcome = await _shielded(
             self._engine.commit(request.transaction_id, request.wait_for_completion)
         )
@@ -138,20 +151,27 @@ class CoordinatorService(cgrpc.CoordinatorServicer):
     async def Rollback(
         self, request: pb.RollbackRequest, context: Context
     ) -> pb.TransactionOutcome:
+        await self._owners.check(request.transaction_id, caller(), self._live)
         return outcome_to_pb(await _shielded(self._engine.rollback(request.transaction_id)))
 
     @translate_errors
     async def GetTransaction(
         self, request: pb.GetTransactionRequest, context: Context
     ) -> pb.TransactionStatus:
+        await self._owners.check(request.transaction_id, caller(), self._live, changes=False)
         return info_to_pb(await self._engine.get(request.transaction_id))
 
     @translate_errors
     async def ListTransactions(
         self, request: pb.ListTransactionsRequest, context: Context
     ) -> pb.ListTransactionsResponse:
+        who = caller()
         return pb.ListTransactionsResponse(
-            transactions=[info_to_pb(i) for i in self._engine.in_flight()]
+            transactions=[
+                info_to_pb(i)
+                for i in self._engine.in_flight()
+                if self._owners.visible(i.transaction_id, who)
+            ]
         )
 
     @translate_errors

@@ -5,17 +5,21 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import sys
+from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
-from participant import metrics
+from participant import access, metrics
 from participant.agent import Agent
 from participant.config import ParticipantConfig
+from participant.dsn import ENV_VAR, inline_dsn, read_dsn_file
 from participant.probe import DatabaseProbe
 from participant.recovery import Recovery
 from participant.service import ParticipantService
 from participant.store import ConfigurationError, Store
+from twopc_common.auth import Authenticator, guard
 from twopc_common.cli import (
     HelpFormatter,
     LogSettings,
@@ -31,18 +35,24 @@ from twopc_common.cli import (
     run_daemon,
     wait_for_termination,
 )
-from twopc_common.errors import TwoPCError
+from twopc_common.errors import InvalidArgument, TwoPCError
 from twopc_common.health import Health
 from twopc_common.ids import check_name
 from twopc_common.metrics import RpcMetrics, serve_metrics
 from twopc_common.server import ListenError, bind_grpc_server
 from twopc_common.settings import describe_dsn
 from twopc_common.statements import policy_kinds
+from twopc_common.tls import TlsError, daemon_tls
 from twopc_pb import participant_pb2 as pb
 from twopc_pb import participant_pb2_grpc as pgrpc
 
 
 async def serve(config: ParticipantConfig) -> None:
+    if config.dsn_file is not None:
+        try:
+            config = dataclasses.replace(config, dsn=read_dsn_file(config.dsn_file))
+        except InvalidArgument as exc:
+            raise ConfigurationError(str(exc)) from None
     store = Store(config)
     await store.open()
     agent = Agent(config, store)
@@ -66,8 +76,19 @@ async def serve(config: ParticipantConfig) -> None:
     server = bind_grpc_server(
         config.listen,
         config.limits.max_message_bytes,
-        lambda s: pgrpc.add_ParticipantServicer_to_server(ParticipantService(agent, recovery), s),
+        lambda s: pgrpc.add_ParticipantServicer_to_server(
+            guard(
+                ParticipantService(agent, recovery),
+                pb.DESCRIPTOR.services_by_name["Participant"],
+                Authenticator(not config.tls.insecure, config.admins),
+                access.rules(config),
+                agent.log,
+            ),
+            s,
+        ),
         health,
+        config.tls,
+        agent.log,
         [RpcMetrics(registry)],
     )
     metrics.register(registry, agent, recovery, probe, health)
@@ -121,12 +142,18 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--dsn",
-        required=True,
         type=dsn,
         metavar="DSN",
-        help="libpq connection string of the database, e.g. 'host=db1 dbname=bank user=app'; "
+        help="libpq connection string of the database, e.g. 'host=db1 dbname=bank user=app', "
+        f"without a password (that goes in --dsn-file, {ENV_VAR} or PGPASSFILE); "
         "the database needs max_prepared_transactions > 0, and the role its own schema "
         "twopc (created if the role may CREATE on the database)",
+    )
+    p.add_argument(
+        "--dsn-file",
+        type=Path,
+        metavar="PATH",
+        help="file holding the connection string (may carry the password)",
     )
     p.add_argument(
         "--listen", type=listen_address, default=d.listen, metavar="HOST:PORT", help="gRPC address"
@@ -212,10 +239,12 @@ def parser() -> argparse.ArgumentParser:
 def parse_args(argv: list[str] | None = None) -> tuple[ParticipantConfig, LogSettings]:
     p = parser()
     a = p.parse_args(argv)
+    tls = daemon_tls(p.prog, a, [a.listen])
     try:
         config = ParticipantConfig(
             id=check_name("participant", a.id),
-            dsn=a.dsn,
+            dsn=inline_dsn(a.dsn, a.dsn_file),
+            dsn_file=a.dsn_file,
             listen=a.listen,
             coordinators=named_addresses(a.coordinator, "--coordinator"),
             pool_min_size=a.pool_min_size,
@@ -228,6 +257,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[ParticipantConfig, LogSet
             recovery_grace=a.recovery_grace,
             metrics_listen=a.metrics,
             allow_failpoints=a.allow_failpoints,
+            tls=tls,
+            admins=frozenset(a.admin),
             branch_role=a.branch_role,
             statement_kinds=policy_kinds(a.allow_statement, a.refuse_statement),
         )
@@ -244,7 +275,13 @@ def main(argv: list[str] | None = None) -> None:
         resolve(args[1:])
         return
     config, logs = parse_args(args)
-    run_daemon("twopc-participant", serve(config), logs, (ConfigurationError, ListenError))
+    run_daemon(
+        "twopc-participant",
+        serve(config),
+        logs,
+        (ConfigurationError, ListenError, TlsError),
+        config.allow_failpoints,
+    )
 
 
 if __name__ == "__main__":

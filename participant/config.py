@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from twopc_common import settings
 from twopc_common.errors import InvalidArgument
 from twopc_common.limits import Limits
 from twopc_common.statements import DEFAULT_ALLOWED, StatementKind
+from twopc_common.tls import TlsConfig
 
 
 @dataclass(frozen=True, slots=True)
@@ -15,7 +17,10 @@ class ParticipantConfig:
     id: str
     """This participant's name; the coordinator enlists it by this name."""
     dsn: str
-    """libpq connection string of the PostgreSQL database this agent wraps."""
+    """libpq connection string of the PostgreSQL database this agent wraps ("" while
+    it is still in `dsn_file`)."""
+    dsn_file: Path | None = None
+    """File the DSN is read from at start (it may carry the password)."""
     listen: str = "127.0.0.1:7001"
     """HOST:PORT the gRPC server binds."""
     coordinators: dict[str, str] = field(default_factory=dict)
@@ -75,6 +80,10 @@ class ParticipantConfig:
     statement_kinds: frozenset[StatementKind] = DEFAULT_ALLOWED
     """Kinds of statement a branch may run (`twopc_common.statements`); the default
     widened and narrowed by --allow-statement / --refuse-statement."""
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    """Certificate, key and CA for every channel (the default is plaintext: --insecure)."""
+    admins: frozenset[str] = frozenset()
+    """Client identities with the admin role (SetFailpoints)."""
     limits: Limits = field(default_factory=Limits)
     """Request limits."""
 

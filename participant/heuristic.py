@@ -10,7 +10,13 @@ agent is down. It
 2. asks the owning coordinator, and refuses if it answers at all: one that knows the
    outcome (committed, aborted, or unknown = presumed abort) will have it applied by
    the agent's recovery, and one that is still deciding or recovering must be left
-   to finish. Only a coordinator that cannot be reached lets the operator decide;
+   to finish. Only a coordinator that cannot be reached lets the operator decide.
+   Against a secure deployment the check runs over mutual TLS
+   (`--tls-cert/--tls-key/--tls-ca`, an admin client's or the agent's own
+   certificate), verifying the coordinator by its id. A check that fails while
+   something still accepts TCP connections at the address (a TLS handshake without
+   or with the wrong flags, a frozen process) is refused too: only an address where
+   nothing listens counts as unreachable;
 3. records who, when, why, what and what the coordinator check found in the audit
    table `twopc_heuristic_decision` on the shard, committed *before* acting;
 4. runs COMMIT PREPARED or ROLLBACK PREPARED, and records whether it was applied.
@@ -40,6 +46,7 @@ from participant.store import AsyncConn, Store
 from twopc_common import ids
 from twopc_common.cli import named_addresses
 from twopc_common.errors import TwoPCError, Unavailable
+from twopc_common.tls import TlsConfig, add_tls_flags, channel, client_tls
 from twopc_pb import coordinator_pb2 as cpb
 from twopc_pb import coordinator_pb2_grpc as cgrpc
 
@@ -80,20 +87,22 @@ class HeuristicDecision:
     coordinator_check: str
 
 
-def check_coordinator(address: str, transaction_id: str, timeout: float) -> str:
+def check_coordinator(
+    address: str, transaction_id: str, timeout: float, tls: TlsConfig, coordinator: str
+) -> str:
     """What the owning coordinator at `address` says, if it cannot be reached (the
     text goes into the audit row). Raises Refused if it answers."""
-    with grpc.insecure_channel(address) as channel:
+    with channel(address, tls, server_name=coordinator) as ch:
         try:
-            health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(), timeout=timeout
-            )
+            health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=timeout)
         except grpc.RpcError as exc:
             if exc.code() in _UNREACHABLE:
-                return f"unreachable at {address}: {exc.code().name}: {exc.details()}"
+                why = f"{exc.code().name}: {exc.details()}"
+                _refuse_if_listening(address, timeout, why)
+                return f"unreachable at {address}: {why}"
             # It answered, even if only to say it has no health service.
         try:
-            status = cgrpc.CoordinatorStub(channel).GetTransaction(
+            status = cgrpc.CoordinatorStub(ch).GetTransaction(
                 cpb.GetTransactionRequest(transaction_id=transaction_id), timeout=timeout
             )
         except grpc.RpcError as exc:
@@ -113,6 +122,22 @@ def check_coordinator(address: str, transaction_id: str, timeout: float) -> str:
         f"{transaction_id}: {outcome}"
         + (" (presumed abort)" if status.outcome == cpb.UNKNOWN else "")
         + "; the agent's recovery applies it, no heuristic decision is needed"
+    )
+
+
+def _refuse_if_listening(address: str, timeout: float, why: str) -> None:
+    """A failed gRPC check is not proof that the coordinator is gone: a TLS handshake
+    that fails (no or wrong --tls-* flags, another CA) or a frozen process look the
+    same. Only an address where nothing accepts a TCP connection counts as gone."""
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError:
+        return
+    raise Refused(
+        f"something accepts connections at {address} but the coordinator check failed "
+        f"({why}): it may be alive; check --tls-cert/--tls-key/--tls-ca (a coordinator "
+        "serving TLS cannot be asked without them), and decide only once it is down"
     )
 
 
@@ -143,8 +168,9 @@ def resolve(
     reason: str,
     operator: str,
     coordinators: dict[str, str],
-    participant: str | None = None,
-    timeout: float = 3.0,
+    participant: str | None,
+    timeout: float,
+    tls: TlsConfig,
 ) -> str:
     """Apply a heuristic decision (see the module docstring). Returns what was done;
     raises Refused (nothing changed) or TwoPCError (recorded as failed)."""
@@ -160,7 +186,7 @@ def resolve(
         )
     with psycopg.connect(dsn, autocommit=True) as conn:
         xid = _find_branch(conn, transaction_id, participant)
-        check = check_coordinator(address, transaction_id, timeout)
+        check = check_coordinator(address, transaction_id, timeout, tls, coordinator)
         conn.execute(_CREATE_AUDIT)
         row = conn.execute(
             f"INSERT INTO {AUDIT_TABLE} (gid, transaction_id, coordinator_id, participant_id, "
@@ -267,9 +293,11 @@ def main(argv: list[str]) -> None:
     p.add_argument(
         "--timeout", type=float, default=3.0, metavar="SECONDS", help="deadline of each check"
     )
+    add_tls_flags(p, daemon=False)
     a = p.parse_args(argv)
     try:
         coordinators = named_addresses(a.coordinator, "--coordinator")
+        tls = client_tls(a)
         print(
             resolve(
                 a.dsn,
@@ -280,6 +308,7 @@ def main(argv: list[str]) -> None:
                 coordinators,
                 a.id,
                 a.timeout,
+                tls,
             )
         )
     except (TwoPCError, argparse.ArgumentTypeError, psycopg.Error) as exc:

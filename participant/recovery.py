@@ -22,6 +22,7 @@ from participant.store import ForeignPrepared
 from twopc_common.errors import TwoPCError
 from twopc_common.ids import TransactionId
 from twopc_common.log import RateLimit
+from twopc_common.tls import aio_channel
 from twopc_pb import coordinator_pb2 as cpb
 from twopc_pb import coordinator_pb2_grpc as cgrpc
 
@@ -46,7 +47,8 @@ class Recovery:
             address = self._config.coordinators.get(coordinator_id)
             if address is None:
                 return None
-            channel = grpc.aio.insecure_channel(address)
+            # Authenticates as this agent; the coordinator must prove it is coordinator_id.
+            channel = aio_channel(address, self._config.tls, server_name=coordinator_id)
             self._channels.append(channel)
             self._stubs[coordinator_id] = cgrpc.CoordinatorStub(channel)
         return self._stubs[coordinator_id]

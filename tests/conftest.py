@@ -89,19 +89,20 @@ def settle(system: LocalSystem) -> None:
     """Let a system whose daemons all run finish phase 2 of what it decided before it
     is stopped: a client is answered once a commit is durable, and a branch whose
     Commit was still on its way when the agents stopped would stay prepared on the
-    session's shared clusters, where the next tests would find it (and its locks). A
-    system the test left broken (a daemon down) is stopped as it is."""
-    if system.coordinator is None or not all(d.running for d in system.daemons()):
+    session's shared clusters, where the next tests would find it. A system the test
+    left broken (a daemon down) is stopped as it is."""
+    if not system.daemons() or not all(d.running for d in system.daemons()):
         return
-    prefix = f"{system.coordinator.name}."
+    prefix = f"{system.coordinator_id}."
 
     def ours() -> list[str]:
-        return [
-            gid
-            for gids in system.prepared_transactions().values()
-            for gid in gids
-            if str(psycopg.Xid.from_string(gid).gtrid).startswith(prefix)
-        ]
+        found = []
+        for gids in system.prepared_transactions().values():
+            for gid in gids:
+                with contextlib.suppress(ValueError):
+                    if str(psycopg.Xid.from_string(gid).gtrid).startswith(prefix):
+                        found.append(gid)
+        return found
 
     with contextlib.suppress(AssertionError):
         wait_until(lambda: not ours(), SETTLE_TIMEOUT, "the system's branches finished")
@@ -125,6 +126,24 @@ def shared_system(
 
 def dsns(system: LocalSystem) -> dict[str, str]:
     return {shard: system.dsn(shard) for shard in system.shard_names}
+
+
+def wait_coordinator_reaches(system: LocalSystem, shard: str, timeout: float = 30.0) -> None:
+    """After an agent restart, until the coordinator's health probes see the agent again
+    (a one-branch Run on it commits), so that the next call meets the agent itself and
+    not the probes' verdict of the restart window."""
+    with system.client() as client:
+        wait_until(
+            lambda: client.run({shard: [Statement("SELECT 1")]}).committed,
+            timeout,
+            f"the coordinator reaching {shard} again",
+        )
+
+
+def tls_args(system: LocalSystem, identity: str) -> list[str]:
+    """The command-line flags of a tool acting as `identity`."""
+    tls = system.tls(identity)
+    return [f"--tls-cert={tls.cert}", f"--tls-key={tls.key}", f"--tls-ca={tls.ca}"]
 
 
 def reset_bank(system: LocalSystem, accounts: int = 20, balance: int = 100) -> None:

@@ -12,7 +12,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import grpc
 import pytest
 from psycopg import sql
 
@@ -22,6 +21,7 @@ from tests.conftest import (
     create_tagged_rows,
     rows,
     tagged_inserts,
+    wait_coordinator_reaches,
     wait_no_prepared,
 )
 from twopc_common.errors import ResourceExhausted
@@ -54,6 +54,7 @@ def test_interactive_commit_after_agent_restart_aborts_naming_the_agent(
         agent = system.participants["shard1"]
         agent.kill()
         agent.start()
+        wait_coordinator_reaches(system, "shard1")
         outcome = tx.commit()
         assert not outcome.committed, outcome
         assert outcome.abort_participant == "shard1"
@@ -75,6 +76,7 @@ def test_execute_after_agent_restart_fails_instead_of_opening_a_new_branch(
         agent = system.participants["shard1"]
         agent.kill()
         agent.start()
+        wait_coordinator_reaches(system, "shard1")
         with pytest.raises(TransactionAborted, match="restarted"):
             tx.execute_many("shard1", [_insert("restart-exec-later")])
         outcome = tx.commit()
@@ -178,7 +180,7 @@ def _meta(log: Path) -> dict[str, str]:
 def test_an_agent_refuses_a_branch_of_an_older_coordinator_epoch(
     shared_system: LocalSystem,
 ) -> None:
-    with grpc.insecure_channel(shared_system.participants["shard1"].address) as channel:
+    with shared_system.participant_channel("shard1") as channel:
         agent = pgrpc.ParticipantStub(channel)
         select = types_pb2.Statement(sql="SELECT 1")
         newer = agent.Prepare(
@@ -219,7 +221,7 @@ def test_a_malformed_gid_that_looks_like_ours_is_reported_and_recovery_goes_on(
             "the in-doubt branch rolled back by recovery",
         )
         # ... and the other two are reported, with why, and left alone.
-        with grpc.insecure_channel(system.participants["shard1"].address) as channel:
+        with system.participant_channel("shard1") as channel:
             agent = pgrpc.ParticipantStub(channel)
             wait_until(
                 lambda: len(agent.Status(ppb.ParticipantStatusRequest()).foreign_prepared) == 2,

@@ -26,7 +26,7 @@ UPDATE = "UPDATE accounts SET balance = 0"
 def stub(system: LocalSystem) -> Iterator[cgrpc.CoordinatorStub]:
     assert system.coordinator is not None
     before = bank.snapshot(dsns(system))
-    with grpc.insecure_channel(system.coordinator.address) as channel:
+    with system.coordinator_channel() as channel:
         yield cgrpc.CoordinatorStub(channel)
     after = bank.snapshot(dsns(system))
     assert after.total == before.total and after.legs == before.legs
@@ -193,8 +193,7 @@ def test_client_refuses_unsupported_parameter_types(system: LocalSystem) -> None
 
 
 def test_participant_refuses_commit_of_a_branch_never_prepared(system: LocalSystem) -> None:
-    address = system.participants["shard1"].address
-    with grpc.insecure_channel(address) as channel:
+    with system.participant_channel("shard1") as channel:
         participant = pgrpc.ParticipantStub(channel)
         code, details = status_of(
             lambda: participant.Commit(ppb.BranchRef(transaction_id="shared.1.424242"))
@@ -223,7 +222,7 @@ MALFORMED_TXIDS = [
 def test_malformed_transaction_id_opens_nothing_at_the_agent(
     system: LocalSystem, txid: str
 ) -> None:
-    with grpc.insecure_channel(system.participants["shard1"].address) as channel:
+    with system.participant_channel("shard1") as channel:
         participant = pgrpc.ParticipantStub(channel)
         for call in (
             lambda: participant.Prepare(
@@ -276,14 +275,19 @@ def test_undecodable_request_bytes_are_invalid_argument(
     system: LocalSystem, payload: bytes
 ) -> None:
     assert system.coordinator is not None
+    # Each as a caller the method's authorization rule admits, so that the request
+    # reaches its decoding.
     targets = [
-        (system.coordinator.address, "/twopc.v1.Coordinator/GetTransaction"),
-        (system.coordinator.address, "/twopc.v1.Coordinator/Commit"),
-        (system.participants["shard1"].address, "/twopc.v1.Participant/Prepare"),
-        (system.participants["shard1"].address, "/twopc.v1.Participant/Abort"),
+        (None, "/twopc.v1.Coordinator/GetTransaction"),
+        (None, "/twopc.v1.Coordinator/Commit"),
+        ("shard1", "/twopc.v1.Participant/Prepare"),
+        ("shard1", "/twopc.v1.Participant/Abort"),
     ]
-    for address, method in targets:
-        with grpc.insecure_channel(address) as channel:
+    for shard, method in targets:
+        opened = (
+            system.coordinator_channel() if shard is None else system.participant_channel(shard)
+        )
+        with opened as channel:
             call: grpc.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(method)
             code, details = status_of(lambda: call(payload, timeout=10))  # noqa: B023
         assert code == grpc.StatusCode.INVALID_ARGUMENT, (method, code, details)

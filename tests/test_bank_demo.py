@@ -16,7 +16,7 @@ import pytest
 
 from bank_demo import bank
 from bank_demo.faults import make_schedule
-from tests.conftest import dsns
+from tests.conftest import dsns, tls_args
 from tests.fix_cli import assert_one_line_error
 from twopc_common.ids import branch_xid
 from twopc_harness.postgres import PostgresCluster, free_port, start_clusters, stop_clusters
@@ -71,6 +71,7 @@ def test_report_figures_agree_with_the_checker_on_an_existing_deployment(
         "--coordinator",
         system.client_address,
         *shard_args(system),
+        *tls_args(system, "app"),
         "--faults",
         "none",
         "--duration",
@@ -299,6 +300,7 @@ def test_the_demo_never_drops_a_table_it_did_not_create(
         "--coordinator",
         system.client_address,
         *shards,
+        *tls_args(system, "app"),
         "--faults",
         "none",
         "--duration",
@@ -358,6 +360,7 @@ def test_two_runs_against_one_deployment_use_their_own_idempotency_keys(
             "--coordinator",
             system.client_address,
             *with_password,
+            *tls_args(system, "app"),
             "--faults",
             "none",
             "--duration",

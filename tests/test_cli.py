@@ -24,10 +24,13 @@ from twopc_common import settings
 from twopc_common.errors import InvalidArgument
 from twopc_common.log import RateLimit
 from twopc_harness.postgres import PostgresCluster, free_port
+from twopc_harness.system import issue_credentials
 
 
 def coordinator_args(*extra: str, log: str = "/tmp/unused-decisions.sqlite") -> list[str]:
-    return ["--id", "c1", "--log", log, *extra]
+    # --insecure (loopback only): without it or TLS flags a daemon refuses to start,
+    # and these tests are about the other flags.
+    return ["--id", "c1", "--log", log, "--insecure", *extra]
 
 
 @pytest.mark.parametrize(
@@ -86,7 +89,7 @@ def test_coordinator_usage_errors(args: list[str], env: dict[str, str], message:
     ],
 )
 def test_participant_usage_errors(args: list[str], env: dict[str, str], message: str) -> None:
-    base = ["--id", "p1", "--dsn", VALID_DSN]
+    base = ["--id", "p1", "--dsn", VALID_DSN, "--insecure"]
     done = cli("twopc-participant", *base, *args, env=env)
     assert_one_line_error(done, "twopc-participant", message, 2)
 
@@ -124,10 +127,13 @@ def test_coordinator_on_a_port_in_use_fails_before_touching_its_log(
 
 
 def test_coordinator_on_an_address_it_does_not_own_fails_in_one_line(tmp_path: Path) -> None:
-    # 192.0.2.0/24 is TEST-NET-1: never assigned to this machine.
+    # 192.0.2.0/24 is TEST-NET-1: never assigned to this machine. Not loopback, so
+    # with TLS (--insecure is refused there).
+    own = issue_credentials(tmp_path / "certs", "c1", [])["c1"]
     done = cli(
         "twopc-coordinator",
-        *coordinator_args("--listen", "192.0.2.1:7000", log=str(tmp_path / "d.sqlite")),
+        *["--id", "c1", "--log", str(tmp_path / "d.sqlite"), "--listen", "192.0.2.1:7000"],
+        *[f"--tls-cert={own.cert}", f"--tls-key={own.key}", f"--tls-ca={own.ca}"],
     )
     assert_one_line_error(done, "twopc-coordinator", "cannot listen on 192.0.2.1:7000", 1)
 
@@ -137,14 +143,20 @@ def test_participant_on_a_port_in_use_fails_in_one_line(
 ) -> None:
     dsn = clusters[0].dsn
     done = cli(
-        "twopc-participant", "--id", "p1", "--dsn", dsn, "--listen", f"127.0.0.1:{busy_port}"
+        "twopc-participant",
+        *["--id", "p1", "--dsn", dsn, "--listen", f"127.0.0.1:{busy_port}", "--insecure"],
     )
     assert_one_line_error(done, "twopc-participant", f"cannot listen on 127.0.0.1:{busy_port}", 1)
 
 
 def test_a_password_in_the_dsn_is_never_shown() -> None:
     dsn = f"host=127.0.0.1 port={free_port()} user=app password=hunter2 connect_timeout=2"
-    done = cli("twopc-participant", "--id", "p1", "--dsn", dsn)
+    # A password is refused on the command line (the process list shows argv)...
+    refused = cli("twopc-participant", "--id", "p1", "--dsn", dsn, "--insecure")
+    assert_one_line_error(refused, "twopc-participant", "--dsn carries a password", 2)
+    assert "hunter2" not in refused.stderr
+    # ... and where it may go (TWOPC_DSN, --dsn-file), a failed connect masks it.
+    done = cli("twopc-participant", "--id", "p1", "--insecure", env={"TWOPC_DSN": dsn})
     assert_one_line_error(done, "twopc-participant", "cannot connect to host=127.0.0.1", 1)
     assert "hunter2" not in done.stderr
     checked = cli("bank-demo", "check", f"--shard=shard1={dsn}")

@@ -10,7 +10,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 from bank_demo import bank
 from coordinator.client import (
-    CoordinatorClient,
     Outcome,
     Statement,
     TransactionAborted,
@@ -40,7 +39,7 @@ def deadlock(
     a cycle through every shard. Returns the ids, what each last Execute raised, and
     the seconds from the closing wait to the first answer."""
     accounts = [accounts_on(system, s, 1)[0] for s in shards]
-    client = CoordinatorClient(system.client_address, timeout=30)
+    client = system.client(timeout=30)
     txs = [client.begin() for _ in shards]
     for tx, shard, account in zip(txs, shards, accounts, strict=True):
         tx.execute(shard, debit(account), expect=exactly(1))

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from coordinator.client import AsyncCoordinatorClient, Outcome, Statement, TransportError, exactly
+from coordinator.client import Outcome, Statement, TransportError, exactly
 from tests.conftest import (
     COORDINATOR_ARGS,
     PARTICIPANT_ARGS,
@@ -67,7 +67,7 @@ def run_expecting_a_crash(
 
     async def go() -> Outcome | None:
         assert system.coordinator is not None
-        async with AsyncCoordinatorClient(system.client_address, timeout=20) as client:
+        async with system.async_client(timeout=20) as client:
             try:
                 return await client.run(branches)
             except TransportError:

@@ -101,9 +101,18 @@ def test_an_agent_that_refuses_connections_is_reported_as_connection_refused(
 
 
 def test_a_participant_name_the_agent_does_not_answer_to_is_reported_at_start_up(
-    shared_system: LocalSystem, tmp_path: Path, daemons: list[CoordinatorDaemon | ParticipantDaemon]
+    clusters: list[PostgresCluster],
+    tmp_path: Path,
+    daemons: list[CoordinatorDaemon | ParticipantDaemon],
 ) -> None:
-    agent = shared_system.participants["shard1"].address
+    # Both --insecure: with TLS the coordinator verifies the agent's certificate by the
+    # name it was given, so a wrong name already fails the handshake.
+    named = participant_daemon(
+        "named1", f"127.0.0.1:{free_port()}", clusters[0].dsn, {}, tmp_path / "named1.log"
+    )
+    daemons.append(named)
+    named.start()
+    agent = named.address
     coordinator = coordinator_daemon(
         "mismatch",
         f"127.0.0.1:{free_port()}",
@@ -119,8 +128,8 @@ def test_a_participant_name_the_agent_does_not_answer_to_is_reported_at_start_up
         "the coordinator to report the wrong participant name",
     )
     (line,) = lines(coordinator.logfile, "participant_id_mismatch")
-    assert "participant=shard9" in line and "answers_as=shard1" in line
-    assert f"--participant shard1={agent}" in line
+    assert "participant=shard9" in line and "answers_as=named1" in line
+    assert f"--participant named1={agent}" in line
 
 
 def test_an_agent_without_coordinator_warns_and_says_which_flag_once_per_interval(
@@ -185,7 +194,7 @@ def test_a_role_without_create_is_told_which_grant_fixes_it(
             autocommit=True,
         ) as conn:
             conn.execute("REVOKE CREATE ON SCHEMA public FROM PUBLIC")
-        done = cli("twopc-participant", "--id", "p1", "--dsn", dsn)
+        done = cli("twopc-participant", "--id", "p1", "--dsn", dsn, "--insecure")
         # The agent's tables live in its own schema: it needs that schema, or the
         # right to create it.
         assert_one_line_error(

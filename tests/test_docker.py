@@ -44,6 +44,7 @@ DOCKER = ROOT / "docker"
 COMPOSE_FILE = DOCKER / "compose.yaml"
 TOXIPROXY_CONFIG = DOCKER / "toxiproxy.json"
 SHARDS = ["shard1", "shard2", "shard3"]
+AGENT_ROLE_SCRIPT = DOCKER / "initdb" / "10-agent-role.sh"
 POSTGRES_PORT = 5432
 DAEMON_RESTART = {"unless-stopped", "always", "on-failure"}
 GRAFANA_PORT = 3000
@@ -89,7 +90,17 @@ def _command(service: Service) -> list[str]:
 
 
 def _running(services: dict[str, Service], script: str) -> dict[str, Service]:
-    return {n: s for n, s in services.items() if _command(s)[:1] == [script]}
+    """The services running `script` as a daemon (not one of its subcommands)."""
+    return {
+        n: s
+        for n, s in services.items()
+        if _command(s)[:1] == [script] and _command(s)[1:2] not in (["certs"], ["inspect"])
+    }
+
+
+def _one_shot(service: Service) -> bool:
+    """The demo and the certificate maker run once; everything else is a daemon."""
+    return _command(service)[:1] == ["bank-demo"] or _command(service)[1:2] == ["certs"]
 
 
 def _by_image(services: dict[str, Service], prefix: str) -> dict[str, Service]:
@@ -292,8 +303,8 @@ def test_one_image_built_once_from_the_dockerfile(services: dict[str, Service]) 
 
 def test_restart_policies(services: dict[str, Service]) -> None:
     for name, service in services.items():
-        if _command(service)[:1] == ["bank-demo"]:
-            assert service.get("restart", "no") == "no", "the demo runs once"
+        if _one_shot(service):
+            assert service.get("restart", "no") == "no", f"{name} runs once"
         else:
             assert service.get("restart") in DAEMON_RESTART, name
 
@@ -352,8 +363,14 @@ def test_bank_demo_command_line_is_accepted_by_bank_demo(services: dict[str, Ser
 class Deployment:
     """The addresses of docker/compose.yaml and docker/toxiproxy.json, resolved."""
 
-    def __init__(self, services: dict[str, Service], proxies: list[dict[str, Any]]) -> None:
+    def __init__(
+        self,
+        services: dict[str, Service],
+        proxies: list[dict[str, Any]],
+        secrets: dict[str, dict[str, str]],
+    ) -> None:
         self.services = services
+        self.secrets = secrets
         self.dbs = _by_image(services, "postgres:")
         (self.toxiproxy_name, self.toxiproxy), *rest = _by_image(
             services, "ghcr.io/shopify/toxiproxy:"
@@ -413,9 +430,18 @@ class Deployment:
         (name,) = [n for n, argv in self.agents.items() if _one(argv, "--id") == participant_id]
         return name
 
+    def agent_dsn(self, agent: str) -> str:
+        """The agent's DSN: from its --dsn-file, a compose secret (never in argv)."""
+        argv = self.agents[agent]
+        assert "--dsn" not in argv, f"{agent}: a DSN on the command line"
+        path = Path(_one(argv, "--dsn-file"))
+        assert path.parent == Path("/run/secrets"), f"{agent}: {path} is not a secret"
+        assert path.name in self.services[agent].get("secrets", []), agent
+        return (DOCKER / self.secrets[path.name]["file"]).read_text().strip()
+
     def agent_db(self, agent: str) -> tuple[str, dict[str, str]]:
         """The database an agent's DSN reaches (through Toxiproxy), and the DSN."""
-        dsn = conninfo_to_dict(_one(self.agents[agent], "--dsn"))
+        dsn = conninfo_to_dict(self.agent_dsn(agent))
         _proxy, db, port = self.through_proxy(f"{dsn['host']}:{dsn['port']}")
         assert db in self.dbs, f"{agent}'s DSN reaches {db}, not a database"
         assert port == POSTGRES_PORT
@@ -423,8 +449,10 @@ class Deployment:
 
 
 @pytest.fixture(scope="module")
-def deployment(services: dict[str, Service], proxies: list[dict[str, Any]]) -> Deployment:
-    return Deployment(services, proxies)
+def deployment(
+    compose: dict[str, Any], services: dict[str, Service], proxies: list[dict[str, Any]]
+) -> Deployment:
+    return Deployment(services, proxies, compose.get("secrets") or {})
 
 
 def test_toxiproxy_loads_the_proxies_at_start(deployment: Deployment) -> None:
@@ -477,8 +505,13 @@ def test_agents_reach_their_own_database_through_toxiproxy(deployment: Deploymen
         assert proxy == f"{shard}_pg"
         env = deployment.dbs[db]["environment"]
         assert dsn["dbname"] == env["POSTGRES_DB"]
-        assert dsn["user"] == env["POSTGRES_USER"]
-        assert dsn["password"] == env["POSTGRES_PASSWORD"]
+        # The least-privilege role docker/initdb/ creates, with the password it is given.
+        assert dsn["user"] != env["POSTGRES_USER"], "agents do not log in as the superuser"
+        assert f"CREATE ROLE {dsn['user']} LOGIN NOSUPERUSER" in AGENT_ROLE_SCRIPT.read_text()
+        (password_secret,) = deployment.dbs[db]["secrets"]
+        assert dsn["password"] == (
+            (DOCKER / deployment.secrets[password_secret]["file"]).read_text().strip()
+        )
         assert db in deployment.services[agent].get("depends_on", {}), agent
         seen[agent] = db
     assert len(set(seen.values())) == len(seen), f"agents share a database: {seen}"
@@ -507,8 +540,7 @@ def test_bank_demo_reaches_the_deployment(deployment: Deployment) -> None:
         agent_db, agent_dsn = deployment.agent_db(deployment.agent_with_id(shard))
         assert dsn["host"] == agent_db, f"{shard}: the demo and the agent see different dbs"
         assert str(dsn.get("port", POSTGRES_PORT)) == str(POSTGRES_PORT)
-        for key in ("dbname", "user", "password"):
-            assert dsn[key] == agent_dsn[key], (shard, key)
+        assert dsn["dbname"] == agent_dsn["dbname"], shard
     url = urlparse(_one(argv, "--toxiproxy-url"))
     assert url.scheme == "http"
     assert url.hostname == deployment.toxiproxy_name

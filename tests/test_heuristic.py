@@ -15,14 +15,16 @@ from pathlib import Path
 import pytest
 
 from coordinator.client import TransportError
-from tests.conftest import SystemFactory, create_tagged_rows, rows, tagged_inserts
+from tests.conftest import SystemFactory, create_tagged_rows, rows, tagged_inserts, tls_args
 from twopc_common.failpoints import FAILPOINT_EXIT_CODE
 from twopc_harness.daemons import wait_until
 from twopc_harness.postgres import free_port
-from twopc_harness.system import LocalSystem
+from twopc_harness.system import ADMIN, LocalSystem
 
 
-def resolve(system: LocalSystem, txid: str, *flags: str) -> subprocess.CompletedProcess[str]:
+def resolve(
+    system: LocalSystem, txid: str, *flags: str, tls: bool = True
+) -> subprocess.CompletedProcess[str]:
     coordinator = system.coordinator
     assert coordinator is not None
     return subprocess.run(
@@ -41,6 +43,7 @@ def resolve(system: LocalSystem, txid: str, *flags: str) -> subprocess.Completed
             "alice",
             "--timeout",
             "2",
+            *(tls_args(system, ADMIN) if tls else []),
             *flags,
         ],
         capture_output=True,
@@ -65,7 +68,7 @@ def audit_rows(system: LocalSystem) -> list[tuple[object, ...]]:
 def test_heuristic_commit_after_the_log_was_lost_is_audited_and_reported(
     make_system: SystemFactory,
 ) -> None:
-    system = make_system()
+    system = make_system(coordinator_args=["--allow-failpoints"])
     coordinator, shard1 = system.coordinator, system.participants["shard1"]
     assert coordinator is not None
     create_tagged_rows(system)
@@ -86,6 +89,12 @@ def test_heuristic_commit_after_the_log_was_lost_is_audited_and_reported(
     assert "knows the outcome" in refused.stderr and "UNKNOWN" in refused.stderr, refused.stderr
     assert prepared_txids(system, "shard1") == [txid]
     assert "--reason" in resolve(system, txid, "--commit", "--reason", " ").stderr
+    # Without the TLS flags the coordinator cannot be asked (its handshake fails), but
+    # it still listens: that is no proof it is gone.
+    blind = resolve(system, txid, "--commit", "--reason", "customer was charged", tls=False)
+    assert blind.returncode == 1, blind
+    assert "something accepts connections" in blind.stderr, blind.stderr
+    assert prepared_txids(system, "shard1") == [txid]
 
     # The coordinator's machine is gone, and its decision log with it (a coordinator
     # on an empty log refuses to start while participants remember its epochs).
@@ -148,6 +157,7 @@ def test_heuristic_commit_after_the_log_was_lost_is_audited_and_reported(
                 str(Path(system.workdir) / "decisions.sqlite"),
                 "--participant",
                 f"shard1={shard1.address}",
+                *tls_args(system, system.coordinator_id),
                 *flags,
             ],
             capture_output=True,

@@ -8,7 +8,7 @@ import asyncio
 import pytest
 
 from bank_demo import bank
-from coordinator.client import AsyncCoordinatorClient, Statement
+from coordinator.client import Statement
 from tests.conftest import SystemFactory, dsns, reset_bank, wait_no_prepared
 from twopc_common.errors import AlreadyExists
 from twopc_harness.system import LocalSystem
@@ -77,7 +77,7 @@ def test_concurrent_duplicates_run_once(system: LocalSystem) -> None:
 
     async def burst() -> set[str]:
         assert system.coordinator is not None
-        async with AsyncCoordinatorClient(system.client_address) as client:
+        async with system.async_client() as client:
             outcomes = await asyncio.gather(
                 *(client.run(request, idempotency_key="key-4") for _ in range(20))
             )

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from coordinator.client import Statement
 from coordinator.decision_log import DecisionLog
-from tests.conftest import SystemFactory
+from tests.conftest import SystemFactory, tls_args
 from tests.fix_cli import assert_one_line_error
 from twopc_harness.daemons import wait_until
 from twopc_harness.postgres import free_port
@@ -41,6 +41,7 @@ def test_inspect_shows_a_commit_stuck_in_phase_two_everywhere(make_system: Syste
         "--coordinator",
         system.client_address,
         *[f"--participant={n}={d.address}" for n, d in system.participants.items()],
+        *tls_args(system, system.coordinator_id),
     ]
     done = inspect(*args, "--json")
     assert done.returncode == 0, done.stderr

@@ -36,9 +36,10 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
-def health(address: str, service: str = "") -> int | None:
-    """The daemon's health status, or None if it does not answer."""
-    with grpc.insecure_channel(address) as channel:
+def health(daemon: Daemon, service: str = "") -> int | None:
+    """The daemon's health status, or None if it does not answer (asked over the
+    daemon's mutual TLS, as the harness's admin client)."""
+    with daemon.admin_channel() as channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=service), timeout=2
@@ -96,7 +97,7 @@ def ops(make_system: SystemFactory) -> Iterator[LocalSystem]:
 def test_coordinator_is_not_serving_until_start_up_recovery_finished(ops: LocalSystem) -> None:
     coordinator = ops.coordinator
     assert coordinator is not None
-    assert health(coordinator.address) == SERVING
+    assert health(coordinator) == SERVING
     # With shard3's agent down, start-up recovery waits for its in-doubt list (up to
     # the start-up recovery timeout) before the coordinator may say SERVING.
     ops.participants["shard3"].stop()
@@ -104,7 +105,7 @@ def test_coordinator_is_not_serving_until_start_up_recovery_finished(ops: LocalS
     seen: list[int | None] = []
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and SERVING not in seen:
-        seen.append(health(coordinator.address))
+        seen.append(health(coordinator))
         time.sleep(0.1)
     answered = [s for s in seen if s is not None]
     assert answered, f"the coordinator never answered a health check:\n{coordinator.log_tail()}"
@@ -112,7 +113,7 @@ def test_coordinator_is_not_serving_until_start_up_recovery_finished(ops: LocalS
     assert answered[-1] == SERVING, seen
     assert answered.count(NOT_SERVING) >= 5, "NOT_SERVING for at least half a second"
     # The service's own name answers the same as the whole server.
-    assert health(coordinator.address, "twopc.v1.Coordinator") == SERVING
+    assert health(coordinator, "twopc.v1.Coordinator") == SERVING
     log = coordinator.log_tail(20000)
     assert "event=health status=serving" in log
     ops.participants["shard3"].start()
@@ -128,14 +129,14 @@ def test_coordinator_is_not_serving_while_its_decision_log_cannot_write(
     try:
         blocker.execute("BEGIN IMMEDIATE")
         wait_until(
-            lambda: health(coordinator.address) == NOT_SERVING,
+            lambda: health(coordinator) == NOT_SERVING,
             30,
             "NOT_SERVING while the decision log is locked",
         )
     finally:
         blocker.execute("ROLLBACK")
         blocker.close()
-    wait_until(lambda: health(coordinator.address) == SERVING, 30, "SERVING again")
+    wait_until(lambda: health(coordinator) == SERVING, 30, "SERVING again")
     log = coordinator.log_tail(20000)
     assert "event=health status=not_serving" in log
 
@@ -143,11 +144,11 @@ def test_coordinator_is_not_serving_while_its_decision_log_cannot_write(
 def test_reflection_lists_the_services_of_both_daemons(shared_system: LocalSystem) -> None:
     assert shared_system.coordinator is not None
     daemons = {
-        shared_system.coordinator.address: "twopc.v1.Coordinator",
-        shared_system.participants["shard1"].address: "twopc.v1.Participant",
+        "twopc.v1.Coordinator": shared_system.coordinator,
+        "twopc.v1.Participant": shared_system.participants["shard1"],
     }
-    for address, service in daemons.items():
-        with grpc.insecure_channel(address) as channel:
+    for service, daemon in daemons.items():
+        with daemon.admin_channel() as channel:
             reflected = ProtoReflectionDescriptorDatabase(channel)
             services = set(reflected.get_services())
             assert services == {
@@ -190,7 +191,7 @@ def test_metrics_parse_and_count_commits_and_aborts(ops: LocalSystem) -> None:
             bank.transfer("t-no", source, target, 1000, shards), wait_for_completion=True
         )
     assert ok.committed and not no.committed
-    with grpc.insecure_channel(coordinator.address) as channel, pytest.raises(grpc.RpcError):
+    with coordinator.admin_channel() as channel, pytest.raises(grpc.RpcError):
         cgrpc.CoordinatorStub(channel).GetTransaction(
             cpb.GetTransactionRequest(transaction_id="not an id"), timeout=10
         )

@@ -34,6 +34,7 @@ def run_agent(dsn: str, timeout: float = 60) -> subprocess.CompletedProcess[str]
             dsn,
             "--listen",
             f"127.0.0.1:{free_port()}",
+            "--insecure",  # allowed: loopback
         ],
         capture_output=True,
         text=True,
@@ -88,7 +89,7 @@ def test_prepare_of_a_failed_transaction_is_refused_not_silently_rolled_back(
 def test_commit_and_abort_are_idempotent_and_exact(system: LocalSystem) -> None:
     txid = "agenttest.999.1"  # no running coordinator: its in-doubt scan stays away
     insert = tpb.Statement(sql="INSERT INTO ledger VALUES ('idem', 'debit', 1, 1)")
-    with grpc.insecure_channel(system.participants["shard1"].address) as channel:
+    with system.participant_channel("shard1") as channel:
         agent = pgrpc.ParticipantStub(channel)
         vote = agent.Prepare(ppb.PrepareRequest(transaction_id=txid, statements=[insert]))
         assert vote.vote == ppb.YES
@@ -115,7 +116,7 @@ def test_an_abort_fences_a_branch_still_in_flight(system: LocalSystem) -> None:
     """An Abort that finds nothing prepared writes a fence: a one-phase commit of the
     same branch arriving later (an orphaned backend, delayed bytes) must fail."""
     txid = "shared.999.3"
-    with grpc.insecure_channel(system.participants["shard1"].address) as channel:
+    with system.participant_channel("shard1") as channel:
         agent = pgrpc.ParticipantStub(channel)
         assert not agent.Abort(ppb.BranchRef(transaction_id=txid)).changed
 
@@ -153,7 +154,7 @@ def test_a_prepare_whose_caller_gave_up_still_finishes_and_abort_tells_the_truth
     update = tpb.Statement(sql="UPDATE shield_rows SET v = v + 1 WHERE id = 1")
     blocker = psycopg.connect(system.dsn("shard1"))
     blocker.execute("SELECT 1 FROM shield_rows WHERE id = 1 FOR UPDATE")
-    with grpc.insecure_channel(system.participants["shard1"].address) as channel:
+    with system.participant_channel("shard1") as channel:
         agent = pgrpc.ParticipantStub(channel)
         with pytest.raises(grpc.RpcError) as caught:
             agent.Prepare(

@@ -20,7 +20,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bank_demo import bank
-from coordinator.client import AsyncCoordinatorClient, Outcome, Statement, TransportError
+from coordinator.client import Outcome, Statement, TransportError
 from tests.conftest import (
     COORDINATOR_ARGS,
     PARTICIPANT_ARGS,
@@ -177,7 +177,7 @@ def test_agent_cut_from_its_database_mid_transaction_aborts_everywhere(net: Loca
 
 
 def _agent_health(system: LocalSystem, shard: str) -> int | None:
-    with grpc.insecure_channel(system.participants[shard].address) as channel:
+    with system.participant_channel(shard) as channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(), timeout=2
@@ -265,7 +265,7 @@ def test_a_phase_two_batch_costs_one_round_trip_on_a_slow_database_link(
     # A coordinator id nobody runs: the net coordinator's in-doubt scan stays away.
     txids = [f"slowdb.1.{i}" for i in range(1, count + 1)]
     insert = "INSERT INTO twopc_test_rows VALUES ('slowdb')"
-    with grpc.insecure_channel(net.participants["shard1"].address) as channel:
+    with net.participant_channel("shard1") as channel:
         agent = pgrpc.ParticipantStub(channel)
         for txid in txids:
             vote = agent.Prepare(
@@ -361,7 +361,7 @@ def test_flapping_partitions_during_concurrent_transfers(net: LocalSystem, secon
     run = uuid.uuid4().hex[:8]
 
     async def transfers(worker: int, until: float) -> None:
-        async with AsyncCoordinatorClient(net.client_address, timeout=10) as client:
+        async with net.async_client(timeout=10) as client:
             n = 0
             while time.monotonic() < until:
                 n += 1

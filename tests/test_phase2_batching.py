@@ -42,7 +42,7 @@ def ledger_ids(system: LocalSystem, prefix: str) -> set[str]:
 def test_finish_answers_every_decision_on_its_own(system: LocalSystem) -> None:
     prepared = {name: f"batching8.1.{i}" for i, name in enumerate("abc", 1)}
     open_branch, never_seen = "batching8.1.4", "batching8.1.5"
-    with grpc.insecure_channel(system.participants["shard1"].address) as channel:
+    with system.participant_channel("shard1") as channel:
         agent = pgrpc.ParticipantStub(channel)
         for name, txid in prepared.items():
             vote = agent.Prepare(
@@ -84,7 +84,7 @@ def test_finish_answers_every_decision_on_its_own(system: LocalSystem) -> None:
 
 
 def test_finish_refuses_a_batch_over_the_limit(system: LocalSystem) -> None:
-    with grpc.insecure_channel(system.participants["shard1"].address) as channel:
+    with system.participant_channel("shard1") as channel:
         agent = pgrpc.ParticipantStub(channel)
         with pytest.raises(grpc.RpcError) as caught:
             agent.Finish(
@@ -100,7 +100,13 @@ def test_concurrent_decisions_share_finish_calls(system: LocalSystem) -> None:
     count = 60
 
     async def scenario() -> None:
-        client = ParticipantClient("shard1", system.participants["shard1"].address, 10, 4 << 20)
+        client = ParticipantClient(
+            "shard1",
+            system.participants["shard1"].address,
+            10,
+            4 << 20,
+            tls=system.tls(system.coordinator_id),
+        )
         try:
             txids = [f"batching6.1.{i}" for i in range(1, count + 1)]
             votes = await asyncio.gather(
@@ -126,7 +132,9 @@ def test_concurrent_decisions_share_finish_calls(system: LocalSystem) -> None:
 
 def test_an_unreachable_agent_fails_every_waiting_decision(system: LocalSystem) -> None:
     async def scenario() -> None:
-        client = ParticipantClient("gone", f"127.0.0.1:{free_port()}", 0.5, 4 << 20)
+        client = ParticipantClient(
+            "gone", f"127.0.0.1:{free_port()}", 0.5, 4 << 20, tls=system.tls(system.coordinator_id)
+        )
         try:
             results = await asyncio.gather(
                 *(client.finish(f"batching5.1.{i}", True) for i in range(1, 6)),

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from bank_demo import bank
-from coordinator.client import AsyncCoordinatorClient, TransportError
+from coordinator.client import TransportError
 from tests.conftest import SystemFactory, dsns, reset_bank, wait_no_prepared
 from twopc_harness.daemons import Daemon
 from twopc_harness.system import LocalSystem
@@ -26,7 +26,7 @@ async def one_round(
 ) -> None:
     assert system.coordinator is not None
     shards = system.shard_names
-    async with AsyncCoordinatorClient(system.client_address, timeout=15) as client:
+    async with system.async_client(timeout=15) as client:
 
         async def transfer(i: int) -> None:
             tid = f"r{round_no}-{i}"

@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import time
 
-from coordinator.client import AsyncCoordinatorClient, Statement, TransportError
+from coordinator.client import Statement, TransportError
 from tests.conftest import SystemFactory, wait_no_prepared
 from twopc_harness.daemons import wait_until
 from twopc_harness.system import LocalSystem
@@ -34,7 +34,7 @@ def test_a_thousand_in_doubt_branches_are_resolved_after_a_coordinator_crash(
 
     async def pile_up() -> None:
         assert system.coordinator is not None
-        async with AsyncCoordinatorClient(system.client_address, timeout=120) as client:
+        async with system.async_client(timeout=120) as client:
 
             async def one(i: int) -> None:
                 a, b = PAIRS[i % len(PAIRS)]

@@ -191,8 +191,8 @@ def _markers(system: LocalSystem) -> dict[str, int]:
 
 def _open_branches(system: LocalSystem) -> dict[str, int]:
     out = {}
-    for name, daemon in system.participants.items():
-        with grpc.insecure_channel(daemon.address) as channel:
+    for name in system.participants:
+        with system.participant_channel(name) as channel:
             status = pgrpc.ParticipantStub(channel).Status(ppb.ParticipantStatusRequest())
         out[name] = status.open_branches
     return out
@@ -203,7 +203,7 @@ def _agent_refuses(system: LocalSystem, shard: str, statements: list[Statement])
     txid = f"shared.0.{900_000 + next(_transfer_ids)}"
     msgs = [statement_to_pb(s) for s in statements]
     details = []
-    with grpc.insecure_channel(system.participants[shard].address) as channel:
+    with system.participant_channel(shard) as channel:
         stub = pgrpc.ParticipantStub(channel)
         calls: list[Callable[[], object]] = [
             lambda: stub.Prepare(ppb.PrepareRequest(transaction_id=txid, statements=msgs)),

@@ -22,6 +22,7 @@ from twopc_common.errors import InvalidArgument
 from twopc_common.ids import check_name
 from twopc_common.metrics import parse_listen
 from twopc_common.statements import StatementKind
+from twopc_common.tls import add_tls_flags
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
@@ -175,6 +176,14 @@ def add_daemon_flags(p: argparse.ArgumentParser) -> None:
         help="accept the SetFailpoints admin call (tests only)",
     )
     p.add_argument(
+        "--admin",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a client identity with the admin role (repeatable)",
+    )
+    add_tls_flags(p, daemon=True)
+    p.add_argument(
         "--log-level",
         type=str.upper,
         choices=LOG_LEVELS,
@@ -194,12 +203,13 @@ def run_daemon(
     serve: Coroutine[Any, Any, None],
     logs: LogSettings,
     startup_errors: type[Exception] | tuple[type[Exception], ...],
+    allow_failpoints: bool,
 ) -> None:
     """Set up logs and failpoints, serve until SIGTERM; a start-up failure ends the
     process with one line naming the program."""
     try:
         log.setup(logs.level, logs.format)
-        failpoints.configure_from_env()
+        failpoints.configure_from_env(allow_failpoints)
     except ValueError as exc:
         serve.close()  # never started: close it, or Python warns it was never awaited
         sys.exit(f"{prog}: {exc}")

@@ -37,7 +37,11 @@ class FailedPrecondition(TwoPCError):
 
 
 class PermissionDenied(TwoPCError):
-    """The daemon is not configured to allow this call."""
+    """The daemon is not configured to allow this call, or the caller may not make it."""
+
+
+class Unauthenticated(TwoPCError):
+    """The caller presented no valid credentials."""
 
 
 class Unavailable(TwoPCError):

@@ -91,8 +91,13 @@ def configure_remotely(allowed: bool, spec: str) -> dict[str, str]:
     return active()
 
 
-def configure_from_env() -> None:
-    configure(os.environ.get(ENV_VAR, ""))
+def configure_from_env(allowed: bool) -> None:
+    """Points from TWOPC_FAILPOINTS; a daemon without --allow-failpoints refuses to
+    start with them rather than ignore them silently."""
+    spec = os.environ.get(ENV_VAR, "")
+    if spec and not allowed:
+        raise ValueError(f"{ENV_VAR} is set but the daemon was not started with --allow-failpoints")
+    configure(spec)
 
 
 def active() -> dict[str, str]:

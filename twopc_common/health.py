@@ -11,14 +11,17 @@ logged with its reason.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
+import sys
 from collections.abc import Awaitable, Callable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from twopc_common.log import EventLogger
+from twopc_common.tls import TlsConfig, TlsError, add_tls_flags, channel, client_tls
 
 SERVICE_NAME: str = health.SERVICE_NAME
 
@@ -82,13 +85,17 @@ class Health:
                     await running
 
 
-def probe(address: str, timeout: float = 2.0) -> str:
+def probe(address: str, tls: TlsConfig, server_name: str | None, timeout: float = 2.0) -> str:
     """One health Check of the daemon at `address`: its status name, or why it did not
-    answer. (`python -m twopc_common.health HOST:PORT` exits 0 only if SERVING; for
-    container health checks in images that have no `grpc_health_probe`.)"""
-    with grpc.insecure_channel(address) as channel:
+    answer. The health service sits behind the daemon's mutual TLS like every RPC, so
+    against a secure daemon `tls` must hold a certificate from its CA; `server_name`
+    is the name the daemon's certificate must carry (its id). (`python -m
+    twopc_common.health HOST:PORT [--server-name ID --tls-cert ... --tls-key ...
+    --tls-ca ...]` exits 0 only if SERVING; for container health checks in images that
+    have no `grpc_health_probe`.)"""
+    with channel(address, tls, server_name=server_name) as ch:
         try:
-            reply = health_pb2_grpc.HealthStub(channel).Check(
+            reply = health_pb2_grpc.HealthStub(ch).Check(
                 health_pb2.HealthCheckRequest(), timeout=timeout
             )
         except grpc.RpcError as exc:
@@ -96,11 +103,23 @@ def probe(address: str, timeout: float = 2.0) -> str:
     return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
 
 
-if __name__ == "__main__":
-    import sys
-
-    if len(sys.argv) != 2:
-        sys.exit("usage: python -m twopc_common.health HOST:PORT")
-    answer = probe(sys.argv[1])
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(
+        prog="python -m twopc_common.health",
+        description="Exit 0 if the daemon at HOST:PORT answers SERVING, 1 otherwise.",
+    )
+    p.add_argument("address", metavar="HOST:PORT")
+    p.add_argument("--server-name", metavar="ID", help="the name the daemon's certificate carries")
+    add_tls_flags(p, daemon=False)
+    a = p.parse_args(argv)
+    try:
+        tls = client_tls(a)
+    except TlsError as exc:
+        p.error(str(exc))
+    answer = probe(a.address, tls, a.server_name)
     print(answer)
     sys.exit(0 if answer == "SERVING" else 1)
+
+
+if __name__ == "__main__":
+    main()

@@ -2,7 +2,9 @@
 
 Binding happens in `bind_grpc_server`, before the daemon does anything durable (the
 coordinator bumps its epoch only after its port is secured); `start` follows once the
-daemon is ready to answer.
+daemon is ready to answer. The server's transport security comes from one place,
+`twopc_common.tls`: mutual TLS on `listen` unless the daemon runs `--insecure`, and
+server-only TLS on the coordinator's optional token port.
 
 A request whose bytes do not decode (a truncated message, invalid UTF-8 in a string
 field) is answered INVALID_ARGUMENT, not gRPC's UNKNOWN: every handler's deserializer
@@ -10,8 +12,11 @@ is wrapped once, at registration, so a call pays one isinstance check for it.
 
 Besides the daemon's own service, every server carries the standard health service
 (`twopc_common.health`) and server reflection, so that `grpc_health_probe`,
-`grpcurl list` and `grpcurl describe` work without the .proto files. Interceptors
-(the RPC metrics of `twopc_common.metrics`) wrap every call.
+`grpcurl list` and `grpcurl describe` work without the .proto files. They are not
+behind the per-RPC rules of `twopc_common.auth` (they name no transaction and change
+nothing): any peer that completed the handshake may call them, which on `listen` means
+a certificate from the CA. Interceptors (the RPC metrics of `twopc_common.metrics`)
+wrap every call.
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ from grpc_reflection.v1alpha import reflection
 from twopc_common.errors import TwoPCError
 from twopc_common.health import SERVICE_NAME as HEALTH_SERVICE
 from twopc_common.health import Health
+from twopc_common.log import EventLogger
+from twopc_common.tls import TlsConfig, server_credentials
 
 
 class ListenError(TwoPCError):
@@ -38,10 +45,15 @@ def bind_grpc_server(
     max_message: int,
     register: Callable[[grpc.aio.Server], None],
     health: Health,
+    tls: TlsConfig,
+    log: EventLogger,
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    token_listen: str | None = None,
 ) -> grpc.aio.Server:
     """A server with the servicers `register` adds, the health service answering for
-    `health.service`, and reflection, bound to `listen` (not started)."""
+    `health.service`, and reflection, bound to `listen` (mutual TLS) and to
+    `token_listen` if given (TLS without client certificates: callers present a bearer
+    token instead), not started."""
     server = grpc.aio.server(
         interceptors=list(interceptors),
         options=[
@@ -55,12 +67,19 @@ def bind_grpc_server(
     reflection.enable_server_reflection(
         (health.service, HEALTH_SERVICE, reflection.SERVICE_NAME), server
     )
-    try:
-        port = server.add_insecure_port(listen)
-    except RuntimeError as exc:
-        raise ListenError(f"cannot listen on {listen}: {exc}") from exc
-    if port == 0:
-        raise ListenError(f"cannot listen on {listen}")
+    ports: list[tuple[str, bool]] = [(listen, True)]
+    if token_listen is not None:
+        ports.append((token_listen, False))
+    for address, client_certs in ports:
+        try:
+            if tls.insecure:
+                port = server.add_insecure_port(address)
+            else:
+                port = server.add_secure_port(address, server_credentials(tls, client_certs, log))
+        except RuntimeError as exc:
+            raise ListenError(f"cannot listen on {address}: {exc}") from exc
+        if port == 0:
+            raise ListenError(f"cannot listen on {address}")
     return server
 
 

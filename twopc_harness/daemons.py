@@ -18,6 +18,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from twopc_common.cli import EXIT_WITH_PARENT
+from twopc_common.tls import TlsConfig, channel
 from twopc_harness.postgres import HarnessError
 from twopc_pb import coordinator_pb2_grpc, participant_pb2_grpc, types_pb2
 
@@ -33,6 +34,8 @@ class Daemon:
     address: str
     logfile: Path
     env: dict[str, str] = field(default_factory=dict)
+    admin_tls: TlsConfig = field(default_factory=TlsConfig)
+    """The harness's own credentials (an admin client) for probes and failpoints."""
     process: subprocess.Popen[bytes] | None = None
 
     def start(
@@ -77,17 +80,21 @@ class Daemon:
 
     def set_failpoints(self, spec: str) -> dict[str, str]:
         """Switch failpoints in the running daemon (it must run with --allow-failpoints)."""
-        with grpc.insecure_channel(self.address) as channel:
-            return self._set_failpoints(channel, spec)
+        with self.admin_channel() as ch:
+            return self._set_failpoints(ch, spec)
+
+    def admin_channel(self) -> grpc.Channel:
+        """A channel to the daemon as the harness's admin client."""
+        return channel(self.address, self.admin_tls, server_name=self.name)
 
     def wait_ready(self, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
-        with grpc.insecure_channel(self.address) as channel:
+        with self.admin_channel() as ch:
             while time.monotonic() < deadline:
                 if not self.running:
                     raise HarnessError(f"{self.name} exited at start:\n{self.log_tail()}")
                 try:
-                    self._probe(channel)
+                    self._probe(ch)
                     return
                 except (grpc.RpcError, _NotServing):
                     time.sleep(0.05)
@@ -133,6 +140,32 @@ class ParticipantDaemon(Daemon):
         return dict(reply.active)
 
 
+@dataclass(frozen=True)
+class DaemonTls:
+    """A daemon's own credentials, and the admin client identity it trusts."""
+
+    own: TlsConfig
+    admin: TlsConfig
+    admin_name: str
+
+
+def tls_flags(tls: DaemonTls | None) -> list[str]:
+    """The daemon's TLS flags (`--insecure` when the system runs without TLS)."""
+    if tls is None:
+        return ["--insecure"]
+    own = tls.own
+    return [
+        "--tls-cert",
+        str(own.cert),
+        "--tls-key",
+        str(own.key),
+        "--tls-ca",
+        str(own.ca),
+        "--admin",
+        tls.admin_name,
+    ]
+
+
 def coordinator_daemon(
     name: str,
     listen: str,
@@ -140,6 +173,7 @@ def coordinator_daemon(
     participants: dict[str, str],
     logfile: Path,
     extra: list[str] | None = None,
+    tls: DaemonTls | None = None,
 ) -> CoordinatorDaemon:
     argv = [
         sys.executable,
@@ -154,7 +188,9 @@ def coordinator_daemon(
     ]
     for participant, address in participants.items():
         argv += ["--participant", f"{participant}={address}"]
-    return CoordinatorDaemon(name, argv + (extra or []), listen, logfile)
+    argv += tls_flags(tls)
+    admin = tls.admin if tls else TlsConfig()
+    return CoordinatorDaemon(name, argv + (extra or []), listen, logfile, admin_tls=admin)
 
 
 def participant_daemon(
@@ -164,11 +200,14 @@ def participant_daemon(
     coordinators: dict[str, str],
     logfile: Path,
     extra: list[str] | None = None,
+    tls: DaemonTls | None = None,
 ) -> ParticipantDaemon:
     argv = [sys.executable, "-m", "participant", "--id", name, "--listen", listen, "--dsn", dsn]
     for coordinator, address in coordinators.items():
         argv += ["--coordinator", f"{coordinator}={address}"]
-    return ParticipantDaemon(name, argv + (extra or []), listen, logfile)
+    argv += tls_flags(tls)
+    admin = tls.admin if tls else TlsConfig()
+    return ParticipantDaemon(name, argv + (extra or []), listen, logfile, admin_tls=admin)
 
 
 def wait_until(

@@ -1,7 +1,12 @@
 """A whole local deployment: N PostgreSQL shards, one participant agent per shard and
 a coordinator, all real processes on loopback, in one work folder.
 
-Used by the tests, the quick-start scenario, the demo and the benchmarks.
+Used by the tests, the quick-start scenario, the demo and the benchmarks. By default
+the system runs as it should in production: mutual TLS on every channel with
+certificates issued per run into `WORKDIR/certs` (a CA, the coordinator, each agent,
+and the clients `app`, `other` and `admin`; `admin` has the admin role on every
+daemon), so the secure path is the one every test walks. `secure=False` starts the
+daemons with `--insecure` on loopback.
 """
 
 from __future__ import annotations
@@ -13,11 +18,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import grpc
 import psycopg
 
-from coordinator.client import CoordinatorClient
+from coordinator.client import AsyncCoordinatorClient, CoordinatorClient
+from twopc_common import certs
+from twopc_common.tls import TlsConfig, channel
 from twopc_harness.daemons import (
     CoordinatorDaemon,
+    DaemonTls,
     ParticipantDaemon,
     coordinator_daemon,
     participant_daemon,
@@ -32,6 +41,9 @@ from twopc_harness.postgres import (
 )
 
 COORDINATOR_ID = "coord1"
+CLIENTS = ("app", "other", "admin")
+"""Client identities every secure system has certificates for; `admin` is admin."""
+ADMIN = "admin"
 
 
 @dataclass
@@ -45,6 +57,9 @@ class LocalSystem:
     """Toxiproxy on every path, when the system was started with faults=True."""
     client_address: str = ""
     """Where applications reach the coordinator (through its proxy, if any)."""
+    credentials: dict[str, TlsConfig] = field(default_factory=dict)
+    """Identity name -> its certificate files; empty when the system runs --insecure."""
+    coordinator_id: str = COORDINATOR_ID
 
     @property
     def shard_names(self) -> list[str]:
@@ -59,8 +74,25 @@ class LocalSystem:
     def connect(self, shard: str) -> psycopg.Connection[tuple[Any, ...]]:
         return psycopg.connect(self.dsn(shard), autocommit=True)
 
-    def client(self, timeout: float = 30.0) -> CoordinatorClient:
-        return CoordinatorClient(self.client_address, timeout=timeout)
+    def tls(self, identity: str) -> TlsConfig:
+        """The credentials of `identity` (plaintext when the system is insecure)."""
+        return self.credentials[identity] if self.credentials else TlsConfig()
+
+    def client(self, timeout: float = 30.0, identity: str = "app") -> CoordinatorClient:
+        return CoordinatorClient(self.client_address, timeout=timeout, tls=self.tls(identity))
+
+    def async_client(self, timeout: float = 30.0, identity: str = "app") -> AsyncCoordinatorClient:
+        return AsyncCoordinatorClient(self.client_address, timeout=timeout, tls=self.tls(identity))
+
+    def coordinator_channel(self, identity: str = "app") -> grpc.Channel:
+        """A raw channel to the coordinator as `identity`."""
+        return channel(self.client_address, self.tls(identity))
+
+    def participant_channel(self, shard: str, identity: str | None = None) -> grpc.Channel:
+        """A raw channel to an agent, as its coordinator unless `identity` says otherwise."""
+        daemon = self.participants[shard]
+        who = identity or self.coordinator_id
+        return channel(daemon.address, self.tls(who), server_name=shard)
 
     def daemons(self) -> list[CoordinatorDaemon | ParticipantDaemon]:
         found: list[CoordinatorDaemon | ParticipantDaemon] = list(self.participants.values())
@@ -108,6 +140,7 @@ def start_system(
     start_daemons: bool = True,
     coordinator_id: str = COORDINATOR_ID,
     faults: bool = False,
+    secure: bool = True,
 ) -> LocalSystem:
     """Start clusters (unless given), agents and the coordinator; wait until all serve.
     With `faults`, every network path goes through its own Toxiproxy proxy."""
@@ -115,7 +148,16 @@ def start_system(
     owns = clusters is None
     if clusters is None:
         clusters = start_clusters(shards, workdir / "pg")
-    system = LocalSystem(workdir, clusters, owns_clusters=owns)
+    system = LocalSystem(workdir, clusters, owns_clusters=owns, coordinator_id=coordinator_id)
+    shard_names = [f"shard{i}" for i in range(1, len(clusters) + 1)]
+    if secure:
+        system.credentials = issue_credentials(workdir / "certs", coordinator_id, shard_names)
+
+    def tls(name: str) -> DaemonTls | None:
+        if not secure:
+            return None
+        return DaemonTls(system.credentials[name], system.credentials[ADMIN], ADMIN)
+
     try:
         network = system.network = start_network() if faults else None
 
@@ -136,6 +178,7 @@ def start_system(
                 workdir / "logs" / f"{name}.log",
                 # Branch statements as a least-privilege role, never the superuser.
                 ["--branch-role", BRANCH_ROLE, *(participant_args or [])],
+                tls(name),
             )
             agent_routes[name] = route(f"coordinator_{name}", listen)
         system.client_address = route("client_coordinator", coord_address)
@@ -146,6 +189,7 @@ def start_system(
             agent_routes,
             workdir / "logs" / "coordinator.log",
             coordinator_args,
+            tls(coordinator_id),
         )
         if start_daemons:
             start_all(system)
@@ -153,6 +197,18 @@ def start_system(
         system.stop()
         raise
     return system
+
+
+def issue_credentials(out: Path, coordinator_id: str, shards: list[str]) -> dict[str, TlsConfig]:
+    """A fresh CA and a certificate for the coordinator, each agent and each client."""
+    identities = [
+        certs.Identity("coordinator", coordinator_id),
+        *(certs.Identity("participant", s) for s in shards),
+        *(certs.Identity("client", c) for c in CLIENTS),
+    ]
+    return {
+        name: TlsConfig(f.cert, f.key, f.ca) for name, f in certs.issue(out, identities).items()
+    }
 
 
 def start_all(system: LocalSystem) -> None:
