@@ -26,12 +26,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from psycopg_pool import AsyncConnectionPool
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from transfers import ACCOUNTS, Picker, drive, prepare_bank, raw_2pc, through_system
+from transfers import ACCOUNTS, Picker, drive, prepare_bank, raw_2pc, raw_pools, through_system
 
 from bank_demo import bank
 from coordinator.client import AsyncCoordinatorClient
@@ -91,18 +89,7 @@ async def hot_accounts(duration: float, seed: int) -> list[dict[str, Any]]:
         system = start_system(2, clusters=clusters, start_daemons=False)
         shards = system.shard_names
         prepare_bank(system, shards)
-        pools = {
-            s: AsyncConnectionPool(
-                system.dsn(s),
-                min_size=4,
-                max_size=20,
-                open=False,
-                kwargs={"autocommit": True, "options": "-c lock_timeout=5000"},
-            )
-            for s in shards
-        }
-        for pool in pools.values():
-            await pool.open(wait=True)
+        pools = await raw_pools(system, shards, 20)
         try:
             result = await drive(
                 raw_2pc(pools, shards), Picker(shards, seed, hot=10), 16, duration, "hotraw"

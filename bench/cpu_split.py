@@ -28,12 +28,19 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-from psycopg_pool import AsyncConnectionPool
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from transfers import Picker, drive, prepare_bank, raw_2pc, start_bench_system, through_system
+from transfers import (
+    Picker,
+    drive,
+    prepare_bank,
+    raw_2pc,
+    raw_pools,
+    start_bench_system,
+    through_system,
+)
 
 from twopc_harness.system import LocalSystem
 
@@ -164,18 +171,7 @@ async def main_async(
     system: LocalSystem, concurrency: int, duration: float, profile: Path | None
 ) -> None:
     shards = system.shard_names
-    pools = {
-        s: AsyncConnectionPool(
-            system.dsn(s),
-            min_size=4,
-            max_size=70,
-            open=False,
-            kwargs={"autocommit": True, "options": "-c lock_timeout=5000"},
-        )
-        for s in shards
-    }
-    for pool in pools.values():
-        await pool.open(wait=True)
+    pools = await raw_pools(system, shards, 70)
     try:
         async with system.async_client(timeout=60) as client:
             await measure(

@@ -184,6 +184,26 @@ def rss_kb(pid: int) -> int:
     return 0
 
 
+async def raw_pools(
+    system: LocalSystem, shards: Sequence[str], max_size: int
+) -> dict[str, AsyncConnectionPool[Any]]:
+    """Open autocommit pools for the raw baseline, one per shard, with the lock timeout
+    (5 s) the baselines use."""
+    pools = {
+        s: AsyncConnectionPool(
+            system.dsn(s),
+            min_size=4,
+            max_size=max_size,
+            open=False,
+            kwargs={"autocommit": True, "options": "-c lock_timeout=5000"},
+        )
+        for s in shards
+    }
+    for pool in pools.values():
+        await pool.open(wait=True)
+    return pools
+
+
 async def run_config(
     system: LocalSystem,
     insecure: LocalSystem,
@@ -193,20 +213,7 @@ async def run_config(
     hot: int,
     seed: int,
 ) -> list[dict[str, Any]]:
-    dsns = {s: system.dsn(s) for s in shards}
-    pools = {
-        s: AsyncConnectionPool(
-            dsn,
-            min_size=4,
-            max_size=70,
-            open=False,
-            # The agents' lock timeout: it is also what ends cross-shard deadlocks.
-            kwargs={"autocommit": True, "options": "-c lock_timeout=5000"},
-        )
-        for s, dsn in dsns.items()
-    }
-    for pool in pools.values():
-        await pool.open(wait=True)
+    pools = await raw_pools(system, shards, 70)
     assert system.coordinator is not None and system.coordinator.process is not None
     pid = system.coordinator.process.pid
     rows = []

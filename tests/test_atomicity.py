@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from psycopg import sql
 
-from coordinator.client import Statement, TransactionAborted
+from coordinator.client import CoordinatorClient, Statement, Transaction, TransactionAborted
 from tests.conftest import (
     SystemFactory,
     create_tagged_rows,
@@ -42,19 +42,29 @@ def _nowhere(system: LocalSystem, tag: str) -> None:
     assert rows(system, tag) == {"shard1": 0, "shard2": 0, "shard3": 0}
 
 
+def _open_on_two_shards_then_restart_shard1(
+    system: LocalSystem, client: CoordinatorClient, tag: str
+) -> Transaction:
+    """An interactive transaction with a row on shard1 and on shard2, then shard1's
+    agent SIGKILLed and restarted (and seen again by the coordinator): its open branch
+    is gone."""
+    create_tagged_rows(system)
+    tx = client.begin()
+    tx.execute_many("shard1", [_insert(tag)])
+    tx.execute_many("shard2", [_insert(tag)])
+    agent = system.participants["shard1"]
+    agent.kill()
+    agent.start()
+    wait_coordinator_reaches(system, "shard1")
+    return tx
+
+
 def test_interactive_commit_after_agent_restart_aborts_naming_the_agent(
     make_system: SystemFactory,
 ) -> None:
     system = make_system()
-    create_tagged_rows(system)
     with system.client() as client:
-        tx = client.begin()
-        tx.execute_many("shard1", [_insert("restart-commit")])
-        tx.execute_many("shard2", [_insert("restart-commit")])
-        agent = system.participants["shard1"]
-        agent.kill()
-        agent.start()
-        wait_coordinator_reaches(system, "shard1")
+        tx = _open_on_two_shards_then_restart_shard1(system, client, "restart-commit")
         outcome = tx.commit()
         assert not outcome.committed, outcome
         assert outcome.abort_participant == "shard1"
@@ -68,15 +78,8 @@ def test_execute_after_agent_restart_fails_instead_of_opening_a_new_branch(
     make_system: SystemFactory,
 ) -> None:
     system = make_system()
-    create_tagged_rows(system)
     with system.client() as client:
-        tx = client.begin()
-        tx.execute_many("shard1", [_insert("restart-exec")])
-        tx.execute_many("shard2", [_insert("restart-exec")])
-        agent = system.participants["shard1"]
-        agent.kill()
-        agent.start()
-        wait_coordinator_reaches(system, "shard1")
+        tx = _open_on_two_shards_then_restart_shard1(system, client, "restart-exec")
         with pytest.raises(TransactionAborted, match="restarted"):
             tx.execute_many("shard1", [_insert("restart-exec-later")])
         outcome = tx.commit()
