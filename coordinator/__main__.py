@@ -7,7 +7,9 @@ import asyncio
 import contextlib
 import os
 import sys
+import threading
 from pathlib import Path
+from typing import Any
 
 from prometheus_client import CollectorRegistry
 
@@ -16,8 +18,11 @@ from coordinator.config import CoordinatorConfig
 from coordinator.decision_log import DecisionLog, LogInUse
 from coordinator.engine import Coordinator, LogBehind
 from coordinator.heuristics import HeuristicWatch
+from coordinator.lease import LeaseSettings
 from coordinator.participants import ParticipantClient
+from coordinator.pg_log import PostgresDecisionLog, is_postgres_log
 from coordinator.service import CoordinatorService
+from coordinator.standby import StandbyGate, gated
 from twopc_common.auth import Authenticator, TokenFile, TokenFileError, guard, token_main
 from twopc_common.cli import (
     HelpFormatter,
@@ -32,12 +37,14 @@ from twopc_common.cli import (
     run_daemon,
     wait_for_termination,
 )
+from twopc_common.dsn import read_dsn_file, refuse_password
 from twopc_common.errors import TwoPCError, Unavailable
 from twopc_common.health import Health
 from twopc_common.ids import check_name
 from twopc_common.log import EventLogger
 from twopc_common.metrics import RpcMetrics, serve_metrics
 from twopc_common.server import ListenError, bind_grpc_server
+from twopc_common.settings import describe_dsn
 from twopc_common.statements import policy_kinds
 from twopc_common.tls import TlsError, daemon_tls
 from twopc_pb import coordinator_pb2 as pb
@@ -48,11 +55,45 @@ class StartupError(TwoPCError):
     """The daemon cannot start (port taken, log unwritable, ...)."""
 
 
+class SteppedDown(StartupError):
+    """Another process of this coordinator id took over: this one stopped."""
+
+
+def open_decision_log(config: CoordinatorConfig) -> DecisionLog | PostgresDecisionLog:
+    """The decision log `--log` names: a SQLite file, or a PostgreSQL database."""
+    if config.log_dsn_file is None and not is_postgres_log(config.log_path):
+        return DecisionLog(config.log_path, config.id, batch_max=config.log_batch_max)
+    try:
+        dsn = (
+            read_dsn_file(config.log_dsn_file, "--log-dsn-file")
+            if config.log_dsn_file is not None
+            else config.log_path
+        )
+    except TwoPCError as exc:
+        raise StartupError(str(exc)) from exc
+    return PostgresDecisionLog(
+        dsn,
+        config.id,
+        batch_max=config.log_batch_max,
+        lease=config.lease,
+        address=config.advertise or config.listen,
+        reconnect_timeout=config.log_reconnect_timeout,
+    )
+
+
+def describe_log(decision_log: DecisionLog | PostgresDecisionLog, config: CoordinatorConfig) -> str:
+    if isinstance(decision_log, PostgresDecisionLog):
+        return describe_dsn(decision_log.dsn)
+    return os.path.abspath(config.log_path)
+
+
 async def serve(config: CoordinatorConfig) -> None:
     log = EventLogger("coordinator", config.id)
     tokens = TokenFile(config.tokens_file, log) if config.tokens_file else None
     authenticator = Authenticator(not config.tls.insecure, config.admins, tokens)
-    decision_log = DecisionLog(config.log_path, config.id, batch_max=config.log_batch_max)
+    decision_log = open_decision_log(config)
+    pg_log = decision_log if isinstance(decision_log, PostgresDecisionLog) else None
+    gate = StandbyGate(config.id, lambda: pg_log.active_address if pg_log else None)
     clients = {
         name: ParticipantClient(
             name,
@@ -76,7 +117,11 @@ async def serve(config: CoordinatorConfig) -> None:
             config.limits.max_message_bytes,
             lambda s: cgrpc.add_CoordinatorServicer_to_server(
                 guard(
-                    CoordinatorService(engine, access.Owners(config.owners_remembered)),
+                    gated(
+                        CoordinatorService(engine, access.Owners(config.owners_remembered)),
+                        pb.DESCRIPTOR.services_by_name["Coordinator"],
+                        gate,
+                    ),
                     pb.DESCRIPTOR.services_by_name["Coordinator"],
                     authenticator,
                     access.rules(config),
@@ -109,25 +154,61 @@ async def serve(config: CoordinatorConfig) -> None:
         decision_log.close()
         return exc if isinstance(exc, StartupError) else StartupError(str(exc))
 
+    # A PostgreSQL log may be held by another process of this id: then this one is a
+    # standby, listening (UNAVAILABLE with the active's address, NOT_SERVING) while it
+    # waits for the lease. A SQLite log is taken at once or refused.
+    loop = asyncio.get_running_loop()
+    terminated = asyncio.create_task(wait_for_termination())
+    stopping = threading.Event()
+    if pg_log is not None:
+        await health.update(False, "standby: waiting for the decision log's lease")
+        await server.start()
+        engine.log.info("standby", listen=config.listen, log=describe_log(pg_log, config))
+    acquiring = asyncio.create_task(
+        asyncio.to_thread(pg_log.acquire, lambda: not stopping.is_set())
+        if pg_log is not None
+        else asyncio.to_thread(decision_log.acquire)
+    )
+    await asyncio.wait({acquiring, terminated}, return_when=asyncio.FIRST_COMPLETED)
+    if not acquiring.done():
+        stopping.set()
+        with contextlib.suppress(Exception):
+            await acquiring
+        await give_up(StartupError("stopped"))
+        return
     try:
-        decision_log.acquire()
+        acquiring.result()
     except LogInUse as exc:
         raise await give_up(exc) from exc
     except Exception as exc:
         folder = os.path.dirname(os.path.abspath(config.log_path))
-        hint = "" if os.path.isdir(folder) else f" (folder {folder} does not exist: create it)"
-        raise await give_up(
-            StartupError(f"cannot open decision log {config.log_path}: {exc}{hint}")
-        ) from exc
+        hint = (
+            ""
+            if pg_log is not None or os.path.isdir(folder)
+            else f" (folder {folder} does not exist: create it)"
+        )
+        where = describe_log(decision_log, config)
+        raise await give_up(StartupError(f"cannot open decision log {where}: {exc}{hint}")) from exc
     try:
         await engine.check_log_is_current()
     except LogBehind as exc:
         raise await give_up(exc) from exc
-    decision_log.begin_epoch()
+    fenced: asyncio.Future[str] = loop.create_future()
+    if pg_log is not None:
+
+        def on_fenced(why: str) -> None:
+            gate.stepped_down = why
+            loop.call_soon_threadsafe(_settle, fenced, why)
+
+        pg_log.on_fenced = on_fenced
+    try:
+        await asyncio.to_thread(decision_log.begin_epoch)
+    except Exception as exc:
+        raise await give_up(StartupError(f"cannot start epoch: {exc}")) from exc
     engine.log.info(
         "starting",
         epoch=decision_log.epoch,
-        log=os.path.abspath(config.log_path),
+        log=describe_log(decision_log, config),
         listen=config.listen,
         participants=",".join(f"{n}={a}" for n, a in config.participants.items()) or "none",
     )
@@ -141,8 +222,10 @@ async def serve(config: CoordinatorConfig) -> None:
     # recovery made "unknown" safe; new transactions cannot race it (it leaves alone
     # whatever is in memory).
     await health.update(False, "start-up recovery")
-    await server.start()
+    if pg_log is None:
+        await server.start()
     engine.log.info("listening", listen=config.listen, epoch=decision_log.epoch)
+    gate.active = True
     await engine.recover()
 
     async def healthy() -> None:
@@ -163,7 +246,8 @@ async def serve(config: CoordinatorConfig) -> None:
         tasks.append(asyncio.create_task(engine.deadlock_loop()))
     engine.log.info("serving", listen=config.listen, epoch=decision_log.epoch)
     try:
-        await wait_for_termination()
+        ends: list[asyncio.Future[Any]] = [terminated, fenced]
+        await asyncio.wait(ends, return_when=asyncio.FIRST_COMPLETED)
     finally:
         engine.log.info("stopping")
         await health.shutdown()
@@ -176,6 +260,15 @@ async def serve(config: CoordinatorConfig) -> None:
                 await task
         await engine.close()
         decision_log.close()
+        terminated.cancel()
+    if fenced.done():
+        engine.log.error("stepped_down", reason=fenced.result())
+        raise SteppedDown(f"stepped down: {fenced.result()} (start it again to run as a standby)")
+
+
+def _settle(future: asyncio.Future[str], value: str) -> None:
+    if not future.done():
+        future.set_result(value)
 
 
 async def check_participant_ids(engine: Coordinator, clients: dict[str, ParticipantClient]) -> None:
@@ -221,9 +314,39 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--log",
-        required=True,
+        metavar="PATH|URL",
+        help="the decision log: a SQLite file (created if missing; its folder must exist), "
+        "or a PostgreSQL database as postgresql://USER@HOST:PORT/DB?... without a password "
+        "(several coordinators of one --id share it: one is active, the others stand by)",
+    )
+    p.add_argument(
+        "--log-dsn-file",
+        type=Path,
         metavar="PATH",
-        help="SQLite decision log (created if missing; its folder must exist)",
+        help="instead of --log: a file holding the PostgreSQL decision log's connection "
+        "string, which may carry a password (or put it in PGPASSFILE)",
+    )
+    p.add_argument(
+        "--advertise",
+        type=listen_address,
+        metavar="HOST:PORT",
+        help="the address clients are sent to while this process is the active one "
+        "(standbys name it in their answers; default: --listen)",
+    )
+    p.add_argument(
+        "--lease-duration",
+        type=positive,
+        default=d.lease.duration,
+        metavar="SECONDS",
+        help="PostgreSQL log: a paused or cut-off active is taken over after this long "
+        "without renewing its lease (a crashed one at once)",
+    )
+    p.add_argument(
+        "--standby-poll-interval",
+        type=positive,
+        default=d.lease.poll_interval,
+        metavar="SECONDS",
+        help="PostgreSQL log: how often a standby tries to take over",
     )
     p.add_argument(
         "--listen", type=listen_address, default=d.listen, metavar="HOST:PORT", help="gRPC address"
@@ -331,11 +454,24 @@ def parse_args(argv: list[str] | None = None) -> tuple[CoordinatorConfig, LogSet
         p.error("--token-listen needs --tokens-file")
     if a.token_listen and a.insecure:
         p.error("--token-listen needs TLS: bearer tokens are never sent in plaintext")
+    if (a.log is None) == (a.log_dsn_file is None):
+        p.error("give exactly one of --log and --log-dsn-file")
     tls = daemon_tls(p.prog, a, [a.listen, *([a.token_listen] if a.token_listen else [])])
     try:
+        if a.log is not None and is_postgres_log(a.log):
+            refuse_password(
+                a.log, "--log", "put the URL in --log-dsn-file, or the password in PGPASSFILE"
+            )
         config = CoordinatorConfig(
             id=check_name("coordinator", a.id),
-            log_path=a.log,
+            log_path=a.log or "",
+            log_dsn_file=a.log_dsn_file,
+            advertise=a.advertise,
+            lease=LeaseSettings(
+                duration=a.lease_duration,
+                renew_interval=min(LeaseSettings().renew_interval, a.lease_duration / 3),
+                poll_interval=a.standby_poll_interval,
+            ),
             listen=a.listen,
             participants=named_addresses(a.participant, "--participant"),
             prepare_timeout=a.prepare_timeout,

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
@@ -45,6 +46,7 @@ from typing import Any, TypeVar
 
 import grpc
 
+from coordinator.failover import Endpoints, addresses_of, backoff
 from twopc_common.errors import Aborted, ResourceExhausted, TwoPCError
 from twopc_common.grpc_errors import RETRY_AFTER_MS, error_for
 from twopc_common.tls import TlsConfig, aio_channel, channel
@@ -226,7 +228,7 @@ class CoordinatorClient:
 
     def __init__(
         self,
-        address: str,
+        address: str | Sequence[str],
         timeout: float = 30.0,
         *,
         tls: TlsConfig | None = None,
@@ -234,8 +236,10 @@ class CoordinatorClient:
         server_name: str | None = None,
     ) -> None:
         self.timeout = timeout
-        self._channel = channel(address, tls or TlsConfig(), _CHANNEL_OPTIONS, server_name, token)
-        self._stub = cgrpc.CoordinatorStub(self._channel)
+        self._endpoints = Endpoints(
+            addresses_of(address),
+            lambda a: channel(a, tls or TlsConfig(), _CHANNEL_OPTIONS, server_name, token),
+        )
 
     def __enter__(self) -> CoordinatorClient:
         return self
@@ -244,13 +248,27 @@ class CoordinatorClient:
         self.close()
 
     def close(self) -> None:
-        self._channel.close()
+        for ch in self._endpoints.channels():
+            ch.close()
 
     def _call(self, method: str, request: Any, timeout: float | None) -> Any:
-        try:
-            return getattr(self._stub, method)(request, timeout=timeout or self.timeout)
-        except grpc.RpcError as exc:
-            raise _raise(exc) from None
+        """The call, failed over between the coordinator's processes (see
+        `coordinator.failover`) within its deadline."""
+        deadline = time.monotonic() + (timeout or self.timeout)
+        keyed = method == "Run" and bool(request.idempotency_key)
+        for attempt in itertools.count():
+            stub = cgrpc.CoordinatorStub(self._endpoints.channel())
+            try:
+                return getattr(stub, method)(request, timeout=deadline - time.monotonic())
+            except grpc.RpcError as exc:
+                pause = backoff(attempt)
+                if (
+                    not self._endpoints.should_retry(exc, method, keyed)
+                    or time.monotonic() + pause >= deadline
+                ):
+                    raise _raise(exc) from None
+                time.sleep(pause)
+        raise AssertionError("unreachable")
 
     def run(
         self,
@@ -345,7 +363,7 @@ class AsyncCoordinatorClient:
 
     def __init__(
         self,
-        address: str,
+        address: str | Sequence[str],
         timeout: float = 30.0,
         *,
         tls: TlsConfig | None = None,
@@ -353,10 +371,10 @@ class AsyncCoordinatorClient:
         server_name: str | None = None,
     ) -> None:
         self.timeout = timeout
-        self._channel = aio_channel(
-            address, tls or TlsConfig(), _CHANNEL_OPTIONS, server_name, token
+        self._endpoints = Endpoints(
+            addresses_of(address),
+            lambda a: aio_channel(a, tls or TlsConfig(), _CHANNEL_OPTIONS, server_name, token),
         )
-        self._stub = cgrpc.CoordinatorStub(self._channel)
 
     async def __aenter__(self) -> AsyncCoordinatorClient:
         return self
@@ -367,13 +385,26 @@ class AsyncCoordinatorClient:
         await self.close()
 
     async def close(self) -> None:
-        await self._channel.close()
+        for ch in self._endpoints.channels():
+            await ch.close()
 
     async def _call(self, method: str, request: Any, timeout: float | None) -> Any:
-        try:
-            return await getattr(self._stub, method)(request, timeout=timeout or self.timeout)
-        except grpc.aio.AioRpcError as exc:
-            raise _raise(exc) from None
+        """`CoordinatorClient._call` for asyncio."""
+        deadline = time.monotonic() + (timeout or self.timeout)
+        keyed = method == "Run" and bool(request.idempotency_key)
+        for attempt in itertools.count():
+            stub = cgrpc.CoordinatorStub(self._endpoints.channel())
+            try:
+                return await getattr(stub, method)(request, timeout=deadline - time.monotonic())
+            except grpc.aio.AioRpcError as exc:
+                pause = backoff(attempt)
+                if (
+                    not self._endpoints.should_retry(exc, method, keyed)
+                    or time.monotonic() + pause >= deadline
+                ):
+                    raise _raise(exc) from None
+                await asyncio.sleep(pause)
+        raise AssertionError("unreachable")
 
     async def run(
         self,

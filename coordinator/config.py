@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from coordinator.lease import LeaseSettings
 from coordinator.protocol import RetryPolicy
 from twopc_common import settings
 from twopc_common.limits import Limits
@@ -17,7 +18,19 @@ class CoordinatorConfig:
     id: str
     """This coordinator's name; it is part of every transaction id it assigns."""
     log_path: str
-    """Path of the SQLite decision log."""
+    """Path of the SQLite decision log, or the `postgresql://` URL (without a password)
+    of a PostgreSQL one (`coordinator.pg_log`); "" when the URL is in `log_dsn_file`."""
+    log_dsn_file: Path | None = None
+    """A file holding the PostgreSQL decision log's connection string (it may carry a
+    password, which the command line must not)."""
+    advertise: str | None = None
+    """HOST:PORT clients are sent to when this process is the active one (a standby
+    names it in its answers); default: `listen`."""
+    lease: LeaseSettings = field(default_factory=LeaseSettings)
+    """The active process's lease on a PostgreSQL decision log (`coordinator.lease`)."""
+    log_reconnect_timeout: float = 30.0
+    """How long the PostgreSQL decision log tries to reconnect (the log database
+    restarting, its standby being promoted) before it fails stop."""
     listen: str = "127.0.0.1:7000"
     """HOST:PORT the gRPC server binds."""
     participants: dict[str, str] = field(default_factory=dict)
@@ -107,6 +120,8 @@ class CoordinatorConfig:
         # The id is checked where it is parsed (check_name); these would otherwise be
         # found only when the first transaction needs them.
         settings.host_port("listen", self.listen)
+        if self.advertise is not None:
+            settings.host_port("advertise", self.advertise)
         for name, address in self.participants.items():
             settings.host_port(f"participant {name}", address)
         for name in (
@@ -122,6 +137,7 @@ class CoordinatorConfig:
             "probe_timeout",
             "retention",
             "connect_probe_timeout",
+            "log_reconnect_timeout",
         ):
             settings.seconds(name, getattr(self, name))
         settings.seconds("shutdown_grace", self.shutdown_grace, zero_ok=True)

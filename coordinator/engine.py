@@ -28,7 +28,8 @@ from typing import Any
 
 from coordinator.config import CoordinatorConfig
 from coordinator.deadlock import Victim, Wait, confirmed, find_victims
-from coordinator.decision_log import DecisionLog, LogFailed, LogRecord
+from coordinator.decision_log import LogFailed, LogRecord
+from coordinator.log_port import DecisionLogPort
 from coordinator.participants import ParticipantClient, PrepareReply
 from coordinator.protocol import (
     AbortCause,
@@ -159,7 +160,7 @@ class Coordinator:
     def __init__(
         self,
         config: CoordinatorConfig,
-        log: DecisionLog,
+        log: DecisionLogPort,
         clients: Mapping[str, ParticipantClient],
     ) -> None:
         self.config = config
@@ -995,7 +996,13 @@ class Coordinator:
         if not self.recovered:
             raise Unavailable("recovery has not finished; ask again")
         if parsed.epoch > self.decision_log.epoch:
-            return TransactionInfo(txid, Reported.UNKNOWN, None)  # never issued
+            # A later incarnation issued it: with a shared log that is another process
+            # of this id that took over from this one, and only it may answer (an
+            # UNKNOWN from here would have the participant roll back its branch).
+            raise Unavailable(
+                f"transaction {txid} is of epoch {parsed.epoch}, later than this "
+                f"process's {self.decision_log.epoch}: ask the active coordinator {self.id}"
+            )
         answer = reported_without_record(
             await self.decision_log.epoch_started(parsed.epoch), self.decision_log.pruned_before
         )
@@ -1119,6 +1126,8 @@ class Coordinator:
             txid = branch.transaction_id
             if txid in self._live:
                 continue  # a live transaction: the protocol itself will finish it
+            if TransactionId.parse(txid).epoch > self.decision_log.epoch:
+                continue  # a later incarnation's (it took over from us): never ours to end
             record = await self.decision_log.get(txid)
             commit = record is not None and record.state in ("committing", "committed")
             try:

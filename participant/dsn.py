@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
 
-import psycopg
-
+from twopc_common import dsn as common
 from twopc_common.errors import InvalidArgument
 
 ENV_VAR = "TWOPC_DSN"
@@ -28,25 +26,14 @@ def inline_dsn(dsn: str | None, dsn_file: Path | None) -> str:
     given = [s for s in (dsn, dsn_file, from_env) if s is not None]
     if len(given) != 1:
         raise InvalidArgument(f"give exactly one of --dsn, --dsn-file and {ENV_VAR}")
-    if dsn is not None and "password" in _params(dsn):
-        raise InvalidArgument(
-            f"--dsn carries a password, which every local user can read from the process "
-            f"list: put the DSN in --dsn-file or {ENV_VAR}, or the password in PGPASSFILE"
+    if dsn is not None:
+        common.refuse_password(
+            dsn,
+            "--dsn",
+            f"put the DSN in --dsn-file or {ENV_VAR}, or the password in PGPASSFILE",
         )
     return dsn or from_env or ""
 
 
 def read_dsn_file(path: Path) -> str:
-    try:
-        text = path.read_text().strip()
-    except OSError as exc:
-        raise InvalidArgument(f"cannot read --dsn-file: {exc}") from exc
-    _params(text)
-    return text
-
-
-def _params(dsn: str) -> dict[str, Any]:
-    try:
-        return psycopg.conninfo.conninfo_to_dict(dsn)
-    except psycopg.ProgrammingError as exc:
-        raise InvalidArgument(f"malformed DSN: {exc}") from None
+    return common.read_dsn_file(path, "--dsn-file")

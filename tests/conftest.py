@@ -52,6 +52,20 @@ def clusters() -> Iterator[list[PostgresCluster]]:
     stop_clusters(started)
 
 
+@pytest.fixture(scope="session")
+def log_cluster() -> Iterator[PostgresCluster]:
+    """A PostgreSQL cluster for decision logs (`--log postgresql://...`); tests share
+    it by using coordinator ids of their own."""
+    (started,) = start_clusters(1, prefix="log")
+    yield started
+    stop_clusters([started])
+
+
+def log_url(cluster: PostgresCluster) -> str:
+    """The `--log` URL of a decision log in `cluster`."""
+    return f"postgresql://postgres@127.0.0.1:{cluster.port}/postgres?connect_timeout=5"
+
+
 SystemFactory = Callable[..., LocalSystem]
 
 

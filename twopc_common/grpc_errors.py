@@ -32,6 +32,9 @@ _ERRORS = {code: cls for cls, code in _CODES}
 # Trailing metadata of a RESOURCE_EXHAUSTED answer from a daemon at a limit: when to
 # try again, in milliseconds.
 RETRY_AFTER_MS = "retry-after-ms"
+# Trailing metadata of an UNAVAILABLE answer from a standby coordinator: the address of
+# the active process of its id, where the client should go instead.
+ACTIVE_ADDRESS = "twopc-active-address"
 
 R = TypeVar("R")
 Context = grpc.aio.ServicerContext[Any, Any]

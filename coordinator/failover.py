@@ -1,0 +1,101 @@
+"""Client-side failover between the coordinator processes of one id.
+
+A client given several addresses (the active process and its standbys) sends each
+call to the one it believes active. When the answer says otherwise it moves:
+- UNAVAILABLE with `twopc-active-address` in the trailing metadata is a standby's
+  refusal: the call never ran, so any call is sent again, to the address named (or,
+  while none is known, to the next one);
+- any other UNAVAILABLE (the process died, its connection broke) leaves the call's
+  fate unknown: only calls that are safe to repeat are sent again, to the next address:
+  a Run with an idempotency key (the coordinator applies it once, whichever process
+  answers), Begin (an unused transaction is rolled back by the idle timeout), and reads.
+Everything happens within the call's own deadline; pauses between attempts back off
+(capped, jittered). With one address, only a standby's refusal is followed.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from typing import Any, Generic, TypeVar
+
+import grpc
+
+from twopc_common.grpc_errors import ACTIVE_ADDRESS
+
+C = TypeVar("C")
+
+BACKOFF_INITIAL = 0.05
+"""Seconds before the second attempt of a call that failed over."""
+BACKOFF_MAX = 0.5
+"""Cap of the pause between attempts (a standby takes over within a few seconds)."""
+
+SAFE_TO_REPEAT = frozenset({"Begin", "GetTransaction", "ListTransactions", "Status"})
+"""Calls that may be sent again when their first attempt's fate is unknown (besides a
+keyed Run)."""
+
+
+def addresses_of(address: str | Sequence[str]) -> list[str]:
+    found = [address] if isinstance(address, str) else list(address)
+    if not found or not all(found):
+        raise ValueError("give at least one coordinator address")
+    return found
+
+
+def active_hint(exc: grpc.RpcError) -> str | None:
+    """A standby's refusal: the active's address ("" if it does not know); None if
+    `exc` is not a standby's refusal."""
+    if exc.code() != grpc.StatusCode.UNAVAILABLE:
+        return None
+    trailers: Any = exc.trailing_metadata()
+    for key, value in trailers or ():
+        if key == ACTIVE_ADDRESS:
+            return str(value)
+    return None
+
+
+def backoff(attempt: int) -> float:
+    return random.uniform(0.5, 1.0) * min(BACKOFF_MAX, BACKOFF_INITIAL * 2.0**attempt)
+
+
+class Endpoints(Generic[C]):
+    """The coordinator addresses a client knows, a channel per address (made when
+    first used), and which one is believed active."""
+
+    def __init__(self, addresses: Sequence[str], make_channel: Callable[[str], C]) -> None:
+        self.addresses = list(addresses)
+        self._make = make_channel
+        self._channels: dict[str, C] = {}
+        self.current = self.addresses[0]
+
+    def channel(self) -> C:
+        if self.current not in self._channels:
+            self._channels[self.current] = self._make(self.current)
+        return self._channels[self.current]
+
+    def channels(self) -> list[C]:
+        return list(self._channels.values())
+
+    def should_retry(self, exc: grpc.RpcError, method: str, keyed: bool) -> bool:
+        """Whether to send the call again after `exc`, having moved to the address to
+        try next."""
+        hint = active_hint(exc)
+        if hint is not None:
+            if hint and hint != self.current:
+                if hint not in self.addresses:
+                    self.addresses.append(hint)
+                self.current = hint
+            else:
+                self._next()
+            return True
+        if len(self.addresses) == 1 or exc.code() != grpc.StatusCode.UNAVAILABLE:
+            return False
+        if not (keyed or method in SAFE_TO_REPEAT):
+            self._next()  # the next call goes elsewhere; this one's fate is unknown
+            return False
+        self._next()
+        return True
+
+    def _next(self) -> None:
+        i = self.addresses.index(self.current) if self.current in self.addresses else -1
+        self.current = self.addresses[(i + 1) % len(self.addresses)]
