@@ -46,7 +46,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from coordinator.failover import Endpoints, addresses_of, backoff
+from coordinator.failover import Endpoints, addresses_of, backoff, channel_options
 from twopc_common.errors import Aborted, ResourceExhausted, TwoPCError
 from twopc_common.grpc_errors import RETRY_AFTER_MS, error_for
 from twopc_common.tls import TlsConfig, aio_channel, channel
@@ -236,9 +236,10 @@ class CoordinatorClient:
         server_name: str | None = None,
     ) -> None:
         self.timeout = timeout
+        addresses = addresses_of(address)
+        options = _CHANNEL_OPTIONS + channel_options(addresses)
         self._endpoints = Endpoints(
-            addresses_of(address),
-            lambda a: channel(a, tls or TlsConfig(), _CHANNEL_OPTIONS, server_name, token),
+            addresses, lambda a: channel(a, tls or TlsConfig(), options, server_name, token)
         )
 
     def __enter__(self) -> CoordinatorClient:
@@ -371,9 +372,10 @@ class AsyncCoordinatorClient:
         server_name: str | None = None,
     ) -> None:
         self.timeout = timeout
+        addresses = addresses_of(address)
+        options = _CHANNEL_OPTIONS + channel_options(addresses)
         self._endpoints = Endpoints(
-            addresses_of(address),
-            lambda a: aio_channel(a, tls or TlsConfig(), _CHANNEL_OPTIONS, server_name, token),
+            addresses, lambda a: aio_channel(a, tls or TlsConfig(), options, server_name, token)
         )
 
     async def __aenter__(self) -> AsyncCoordinatorClient:

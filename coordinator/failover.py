@@ -9,8 +9,12 @@ call to the one it believes active. When the answer says otherwise it moves:
   fate unknown: only calls that are safe to repeat are sent again, to the next address:
   a Run with an idempotency key (the coordinator applies it once, whichever process
   answers), Begin (an unused transaction is rolled back by the idle timeout), and reads.
+- DEADLINE_EXCEEDED (perhaps a paused active) is raised, and the next call goes to the
+  next address.
 Everything happens within the call's own deadline; pauses between attempts back off
-(capped, jittered). With one address, only a standby's refusal is followed.
+(capped, jittered); a connection attempt is bounded (`CONNECT_TIMEOUT_MS`) so that a
+paused process cannot take the whole deadline before the call is even sent. With one
+address, only a standby's refusal is followed.
 """
 
 from __future__ import annotations
@@ -30,6 +34,11 @@ BACKOFF_INITIAL = 0.05
 BACKOFF_MAX = 0.5
 """Cap of the pause between attempts (a standby takes over within a few seconds)."""
 
+CONNECT_TIMEOUT_MS = 2000
+"""With several addresses: how long a connection attempt (TCP and TLS handshake) may
+take, so that a paused process (whose kernel still accepts connections) costs a
+bounded part of the call's deadline rather than all of it (gRPC's default is 20 s)."""
+
 SAFE_TO_REPEAT = frozenset({"Begin", "GetTransaction", "ListTransactions", "Status"})
 """Calls that may be sent again when their first attempt's fate is unknown (besides a
 keyed Run)."""
@@ -40,6 +49,13 @@ def addresses_of(address: str | Sequence[str]) -> list[str]:
     if not found or not all(found):
         raise ValueError("give at least one coordinator address")
     return found
+
+
+def channel_options(addresses: Sequence[str]) -> list[tuple[str, int]]:
+    """Channel options failover adds (none with a single address)."""
+    if len(addresses) == 1:
+        return []
+    return [("grpc.min_reconnect_backoff_ms", CONNECT_TIMEOUT_MS)]
 
 
 def active_hint(exc: grpc.RpcError) -> str | None:
@@ -88,7 +104,13 @@ class Endpoints(Generic[C]):
             else:
                 self._next()
             return True
-        if len(self.addresses) == 1 or exc.code() != grpc.StatusCode.UNAVAILABLE:
+        if len(self.addresses) == 1:
+            return False
+        if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+            # Perhaps a paused active: the call's time is spent, the next goes elsewhere.
+            self._next()
+            return False
+        if exc.code() != grpc.StatusCode.UNAVAILABLE:
             return False
         if not (keyed or method in SAFE_TO_REPEAT):
             self._next()  # the next call goes elsewhere; this one's fate is unknown

@@ -7,6 +7,7 @@ import contextlib
 import itertools
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -77,7 +78,9 @@ def make_system(clusters: list[PostgresCluster], tmp_path: Path) -> Iterator[Sys
     started: list[LocalSystem] = []
 
     def make(
-        coordinator_args: list[str] | None = None, participant_args: list[str] | None = None
+        coordinator_args: list[str] | None = None,
+        participant_args: list[str] | None = None,
+        **options: Any,
     ) -> LocalSystem:
         system = start_system(
             clusters=clusters,
@@ -85,6 +88,7 @@ def make_system(clusters: list[PostgresCluster], tmp_path: Path) -> Iterator[Sys
             coordinator_args=COORDINATOR_ARGS + (coordinator_args or []),
             participant_args=PARTICIPANT_ARGS + (participant_args or []),
             coordinator_id=f"coord{next(_ids)}",
+            **options,
         )
         started.append(system)
         return system

@@ -87,7 +87,9 @@ class Daemon:
         """A channel to the daemon as the harness's admin client."""
         return channel(self.address, self.admin_tls, server_name=self.name)
 
-    def wait_ready(self, timeout: float = 60.0) -> None:
+    def wait_ready(self, timeout: float = 60.0, serving: bool = True) -> None:
+        """Until the daemon is SERVING (or, without `serving`, answers its health
+        at all: a standby coordinator is NOT_SERVING until it takes over)."""
         deadline = time.monotonic() + timeout
         with self.admin_channel() as ch:
             while time.monotonic() < deadline:
@@ -96,9 +98,33 @@ class Daemon:
                 try:
                     self._probe(ch)
                     return
-                except (grpc.RpcError, _NotServing):
+                except _NotServing:
+                    if not serving:
+                        return
+                    time.sleep(0.05)
+                except grpc.RpcError:
                     time.sleep(0.05)
         raise HarnessError(f"{self.name} not ready after {timeout}s:\n{self.log_tail()}")
+
+    def serving(self) -> bool:
+        """Whether the daemon's health says SERVING right now."""
+        if not self.running:
+            return False
+        with self.admin_channel() as ch:
+            try:
+                self._probe(ch)
+            except (grpc.RpcError, _NotServing):
+                return False
+        return True
+
+    def pause(self) -> None:
+        """SIGSTOP: the process and its connections stay, it does nothing."""
+        assert self.process is not None
+        os.killpg(self.process.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.process is not None
+        os.killpg(self.process.pid, signal.SIGCONT)
 
     def kill(self) -> None:
         """SIGKILL: no cleanup, no flush: a crash."""
@@ -169,7 +195,7 @@ def tls_flags(tls: DaemonTls | None) -> list[str]:
 def coordinator_daemon(
     name: str,
     listen: str,
-    log_path: Path,
+    log_path: Path | str,
     participants: dict[str, str],
     logfile: Path,
     extra: list[str] | None = None,

@@ -60,6 +60,8 @@ class LocalSystem:
     credentials: dict[str, TlsConfig] = field(default_factory=dict)
     """Identity name -> its certificate files; empty when the system runs --insecure."""
     coordinator_id: str = COORDINATOR_ID
+    standbys: list[CoordinatorDaemon] = field(default_factory=list)
+    """Further coordinator processes of the same id on a shared PostgreSQL log."""
 
     @property
     def shard_names(self) -> list[str]:
@@ -78,11 +80,28 @@ class LocalSystem:
         """The credentials of `identity` (plaintext when the system is insecure)."""
         return self.credentials[identity] if self.credentials else TlsConfig()
 
+    @property
+    def client_addresses(self) -> list[str]:
+        """Every coordinator process's address (the first one's through its proxy)."""
+        return [self.client_address, *(d.address for d in self.standbys)]
+
     def client(self, timeout: float = 30.0, identity: str = "app") -> CoordinatorClient:
-        return CoordinatorClient(self.client_address, timeout=timeout, tls=self.tls(identity))
+        return CoordinatorClient(self.client_addresses, timeout=timeout, tls=self.tls(identity))
 
     def async_client(self, timeout: float = 30.0, identity: str = "app") -> AsyncCoordinatorClient:
-        return AsyncCoordinatorClient(self.client_address, timeout=timeout, tls=self.tls(identity))
+        return AsyncCoordinatorClient(
+            self.client_addresses, timeout=timeout, tls=self.tls(identity)
+        )
+
+    def coordinators(self) -> list[CoordinatorDaemon]:
+        return [*([self.coordinator] if self.coordinator else []), *self.standbys]
+
+    def active_coordinator(self) -> CoordinatorDaemon | None:
+        """The coordinator process whose health says SERVING, if one does."""
+        for daemon in self.coordinators():
+            if daemon.serving():
+                return daemon
+        return None
 
     def coordinator_channel(self, identity: str = "app") -> grpc.Channel:
         """A raw channel to the coordinator as `identity`."""
@@ -96,8 +115,7 @@ class LocalSystem:
 
     def daemons(self) -> list[CoordinatorDaemon | ParticipantDaemon]:
         found: list[CoordinatorDaemon | ParticipantDaemon] = list(self.participants.values())
-        if self.coordinator is not None:
-            found.append(self.coordinator)
+        found += self.coordinators()
         return found
 
     def prepared_transactions(self) -> dict[str, list[str]]:
@@ -141,9 +159,15 @@ def start_system(
     coordinator_id: str = COORDINATOR_ID,
     faults: bool = False,
     secure: bool = True,
+    log: str | None = None,
+    standbys: int = 0,
 ) -> LocalSystem:
     """Start clusters (unless given), agents and the coordinator; wait until all serve.
-    With `faults`, every network path goes through its own Toxiproxy proxy."""
+    With `faults`, every network path goes through its own Toxiproxy proxy. `log` is
+    the coordinator's `--log` (default: a SQLite file in `workdir`); with a PostgreSQL
+    log, `standbys` more coordinator processes of the same id share it."""
+    if standbys and log is None:
+        raise ValueError("standby coordinators need a shared PostgreSQL log")
     workdir = Path(workdir or tempfile.mkdtemp(prefix="twopc-"))
     owns = clusters is None
     if clusters is None:
@@ -185,12 +209,25 @@ def start_system(
         system.coordinator = coordinator_daemon(
             coordinator_id,
             coord_address,
-            workdir / "decisions.sqlite",
+            log or workdir / "decisions.sqlite",
             agent_routes,
             workdir / "logs" / "coordinator.log",
             coordinator_args,
             tls(coordinator_id),
         )
+        for i in range(standbys):
+            address = f"127.0.0.1:{free_port()}"
+            system.standbys.append(
+                coordinator_daemon(
+                    coordinator_id,
+                    address,
+                    log or "",
+                    agent_routes,
+                    workdir / "logs" / f"coordinator-standby{i + 1}.log",
+                    coordinator_args,
+                    tls(coordinator_id),
+                )
+            )
         if start_daemons:
             start_all(system)
     except BaseException:
@@ -217,3 +254,6 @@ def start_all(system: LocalSystem) -> None:
             future.result()
     assert system.coordinator is not None
     system.coordinator.start()
+    for standby in system.standbys:
+        standby.start(wait=False)
+        standby.wait_ready(serving=False)
