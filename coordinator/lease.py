@@ -8,9 +8,13 @@ the coordinators' machines matters). Beside it, the holder keeps a session advis
 lock on a dedicated connection.
 
 How the lease changes hands:
-- a process that gets the advisory lock knows the previous holder's session is gone
-  (the process died, its machine died and PostgreSQL noticed, or the connection was
-  cut): it takes the lease at once. This makes a crash cost about one poll period;
+- a process that gets the advisory lock knows the previous holder's lease session is
+  gone; if none of the holder's sessions is left either (they carry its token in
+  their application_name), the holder died (or its machine did and PostgreSQL
+  noticed): it takes the lease at once. This makes a crash cost about one poll
+  period. (If the holder's other sessions live, or the standby itself just
+  reconnected, the log database more likely failed over: the holder gets its lease
+  to reconnect and renew.);
 - a paused or partitioned holder keeps its session and the lock, so a lock alone
   could never be taken from it (a SIGSTOPped process's TCP connection stays open).
   Once its lease expired (it renews every `renew_interval`), a standby terminates
@@ -87,6 +91,7 @@ class Lease:
         self._info = f"{socket.gethostname()} pid {os.getpid()}"
         self._conn: psycopg.Connection[Any] | None = None
         self._locked = False
+        self._reconnected_at: float | None = None
         self._stop = threading.Event()
         self._renewer: threading.Thread | None = None
         self.active_address: str | None = None
@@ -106,6 +111,8 @@ class Lease:
 
     def _lease_conn(self) -> psycopg.Connection[Any]:
         if self._conn is None or self._conn.closed or self._conn.broken:
+            if self._conn is not None:
+                self._reconnected_at = time.monotonic()
             self._conn = self._connect()
             self._locked = False
         return self._conn
@@ -153,8 +160,18 @@ class Lease:
                 # back whatever it had in flight.
                 self._terminate(conn, holder)
             return False
-        # We hold the lock: the previous holder's lease session is gone. Take the row
-        # (waiting a bounded time for a batch of the old holder still in flight).
+        if holder is not None and holder != self.holder and not expired:
+            # We hold the lock, so the holder's lease session is gone; but if its other
+            # sessions live, or we ourselves just reconnected, this is more likely
+            # the log database failing over than the holder dying: give it its lease
+            # to reconnect and renew (a dead holder is then taken over at once).
+            if self._alive(conn, holder):
+                return False
+            recent = self._reconnected_at
+            if recent is not None and time.monotonic() - recent < self.config.duration:
+                return False
+        # The previous holder is gone (or silent past its lease). Take the row, waiting
+        # a bounded time for a batch of the old holder still in flight.
         try:
             with conn.transaction():
                 conn.execute(
@@ -179,6 +196,14 @@ class Lease:
             return False
         self.active_address, self.holder_info = self.address, self._info
         return True
+
+    @staticmethod
+    def _alive(conn: psycopg.Connection[Any], holder: str) -> bool:
+        row = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE %s",
+            (f"twopc-coordinator % {holder}",),
+        ).fetchone()
+        return bool(row and row[0])
 
     @staticmethod
     def _terminate(conn: psycopg.Connection[Any], holder: str) -> None:

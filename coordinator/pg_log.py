@@ -46,6 +46,7 @@ from psycopg.types.json import Jsonb
 
 from coordinator.decision_log import LogFailed, LogInUse, LogRecord, _settle
 from coordinator.lease import Lease, LeaseSettings
+from twopc_common.errors import Unavailable
 from twopc_common.settings import describe_dsn
 
 SCHEMA = "twopc_coordinator"
@@ -626,15 +627,20 @@ class PostgresDecisionLog:
     # -- reads (a separate autocommit connection, off the event loop) ---------------
 
     def _rows(self, sql: str, args: tuple[Any, ...]) -> list[dict[str, Any]]:
+        """Rows read on the reader connection, reconnected once if it was lost; a log
+        database that cannot be reached is UNAVAILABLE (retrying may help)."""
         with self._read_lock:
             for attempt in (1, 2):
-                if self._reader is None or self._reader.closed or self._reader.broken:
-                    self._reader = self._connect("reader", autocommit=True, row_factory=dict_row)
                 try:
-                    return self._reader.execute(sql, args).fetchall()
-                except psycopg.OperationalError:
-                    if attempt == 2 or not (self._reader.closed or self._reader.broken):
-                        raise
+                    if self._reader is None or self._reader.closed or self._reader.broken:
+                        self._reader = self._connect(
+                            "reader", autocommit=True, row_factory=dict_row
+                        )
+                    rows: list[dict[str, Any]] = self._reader.execute(sql, args).fetchall()
+                    return rows
+                except psycopg.OperationalError as exc:
+                    if attempt == 2:
+                        raise Unavailable(f"cannot read the decision log: {exc}") from None
             raise AssertionError("unreachable")
 
     def _query(self, where: str, args: tuple[Any, ...]) -> list[LogRecord]:

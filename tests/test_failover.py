@@ -13,8 +13,10 @@ import random
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
+import psycopg
 import pytest
 
 from bank_demo import bank
@@ -24,7 +26,13 @@ from tests.conftest import SystemFactory, dsns, log_url, reset_bank, wait_no_pre
 from twopc_common.errors import TwoPCError
 from twopc_common.tls import channel
 from twopc_harness.daemons import wait_until
-from twopc_harness.postgres import PostgresCluster
+from twopc_harness.postgres import (
+    PostgresCluster,
+    promote,
+    start_clusters,
+    start_replica,
+    stop_clusters,
+)
 from twopc_harness.system import LocalSystem
 from twopc_pb import coordinator_pb2 as pb
 from twopc_pb import coordinator_pb2_grpc as cgrpc
@@ -197,3 +205,56 @@ def test_a_paused_active_is_fenced_when_it_resumes_and_steps_down(
     }
     assert snap.total == snap.initial_total
     old_client.close()
+
+
+@pytest.fixture
+def replicated_log(tmp_path: Path) -> Iterator[tuple[PostgresCluster, PostgresCluster]]:
+    """A log database with a synchronous streaming replica, of this test's own."""
+    (primary,) = start_clusters(1, tmp_path / "logdb", prefix="logprimary")
+    replica = None
+    try:
+        replica = start_replica(primary, "logreplica")
+        yield primary, replica
+    finally:
+        stop_clusters([primary, *([replica] if replica else [])])
+
+
+@pytest.mark.soak
+def test_the_log_database_fails_over_to_its_replica_and_no_committed_decision_is_lost(
+    make_system: SystemFactory, replicated_log: tuple[PostgresCluster, PostgresCluster]
+) -> None:
+    seed = int(os.environ.get("TWOPC_SEED", random.randrange(2**32)))
+    print(f"seed={seed} (rerun with TWOPC_SEED={seed})")
+    primary, replica = replicated_log
+    # Both hosts in one URL: libpq takes the first that accepts writes.
+    url = (
+        f"postgresql://postgres@127.0.0.1:{primary.port},127.0.0.1:{replica.port}/postgres"
+        "?target_session_attrs=read-write&connect_timeout=2"
+    )
+    system = make_system(HA_ARGS, log=url, standbys=1)
+    reset_bank(system)
+    stop = threading.Event()
+    thread, outcomes, _ = _keyed_load(system, stop, seed)
+    try:
+        wait_until(lambda: len(outcomes) >= 30, 60, "transfers before the crash")
+        committed_before = {t for t, o in outcomes.items() if o.committed}
+        primary.stop("immediate")  # a crash: no checkpoint, no goodbye to the clients
+        promote(replica)
+        before = len(outcomes)
+        wait_until(lambda: len(outcomes) >= before + 30, 120, "transfers on the promoted log")
+    finally:
+        stop.set()
+        thread.join(120)
+    assert not thread.is_alive()
+    assert system.active_coordinator() is not None, "no coordinator serves after the failover"
+    # Every decision a client was told committed is in the promoted log.
+    with psycopg.connect(replica.dsn, autocommit=True) as conn:
+        logged = {str(r[0]) for r in conn.execute("SELECT id FROM twopc_coordinator.transactions")}
+    told = {o.transaction_id for o in outcomes.values() if o.committed}
+    print(
+        f"transfers={len(outcomes)} committed before the crash={len(committed_before)} "
+        f"coordinators running={[d.running for d in system.coordinators()]}"
+    )
+    assert committed_before
+    assert told <= logged, sorted(told - logged)[:10]
+    _check_bank(system, outcomes)

@@ -198,6 +198,64 @@ class PostgresCluster:
         raise HarnessError(f"PostgreSQL {self.name} did not accept connections in {timeout}s")
 
 
+def start_replica(primary: PostgresCluster, name: str, synchronous: bool = True) -> PostgresCluster:
+    """A streaming replica of `primary` (pg_basebackup), started; with `synchronous`,
+    the primary waits for it at every commit (`synchronous_standby_names = '*'`), so
+    that a commit the primary acknowledged survives the primary's loss."""
+    replica = PostgresCluster(
+        name=name,
+        datadir=primary.datadir.parent.parent / name / "data",
+        port=free_port(),
+        bindir=primary.bindir,
+        settings=dict(primary.settings),
+    )
+    replica.datadir.parent.mkdir(parents=True, exist_ok=True)
+    _give_to_server_user(replica.datadir.parent)
+    done = replica._run(
+        "pg_basebackup",
+        "-h",
+        "127.0.0.1",
+        "-p",
+        str(primary.port),
+        "-U",
+        "postgres",
+        "-D",
+        str(replica.datadir),
+        "-R",
+        "-X",
+        "stream",
+        "-c",
+        "fast",
+    )
+    if done.returncode != 0:
+        raise HarnessError(f"pg_basebackup for {name} failed: {done.stderr.strip()}")
+    with open(replica.datadir / "postgresql.auto.conf", "a") as f:
+        f.write(f"port = {replica.port}\n")
+    replica.start()
+    if synchronous:
+        with psycopg.connect(primary.dsn, autocommit=True) as conn:
+            conn.execute("ALTER SYSTEM SET synchronous_standby_names = '*'")
+            conn.execute("SELECT pg_reload_conf()")
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                row = conn.execute(
+                    "SELECT count(*) FROM pg_stat_replication WHERE sync_state = 'sync'"
+                ).fetchone()
+                if row and row[0]:
+                    break
+                time.sleep(0.1)
+            else:
+                raise HarnessError(f"{name} did not become a synchronous standby in 30s")
+    return replica
+
+
+def promote(replica: PostgresCluster) -> None:
+    """Make a replica the primary (`pg_ctl promote`), waiting until it accepts writes."""
+    done = replica._run("pg_ctl", "-D", str(replica.datadir), "-w", "-t", "60", "promote")
+    if done.returncode != 0:
+        raise HarnessError(f"pg_ctl promote {replica.name} failed: {done.stderr.strip()}")
+
+
 BRANCH_ROLE = "twopc_app"
 BRANCH_ROLE_SQL = [
     f"""DO $$ BEGIN CREATE ROLE {BRANCH_ROLE} NOLOGIN;
