@@ -26,8 +26,11 @@ from coordinator.pg_log import PostgresDecisionLog
 from twopc_harness.postgres import start_clusters, stop_clusters
 
 
+_ids = itertools.count()  # across measurements: every record is new
+
+
 async def rate(log: DecisionLogPort, writers: int, seconds: float) -> dict[str, float]:
-    ids = itertools.count()
+    ids = _ids
     stop_at = time.perf_counter() + seconds
     done = 0
     batches_before = log.stats["log_batches"]
@@ -80,8 +83,8 @@ def main() -> None:
     print(f"{'backend':<12}" + "".join(f"{f'{w} writer(s)':>26}" for w in counts))
     for name, by_writers in results.items():
         cells = "".join(
-            f"{by_writers[w]['decisions_per_s']:>12.0f}/s ({by_writers[w]['records_per_batch']:>5.1f}/batch)"
-            for w in counts
+            f"{r['decisions_per_s']:>12.0f}/s ({r['records_per_batch']:>5.1f}/batch)"
+            for r in (by_writers[w] for w in counts)
         )
         print(f"{name:<12}{cells}")
     print(json.dumps(results))

@@ -284,3 +284,18 @@ def test_a_lost_connection_is_reconnected_and_the_record_made_durable_once(
     asyncio.run(opened.record_commit(f"{cid}.1.2", ("a",), 1.0, {}))
     assert opened.failure is None
     wait_until(lambda: len(opened.incomplete_commits()) == 2, 5, "both records readable")
+
+
+def test_a_deposed_process_never_answers_for_a_later_epoch(opened: PostgresDecisionLog) -> None:
+    """Its successor's transactions are not its to call unknown (a participant would
+    roll back their branches): it says to ask the active one."""
+    cid = opened.coordinator_id
+
+    async def scenario() -> None:
+        engine = Coordinator(CoordinatorConfig(id=cid, log_path="-"), opened, {})
+        engine.recovered = True
+        with pytest.raises(Unavailable, match="ask the active coordinator"):
+            await engine.get(f"{cid}.{opened.epoch + 1}.1")
+        await engine.close()
+
+    asyncio.run(scenario())
