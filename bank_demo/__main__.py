@@ -52,7 +52,12 @@ from twopc_common.errors import TwoPCError
 from twopc_common.ids import check_name
 from twopc_common.tls import TlsConfig, TlsError, add_tls_flags, client_tls
 from twopc_harness.network import FaultNetwork, attach_network
-from twopc_harness.postgres import HarnessError
+from twopc_harness.postgres import (
+    HarnessError,
+    PostgresCluster,
+    start_clusters,
+    stop_clusters,
+)
 from twopc_harness.system import LocalSystem, local_proxy_names, start_system
 
 # The local deployment runs with short timeouts so that faults resolve within seconds.
@@ -76,6 +81,8 @@ LOCAL_PARTICIPANT_ARGS = [
     "--idle-branch-timeout",
     "10",
 ]
+# --ha: a paused active is taken over after 2 s; a killed one at once.
+LOCAL_HA_ARGS = ["--lease-duration", "2", "--standby-poll-interval", "0.2"]
 RECOVERY_DEADLINE = 90.0
 
 
@@ -150,7 +157,7 @@ def _schedule(
                 )
             if faults == "network" and not network:
                 raise ScheduleError("--faults network needs a Toxiproxy (--toxiproxy-url)")
-            return make_schedule(faults, seed, args.duration, shards, proxies)
+            return make_schedule(faults, seed, args.duration, shards, proxies, args.ha)
         if not Path(faults).exists():
             raise ScheduleError(
                 f"--faults {faults!r} is neither a preset ({', '.join(PRESETS)}) "
@@ -178,7 +185,7 @@ def _wait_for_recovery(dsns: dict[str, str]) -> float | None:
 
 def play(
     args: argparse.Namespace,
-    address: str,
+    address: str | list[str],
     tls: TlsConfig,
     dsns: dict[str, str],
     network: FaultNetwork | None,
@@ -257,7 +264,7 @@ def play(
                 for k, v in vars(args).items()
                 if k != "command"
             },
-            "deployment": "local" if system is not None else address,
+            "deployment": ("local-ha" if args.ha else "local") if system is not None else address,
             "fault_network": network.kind if network is not None else None,
             "schedule": schedule_json(schedule),
             "figures": figs,
@@ -284,6 +291,8 @@ def _check_run_options(args: argparse.Namespace, seed: int) -> None:
     """Everything that can be checked without a deployment, before one is started or
     touched: a bad option costs a second, not a cluster start-up."""
     if args.coordinator:
+        if args.ha:
+            raise UsageError("--ha starts its own coordinators: not with --coordinator")
         try:
             settings.host_port("--coordinator", args.coordinator)
         except TwoPCError as exc:
@@ -297,6 +306,8 @@ def _check_run_options(args: argparse.Namespace, seed: int) -> None:
         if args.faults in PRESETS or proxies is None:
             _schedule_usage(args, seed, list(dsns), proxies, can_kill=False)
         return
+    if args.ha and args.faults == "none":
+        raise UsageError("--ha kills the active coordinator: it needs faults (not --faults none)")
     if args.shard or args.toxiproxy_url:
         raise UsageError(
             "--shard and --toxiproxy-url go with --coordinator (an existing "
@@ -345,16 +356,23 @@ def run(args: argparse.Namespace) -> int:
                 network.stop()
     print(
         f"bank-demo: starting {args.shards} PostgreSQL shards, Toxiproxy, agents and the "
-        "coordinator...",
+        + ("two coordinators on a PostgreSQL decision log..." if args.ha else "coordinator..."),
         file=sys.stderr,
     )
     t0 = time.monotonic()
-    system = start_system(
-        args.shards,
-        coordinator_args=LOCAL_COORDINATOR_ARGS,
-        participant_args=LOCAL_PARTICIPANT_ARGS,
-        faults=True,
-    )
+    log_clusters = start_clusters(1, prefix="decisionlog") if args.ha else []
+    try:
+        system = start_system(
+            args.shards,
+            coordinator_args=LOCAL_COORDINATOR_ARGS + (LOCAL_HA_ARGS if args.ha else []),
+            participant_args=LOCAL_PARTICIPANT_ARGS,
+            faults=True,
+            log=_log_url(log_clusters[0]) if log_clusters else None,
+            standbys=1 if args.ha else 0,
+        )
+    except BaseException:
+        stop_clusters(log_clusters)
+        raise
     try:
         print(
             f"bank-demo: up in {time.monotonic() - t0:.1f}s "
@@ -363,11 +381,16 @@ def run(args: argparse.Namespace) -> int:
         )
         dsns = {s: system.dsn(s) for s in system.shard_names}
         return play(
-            args, system.client_address, system.tls("app"), dsns, system.network, system, seed
+            args, system.client_addresses, system.tls("app"), dsns, system.network, system, seed
         )
     finally:
         # The daemons' logs (one grep for a txid tells its story) go with the report.
         system.stop(logs_to=_out_dir(args, seed) / "logs")
+        stop_clusters(log_clusters)
+
+
+def _log_url(cluster: PostgresCluster) -> str:
+    return f"postgresql://postgres@127.0.0.1:{cluster.port}/postgres?connect_timeout=5"
 
 
 def check(args: argparse.Namespace) -> int:
@@ -452,6 +475,12 @@ def _parser() -> argparse.ArgumentParser:
             "--out", metavar="DIR", help="output folder (default: out/bank-demo-SEED)"
         )
         target.add_argument("--quiet", action="store_true", help="no live progress line")
+        target.add_argument(
+            "--ha",
+            action="store_true",
+            help="local demo: two coordinator processes on a PostgreSQL decision log "
+            "(one active, one standby), and faults that kill the active one",
+        )
         target.add_argument(
             "--coordinator", metavar="HOST:PORT", help="an existing deployment's coordinator"
         )

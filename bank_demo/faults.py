@@ -10,6 +10,10 @@ the same faults. Presets:
     mixed     network faults plus SIGKILL and restart of the coordinator and of one
               agent, and an immediate stop and restart of one PostgreSQL (local only)
 
+With `--ha` (two coordinator processes on a PostgreSQL log, local only) every preset
+but none also kills the active coordinator twice; a killed coordinator (always the
+one active at that moment) is restarted at the end of its event, as a standby.
+
 A schedule can also come from a JSON file: a list of
 `{"at": seconds, "duration": seconds, "kind": ..., "target": ...}` with kind one of
 partition, latency, kill_coordinator, kill_agent, crash_postgres.
@@ -25,6 +29,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from twopc_harness.daemons import CoordinatorDaemon
 from twopc_harness.network import FaultNetwork
 from twopc_harness.system import LocalSystem
 
@@ -52,7 +57,12 @@ class FaultEvent:
 
 
 def make_schedule(
-    preset: str, seed: int, duration: float, shards: Sequence[str], proxies: Sequence[str]
+    preset: str,
+    seed: int,
+    duration: float,
+    shards: Sequence[str],
+    proxies: Sequence[str],
+    ha: bool = False,
 ) -> list[FaultEvent]:
     """Faults spread over the middle of the run, one at a time, each followed by a
     quiet spell so that recovery shows in the chart."""
@@ -64,6 +74,8 @@ def make_schedule(
     kinds = ["partition", "latency", "partition"]
     if preset == "mixed":
         kinds += ["kill_coordinator", "kill_agent", "crash_postgres"]
+    if ha:
+        kinds += ["kill_coordinator", "kill_coordinator"]
     rng.shuffle(kinds)
     if not proxies:
         kinds = [k for k in kinds if k in PROCESS_KINDS]
@@ -131,6 +143,7 @@ class FaultPlayer:
         self._network = network
         self._system = system
         self.current = ""
+        self._killed: CoordinatorDaemon | None = None
 
     def play(self, events: Sequence[FaultEvent], started: float, stop_at: float) -> None:
         for event in events:
@@ -158,7 +171,10 @@ class FaultPlayer:
             )
         elif event.kind == "kill_coordinator":
             assert self._system is not None and self._system.coordinator is not None
-            self._system.coordinator.kill()
+            # With standbys, the one active now (a standby takes over within seconds).
+            victim = self._system.active_coordinator() or self._system.coordinator
+            victim.kill()
+            self._killed = victim
         elif event.kind == "kill_agent":
             assert self._system is not None
             self._system.participants[event.target].kill()
@@ -174,8 +190,14 @@ class FaultPlayer:
             assert self._network is not None
             self._network[event.target].destroy_toxic("demo_latency")
         elif event.kind == "kill_coordinator":
-            assert self._system is not None and self._system.coordinator is not None
-            self._system.coordinator.start()
+            assert self._system is not None and self._killed is not None
+            if self._system.standbys:
+                # Back as a standby (the other one took over): listening, NOT_SERVING.
+                self._killed.start(wait=False)
+                self._killed.wait_ready(serving=False)
+            else:
+                self._killed.start()
+            self._killed = None
         elif event.kind == "kill_agent":
             assert self._system is not None
             self._system.participants[event.target].start()

@@ -104,7 +104,7 @@ def _progress_line(second: Second, totals: collections.Counter[str]) -> str:
 class Workload:
     def __init__(
         self,
-        address: str,
+        address: str | Sequence[str],
         tls: TlsConfig,
         shards: Sequence[str],
         dsns: Mapping[str, str],

@@ -25,7 +25,6 @@ from coordinator.log_port import DecisionLogPort
 from coordinator.pg_log import PostgresDecisionLog
 from twopc_harness.postgres import start_clusters, stop_clusters
 
-
 _ids = itertools.count()  # across measurements: every record is new
 
 

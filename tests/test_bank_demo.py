@@ -193,6 +193,36 @@ def test_same_seed_plays_the_same_fault_schedule() -> None:
     assert all(e.at > 0 and e.at + e.duration < 30 for e in first)
 
 
+def test_ha_run_kills_the_active_coordinator_and_passes_every_invariant(tmp_path: Path) -> None:
+    out = tmp_path / "ha"
+    done = demo(
+        "run",
+        "--ha",
+        "--faults",
+        "network",
+        "--duration",
+        "15",
+        "--accounts",
+        "40",
+        "--concurrency",
+        "8",
+        "--seed",
+        "12",
+        "--out",
+        str(out),
+        "--quiet",
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["passed"] and report["deployment"] == "local-ha"
+    kills = [e for e in report["schedule"] if e["kind"] == "kill_coordinator"]
+    assert len(kills) == 2
+    assert report["figures"]["committed_two_phase"] > 0
+    # Both coordinator processes served at some point: the standby took over.
+    logs = [out / "logs" / "coordinator.log", out / "logs" / "coordinator-standby1.log"]
+    assert all("event=serving" in p.read_text() for p in logs)
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -205,6 +235,8 @@ def test_same_seed_plays_the_same_fault_schedule() -> None:
         (["--coordinator", "localhost", "--shard", "s1=host=x"], "expected HOST:PORT"),
         (["--coordinator", "127.0.0.1:1", "--shard", "s1=host=x junk"], "libpq connection"),
         (["--coordinator", "127.0.0.1:1", "--shard", "s1=host=x", "--faults", "mixed"], "local"),
+        (["--ha", "--coordinator", "127.0.0.1:1", "--shard", "s1=host=x"], "--ha starts its own"),
+        (["--ha", "--faults", "none"], "--ha kills the active coordinator"),
     ],
 )
 def test_bad_options_end_with_one_clear_line(args: list[str], message: str) -> None:
