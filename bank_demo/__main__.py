@@ -129,7 +129,13 @@ def _check_shards(dsns: dict[str, str]) -> None:
             )
 
 
-def _check_coordinator(address: str, tls: TlsConfig) -> None:
+def _coordinators(args: argparse.Namespace) -> list[str]:
+    """--coordinator: one address, or the comma-separated addresses of the processes of
+    one coordinator id (active and standbys: the client follows the active one)."""
+    return [a.strip() for a in str(args.coordinator).split(",")]
+
+
+def _check_coordinator(address: list[str], tls: TlsConfig) -> None:
     try:
         with CoordinatorClient(address, timeout=5, tls=tls) as client:
             client.status(timeout=5)
@@ -264,7 +270,9 @@ def play(
                 for k, v in vars(args).items()
                 if k != "command"
             },
-            "deployment": ("local-ha" if args.ha else "local") if system is not None else address,
+            "deployment": ("local-ha" if args.ha else "local")
+            if system is not None
+            else ",".join([address] if isinstance(address, str) else address),
             "fault_network": network.kind if network is not None else None,
             "schedule": schedule_json(schedule),
             "figures": figs,
@@ -294,7 +302,8 @@ def _check_run_options(args: argparse.Namespace, seed: int) -> None:
         if args.ha:
             raise UsageError("--ha starts its own coordinators: not with --coordinator")
         try:
-            settings.host_port("--coordinator", args.coordinator)
+            for address in _coordinators(args):
+                settings.host_port("--coordinator", address)
         except TwoPCError as exc:
             raise UsageError(str(exc)) from None
         dsns = _shard_dsns(args.shard)
@@ -344,13 +353,13 @@ def run(args: argparse.Namespace) -> int:
             tls = client_tls(args)
         except TlsError as exc:
             raise DemoError(str(exc)) from None
-        _check_coordinator(args.coordinator, tls)
+        _check_coordinator(_coordinators(args), tls)
         try:
             network = attach_network(args.toxiproxy_url) if args.toxiproxy_url else None
         except HarnessError as exc:
             raise DemoError(str(exc)) from None
         try:
-            return play(args, args.coordinator, tls, dsns, network, None, seed)
+            return play(args, _coordinators(args), tls, dsns, network, None, seed)
         finally:
             if network is not None:
                 network.stop()
@@ -482,7 +491,10 @@ def _parser() -> argparse.ArgumentParser:
             "(one active, one standby), and faults that kill the active one",
         )
         target.add_argument(
-            "--coordinator", metavar="HOST:PORT", help="an existing deployment's coordinator"
+            "--coordinator",
+            metavar="HOST:PORT[,...]",
+            help="an existing deployment's coordinator (with standbys: every process's "
+            "address, comma-separated)",
         )
         target.add_argument(
             "--shard",

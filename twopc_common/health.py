@@ -110,6 +110,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("address", metavar="HOST:PORT")
     p.add_argument("--server-name", metavar="ID", help="the name the daemon's certificate carries")
+    p.add_argument(
+        "--answering",
+        action="store_true",
+        help="exit 0 if the daemon answers at all, SERVING or NOT_SERVING (a standby "
+        "coordinator is NOT_SERVING until it takes over, and is healthy as a standby)",
+    )
     add_tls_flags(p, daemon=False)
     a = p.parse_args(argv)
     try:
@@ -118,7 +124,8 @@ def main(argv: list[str] | None = None) -> None:
         p.error(str(exc))
     answer = probe(a.address, tls, a.server_name)
     print(answer)
-    sys.exit(0 if answer == "SERVING" else 1)
+    answered = answer in ("SERVING", "NOT_SERVING") if a.answering else answer == "SERVING"
+    sys.exit(0 if answered else 1)
 
 
 if __name__ == "__main__":
