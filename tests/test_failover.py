@@ -8,6 +8,7 @@ recovery before it serves); these tests allow FAILOVER_BOUND on a loaded machine
 
 from __future__ import annotations
 
+import asyncio
 import os
 import random
 import threading
@@ -20,7 +21,7 @@ import psycopg
 import pytest
 
 from bank_demo import bank
-from coordinator.client import CoordinatorClient, Outcome, TransportError
+from coordinator.client import AsyncCoordinatorClient, CoordinatorClient, Outcome, TransportError
 from coordinator.failover import active_hint
 from tests.conftest import SystemFactory, dsns, log_url, reset_bank, wait_no_prepared
 from twopc_common.errors import TwoPCError
@@ -72,6 +73,12 @@ def test_a_standby_refuses_with_the_active_address_and_is_not_serving(
     with CoordinatorClient(standby.address, tls=ha_system.tls("app")) as client:
         outcome = client.run(bank.transfer("hint-1", 1, 2, 5, ha_system.shard_names))
     assert outcome.committed
+
+    async def run_async() -> Outcome:
+        async with AsyncCoordinatorClient(standby.address, tls=ha_system.tls("app")) as client:
+            return await client.run(bank.transfer("hint-2", 3, 4, 5, ha_system.shard_names))
+
+    assert asyncio.run(run_async()).committed
 
 
 def _keyed_load(
@@ -154,6 +161,15 @@ def test_a_standby_serves_within_seconds_after_the_active_is_killed_under_keyed_
     print(f"failover: the standby served {took:.2f}s after the SIGKILL")
     before = len(outcomes)
     wait_until(lambda: len(outcomes) >= before + 20, 60, "transfers after the takeover")
+
+    async def keyed_past_the_dead_one() -> Outcome:
+        # The dead process first in the list: a keyed Run moves on to the live one.
+        addresses = [active.address, standby.address]
+        async with AsyncCoordinatorClient(addresses, tls=ha_system.tls("app")) as client:
+            request = bank.transfer(f"async-{seed}", 1, 2, 1, ha_system.shard_names)
+            return await client.run(request, idempotency_key=f"async-{seed}")
+
+    outcomes[f"async-{seed}"] = asyncio.run(keyed_past_the_dead_one())
     stop.set()
     thread.join(90)
     assert not thread.is_alive()

@@ -9,6 +9,7 @@ import itertools
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -19,6 +20,7 @@ from coordinator.engine import Coordinator
 from coordinator.lease import LeaseSettings
 from coordinator.pg_log import MIGRATIONS, SCHEMA, Fenced, PostgresDecisionLog
 from tests.conftest import log_url
+from tests.fix_cli import assert_one_line_error, cli
 from twopc_common.errors import Unavailable
 from twopc_harness.daemons import wait_until
 from twopc_harness.postgres import PostgresCluster
@@ -299,3 +301,48 @@ def test_a_deposed_process_never_answers_for_a_later_epoch(opened: PostgresDecis
         await engine.close()
 
     asyncio.run(scenario())
+
+
+def test_a_password_in_the_log_url_is_refused_and_never_shown() -> None:
+    done = cli(
+        "twopc-coordinator",
+        "--id",
+        "c",
+        "--insecure",
+        "--log",
+        "postgresql://coord:s3cret-word@127.0.0.1:1/decisions",
+    )
+    assert_one_line_error(done, "twopc-coordinator", "--log carries a password", 2)
+    assert "s3cret-word" not in done.stdout + done.stderr
+
+
+def test_log_and_log_dsn_file_are_exclusive(tmp_path: Path) -> None:
+    done = cli(
+        "twopc-coordinator",
+        "--id",
+        "c",
+        "--insecure",
+        "--log",
+        str(tmp_path / "x.sqlite"),
+        "--log-dsn-file",
+        str(tmp_path / "dsn"),
+    )
+    assert_one_line_error(done, "twopc-coordinator", "exactly one of --log and --log-dsn-file", 2)
+
+
+def test_the_log_dsn_file_names_a_postgresql_log(
+    tmp_path: Path, log_cluster: PostgresCluster, cid: str
+) -> None:
+    from coordinator.__main__ import open_decision_log, parse_args
+
+    secret = tmp_path / "log.dsn"
+    secret.write_text(log_cluster.dsn + " password=not-needed-with-trust\n")
+    config, _ = parse_args(["--id", cid, "--insecure", "--log-dsn-file", str(secret)])
+    log = open_decision_log(config)
+    assert isinstance(log, PostgresDecisionLog)
+    log.open()
+    try:
+        assert log.epoch == 1
+        assert "not-needed" not in repr(log)
+    finally:
+        log.close()
