@@ -262,12 +262,17 @@ class PostgresDecisionLog:
         assert row is not None
         self.last_epoch = int(row[0])
         self.pruned_before = None if row[1] is None else float(row[1])
+        # Renewed from now on: the caller's checks before `begin_epoch` (the
+        # participants' epochs) may take longer than a lease.
+        self.lease.start_renewing()
 
     def begin_epoch(self) -> None:
         """Bump the epoch durably (fenced by the lease: a process that lost it meanwhile
-        bumps nothing), then start the writer and the lease's renewals."""
+        bumps nothing), then start the writer."""
         conn = self._writer_conn
         assert conn is not None, "acquire() first"
+        if self.failure is not None:
+            raise self._failed()
         with conn.transaction():
             row = conn.execute(
                 f"UPDATE {SCHEMA}.coordinators SET epoch = epoch + 1 "
@@ -283,7 +288,6 @@ class PostgresDecisionLog:
                 (self.coordinator_id, self.epoch, time.time()),
             )
         self._reader = self._connect("reader", autocommit=True, row_factory=dict_row)
-        self.lease.start_renewing()
         self._writer = threading.Thread(
             target=self._write_loop, args=(conn,), name="decision-log", daemon=True
         )

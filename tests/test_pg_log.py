@@ -346,3 +346,21 @@ def test_the_log_dsn_file_names_a_postgresql_log(
         assert "not-needed" not in repr(log)
     finally:
         log.close()
+
+
+def test_the_lease_is_renewed_between_acquire_and_begin_epoch(url: str, cid: str) -> None:
+    """The checks between the two (participants' epochs) may outlast a lease: a standby
+    must not take over meanwhile."""
+    active = PostgresDecisionLog(url, cid, lease=FAST)
+    active.acquire()
+    standby, thread, took = _standby(url, cid)
+    thread.join(FAST.duration * 3)  # three leases' time for a takeover that must not come
+    try:
+        assert not took, "the standby took over from a process between acquire and begin"
+        active.begin_epoch()
+        assert active.epoch == 1
+    finally:
+        active.close()
+    thread.join(15)
+    assert took, "the standby takes over once the active stops"
+    standby.close()
