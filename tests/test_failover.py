@@ -195,8 +195,10 @@ def test_a_paused_active_is_fenced_when_it_resumes_and_steps_down(
         for s in statements:
             tx.execute(shard, s.sql, s.params, s.expect)
     old.pause()
+    paused = time.monotonic()
     try:
         wait_until(standby.serving, 30, "the standby taking over from the paused active")
+        print(f"takeover: the standby served {time.monotonic() - paused:.2f}s after the SIGSTOP")
         # Keyed, so the client may send it again past the paused process.
         with ha_system.client() as client:
             request = bank.transfer("after-takeover", 3, 4, 5, shards)
