@@ -111,7 +111,13 @@ MIGRATIONS: tuple[str, ...] = (
 
 
 class Fenced(LogFailed):
-    """Another process of this coordinator id took over: this one may write nothing."""
+    """Another process of this coordinator id took over: this one may write nothing.
+    `durable`: ids of records of the fenced batch that an earlier attempt (before a
+    lost connection) had made durable after all."""
+
+    def __init__(self, message: str, durable: frozenset[str] = frozenset()) -> None:
+        super().__init__(message)
+        self.durable = durable
 
 
 def is_postgres_log(target: str) -> bool:
@@ -205,6 +211,9 @@ class PostgresDecisionLog:
         self.failure: str | None = None
         """Why the log cannot write, once it cannot (fail-stop)."""
         self._fenced = False
+        self.stalled: str | None = None
+        """Why new records are refused for now: the log database has been away for
+        longer than `reconnect_timeout` while a batch waits to learn its fate."""
         self.stats = {"log_batches": 0, "log_records": 0, "log_fsync_batches": 0}
         self.on_batch: Callable[[int, bool, float], None] = lambda records, forced, secs: None
         """Called by the writer thread after each batch it committed (metrics)."""
@@ -358,6 +367,10 @@ class PostgresDecisionLog:
                         _settle(fut)
                 continue
             except LogFailed as exc:
+                durable = exc.durable if isinstance(exc, Fenced) else frozenset()
+                for write, _, fut in batch:
+                    if write.inserts in durable:
+                        _settle(fut)
                 self._fail(str(exc), batch, fenced=isinstance(exc, Fenced))
                 continue
             except psycopg.Error as exc:  # a statement the database refused: a bug
@@ -378,16 +391,12 @@ class PostgresDecisionLog:
         assert conn is not None
         try:
             self._send(conn, writes, forced)
-        except psycopg.OperationalError as exc:
-            if getattr(exc, "sqlstate", None) == FENCED_SQLSTATE:
+        except psycopg.Error as exc:
+            if exc.sqlstate == FENCED_SQLSTATE:
                 raise Fenced(str(exc).splitlines()[0]) from None
             if conn.closed or conn.broken:
                 self._resend(writes, forced, exc)
                 return
-            raise
-        except psycopg.DatabaseError as exc:
-            if exc.sqlstate == FENCED_SQLSTATE:
-                raise Fenced(str(exc).splitlines()[0]) from None
             raise
 
     def _send(self, conn: psycopg.Connection[Any], writes: Sequence[_Write], forced: bool) -> None:
@@ -410,39 +419,47 @@ class PostgresDecisionLog:
 
     def _resend(self, writes: Sequence[_Write], forced: bool, cause: Exception) -> None:
         """The connection died with the batch's fate unknown. Reconnect (to the
-        promoted standby, with a multi-host DSN) and send it again: an insert whose
-        first attempt committed finds its row (ON CONFLICT DO NOTHING) and one still
-        in flight on a dying session makes ours wait for it. If the resend is fenced,
-        the takeover that fenced it waited for (or terminated) the first attempt,
-        so reading the rows now says exactly which records are durable."""
-        deadline = time.monotonic() + self._reconnect_timeout
+        promoted standby, with a multi-host DSN) and send it again, until its fate is
+        known: an insert whose first attempt committed finds its row (ON CONFLICT DO
+        NOTHING), and one still in flight on a dying session makes ours wait for it.
+        If the resend is fenced, the takeover that fenced it waited for (or
+        terminated) the first attempt, so reading the rows now says exactly which
+        records are durable (`Fenced.durable`). The batch is never given up while its
+        fate is unknown (a caller told "failed" would abort a durable commit); after
+        `reconnect_timeout`, new records are refused meanwhile (`stalled`)."""
+        started = time.monotonic()
         while True:
             try:
                 conn = self._writer_conn = self._connect("writer")
-                break
-            except psycopg.OperationalError as exc:
-                if time.monotonic() > deadline:
-                    raise LogFailed(
-                        f"lost the log database ({cause}) and could not reconnect within "
-                        f"{self._reconnect_timeout:.0f}s: {exc}"
+                try:
+                    self._send(conn, writes, forced)
+                except psycopg.Error as exc:
+                    if exc.sqlstate != FENCED_SQLSTATE:
+                        raise
+                    ids = [w.inserts for w in writes if w.inserts]
+                    rows = conn.execute(
+                        f"SELECT id FROM {SCHEMA}.transactions WHERE id = ANY(%s)", (ids,)
+                    ).fetchall()
+                    conn.rollback()
+                    raise Fenced(
+                        str(exc).splitlines()[0], durable=frozenset(r[0] for r in rows)
                     ) from None
-                time.sleep(0.2)
-        try:
-            self._send(conn, writes, forced)
-        except psycopg.DatabaseError as exc:
-            if exc.sqlstate != FENCED_SQLSTATE:
-                raise
-            ids = [w.inserts for w in writes if w.inserts]
-            found = {
-                r[0]
-                for r in conn.execute(
-                    f"SELECT id FROM {SCHEMA}.transactions WHERE id = ANY(%s)", (ids,)
-                ).fetchall()
-            }
-            conn.rollback()
-            if ids and all(i in found for i in ids):
+                self.stalled = None
                 return
-            raise Fenced(str(exc).splitlines()[0]) from None
+            except psycopg.OperationalError as exc:
+                if not (
+                    self._writer_conn is None
+                    or self._writer_conn.broken
+                    or self._writer_conn.closed
+                ):
+                    raise
+                if self.stalled is None and time.monotonic() - started > self._reconnect_timeout:
+                    self.stalled = (
+                        f"lost the log database ({cause}) and could not write again within "
+                        f"{self._reconnect_timeout:.0f}s: {exc}"
+                    )
+                    self._drain(LogFailed(self.stalled))
+                time.sleep(0.2)
 
     def _fail(self, why: str, batch: Sequence[Any] = (), fenced: bool = False) -> None:
         """Fail-stop: remember why, fail this batch and everything still queued."""
@@ -458,20 +475,25 @@ class PostgresDecisionLog:
         why = self.failure or "decision log closed"
         return Fenced(why) if self._fenced else LogFailed(why)
 
-    def _drain(self) -> None:
+    def _drain(self, error: LogFailed | None = None) -> None:
+        """Fail every record still queued (none of them was sent)."""
         while True:
             try:
                 item = self._queue.get_nowait()
             except queue.Empty:
                 return
-            if item is not _STOP:
-                _settle(item[2], self._failed())
+            if item is _STOP:
+                self._queue.put(_STOP)
+                return
+            _settle(item[2], error or self._failed())
 
     async def _write(self, write: _Write, forced: bool) -> None:
         if self._writer is None:
             raise RuntimeError("decision log is not open")
         if self.failure is not None:
             raise self._failed()
+        if self.stalled is not None:
+            raise LogFailed(self.stalled)
         fut: Future[None] = Future()
         self._queue.put((write, forced, fut))
         if self.failure is not None:  # the writer failed meanwhile: nobody else answers

@@ -23,7 +23,7 @@ from tests.conftest import log_url
 from tests.fix_cli import assert_one_line_error, cli
 from twopc_common.errors import Unavailable
 from twopc_harness.daemons import wait_until
-from twopc_harness.postgres import PostgresCluster
+from twopc_harness.postgres import PostgresCluster, start_clusters, stop_clusters
 
 _ids = itertools.count(1)
 
@@ -364,3 +364,36 @@ def test_the_lease_is_renewed_between_acquire_and_begin_epoch(url: str, cid: str
     thread.join(15)
     assert took, "the standby takes over once the active stops"
     standby.close()
+
+
+def test_a_record_whose_fate_is_unknown_waits_for_the_log_database_to_return(
+    tmp_path: Path,
+) -> None:
+    """Never "failed" while it may be durable (the caller would abort a commit the log
+    keeps); new records are refused meanwhile, at once."""
+    (cluster,) = start_clusters(1, tmp_path / "pg", prefix="away")
+    log = PostgresDecisionLog(log_url(cluster), "away", lease=FAST, reconnect_timeout=0.5)
+    try:
+        log.open()
+
+        async def scenario() -> None:
+            await log.record_commit("away.1.1", ("a",), 1.0, {})
+            cluster.stop("immediate")
+            pending = asyncio.create_task(log.record_commit("away.1.2", ("a",), 1.0, {}))
+            deadline = time.monotonic() + 30
+            while log.stalled is None and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            assert log.stalled is not None, "new records were not refused"
+            with pytest.raises(LogFailed, match="could not write again"):
+                await log.record_commit("away.1.3", ("a",), 1.0, {})
+            assert not pending.done(), "a record of unknown fate was answered"
+            await asyncio.to_thread(cluster.start)
+            await asyncio.wait_for(pending, 60)
+            assert log.stalled is None and log.failure is None
+
+        asyncio.run(scenario())
+        ids = {r.transaction_id for r in log.incomplete_commits()}
+        assert ids == {"away.1.1", "away.1.2"}
+    finally:
+        log.close()
+        stop_clusters([cluster])
