@@ -79,6 +79,9 @@ def test_a_standby_refuses_with_the_active_address_and_is_not_serving(
             return await client.run(bank.transfer("hint-2", 3, 4, 5, ha_system.shard_names))
 
     assert asyncio.run(run_async()).committed
+    # A standby stops cleanly on SIGTERM while it waits for the lease.
+    standby.stop()
+    assert standby.process is not None and standby.process.returncode == 0, standby.log_tail()
 
 
 def _keyed_load(
