@@ -1,7 +1,8 @@
 """`twopc-coordinator inspect`: the operator's view of unfinished transactions.
 
-It reads the decision log directly (opened read-only, with sqlite-utils; safe while
-the coordinator runs, the log is in WAL mode), and when given addresses, asks the live
+It reads the decision log directly (a SQLite log opened read-only, with sqlite-utils;
+safe while the coordinator runs, the log is in WAL mode; a PostgreSQL log in a
+read-only session, `coordinator.pg_inspect`), and when given addresses, asks the live
 coordinator for its in-flight transactions and every participant for this
 coordinator's prepared (in-doubt) branches, with their age. Read-only: it decides
 nothing, and it never creates a file. Exit status 1 if a source it was given could not
@@ -19,19 +20,24 @@ coordinator runs, with the coordinator's own certificate
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sqlite3
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import grpc
 import sqlite_utils
 
 from coordinator.heuristics import is_hazard
+from coordinator.pg_inspect import PgLogUnreadable, PgLogView
+from coordinator.pg_log import is_postgres_log
 from coordinator.protocol import TxState, reported, reported_without_record
 from twopc_common.cli import HelpFormatter, add_version_flag, named_addresses
+from twopc_common.dsn import refuse_password
 from twopc_common.errors import TwoPCError
 from twopc_common.ids import TransactionId
 from twopc_common.tls import TlsConfig, add_tls_flags, channel, client_tls
@@ -153,11 +159,13 @@ def _logged_outcome(db: sqlite_utils.Database, transaction_id: str) -> str:
 
 
 def _heuristic(
-    path: str, coordinator_id: str, participants: dict[str, str], tls: TlsConfig
+    outcome: Callable[[str], str],
+    coordinator_id: str,
+    participants: dict[str, str],
+    tls: TlsConfig,
 ) -> dict[str, Any]:
     """Every agent's heuristic decisions on this coordinator's branches, each judged
-    against the log (a contradiction is a heuristic hazard)."""
-    db = _open_read_only(path)
+    against the log's `outcome` (a contradiction is a heuristic hazard)."""
     out: dict[str, Any] = {}
     for name, address in participants.items():
         try:
@@ -170,7 +178,7 @@ def _heuristic(
             continue
         decisions = []
         for d in reply.decisions:
-            logged = _logged_outcome(db, d.transaction_id)
+            logged = outcome(d.transaction_id)
             decisions.append(
                 {
                     "transaction_id": d.transaction_id,
@@ -198,6 +206,8 @@ def _render(report: dict[str, Any]) -> str:
         f"log holds {counts or 'no transactions'}",
         f"commits awaiting phase 2 (log): {len(report['committing_in_log'])}",
     ]
+    if "active_address" in report:  # a PostgreSQL log: its lease names the active one
+        lines.insert(1, f"active process (lease): {report['active_address'] or 'none yet'}")
     lines += [
         f"  {t['transaction_id']:<32} age {t['age_seconds']:>8}s  {','.join(t['participants'])}"
         for t in report["committing_in_log"]
@@ -238,7 +248,16 @@ def _render(report: dict[str, Any]) -> str:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--log", required=True, metavar="PATH", help="the decision log (read-only)")
+    p.add_argument(
+        "--log",
+        required=True,
+        metavar="PATH|URL",
+        help="the decision log (read-only): a SQLite file, or a PostgreSQL one as "
+        "postgresql://... without a password (PGPASSFILE), with --id",
+    )
+    p.add_argument(
+        "--id", metavar="NAME", help="the coordinator id (a PostgreSQL log holds several)"
+    )
     p.add_argument("--coordinator", metavar="HOST:PORT", help="the live coordinator")
     p.add_argument(
         "--participant",
@@ -261,9 +280,19 @@ def main(argv: list[str]) -> None:
         tls = client_tls(a)
     except (argparse.ArgumentTypeError, TwoPCError) as exc:
         p.error(str(exc))
+    outcome: Callable[[str], str]
     try:
-        report = _from_log(a.log)
-    except LogUnreadable as exc:
+        if is_postgres_log(a.log):
+            if not a.id:
+                p.error("a PostgreSQL --log needs the coordinator's --id")
+            refuse_password(a.log, "--log", "put the password in PGPASSFILE")
+            view = PgLogView(a.log, a.id)
+            report, outcome = view.report(), view.outcome
+        else:
+            report = _from_log(a.log)
+            db = _open_read_only(a.log)
+            outcome = functools.partial(_logged_outcome, db)
+    except (LogUnreadable, PgLogUnreadable, TwoPCError) as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         sys.exit(2)
     if a.coordinator:
@@ -275,7 +304,7 @@ def main(argv: list[str]) -> None:
             report["in_flight"] = _unreachable(exc, a.coordinator)
     if participants:
         report["in_doubt"] = _from_participants(report["coordinator_id"] or "", participants, tls)
-        report["heuristic"] = _heuristic(a.log, report["coordinator_id"] or "", participants, tls)
+        report["heuristic"] = _heuristic(outcome, report["coordinator_id"] or "", participants, tls)
     if a.json:
         json.dump(report, sys.stdout, indent=2)
         print()

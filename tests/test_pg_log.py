@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -397,3 +398,20 @@ def test_a_record_whose_fate_is_unknown_waits_for_the_log_database_to_return(
     finally:
         log.close()
         stop_clusters([cluster])
+
+
+def test_inspect_reads_a_postgresql_log(opened: PostgresDecisionLog, url: str) -> None:
+    cid = opened.coordinator_id
+    asyncio.run(opened.record_commit(f"{cid}.1.1", ("a", "b"), 1.0, {"committed": True}))
+    done = cli("twopc-coordinator", "inspect", "--log", url, "--id", cid, "--json")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["epoch"] == opened.epoch
+    assert report["active_address"] == "127.0.0.1:1"
+    assert [t["transaction_id"] for t in report["committing_in_log"]] == [f"{cid}.1.1"]
+    text = cli("twopc-coordinator", "inspect", "--log", url, "--id", cid)
+    assert "active process (lease): 127.0.0.1:1" in text.stdout
+    missing = cli("twopc-coordinator", "inspect", "--log", url, "--id", "nobody")
+    assert_one_line_error(missing, "twopc-coordinator inspect", "no decision log of", 2)
+    no_id = cli("twopc-coordinator", "inspect", "--log", url)
+    assert_one_line_error(no_id, "twopc-coordinator inspect", "needs the coordinator's --id", 2)
