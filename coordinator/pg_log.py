@@ -107,6 +107,8 @@ MIGRATIONS: tuple[str, ...] = (
         END IF;
     END $$;
     """,
+    # 2: the client identity that began each transaction (issue 16's owners).
+    f"ALTER TABLE {SCHEMA}.transactions ADD COLUMN owner text",
 )
 
 
@@ -173,8 +175,8 @@ class _Write:
 _STOP = object()
 _INSERT = (
     f"INSERT INTO {SCHEMA}.transactions (id, coordinator_id, state, participants, "
-    "idempotency_key, request_hash, outcome, created_at, decided_at, completed_at) "
-    "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (id) DO NOTHING"
+    "idempotency_key, request_hash, outcome, created_at, decided_at, completed_at, owner) "
+    "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (id) DO NOTHING"
 )
 
 
@@ -514,6 +516,7 @@ class PostgresDecisionLog:
         request_hash: str | None,
         complete: bool,
         forced: bool = True,
+        owner: str | None = None,
     ) -> None:
         now = time.time()
         params = (
@@ -527,6 +530,7 @@ class PostgresDecisionLog:
             created_at,
             now,
             now if complete else None,
+            owner,
         )
         await self._write(_Write(_INSERT, params, inserts=transaction_id), forced)
 
@@ -540,9 +544,12 @@ class PostgresDecisionLog:
         request_hash: str | None = None,
         completed: bool = False,
         forced: bool = True,
+        *,
+        owner: str | None = None,
     ) -> None:
         """Commit a COMMIT decision in the log database. `completed` for a transaction
-        that needs no phase 2 (read-only); only such a record may go unforced."""
+        that needs no phase 2 (read-only); only such a record may go unforced. `owner`,
+        on this and every other new record: the client identity that began it."""
         await self._insert(
             transaction_id,
             "committed" if completed else "committing",
@@ -553,6 +560,7 @@ class PostgresDecisionLog:
             request_hash,
             complete=completed,
             forced=forced or not completed,
+            owner=owner,
         )
 
     async def record_abort(
@@ -563,6 +571,8 @@ class PostgresDecisionLog:
         outcome: dict[str, Any],
         idempotency_key: str,
         request_hash: str,
+        *,
+        owner: str | None = None,
     ) -> None:
         """Remember an aborted keyed transaction, so a retry gets the same answer."""
         await self._insert(
@@ -574,6 +584,7 @@ class PostgresDecisionLog:
             idempotency_key,
             request_hash,
             complete=True,
+            owner=owner,
         )
 
     async def record_one_phase_intent(
@@ -583,6 +594,8 @@ class PostgresDecisionLog:
         created_at: float,
         idempotency_key: str | None,
         request_hash: str | None,
+        *,
+        owner: str | None = None,
     ) -> None:
         """Make the intent of a single-branch commit durable before it is sent."""
         await self._insert(
@@ -594,6 +607,7 @@ class PostgresDecisionLog:
             idempotency_key,
             request_hash,
             complete=False,
+            owner=owner,
         )
 
     async def resolve_one_phase(self, transaction_id: str, outcome: dict[str, Any]) -> None:

@@ -415,3 +415,13 @@ def test_inspect_reads_a_postgresql_log(opened: PostgresDecisionLog, url: str) -
     assert_one_line_error(missing, "twopc-coordinator inspect", "no decision log of", 2)
     no_id = cli("twopc-coordinator", "inspect", "--log", url)
     assert_one_line_error(no_id, "twopc-coordinator inspect", "needs the coordinator's --id", 2)
+
+
+def test_records_name_their_owner(opened: PostgresDecisionLog, url: str) -> None:
+    cid = opened.coordinator_id
+    asyncio.run(opened.record_commit(f"{cid}.1.1", ("a",), 1.0, {}, owner="app"))
+    with psycopg.connect(url, autocommit=True) as conn:
+        row = conn.execute(
+            f"SELECT owner FROM {SCHEMA}.transactions WHERE id = %s", (f"{cid}.1.1",)
+        ).fetchone()
+    assert row == ("app",)
