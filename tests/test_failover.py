@@ -240,7 +240,7 @@ def replicated_log(tmp_path: Path) -> Iterator[tuple[PostgresCluster, PostgresCl
         stop_clusters([primary, *([replica] if replica else [])])
 
 
-@pytest.mark.soak
+@pytest.mark.chaos
 def test_the_log_database_fails_over_to_its_replica_and_no_committed_decision_is_lost(
     make_system: SystemFactory, replicated_log: tuple[PostgresCluster, PostgresCluster]
 ) -> None:
