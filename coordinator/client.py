@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import random
 import time
@@ -220,6 +221,26 @@ _CHANNEL_OPTIONS = [
 ]
 
 
+@dataclass(frozen=True)
+class _Connection:
+    """A channel to one coordinator process, and its stub (made once)."""
+
+    channel: grpc.Channel
+
+    @functools.cached_property
+    def stub(self) -> cgrpc.CoordinatorStub:
+        return cgrpc.CoordinatorStub(self.channel)
+
+
+@dataclass(frozen=True)
+class _AsyncConnection:
+    channel: grpc.aio.Channel
+
+    @functools.cached_property
+    def stub(self) -> cgrpc.CoordinatorStub:
+        return cgrpc.CoordinatorStub(self.channel)
+
+
 # -- blocking client -----------------------------------------------------------------
 
 
@@ -239,7 +260,8 @@ class CoordinatorClient:
         addresses = addresses_of(address)
         options = _CHANNEL_OPTIONS + channel_options(addresses)
         self._endpoints = Endpoints(
-            addresses, lambda a: channel(a, tls or TlsConfig(), options, server_name, token)
+            addresses,
+            lambda a: _Connection(channel(a, tls or TlsConfig(), options, server_name, token)),
         )
 
     def __enter__(self) -> CoordinatorClient:
@@ -249,8 +271,8 @@ class CoordinatorClient:
         self.close()
 
     def close(self) -> None:
-        for ch in self._endpoints.channels():
-            ch.close()
+        for connection in self._endpoints.connections():
+            connection.channel.close()
 
     def _call(self, method: str, request: Any, timeout: float | None) -> Any:
         """The call, failed over between the coordinator's processes (see
@@ -258,7 +280,7 @@ class CoordinatorClient:
         deadline = time.monotonic() + (timeout or self.timeout)
         keyed = method == "Run" and bool(request.idempotency_key)
         for attempt in itertools.count():
-            stub = cgrpc.CoordinatorStub(self._endpoints.channel())
+            stub = self._endpoints.connection().stub
             try:
                 return getattr(stub, method)(request, timeout=deadline - time.monotonic())
             except grpc.RpcError as exc:
@@ -375,7 +397,10 @@ class AsyncCoordinatorClient:
         addresses = addresses_of(address)
         options = _CHANNEL_OPTIONS + channel_options(addresses)
         self._endpoints = Endpoints(
-            addresses, lambda a: aio_channel(a, tls or TlsConfig(), options, server_name, token)
+            addresses,
+            lambda a: _AsyncConnection(
+                aio_channel(a, tls or TlsConfig(), options, server_name, token)
+            ),
         )
 
     async def __aenter__(self) -> AsyncCoordinatorClient:
@@ -387,15 +412,15 @@ class AsyncCoordinatorClient:
         await self.close()
 
     async def close(self) -> None:
-        for ch in self._endpoints.channels():
-            await ch.close()
+        for connection in self._endpoints.connections():
+            await connection.channel.close()
 
     async def _call(self, method: str, request: Any, timeout: float | None) -> Any:
         """`CoordinatorClient._call` for asyncio."""
         deadline = time.monotonic() + (timeout or self.timeout)
         keyed = method == "Run" and bool(request.idempotency_key)
         for attempt in itertools.count():
-            stub = cgrpc.CoordinatorStub(self._endpoints.channel())
+            stub = self._endpoints.connection().stub
             try:
                 return await getattr(stub, method)(request, timeout=deadline - time.monotonic())
             except grpc.aio.AioRpcError as exc:

@@ -20,6 +20,7 @@ address, only a standby's refusal is followed.
 from __future__ import annotations
 
 import random
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any, Generic, TypeVar
 
@@ -75,26 +76,33 @@ def backoff(attempt: int) -> float:
 
 
 class Endpoints(Generic[C]):
-    """The coordinator addresses a client knows, a channel per address (made when
-    first used), and which one is believed active."""
+    """The coordinator addresses a client knows, a connection (channel and stub) per
+    address, made when first used, and which address is believed active."""
 
-    def __init__(self, addresses: Sequence[str], make_channel: Callable[[str], C]) -> None:
+    def __init__(self, addresses: Sequence[str], connect: Callable[[str], C]) -> None:
         self.addresses = list(addresses)
-        self._make = make_channel
-        self._channels: dict[str, C] = {}
+        self._connect = connect
+        self._connections: dict[str, C] = {}
         self.current = self.addresses[0]
+        self._lock = threading.Lock()  # the blocking client is shared between threads
 
-    def channel(self) -> C:
-        if self.current not in self._channels:
-            self._channels[self.current] = self._make(self.current)
-        return self._channels[self.current]
+    def connection(self) -> C:
+        with self._lock:
+            if self.current not in self._connections:
+                self._connections[self.current] = self._connect(self.current)
+            return self._connections[self.current]
 
-    def channels(self) -> list[C]:
-        return list(self._channels.values())
+    def connections(self) -> list[C]:
+        with self._lock:
+            return list(self._connections.values())
 
     def should_retry(self, exc: grpc.RpcError, method: str, keyed: bool) -> bool:
         """Whether to send the call again after `exc`, having moved to the address to
         try next."""
+        with self._lock:
+            return self._should_retry(exc, method, keyed)
+
+    def _should_retry(self, exc: grpc.RpcError, method: str, keyed: bool) -> bool:
         hint = active_hint(exc)
         if hint is not None:
             if hint and hint != self.current:
