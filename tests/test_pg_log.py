@@ -5,6 +5,7 @@ coordinator id share it."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import threading
@@ -425,3 +426,39 @@ def test_records_name_their_owner(opened: PostgresDecisionLog, url: str) -> None
             f"SELECT owner FROM {SCHEMA}.transactions WHERE id = %s", (f"{cid}.1.1",)
         ).fetchone()
     assert row == ("app",)
+
+
+def test_of_two_standbys_exactly_one_takes_over(url: str, cid: str) -> None:
+    active = PostgresDecisionLog(url, cid, lease=FAST)
+    active.open()
+    stop = threading.Event()
+    standbys = [PostgresDecisionLog(url, cid, lease=FAST) for _ in range(2)]
+    took: list[PostgresDecisionLog] = []
+
+    def wait(log: PostgresDecisionLog) -> None:
+        with contextlib.suppress(LogInUse):
+            log.acquire(lambda: not stop.is_set())
+            log.begin_epoch()
+            took.append(log)
+
+    threads = [threading.Thread(target=wait, args=(log,), daemon=True) for log in standbys]
+    for thread in threads:
+        thread.start()
+    with psycopg.connect(url, autocommit=True) as conn:  # the active dies
+        conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name LIKE %s",
+            (f"% {active.lease.holder}",),
+        )
+    try:
+        wait_until(lambda: bool(took), 15, "a takeover")
+        # Three leases' time for a second takeover that must not come.
+        time.sleep(FAST.duration * 3)
+        assert len(took) == 1, "two processes took over"
+        assert took[0].epoch == active.epoch + 1
+        asyncio.run(took[0].record_commit(f"{cid}.2.1", ("a",), 1.0, {}))
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(10)
+        for log in [active, *standbys]:
+            log.close()
