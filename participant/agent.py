@@ -18,18 +18,18 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import secrets
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
 
 from psycopg import Xid
 
 from participant.branch_state import BranchState, check_transition
 from participant.config import ParticipantConfig
 from participant.epochs import EpochFence
-from participant.store import AsyncConn, BranchFailed, OutcomeUnknown, PreparedBranch, Store
+from participant.ports import AgentStore, BranchConn
+from participant.store import BranchFailed, OutcomeUnknown, PreparedBranch
 from twopc_common import failpoints
 from twopc_common.errors import (
     Aborted,
@@ -41,6 +41,7 @@ from twopc_common.errors import (
 )
 from twopc_common.ids import FORMAT_ID, TransactionId
 from twopc_common.log import EventLogger
+from twopc_common.ports import SYSTEM_CLOCK, Clock, Random, system_random
 from twopc_common.values import Statement, StatementResult
 
 
@@ -78,10 +79,10 @@ class VoteResult:
 @dataclass
 class _Branch:
     transaction_id: str
+    last_used: float
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    conn: AsyncConn | None = None
+    conn: BranchConn | None = None
     state: BranchState = BranchState.ACTIVE
-    last_used: float = field(default_factory=time.monotonic)
     abort_reason: str = ""
     interactive: bool = False
     """Opened by Execute: it may hold its connection between calls."""
@@ -106,13 +107,21 @@ def _unwrap(answer: bool | Exception) -> bool:
 
 
 class Agent:
-    def __init__(self, config: ParticipantConfig, store: Store) -> None:
+    def __init__(
+        self,
+        config: ParticipantConfig,
+        store: AgentStore[Any],
+        *,
+        clock: Clock = SYSTEM_CLOCK,
+        rng: Random | None = None,
+    ) -> None:
         self.config = config
         self.store = store
+        self.clock = clock
         self.log = EventLogger("participant", config.id)
         self.counters: collections.Counter[str] = collections.Counter()
         self.epochs = EpochFence(store)
-        self.incarnation = secrets.token_hex(8)
+        self.incarnation = f"{(rng or system_random()).getrandbits(64):016x}"
         """Fresh at every start: names the branches this process opened."""
         self._branches: dict[str, _Branch] = {}
         self._finished: collections.OrderedDict[str, _Tombstone] = collections.OrderedDict()
@@ -157,11 +166,13 @@ class Agent:
                     f"--interactive-reserve {self.config.interactive_reserve}): "
                     "finish some transactions first"
                 )
-        branch = self._branches[txid] = _Branch(txid, interactive=interactive)
+        branch = self._branches[txid] = _Branch(
+            txid, last_used=self.clock.monotonic(), interactive=interactive
+        )
         self.counters["branches_opened"] += 1
         return branch
 
-    async def _connection(self, branch: _Branch) -> AsyncConn:
+    async def _connection(self, branch: _Branch) -> BranchConn:
         if branch.conn is None:
             branch.conn = await self.store.connect_branch()
         return branch.conn
@@ -210,7 +221,7 @@ class Agent:
                 await self._close(branch, BranchState.ABORTED, exc.reason)
                 self.log.info("branch_failed", txid=txid, reason=exc.reason)
                 raise Aborted(f"branch on {self.config.id} failed: {exc.reason}") from exc
-            branch.last_used = time.monotonic()
+            branch.last_used = self.clock.monotonic()
             return results
 
     async def prepare(
@@ -354,7 +365,7 @@ class Agent:
         return True
 
     async def _finish_on(
-        self, conn: AsyncConn, batch: dict[int, tuple[str, bool]], reason: str
+        self, conn: BranchConn, batch: dict[int, tuple[str, bool]], reason: str
     ) -> dict[int, bool | Exception]:
         """Prepared branches: all in one round trip; what PostgreSQL skipped after a
         failure goes again one by one. Unavailable if the connection breaks."""
@@ -450,8 +461,8 @@ class Agent:
         """Roll back interactive branches whose coordinator went quiet before Prepare."""
         period = min(1.0, self.config.idle_branch_timeout / 4)
         while True:
-            await asyncio.sleep(period)
-            deadline = time.monotonic() - self.config.idle_branch_timeout
+            await self.clock.sleep(period)
+            deadline = self.clock.monotonic() - self.config.idle_branch_timeout
             for branch in list(self._branches.values()):
                 if branch.last_used < deadline and not branch.lock.locked():
                     async with branch.lock:
