@@ -100,6 +100,18 @@ _PHASE2_FAILPOINTS = {
 }
 
 
+def _repeated_vote(state: BranchState, one_phase: bool) -> VoteResult | None:
+    """The vote of a Prepare repeated after its branch was settled (a duplicated
+    message): what the first one answered, where that is known. A NO here would tell
+    the coordinator that a committed one-phase branch rolled back (the simulator,
+    tests/sim, found this with duplicated Prepares)."""
+    if state is BranchState.PREPARED and not one_phase:
+        return VoteResult(Vote.YES)
+    if state is BranchState.COMMITTED and one_phase:
+        return VoteResult(Vote.COMMITTED_ONE_PHASE)
+    return None
+
+
 def _unwrap(answer: bool | Exception) -> bool:
     if isinstance(answer, Exception):
         raise answer
@@ -242,12 +254,12 @@ class Agent:
             return VoteResult(Vote.NO, str(exc))
         except FailedPrecondition as exc:
             gone = self._finished.get(txid)
-            if gone is not None and gone.state is BranchState.PREPARED and not one_phase:
-                return VoteResult(Vote.YES)  # a repeated Prepare
-            return VoteResult(Vote.NO, str(exc))
+            repeat = _repeated_vote(gone.state, one_phase) if gone is not None else None
+            return repeat or VoteResult(Vote.NO, str(exc))
         async with branch.lock:
-            if branch.state is not BranchState.ACTIVE:
-                return VoteResult(Vote.NO, f"branch of {txid} is {branch.state.value}")
+            if branch.state is not BranchState.ACTIVE:  # settled while this one waited
+                repeat = _repeated_vote(branch.state, one_phase)
+                return repeat or VoteResult(Vote.NO, f"branch of {txid} is {branch.state.value}")
             try:
                 conn = await self._connection(branch)
                 if branch.abort_reason:
