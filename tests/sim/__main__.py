@@ -28,6 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, help="replay this seed and print its story")
     parser.add_argument("--seeds", type=int, default=1000, help="how many seeds to run")
     parser.add_argument("--first", type=int, default=0, help="the first seed")
+    parser.add_argument(
+        "--stop", action="store_true", help="stop at the first failing seed (how many it took)"
+    )
     args = parser.parse_args(argv)
     if args.seed is not None:
         result = run(args.seed)
@@ -39,7 +42,10 @@ def main(argv: list[str] | None = None) -> int:
         result = run(seed)
         if result.violations:
             failed += 1
-            print(report(result, story=failed <= 3), flush=True)
+            print(report(result, story=failed <= 3 and not args.stop), flush=True)
+            if args.stop:
+                print(f"first failure after {seed - args.first + 1} seeds")
+                return 1
     took = time.monotonic() - began
     print(f"{args.seeds} schedules in {took:.1f} s ({args.seeds / took:.0f}/s), {failed} failed")
     return 1 if failed else 0
