@@ -122,7 +122,7 @@ class Shape:
             requests=rng.randint(2, 4),
             work_seconds=rng.uniform(2.0, 6.0),
             coordinator_crashes=some(0.35, 2),
-            agent_crashes=some(0.4, 2),
+            agent_crashes=some(0.5, 3),
             partitions=some(0.4, 2),
             drop=0.0 if rng.random() < 0.6 else rng.uniform(0.0, 0.1),
             duplicate=0.0 if rng.random() < 0.7 else rng.uniform(0.0, 0.2),
@@ -306,9 +306,18 @@ class World:
         for at, kind, name in events:
             await asyncio.sleep(max(0.0, at - loop.time()))
             if kind == "crash":
+                if name != COORD and self.rng.random() < 0.7:
+                    # Where atomicity broke before: an agent dies holding open
+                    # (interactive) branches.
+                    busy = [p for p in self.shards if self._open_branches(p)]
+                    name = self.rng.choice(busy) if busy else name
                 self.crash(name, self.rng.uniform(0.05, 1.5))
             else:
                 self._partition(self.rng.uniform(0.1, 2.0))
+
+    def _open_branches(self, shard: str) -> int:
+        node = self.node(shard)
+        return 0 if node is None else int(node[1].open_branches)
 
     def _partition(self, seconds: float) -> None:
         agent = self.rng.choice(self.shards)
@@ -462,10 +471,25 @@ class World:
         rng = self.rng
         amount = rng.randint(1, 60)
         shards = rng.sample(self.shards, 2)
-        steps = [
-            (shards[0], self._add(request, attempt, shards[0], rng.randrange(ACCOUNTS), -amount)),
-            (shards[1], self._add(request, attempt, shards[1], rng.randrange(ACCOUNTS), amount)),
-        ]
+        source = rng.randrange(ACCOUNTS)
+        if rng.random() < 0.4:  # the debit in two Executes: a lost branch loses the first
+            half = amount // 2
+            steps = [
+                (shards[0], self._add(request, attempt, shards[0], source, -half)),
+                (
+                    shards[1],
+                    self._add(request, attempt, shards[1], rng.randrange(ACCOUNTS), amount),
+                ),
+                (shards[0], self._add(request, attempt, shards[0], source, half - amount)),
+            ]
+        else:
+            steps = [
+                (shards[0], self._add(request, attempt, shards[0], source, -amount)),
+                (
+                    shards[1],
+                    self._add(request, attempt, shards[1], rng.randrange(ACCOUNTS), amount),
+                ),
+            ]
         if rng.random() < 0.3:
             steps.insert(1, (shards[0], Statement("sim:read", (f"{shards[0]}a2",))))
         try:
