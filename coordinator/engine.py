@@ -27,8 +27,9 @@ from typing import Any
 from coordinator.config import CoordinatorConfig
 from coordinator.deadlock import Victim, Wait, confirmed, find_victims
 from coordinator.decision_log import LogFailed, LogRecord
+from coordinator.log_port import DecisionLogPort
 from coordinator.participants import PrepareReply
-from coordinator.ports import DecisionLogPort, ParticipantTransport
+from coordinator.ports import ParticipantTransport
 from coordinator.protocol import (
     AbortCause,
     Ballot,

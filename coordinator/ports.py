@@ -1,11 +1,11 @@
 """The coordinator engine's ports: what `coordinator.engine.Coordinator` needs from a
-participant transport and from a decision log, as `typing.Protocol`s.
+participant transport, as a `typing.Protocol` (the decision log's port is
+`coordinator.log_port.DecisionLogPort`; the clock and randomness are in
+`twopc_common.ports`).
 
-In the daemon they are `coordinator.participants.ParticipantClient` (gRPC) and
-`coordinator.decision_log.DecisionLog` (SQLite); in the simulator (`tests/sim`) a
-seeded network and a log whose crash keeps only what was made durable. A new
-backend (a PostgreSQL decision log, say) satisfies `DecisionLogPort` and the engine
-runs on it unchanged; mypy checks that it does wherever it is handed to the engine.
+In the daemon the transport is `coordinator.participants.ParticipantClient` (gRPC);
+in the simulator (`tests/sim`) a seeded network. mypy checks that each satisfies the
+port wherever it is handed to the engine.
 
 The contracts the engine relies on, beyond the signatures:
 - transport: a Prepare answers with a ballot, never raises for transport trouble (a
@@ -21,11 +21,10 @@ The contracts the engine relies on, beyond the signatures:
 from __future__ import annotations
 
 import collections
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Protocol
+from collections.abc import Sequence
+from typing import Protocol
 
 from coordinator.deadlock import Wait
-from coordinator.decision_log import LogRecord
 from coordinator.participants import HeuristicDecision, InDoubtList, PrepareReply
 from coordinator.protocol import Ballot
 from twopc_common.values import Statement, StatementResult
@@ -76,75 +75,3 @@ class ParticipantTransport(Protocol):
     async def list_heuristic(self, coordinator_id: str) -> list[HeuristicDecision]: ...
 
     async def close(self) -> None: ...
-
-
-class DecisionLogPort(Protocol):
-    @property
-    def epoch(self) -> int:
-        """This incarnation's epoch (bumped durably at open)."""
-        ...
-
-    @property
-    def last_epoch(self) -> int:
-        """The previous incarnation's epoch."""
-        ...
-
-    @property
-    def pruned_before(self) -> float | None: ...
-
-    @property
-    def failure(self) -> str | None: ...
-
-    @property
-    def stats(self) -> Mapping[str, int]: ...
-
-    on_batch: Callable[[int, bool, float], None]
-
-    async def record_commit(
-        self,
-        transaction_id: str,
-        participants: tuple[str, ...],
-        created_at: float,
-        outcome: dict[str, Any],
-        idempotency_key: str | None = None,
-        request_hash: str | None = None,
-        completed: bool = False,
-        forced: bool = True,
-    ) -> None: ...
-
-    async def record_abort(
-        self,
-        transaction_id: str,
-        participants: tuple[str, ...],
-        created_at: float,
-        outcome: dict[str, Any],
-        idempotency_key: str,
-        request_hash: str,
-    ) -> None: ...
-
-    async def record_one_phase_intent(
-        self,
-        transaction_id: str,
-        participant: str,
-        created_at: float,
-        idempotency_key: str | None,
-        request_hash: str | None,
-    ) -> None: ...
-
-    async def resolve_one_phase(self, transaction_id: str, outcome: dict[str, Any]) -> None: ...
-
-    async def mark_complete(self, transaction_id: str) -> None: ...
-
-    async def prune(self, older_than: float) -> None: ...
-
-    async def probe(self) -> None: ...
-
-    async def get(self, transaction_id: str) -> LogRecord | None: ...
-
-    async def by_key(self, key: str) -> LogRecord | None: ...
-
-    async def epoch_started(self, epoch: int) -> float | None: ...
-
-    def incomplete_commits(self) -> list[LogRecord]: ...
-
-    def unresolved_one_phase(self) -> list[LogRecord]: ...

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import random
 import sqlite3
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -75,17 +75,21 @@ class SimDecisionLog:
         self._rng = rng
         self._trace = trace
         self._fsync_delay = fsync_delay
+        self.coordinator_id = "c"
         self._state = disk.state(len(disk.journal))
-        self.last_epoch = max(disk.epochs, default=0)
+        self.pruned_before = self._state.pruned_before
+        self.last_epoch = 0
         self.epoch = 0
         self.failure: str | None = None
-        self.stats: Mapping[str, int] = {}
+        self.stats: dict[str, int] = {}
         self.on_batch: Callable[[int, bool, float], None] = lambda records, forced, secs: None
         self._syncing: asyncio.Future[None] | None = None
 
-    @property
-    def pruned_before(self) -> float | None:
-        return self._state.pruned_before
+    def acquire(self) -> None:
+        self.last_epoch = max(self._disk.epochs, default=0)
+
+    def close(self) -> None:
+        return None
 
     def begin_epoch(self) -> None:
         self.epoch = self.last_epoch + 1
@@ -241,7 +245,8 @@ class SimDecisionLog:
         await self._write("complete", transaction_id, op, False)
 
     async def prune(self, older_than: float) -> None:
-        horizon = max(older_than, self._state.pruned_before or older_than)
+        horizon = max(older_than, self.pruned_before or older_than)
+        self.pruned_before = horizon
 
         def op(s: _State) -> None:
             for txid, record in list(s.records.items()):

@@ -237,6 +237,7 @@ class World:
             p: SimParticipantClient(p, self.net, self, proc, self.clock) for p in self.shards
         }
         engine = Coordinator(self.config, log, clients, clock=self.clock, rng=self.rng)
+        log.acquire()
         try:
             await engine.check_log_is_current()
         except LogBehind as exc:
