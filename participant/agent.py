@@ -100,15 +100,22 @@ _PHASE2_FAILPOINTS = {
 }
 
 
-def _repeated_vote(state: BranchState, one_phase: bool) -> VoteResult | None:
+def _repeated_vote(state: BranchState, one_phase: bool, txid: str) -> VoteResult | None:
     """The vote of a Prepare repeated after its branch was settled (a duplicated
-    message): what the first one answered, where that is known. A NO here would tell
-    the coordinator that a committed one-phase branch rolled back (the simulator,
-    tests/sim, found this with duplicated Prepares)."""
+    message): what the first one answered, where that is known; no vote at all
+    (OutcomeUnknown) if only the database knows. A NO for a branch that committed in
+    one phase, or whose settling statement may have run, would have the coordinator
+    tell its client ABORTED for a committed transaction (the simulator, tests/sim,
+    found both with duplicated Prepares)."""
     if state is BranchState.PREPARED and not one_phase:
         return VoteResult(Vote.YES)
     if state is BranchState.COMMITTED and one_phase:
         return VoteResult(Vote.COMMITTED_ONE_PHASE)
+    if state is BranchState.IN_DOUBT:
+        raise OutcomeUnknown(
+            f"the branch of {txid} lost its database connection while it was being "
+            "settled: only the database can tell what happened"
+        )
     return None
 
 
@@ -201,12 +208,15 @@ class Agent:
         self._remember(branch.transaction_id, state, reason)
 
     async def _discard(self, branch: _Branch) -> None:
-        """Forget a branch whose fate only the database knows (its connection broke)."""
+        """Forget a branch whose fate only the database knows (its connection broke).
+        Its tombstone says so: a repeated Prepare must not open it again (and vote NO
+        on the marker of a branch that committed)."""
         branch.state = check_transition(branch.state, BranchState.IN_DOUBT, branch.transaction_id)
         if branch.conn is not None:
             await self.store.release(branch.conn)
             branch.conn = None
         self._branches.pop(branch.transaction_id, None)
+        self._remember(branch.transaction_id, BranchState.IN_DOUBT)
 
     # -- the protocol ---------------------------------------------------------------
 
@@ -254,11 +264,11 @@ class Agent:
             return VoteResult(Vote.NO, str(exc))
         except FailedPrecondition as exc:
             gone = self._finished.get(txid)
-            repeat = _repeated_vote(gone.state, one_phase) if gone is not None else None
+            repeat = _repeated_vote(gone.state, one_phase, txid) if gone is not None else None
             return repeat or VoteResult(Vote.NO, str(exc))
         async with branch.lock:
             if branch.state is not BranchState.ACTIVE:  # settled while this one waited
-                repeat = _repeated_vote(branch.state, one_phase)
+                repeat = _repeated_vote(branch.state, one_phase, txid)
                 return repeat or VoteResult(Vote.NO, f"branch of {txid} is {branch.state.value}")
             try:
                 conn = await self._connection(branch)

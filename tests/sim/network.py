@@ -228,7 +228,10 @@ class SimParticipantClient:
         self, txid: str, statements: Sequence[Statement], incarnation: str
     ) -> tuple[list[StatementResult], str]:
         async def run(agent: Agent) -> tuple[list[StatementResult], str]:
-            return await agent.execute(txid, statements, incarnation), agent.incarnation
+            results = await agent.execute(txid, statements, incarnation)
+            answer = results, agent.incarnation
+            self._world.executed(self.name)
+            return answer
 
         return await self._checked(run, self._world.rpc_timeout, "execute", txid)
 

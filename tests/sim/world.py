@@ -110,6 +110,9 @@ class Shape:
     settle_loss: float
     failpoint: str
     failpoint_action: str
+    crash_after_execute: float
+    """Probability that an agent crashes right after it answered an Execute: inside
+    an interactive transaction, where atomicity broke before (issue 12)."""
 
     @classmethod
     def draw(cls, rng: random.Random) -> Shape:
@@ -129,6 +132,7 @@ class Shape:
             settle_loss=0.0 if rng.random() < 0.8 else 0.1,
             failpoint=rng.choice(FAILPOINTS) if rng.random() < 0.35 else "",
             failpoint_action=rng.choice(("crash", "crash", "error")),
+            crash_after_execute=0.0 if rng.random() < 0.7 else 0.15,
         )
 
 
@@ -288,6 +292,17 @@ class World:
             raise failpoints.FailpointError(f"failpoint {name}")
         self.crash(proc.name, self.rng.uniform(0.05, 1.0))
         await asyncio.sleep(0)  # the crash cancelled this task: it ends here
+
+    def executed(self, shard: str) -> None:
+        """An agent answered an Execute (the network's hook)."""
+        if self._healed or self.shape.crash_after_execute == 0:
+            return
+        if self.rng.random() < self.shape.crash_after_execute:
+            # Once the answer is on its way, before the client's next call.
+            restart = self.rng.uniform(0.01, 0.3)
+            asyncio.get_running_loop().call_later(
+                self.rng.uniform(0.005, 0.05), self.crash, shard, restart
+            )
 
     # -- faults -----------------------------------------------------------------------
 
