@@ -132,12 +132,12 @@ class Shape:
             settle_loss=0.0 if rng.random() < 0.8 else 0.1,
             failpoint=rng.choice(FAILPOINTS) if rng.random() < 0.35 else "",
             failpoint_action=rng.choice(("crash", "crash", "error")),
-            crash_after_execute=0.0 if rng.random() < 0.7 else 0.15,
+            crash_after_execute=0.0 if rng.random() < 0.5 else 0.25,
         )
 
 
 BALANCE = 100
-ACCOUNTS = 3
+ACCOUNTS = 4
 
 
 class World:
@@ -299,6 +299,7 @@ class World:
             return
         if self.rng.random() < self.shape.crash_after_execute:
             # Once the answer is on its way, before the client's next call.
+            self.trace.add("world", f"{shard} will crash after its Execute")
             restart = self.rng.uniform(0.01, 0.3)
             asyncio.get_running_loop().call_later(
                 self.rng.uniform(0.005, 0.05), self.crash, shard, restart
@@ -519,7 +520,7 @@ class World:
                     txid,
                     idempotent=False,
                 )
-                if rng.random() < 0.05:
+                if rng.random() < 0.02:
                     await asyncio.sleep(3.0)  # idle past the timeouts
                 else:
                     await asyncio.sleep(rng.uniform(0, 0.1))
