@@ -34,6 +34,7 @@ from coordinator.protocol import (
     AbortCause,
     Ballot,
     Reported,
+    TxEvent,
     TxState,
     Vote,
     abort_cause,
@@ -354,7 +355,7 @@ class Coordinator:
     ) -> Outcome:
         participants = tuple(work)
         tx.participants = list(participants)
-        tx.state = transition(tx.state, TxState.PREPARING)
+        tx.state = transition(tx.state, TxEvent.PREPARE)
         tx.work_started = self.clock.monotonic()
         if (down := self.down(participants)) is not None:
             await self._fail_fast(tx, *down)
@@ -441,7 +442,7 @@ class Coordinator:
         )
         # The point of no return: from here on the only way is forward. No error or
         # cancellation may turn a durable COMMIT into an abort (see `_finish`).
-        tx.state = transition(tx.state, TxState.COMMITTING)
+        tx.state = transition(tx.state, TxEvent.COMMIT_LOGGED)
         tx.phase2 = decision.phase2
         try:
             await failpoints.hit("coordinator.after_decision_logged")
@@ -585,7 +586,7 @@ class Coordinator:
                 completed=True,
             )
             logged = True
-        tx.state = transition(tx.state, TxState.COMMITTED)
+        tx.state = transition(tx.state, TxEvent.COMMITTED_AT_ONCE)
         tx.outcome.set_result(replace(outcome, completed=True))
         tx.completed.set()
         if logged:
@@ -622,7 +623,7 @@ class Coordinator:
     ) -> Outcome:
         """Decide ABORT (no record needed) and start telling `phase2`. A one-shot deadlock
         victim with retries left gets a successor first, which takes over its key."""
-        tx.state = transition(tx.state, TxState.ABORTING)
+        tx.state = transition(tx.state, TxEvent.ABORT)
         if cause is AbortCause.DEADLOCK and tx.retries_left > 0 and self.stopped is None:
             successor = tx.successor = self._new_tx()
             successor.retries_left = tx.retries_left - 1
@@ -653,9 +654,7 @@ class Coordinator:
         await asyncio.gather(*(deliver_one(tx, p) for p in participants))
         if commit:
             await self._retry(self._mark_complete, tx, "mark_complete")
-            tx.state = transition(tx.state, TxState.COMMITTED)
-        else:
-            tx.state = transition(tx.state, TxState.ABORTED)
+        tx.state = transition(tx.state, TxEvent.ACKNOWLEDGED)
         tx.completed.set()
         self._forget(tx)
         self.log.debug("completed", txid=tx.id, outcome="committed" if commit else "aborted")

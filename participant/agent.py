@@ -25,7 +25,7 @@ from typing import Any
 
 from psycopg import Xid
 
-from participant.branch_state import BranchState, check_transition
+from participant.branch_state import BranchState, check_transition, plan_phase2
 from participant.config import ParticipantConfig
 from participant.epochs import EpochFence
 from participant.ports import AgentStore, BranchConn
@@ -326,24 +326,10 @@ class Agent:
         Abort of open branches must not wait for a connection they may all be
         holding); open branches are rolled back meanwhile, each on its own (one may
         first have to interrupt a statement waiting on a lock)."""
-        answers: dict[int, bool | Exception] = {}
-        prepared: list[int] = []
-        still_open: list[tuple[int, _Branch]] = []
-        for i, (txid, commit) in enumerate(decisions):
-            try:
-                TransactionId.parse(txid)
-            except TwoPCError as exc:
-                answers[i] = exc
-                continue
-            branch = self._branches.get(txid)
-            if branch is None:
-                prepared.append(i)
-            elif commit:
-                answers[i] = FailedPrecondition(
-                    f"branch of {txid} is {branch.state.value}, not prepared"
-                )
-            else:
-                still_open.append((i, branch))
+        plan = plan_phase2(decisions, {t: b.state for t, b in self._branches.items()})
+        answers: dict[int, bool | Exception] = dict(plan.refused)
+        still_open = [(i, self._branches[decisions[i][0]]) for i in plan.still_open]
+        prepared = list(plan.prepared)
 
         async def finish_prepared(indexes: list[int]) -> None:
             try:

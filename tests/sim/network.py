@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import random
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -149,6 +150,11 @@ class Network:
 
 
 _VOTES = {v.value: v for v in Vote}
+_BATCH = 16
+
+
+async def _finish(agent: Agent, decisions: list[tuple[str, bool]]) -> list[bool | Exception]:
+    return await agent.finish(decisions)
 
 
 class SimParticipantClient:
@@ -164,6 +170,8 @@ class SimParticipantClient:
         self._clock = clock
         self.last_answer = 0.0
         self.stats: collections.Counter[str] = collections.Counter()
+        self._decisions: list[tuple[str, bool, asyncio.Future[bool]]] = []
+        self._sender: asyncio.Future[None] | None = None
 
     @property
     def unreachable(self) -> str | None:
@@ -236,17 +244,41 @@ class SimParticipantClient:
         return await self._checked(run, self._world.rpc_timeout, "execute", txid)
 
     async def finish(self, txid: str, commit: bool) -> bool:
-        self.stats["phase2_calls"] += 1
-        self.stats["phase2_decisions"] += 1
-        answer = await self._checked(
-            lambda agent: agent.finish([(txid, commit)]),
-            self._world.rpc_timeout,
-            "finish",
-            txid,
-        )
-        if isinstance(answer[0], Exception):
-            raise error_for(status_for(answer[0]), f"participant {self.name}: {answer[0]}")
-        return answer[0]
+        """Batched as `ParticipantClient.finish` batches: decisions queue while one
+        Finish call is in flight and all go in the next."""
+        answer: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._decisions.append((txid, commit, answer))
+        if self._sender is None or self._sender.done():
+            self._sender = asyncio.ensure_future(self._send_decisions())
+        return await answer
+
+    async def _send_decisions(self) -> None:
+        while self._decisions:
+            batch = [d for d in self._decisions[:_BATCH] if not d[2].done()]
+            del self._decisions[:_BATCH]
+            if not batch:
+                continue
+            self.stats["phase2_calls"] += 1
+            self.stats["phase2_decisions"] += len(batch)
+            decisions = [(t, c) for t, c, _ in batch]
+            answers: list[bool | Exception]
+            try:
+                answers = await self._checked(
+                    functools.partial(_finish, decisions=decisions),
+                    self._world.rpc_timeout,
+                    "finish",
+                    ",".join(t for t, _ in decisions),
+                )
+            except TwoPCError as exc:
+                answers = [type(exc)(str(exc)) for _ in batch]
+            for (_, _, future), outcome in zip(batch, answers, strict=True):
+                if future.done():
+                    continue
+                if isinstance(outcome, Exception):
+                    message = f"participant {self.name}: {outcome}"
+                    future.set_exception(error_for(status_for(outcome), message))
+                else:
+                    future.set_result(outcome)
 
     async def commit(self, txid: str) -> bool:
         return await self._checked(

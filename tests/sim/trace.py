@@ -33,7 +33,11 @@ class Trace:
 
     def story(self, txids: set[str]) -> list[str]:
         """Every event about `txids`, and every crash, restart and fault, in order."""
-        return [str(e) for e in self.events if e.txid in txids or (not e.txid and e.who == "world")]
+        return [
+            str(e)
+            for e in self.events
+            if txids.intersection(e.txid.split(",")) or (not e.txid and e.who == "world")
+        ]
 
 
 class CaptureLogs(logging.Handler):
