@@ -33,30 +33,54 @@ class _State:
     pruned_before: float | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class Backup:
+    """A copy of the disk as it was (an operator's backup)."""
+
+    journal: tuple[tuple[str, str, _Op], ...]
+    epochs: tuple[tuple[int, float], ...]
+
+
 class SimDisk:
     """What survives a coordinator crash: the durable prefix of the journal."""
 
     def __init__(self) -> None:
-        self.journal: list[tuple[str, _Op]] = []
+        self.journal: list[tuple[str, str, _Op]] = []
+        """(what, transaction id, the write) in order."""
         self.durable = 0
         self.epochs: dict[int, float] = {}
         """Epoch -> wall time it began (always forced)."""
+        self.ever_committed: set[str] = set()
+        """Every transaction whose COMMIT record was ever durable here, even on a log
+        since replaced by an older copy: the participants' oracle."""
 
     def crash(self) -> None:
         del self.journal[self.durable :]
 
+    def synced(self, upto: int) -> None:
+        for what, txid, _ in self.journal[self.durable : upto]:
+            if what == "committing":
+                self.ever_committed.add(txid)
+        self.durable = max(self.durable, upto)
+
+    def backup(self) -> Backup:
+        return Backup(tuple(self.journal[: self.durable]), tuple(self.epochs.items()))
+
+    def restore(self, backup: Backup) -> None:
+        """Replace the log by `backup` (what survives is only what it holds)."""
+        self.journal = list(backup.journal)
+        self.durable = len(self.journal)
+        self.epochs = dict(backup.epochs)
+
     def state(self, upto: int | None = None) -> _State:
         state = _State({}, {})
-        for _, op in self.journal[: self.durable if upto is None else upto]:
+        for _, _, op in self.journal[: self.durable if upto is None else upto]:
             op(state)
         return state
 
     def durable_commit(self, txid: str) -> bool:
-        """Whether a COMMIT of `txid` is durable (the participants' oracle)."""
-        record = self.state().records.get(txid)
-        return record is not None and (
-            record.state in ("committing", "committed") and bool(record.participants)
-        )
+        """Whether a COMMIT of `txid` was ever durable (the participants' oracle)."""
+        return txid in self.ever_committed
 
 
 class SimDecisionLog:
@@ -68,7 +92,9 @@ class SimDecisionLog:
         rng: random.Random,
         trace: Trace,
         fsync_delay: float,
+        on_complete: Callable[[str], None] = lambda txid: None,
     ) -> None:
+        self._on_complete = on_complete
         self._disk = disk
         self._owner = owner
         self._clock = clock
@@ -99,7 +125,7 @@ class SimDecisionLog:
         if not self._owner.alive:
             raise asyncio.CancelledError
         op(self._state)  # raises (IntegrityError) before anything is journaled
-        self._disk.journal.append((what, op))
+        self._disk.journal.append((what, txid, op))
         self._trace.add("log", f"{what}{'' if forced else ' (unforced)'}", txid)
         if forced:
             await self._fsync(len(self._disk.journal))
@@ -117,7 +143,7 @@ class SimDecisionLog:
         upto = len(self._disk.journal)
         await asyncio.sleep(self._rng.uniform(0, self._fsync_delay))
         if self._owner.alive:
-            self._disk.durable = max(self._disk.durable, upto)
+            self._disk.synced(upto)
 
     # -- writes -----------------------------------------------------------------------
 
@@ -235,6 +261,7 @@ class SimDecisionLog:
         await self._write(f"one_phase {state}", transaction_id, op, False)
 
     async def mark_complete(self, transaction_id: str) -> None:
+        self._on_complete(transaction_id)
         now = self._clock.time()
 
         def op(s: _State) -> None:
