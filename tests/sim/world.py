@@ -138,8 +138,8 @@ class Shape:
             drop=0.0 if rng.random() < 0.6 else rng.uniform(0.0, 0.1),
             duplicate=0.0 if rng.random() < 0.7 else rng.uniform(0.0, 0.2),
             settle_loss=0.0 if rng.random() < 0.8 else 0.1,
-            failpoint=rng.choice(FAILPOINTS) if rng.random() < 0.35 else "",
-            failpoint_action=rng.choice(("crash", "crash", "error")),
+            failpoint=rng.choice(FAILPOINTS) if rng.random() < 0.5 else "",
+            failpoint_action=rng.choice(("crash", "error")),
             crash_after_execute=0.0 if rng.random() < 0.5 else 0.25,
             restore_backup=rng.random() < 0.3,
         )
@@ -315,7 +315,7 @@ class World:
     async def _failpoint(self, name: str) -> None:
         if name != self.shape.failpoint or self._healed:
             return
-        if self.rng.random() > 0.3:
+        if self.rng.random() > 0.5:
             return
         proc = current()
         if proc is None:
