@@ -26,7 +26,7 @@ from typing import Any
 
 from coordinator.config import CoordinatorConfig
 from coordinator.deadlock import Victim, Wait, confirmed, find_victims
-from coordinator.decision_log import LogFailed, LogRecord
+from coordinator.decision_log import LogFailed, LogRecord, LogState
 from coordinator.log_port import DecisionLogPort
 from coordinator.participants import PrepareReply
 from coordinator.ports import ParticipantTransport
@@ -95,7 +95,7 @@ class Outcome:
             culprit=data.get("culprit", ""),
             reason=data.get("reason", ""),
             one_phase=bool(data.get("one_phase", False)),
-            completed=record.state != "committing",
+            completed=record.state is not LogState.COMMITTING,
         )
 
 
@@ -288,7 +288,7 @@ class Coordinator:
                     tx.outcome.set_exception(error)
                     tx.outcome.exception()  # retrieved: waiters re-raise it themselves
                     raise error
-                if record.state == "one_phase":
+                if record.state is LogState.ONE_PHASE:
                     unresolved = Unavailable(
                         f"the outcome of {record.transaction_id} (key {key!r}) is being "
                         "resolved after a restart; retry"
@@ -998,7 +998,7 @@ class Coordinator:
             return TransactionInfo(txid, answer, state)
         if record is not None:
             age = self.clock.time() - record.created_at
-            if record.state == "one_phase":
+            if record.state is LogState.ONE_PHASE:
                 return TransactionInfo(
                     txid, Reported.IN_PROGRESS, TxState.PREPARING, record.participants, age
                 )
@@ -1130,7 +1130,10 @@ class Coordinator:
             if txid in self._live:
                 continue  # a live transaction: the protocol itself will finish it
             record = await self.decision_log.get(txid)
-            commit = record is not None and record.state in ("committing", "committed")
+            commit = record is not None and record.state in (
+                LogState.COMMITTING,
+                LogState.COMMITTED,
+            )
             try:
                 if commit:
                     await client.commit(txid)

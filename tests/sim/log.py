@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
-from coordinator.decision_log import LogRecord
+from coordinator.decision_log import LogRecord, LogState
 from tests.sim.loop import Process, SimClock
 from tests.sim.trace import Trace
 
@@ -161,7 +161,7 @@ class SimDecisionLog:
     def _record(
         self,
         txid: str,
-        state: str,
+        state: LogState,
         participants: tuple[str, ...],
         created_at: float,
         outcome: dict[str, Any],
@@ -193,7 +193,7 @@ class SimDecisionLog:
         completed: bool = False,
         forced: bool = True,
     ) -> None:
-        state = "committed" if completed else "committing"
+        state = LogState.COMMITTED if completed else LogState.COMMITTING
         record = self._record(
             transaction_id,
             state,
@@ -217,7 +217,7 @@ class SimDecisionLog:
     ) -> None:
         record = self._record(
             transaction_id,
-            "aborted",
+            LogState.ABORTED,
             participants,
             created_at,
             outcome,
@@ -237,7 +237,7 @@ class SimDecisionLog:
     ) -> None:
         record = self._record(
             transaction_id,
-            "one_phase",
+            LogState.ONE_PHASE,
             (participant,),
             created_at,
             {},
@@ -249,11 +249,11 @@ class SimDecisionLog:
 
     async def resolve_one_phase(self, transaction_id: str, outcome: dict[str, Any]) -> None:
         now = self._clock.time()
-        state = "committed" if outcome["committed"] else "aborted"
+        state = LogState.COMMITTED if outcome["committed"] else LogState.ABORTED
 
         def op(s: _State) -> None:
             old = s.records.get(transaction_id)
-            if old is not None and old.state == "one_phase":
+            if old is not None and old.state is LogState.ONE_PHASE:
                 s.records[transaction_id] = replace(
                     old, state=state, outcome=dict(outcome), decided_at=now, completed_at=now
                 )
@@ -266,8 +266,8 @@ class SimDecisionLog:
 
         def op(s: _State) -> None:
             old = s.records.get(transaction_id)
-            if old is not None and old.state == "committing":
-                s.records[transaction_id] = replace(old, state="committed", completed_at=now)
+            if old is not None and old.state is LogState.COMMITTING:
+                s.records[transaction_id] = replace(old, state=LogState.COMMITTED, completed_at=now)
 
         await self._write("complete", transaction_id, op, False)
 
@@ -277,7 +277,8 @@ class SimDecisionLog:
 
         def op(s: _State) -> None:
             for txid, record in list(s.records.items()):
-                if record.state in ("committed", "aborted") and record.decided_at < horizon:
+                finished = record.state in (LogState.COMMITTED, LogState.ABORTED)
+                if finished and record.decided_at < horizon:
                     del s.records[txid]
                     if record.idempotency_key is not None:
                         s.keys.pop(record.idempotency_key, None)
@@ -303,7 +304,7 @@ class SimDecisionLog:
         return self._disk.epochs.get(epoch)
 
     def incomplete_commits(self) -> list[LogRecord]:
-        return [r for r in self._state.records.values() if r.state == "committing"]
+        return [r for r in self._state.records.values() if r.state is LogState.COMMITTING]
 
     def unresolved_one_phase(self) -> list[LogRecord]:
-        return [r for r in self._state.records.values() if r.state == "one_phase"]
+        return [r for r in self._state.records.values() if r.state is LogState.ONE_PHASE]
