@@ -11,16 +11,23 @@ SEEDS=N` runs more.
 from __future__ import annotations
 
 import os
+from typing import Any
 
+import pytest
+
+from participant.agent import Agent
 from tests.sim.__main__ import report
+from tests.sim.log import SimDecisionLog
+from tests.sim.many import failing_seeds
 from tests.sim.trace import digest
 from tests.sim.world import run
 
 SEEDS = int(os.environ.get("TWOPC_SIM_SEEDS", "2000"))
+JOBS = min(2, os.cpu_count() or 1)
 
 
 def test_every_simulated_schedule_keeps_the_invariants() -> None:
-    failed = [r for r in map(run, range(SEEDS)) if r.violations]
+    failed = [run(seed) for seed in failing_seeds(0, SEEDS, JOBS)]
     details = "\n".join(report(r, story=i < 3) for i, r in enumerate(failed))
     assert not failed, f"{len(failed)} of {SEEDS} schedules broke an invariant:\n{details}"
 
@@ -68,3 +75,49 @@ def test_schedules_exercise_the_faults_they_are_meant_to() -> None:
         "abort told to a client",
         "failpoint",
     }
+
+
+def test_the_simulator_catches_an_agent_that_forgets_incarnations(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Hole 1 of issue 12 put back: the agent ignores the incarnation a Prepare or an
+    Execute names, so after a restart it votes READ_ONLY for the branch it lost, and
+    the transaction commits on the other shards only. The simulation must notice."""
+    opened = Agent._open
+
+    def forgetful(self: Agent, txid: str, incarnation: str = "", interactive: bool = False) -> Any:
+        return opened(self, txid, "", interactive)
+
+    monkeypatch.setattr(Agent, "_open", forgetful)
+    caught = [r for r in map(run, range(300)) if r.violations]
+    assert caught, "300 schedules with a forgetful agent and no violation: the simulator is blind"
+    assert any("partial commit" in v.what for r in caught for v in r.violations)
+
+
+def test_the_simulator_catches_one_phase_commits_without_a_record(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Hole 3 of issue 12 put back: an unkeyed one-phase commit writes no intent, so
+    GetTransaction answers UNKNOWN (will never commit) for a committed transaction."""
+    monkeypatch.setattr(SimDecisionLog, "record_one_phase_intent", _no_intent_unless_keyed)
+    caught = [r for r in map(run, range(100)) if r.violations]
+    assert any(
+        "GetTransaction said unknown, but applied" in v.what for r in caught for v in r.violations
+    )
+
+
+_record_intent = SimDecisionLog.record_one_phase_intent
+
+
+async def _no_intent_unless_keyed(
+    self: SimDecisionLog,
+    transaction_id: str,
+    participant: str,
+    created_at: float,
+    idempotency_key: str | None,
+    request_hash: str | None,
+) -> None:
+    if idempotency_key is not None:
+        await _record_intent(
+            self, transaction_id, participant, created_at, idempotency_key, request_hash
+        )

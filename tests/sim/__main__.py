@@ -4,9 +4,11 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
+from tests.sim.many import failing_seeds
 from tests.sim.world import Result, run
 
 
@@ -31,6 +33,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--stop", action="store_true", help="stop at the first failing seed (how many it took)"
     )
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="worker processes (default: one per core)",
+    )
     args = parser.parse_args(argv)
     if args.seed is not None:
         result = run(args.seed)
@@ -38,14 +46,12 @@ def main(argv: list[str] | None = None) -> int:
         return 1 if result.violations else 0
     began = time.monotonic()
     failed = 0
-    for seed in range(args.first, args.first + args.seeds):
-        result = run(seed)
-        if result.violations:
-            failed += 1
-            print(report(result, story=failed <= 3 and not args.stop), flush=True)
-            if args.stop:
-                print(f"first failure after {seed - args.first + 1} seeds")
-                return 1
+    for seed in failing_seeds(args.first, args.seeds, 1 if args.stop else args.jobs):
+        failed += 1
+        print(report(run(seed), story=failed <= 3 and not args.stop), flush=True)
+        if args.stop:
+            print(f"first failure after {seed - args.first + 1} seeds")
+            return 1
     took = time.monotonic() - began
     print(f"{args.seeds} schedules in {took:.1f} s ({args.seeds / took:.0f}/s), {failed} failed")
     return 1 if failed else 0
