@@ -1,6 +1,8 @@
 """A simulated decision log (`coordinator.ports.DecisionLogPort`) on a simulated disk.
 
-The disk keeps a journal of writes and how much of it is durable. A forced write
+A full disk fails every write from then on, and the log fails stop as the SQLite one
+does (`failure` set, `LogFailed` raised) until the coordinator is restarted on a disk
+with room. The disk keeps a journal of writes and how much of it is durable. A forced write
 returns only after an fsync (a short random delay shared by every write queued
 meanwhile: group commit), which makes it and everything before it durable; an
 unforced one is visible at once and durable only with the next fsync, as SQLite's
@@ -19,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
-from coordinator.decision_log import LogRecord, LogState
+from coordinator.decision_log import LogFailed, LogRecord, LogState
 from tests.sim.loop import Process, SimClock
 from tests.sim.trace import Trace
 
@@ -50,6 +52,8 @@ class SimDisk:
         self.durable = 0
         self.epochs: dict[int, float] = {}
         """Epoch -> wall time it began (always forced)."""
+        self.full = False
+        """Every write fails (disk full): the log stops, the coordinator with it."""
         self.ever_committed: set[str] = set()
         """Every transaction whose COMMIT record was ever durable here, even on a log
         since replaced by an older copy: the participants' oracle."""
@@ -124,6 +128,11 @@ class SimDecisionLog:
     async def _write(self, what: str, txid: str, op: _Op, forced: bool) -> None:
         if not self._owner.alive:
             raise asyncio.CancelledError
+        if self.failure is None and self._disk.full:
+            self.failure = "cannot write the decision log: disk full (simulated)"
+            self._trace.add("log", f"{what} failed: {self.failure}", txid)
+        if self.failure is not None:  # fail-stop, as the SQLite log
+            raise LogFailed(self.failure)
         op(self._state)  # raises (IntegrityError) before anything is journaled
         self._disk.journal.append((what, txid, op))
         self._trace.add("log", f"{what}{'' if forced else ' (unforced)'}", txid)

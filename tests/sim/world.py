@@ -117,6 +117,9 @@ class Shape:
     failpoint_action: str
     crash_after_execute: float
     restore_backup: bool
+    disk_fills: bool
+    """The decision log's disk fills up: the coordinator must stop deciding (and is
+    restarted, with room, when the faults heal)."""
     """An operator restarts the coordinator on a backup of its log taken earlier:
     it must refuse to start (its agents have seen later epochs) rather than decide."""
     """Probability that an agent crashes right after it answered an Execute: inside
@@ -142,6 +145,7 @@ class Shape:
             failpoint_action=rng.choice(("crash", "error")),
             crash_after_execute=0.0 if rng.random() < 0.5 else 0.25,
             restore_backup=rng.random() < 0.3,
+            disk_fills=rng.random() < 0.1,
         )
 
 
@@ -243,7 +247,7 @@ class World:
                 # Only a backup older than an epoch an agent has seen can be told
                 # old (otherwise nothing says so: a known limit of epoch fencing).
                 and max(db.epochs.get(COORDINATOR, 0) for db in self.dbs.values())
-                > max(dict(self._backup.epochs))
+                > max(dict(self._backup.epochs), default=0)
             ):
                 # The restart takes the backup; every agent can say it is old.
                 self.trace.add("world", "the coordinator's log is replaced by an older backup")
@@ -351,6 +355,8 @@ class World:
             )
         for _ in range(s.partitions):
             events.append((self.rng.uniform(0, s.work_seconds), "partition", ""))
+        if s.disk_fills:
+            events.append((self.rng.uniform(0, s.work_seconds), "disk_full", ""))
         if s.restore_backup:
             third = s.work_seconds / 3
             events.append((self.rng.uniform(0, third), "backup", ""))
@@ -360,7 +366,10 @@ class World:
         loop = asyncio.get_running_loop()
         for at, kind, name in events:
             await asyncio.sleep(max(0.0, at - loop.time()))
-            if kind == "backup":
+            if kind == "disk_full":
+                self.disk.full = True
+                self.trace.add("world", "the decision log's disk is full")
+            elif kind == "backup":
                 self._backup = self.disk.backup()
                 self.trace.add("world", "backup of the coordinator's log")
             elif kind == "crash":
@@ -727,6 +736,9 @@ class World:
         self.trace.add("world", "heal")
         self.net.cut.clear()
         self.net.faults.drop = self.net.faults.duplicate = 0.0
+        if self.disk.full:  # the operator makes room and restarts the coordinator
+            self.disk.full = False
+            self.crash(COORD, 0.1)
         for name in (COORD, *self.shards):
             self._restart(name)
         loop = asyncio.get_running_loop()
