@@ -16,6 +16,8 @@ What it models is what the protocol depends on, with PostgreSQL's semantics:
   (`cancel_safe`) interrupts the wait (57014);
 - a CHECK (balance >= 0): a debit that would overdraw fails (23514);
 - the coordinator-epoch table, and marker pruning by age;
+- a crash of PostgreSQL itself: every session ends, open transactions roll back,
+  prepared ones stay; calls fail until it is back;
 - optionally, a connection lost while the settling statement (PREPARE, the one-phase
   COMMIT) ran: it may or may not have happened (`OutcomeUnknown`).
 
@@ -40,7 +42,7 @@ from participant.store import BranchFailed, LockWait, OutcomeUnknown, PreparedBr
 from tests.sim.loop import Process, SimClock
 from tests.sim.trace import Trace
 from twopc_common import ids
-from twopc_common.errors import FailedPrecondition
+from twopc_common.errors import FailedPrecondition, Unavailable
 from twopc_common.values import Statement, StatementResult
 
 
@@ -97,6 +99,8 @@ class SimDatabase:
         self.pids = itertools.count(100)
         self.owners: dict[int, Process] = {}
         """Backend pid -> the agent process whose session it is."""
+        self.conns: list[SimConn] = []
+        self.down_until = 0.0
         self._trace = trace
         self._on_finish_prepared = on_finish_prepared
 
@@ -180,6 +184,24 @@ class SimDatabase:
         self._trace.add(self.name, "COMMIT PREPARED" if commit else "ROLLBACK PREPARED", tx.txid)
         self.end(tx, commit)
 
+    def crash(self, seconds: float) -> None:
+        """PostgreSQL dies (`pg_ctl stop -m immediate`) and is back after `seconds`:
+        every session ends and its open transaction rolls back; prepared ones stay."""
+        for tx in list(self.open.values()):
+            self.end(tx, False)
+        for conn in self.conns:
+            conn.broken = True
+            if conn.waiting is not None and not conn.waiting.future.done():
+                conn.waiting.future.set_exception(
+                    _SqlError("57P01", "terminating connection due to immediate shutdown")
+                )
+        self.conns = []
+        self.down_until = _now() + seconds
+
+    @property
+    def down(self) -> bool:
+        return _now() < self.down_until
+
     def end_sessions(self, owner: Process) -> None:
         """The agent died: its backends end, their open transactions roll back."""
         for pid, tx in list(self.open.items()):
@@ -221,7 +243,10 @@ class SimConn:
         pid = next(db.pids)
         self.info = _Info(pid)
         db.owners[pid] = owner
+        db.conns.append(self)
         self.closed = False
+        self.broken = False
+        """Its session ended under it (the database crashed)."""
         self.waiting: _Wait | None = None
 
     @property
@@ -274,8 +299,15 @@ class SimStore:
 
     # -- branch work ----------------------------------------------------------------
 
+    def _check_up(self, conn: SimConn | None = None) -> None:
+        """Unavailable if the database is down or `conn`'s session ended."""
+        if self._db.down or (conn is not None and conn.broken):
+            raise Unavailable(f"database unavailable: {self._db.name} is down")
+
     async def connect_branch(self) -> SimConn:
         await self._round_trip()
+        if self._db.down:
+            raise BranchFailed(f"no database connection: {self._db.name} is down")
         return SimConn(self._db, self._owner)
 
     async def release(self, conn: SimConn) -> None:
@@ -283,7 +315,7 @@ class SimStore:
         conn.closed = True
 
     async def rollback(self, conn: SimConn) -> None:
-        if conn.closed or not self._owner.alive:
+        if conn.closed or conn.broken or not self._owner.alive:
             return
         tx = conn.tx
         if tx is not None:
@@ -292,12 +324,16 @@ class SimStore:
     async def _run(self, conn: SimConn, statements: Sequence[Statement]) -> list[StatementResult]:
         if not self._owner.alive:
             raise asyncio.CancelledError
+        if conn.broken or self._db.down:
+            raise BranchFailed("57P01: terminating connection due to immediate shutdown", "57P01")
         tx = conn.tx or self._db.begin(conn.info.backend_pid)
         if tx.failed:
             raise BranchFailed("25P02: current transaction is aborted", "25P02")
         results = []
         for i, st in enumerate(statements, 1):
             await self._round_trip()
+            if conn.broken:
+                raise BranchFailed("57P01: terminating connection due to immediate shutdown")
             try:
                 result = await self._statement(conn, tx, st)
             except _SqlError as exc:
@@ -345,6 +381,8 @@ class SimStore:
         tx = conn.tx or self._db.begin(conn.info.backend_pid)
         gid = str(ids.branch_xid(transaction_id, participant_id))
         await self._round_trip()
+        if conn.broken:  # the database died with PREPARE on its way: nothing happened
+            self._break(conn, transaction_id, "with PREPARE on its way")
         wrote = bool(tx.writes)
         if not wrote:  # no transaction id assigned: no marker; PREPARE, COMMIT PREPARED
             self._db.end(tx, True)
@@ -394,6 +432,8 @@ class SimStore:
             raise BranchFailed("23505: duplicate key value violates unique constraint", "23505")
         tx.marker, tx.txid = gid, transaction_id
         await self._round_trip()
+        if conn.broken:
+            self._break(conn, transaction_id, "with COMMIT on its way")
         lost = self._settle_lost()
         if lost and self._rng.random() < 0.5:
             self._db.end(tx, False)
@@ -409,6 +449,7 @@ class SimStore:
     @contextlib.asynccontextmanager
     async def phase2_connection(self) -> AsyncIterator[SimConn]:
         await self._round_trip()
+        self._check_up()
         conn = SimConn(self._db, self._owner)
         try:
             yield conn
@@ -420,6 +461,7 @@ class SimStore:
     ) -> list[bool]:
         ran: list[bool] = []
         await self._round_trip()
+        self._check_up(conn)
         for transaction_id, commit in branches:
             gid = str(ids.branch_xid(transaction_id, participant_id))
             if gid not in self._db.prepared:
@@ -433,6 +475,7 @@ class SimStore:
     ) -> bool:
         gid = str(ids.branch_xid(transaction_id, participant_id))
         await self._round_trip()
+        self._check_up(conn)
         if gid in self._db.prepared:
             self._db.finish_prepared(gid, commit)
             return True
@@ -453,6 +496,7 @@ class SimStore:
 
     async def prepared_branches(self, participant_id: str) -> PreparedScan:
         await self._round_trip()
+        self._check_up()
         ours = tuple(
             PreparedBranch(tx.txid, gid, self._wall(tx.prepared_at))
             for gid, tx in self._db.prepared.items()
@@ -462,6 +506,7 @@ class SimStore:
 
     async def lock_waits(self, pids: Sequence[int]) -> list[LockWait]:
         await self._round_trip()
+        self._check_up()
         wanted = set(pids)
         return [
             LockWait(
@@ -476,14 +521,17 @@ class SimStore:
 
     async def load_epochs(self) -> dict[str, int]:
         await self._round_trip()
+        self._check_up()
         return dict(self._db.epochs)
 
     async def raise_epoch(self, coordinator_id: str, epoch: int) -> None:
         await self._round_trip()
+        self._check_up()
         self._db.epochs[coordinator_id] = max(self._db.epochs.get(coordinator_id, 0), epoch)
 
     async def prune_markers(self) -> int:
         await self._round_trip()
+        self._check_up()
         horizon = _now() - self._marker_retention
         old = [g for g, (_, _, at) in self._db.markers.items() if at < horizon]
         for gid in old:

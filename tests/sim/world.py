@@ -50,7 +50,7 @@ from tests.sim.loop import Process, SimClock, VirtualLoop, current
 from tests.sim.network import Network, SimCoordinators, SimParticipantClient, Status
 from tests.sim.trace import CaptureLogs, Trace
 from twopc_common import failpoints
-from twopc_common.errors import Aborted, TwoPCError
+from twopc_common.errors import Aborted, TwoPCError, Unavailable
 from twopc_common.values import Statement, exactly
 
 T = TypeVar("T")
@@ -118,6 +118,8 @@ class Shape:
     crash_after_execute: float
     restore_backup: bool
     disk_fills: bool
+    database_crashes: int
+    """Crashes of a shard's PostgreSQL (the agent stays up)."""
     """The decision log's disk fills up: the coordinator must stop deciding (and is
     restarted, with room, when the faults heal)."""
     """An operator restarts the coordinator on a backup of its log taken earlier:
@@ -146,6 +148,7 @@ class Shape:
             crash_after_execute=0.0 if rng.random() < 0.5 else 0.25,
             restore_backup=rng.random() < 0.3,
             disk_fills=rng.random() < 0.1,
+            database_crashes=some(0.2, 2),
         )
 
 
@@ -306,7 +309,12 @@ class World:
             self.store_faults,
         )
         agent = Agent(config, store, clock=self.clock, rng=self.rng)
-        await agent.epochs.load()
+        while True:  # a daemon that cannot reach its database exits; it is started again
+            try:
+                await agent.epochs.load()
+                break
+            except Unavailable:
+                await asyncio.sleep(0.2)
         recovery = Recovery(
             agent, SimCoordinators(self, self.net, proc, config.coordinator_rpc_timeout)
         )
@@ -355,6 +363,10 @@ class World:
             )
         for _ in range(s.partitions):
             events.append((self.rng.uniform(0, s.work_seconds), "partition", ""))
+        for _ in range(s.database_crashes):
+            events.append(
+                (self.rng.uniform(0, s.work_seconds), "pg_crash", self.rng.choice(self.shards))
+            )
         if s.disk_fills:
             events.append((self.rng.uniform(0, s.work_seconds), "disk_full", ""))
         if s.restore_backup:
@@ -366,7 +378,11 @@ class World:
         loop = asyncio.get_running_loop()
         for at, kind, name in events:
             await asyncio.sleep(max(0.0, at - loop.time()))
-            if kind == "disk_full":
+            if kind == "pg_crash":
+                seconds = self.rng.uniform(0.1, 1.5)
+                self.trace.add("world", f"PostgreSQL of {name} crashes, back in {seconds:.2f}s")
+                self.dbs[name].crash(seconds)
+            elif kind == "disk_full":
                 self.disk.full = True
                 self.trace.add("world", "the decision log's disk is full")
             elif kind == "backup":
