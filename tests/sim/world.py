@@ -725,7 +725,7 @@ class World:
         assert self.engine is not None
         for txid in sorted(known):
             self.saw_answer(txid, (await self.engine.get(txid)).outcome)
-        writes = {txid for r in self.requests for a in r.attempts if a.ops for txid in [a.txid]}
+        writes = {a.txid for r in self.requests for a in r.attempts if a.ops and a.txid}
         for txid, answer in self._answers:
             done = txid in applied
             if answer is Reported.COMMITTED and not done and txid in writes:
