@@ -23,8 +23,9 @@ Invariants (`Violation` when broken, checked during the run where they can be):
 - a coordinator restarted on an older backup of its log refuses to start when its
   agents have seen a later epoch (the operator then puts the current log back);
 - money is conserved and no balance is negative;
-- at quiescence nothing is prepared, no database transaction is open, and neither
-  the coordinator nor an agent holds a live transaction.
+- at quiescence nothing is prepared, no database transaction is open, neither the
+  coordinator nor an agent holds a live transaction, and every logged commit is
+  marked complete.
 """
 
 from __future__ import annotations
@@ -677,6 +678,10 @@ class World:
             return "the coordinator is not up"
         if live := self.engine.in_flight():
             return f"the coordinator holds live transactions {[t.transaction_id for t in live]}"
+        if waiting := self.engine.decision_log.incomplete_commits():
+            # Every participant acknowledged or nobody holds the branch any more:
+            # the commit should have been marked complete.
+            return f"commits never marked complete {[r.transaction_id for r in waiting]}"
         return None
 
     async def _check_end(self) -> None:
