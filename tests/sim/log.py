@@ -180,15 +180,15 @@ class SimDecisionLog:
     ) -> LogRecord:
         now = self._clock.time()
         return LogRecord(
-            txid,
-            state,
-            participants,
-            key,
-            request_hash,
-            dict(outcome),
-            created_at,
-            now,
-            now if complete else None,
+            transaction_id=txid,
+            state=state,
+            participants=participants,
+            idempotency_key=key,
+            request_hash=request_hash,
+            outcome=dict(outcome),
+            created_at=created_at,
+            decided_at=now,
+            completed_at=now if complete else None,
         )
 
     async def record_commit(
