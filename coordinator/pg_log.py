@@ -44,7 +44,7 @@ import psycopg
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
-from coordinator.decision_log import LogFailed, LogInUse, LogRecord, _settle
+from coordinator.decision_log import LogFailed, LogInUse, LogRecord, LogState, _settle
 from coordinator.lease import Lease, LeaseSettings
 from twopc_common.errors import Unavailable
 from twopc_common.settings import describe_dsn
@@ -152,7 +152,7 @@ def migrate(conn: psycopg.Connection[Any]) -> int:
 def _record(row: dict[str, Any]) -> LogRecord:
     return LogRecord(
         transaction_id=row["id"],
-        state=row["state"],
+        state=LogState(row["state"]),
         participants=tuple(row["participants"]),
         idempotency_key=row["idempotency_key"],
         request_hash=row["request_hash"],
