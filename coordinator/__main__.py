@@ -76,7 +76,9 @@ async def serve(config: CoordinatorConfig) -> None:
             config.limits.max_message_bytes,
             lambda s: cgrpc.add_CoordinatorServicer_to_server(
                 guard(
-                    CoordinatorService(engine, access.Owners(config.owners_remembered)),
+                    CoordinatorService(
+                        engine, access.Owners(config.owners_remembered, engine.owner_of)
+                    ),
                     pb.DESCRIPTOR.services_by_name["Coordinator"],
                     authenticator,
                     access.rules(config),

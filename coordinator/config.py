@@ -94,8 +94,9 @@ class CoordinatorConfig:
     admins: frozenset[str] = frozenset()
     """Client identities with the admin role (all transactions, SetFailpoints)."""
     owners_remembered: int = 200_000
-    """Transactions whose owning client is remembered; older ones are NOT_FOUND for
-    clients (far more than can be live: the idle timeout ends forgotten ones)."""
+    """Finished transactions whose owning client is remembered in memory. Beyond them
+    (and after a restart) the owner comes from the transaction's log record; one
+    without a record is then NOT_FOUND to every client but an admin."""
     limits: Limits = field(default_factory=Limits)
     """Request limits."""
 

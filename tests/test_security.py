@@ -34,7 +34,7 @@ from coordinator.client import (
 from tests.conftest import SystemFactory, create_tagged_rows, rows, tagged_inserts
 from twopc_common import certs
 from twopc_common.auth import hash_token
-from twopc_common.errors import PermissionDenied, Unauthenticated
+from twopc_common.errors import NotFound, Unauthenticated
 from twopc_common.tls import channel
 from twopc_harness.daemons import wait_until
 from twopc_harness.postgres import free_port
@@ -318,9 +318,10 @@ def test_a_client_cannot_touch_another_clients_transaction_or_key(
                 lambda: stub.GetTransaction(cpb.GetTransactionRequest(transaction_id=txid)),
             ):
                 code, details = code_of(call)
-                assert code == grpc.StatusCode.PERMISSION_DENIED, code
-                assert "belongs to another client" in details
-        with pytest.raises(PermissionDenied):
+                # Not PERMISSION_DENIED: that would tell that the id exists.
+                assert code == grpc.StatusCode.NOT_FOUND, code
+                assert f"no transaction {txid} of yours" in details
+        with pytest.raises(NotFound):
             other.get_transaction(txid)
         assert txid not in [t.transaction_id for t in other.list_transactions()]
         assert txid in [t.transaction_id for t in app.list_transactions()]
@@ -350,7 +351,7 @@ def test_bearer_tokens_are_checked(token_system: tuple[LocalSystem, str, str]) -
         assert client.get_transaction(outcome.transaction_id).outcome == "committed"
     with system.client(identity="app") as same_name:  # certificate `app` is the same client
         assert same_name.get_transaction(outcome.transaction_id).outcome == "committed"
-    with system.client(identity="other") as other, pytest.raises(PermissionDenied):
+    with system.client(identity="other") as other, pytest.raises(NotFound):
         other.get_transaction(outcome.transaction_id)
     for wrong in (token + "x", "twopc_" + "A" * 43, ""):
         with (
@@ -518,8 +519,8 @@ def test_a_certificate_without_an_identity_is_unauthenticated(
 def test_a_client_cannot_roll_back_another_clients_run_in_flight(
     make_system: SystemFactory,
 ) -> None:
-    """A one-shot Run's id is claimed only when it returns; meanwhile its owner is not
-    known, and another client who guesses the id still cannot touch it."""
+    """A one-shot Run in flight belongs to its client already (the engine knows its
+    owner): another client who guesses the id cannot touch it, and its owner sees it."""
     system = make_system(["--prepare-timeout", "10"], ["--allow-failpoints"])
     create_tagged_rows(system)
     system.participants["shard2"].set_failpoints("participant.before_prepare=1*sleep(4000)")
@@ -532,9 +533,13 @@ def test_a_client_cannot_roll_back_another_clients_run_in_flight(
             wait_until(lambda: bool(admin.list_transactions()), 20, "the Run in flight")
             (live,) = admin.list_transactions()
         with system.client(identity="other") as other:
-            with pytest.raises(PermissionDenied, match="belongs to another client"):
+            with pytest.raises(NotFound, match="of yours"):
                 Transaction(other, live.transaction_id).rollback()
+            with pytest.raises(NotFound, match="of yours"):
+                other.get_transaction(live.transaction_id)
             assert other.list_transactions() == []
+        with system.client(identity="app") as app:
+            assert live.transaction_id in [t.transaction_id for t in app.list_transactions()]
     finally:
         runner.join(30)
     assert told and told[0].committed

@@ -145,7 +145,9 @@ class Authenticator:
             text = uri.decode(errors="replace")
             kind, _, name = text.removeprefix(URI_PREFIX).partition("/")
             if text.startswith(URI_PREFIX) and kind in KINDS and name:
-                return Principal(kind, name, admin=kind == "client" and name in self._admins)
+                return Principal(
+                    kind, _checked(name), admin=kind == "client" and name in self._admins
+                )
         if "x509_subject" in peer:
             raise Unauthenticated(
                 "the client certificate names no identity: it needs a URI SAN "
@@ -159,10 +161,18 @@ class Authenticator:
             if scheme.lower() != "bearer" or found is None:
                 raise Unauthenticated("the bearer token is not valid")
             name, admin = found
-            return Principal("client", name, admin=admin or name in self._admins)
+            return Principal("client", _checked(name), admin=admin or name in self._admins)
         raise Unauthenticated(
             "no credentials: present a client certificate (twopc://KIND/NAME) or a bearer token"
         )
+
+
+def _checked(name: str) -> str:
+    """An identity name as owners and key scopes use it: `/` would make the scoped key
+    `NAME/KEY` ambiguous (`a` with key `b/c` against `a/b` with key `c`)."""
+    if "/" in name or not name.isprintable():
+        raise Unauthenticated(f"identity name {name!r} is not valid: no `/` or control characters")
+    return name
 
 
 Rule = Callable[[Principal], bool]
