@@ -87,6 +87,9 @@ class CoordinatorConfig:
     widened and narrowed by --allow-statement / --refuse-statement."""
     tls: TlsConfig = field(default_factory=TlsConfig)
     """Certificate, key and CA for every channel (the default is plaintext: --insecure)."""
+    tls_reload_interval: float = 5.0
+    """Seconds between checks of the TLS files for the outbound channels (at the next
+    call; SIGHUP checks at once). The server itself checks them at every handshake."""
     token_listen: str | None = None
     """HOST:PORT of a second port with server-only TLS for clients with bearer tokens."""
     tokens_file: Path | None = None
@@ -123,6 +126,7 @@ class CoordinatorConfig:
             "probe_timeout",
             "retention",
             "connect_probe_timeout",
+            "tls_reload_interval",
         ):
             settings.seconds(name, getattr(self, name))
         settings.seconds("shutdown_grace", self.shutdown_grace, zero_ok=True)

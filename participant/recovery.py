@@ -7,6 +7,9 @@ recovery: presumed abort) -> ROLLBACK PREPARED. If the coordinator is unreachabl
 still deciding, or not configured here, the branch keeps waiting and is reported (once
 per `in_doubt_warning_interval`, not at every scan): a participant that voted YES never
 decides alone.
+
+Its channels to the coordinators follow the agent's TLS files
+(`twopc_common.tls.ReloadingChannel`): rotated certificates are used without a restart.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from participant.store import ForeignPrepared
 from twopc_common.errors import TwoPCError
 from twopc_common.ids import TransactionId
 from twopc_common.log import RateLimit
-from twopc_common.tls import aio_channel
+from twopc_common.tls import ReloadingChannel
 from twopc_pb import coordinator_pb2 as cpb
 from twopc_pb import coordinator_pb2_grpc as cgrpc
 
@@ -31,8 +34,7 @@ class Recovery:
     def __init__(self, agent: Agent) -> None:
         self._agent = agent
         self._config = agent.config
-        self._stubs: dict[str, cgrpc.CoordinatorStub] = {}
-        self._channels: list[grpc.aio.Channel] = []
+        self._channels: dict[str, ReloadingChannel] = {}
         self._warn = RateLimit(self._config.in_doubt_warning_interval)
         self.prepared = 0
         """Prepared branches of this participant seen by the last scan."""
@@ -43,15 +45,26 @@ class Recovery:
         branches, as of the last scan: reported, never touched."""
 
     def _stub(self, coordinator_id: str) -> cgrpc.CoordinatorStub | None:
-        if coordinator_id not in self._stubs:
+        if coordinator_id not in self._channels:
             address = self._config.coordinators.get(coordinator_id)
             if address is None:
                 return None
             # Authenticates as this agent; the coordinator must prove it is coordinator_id.
-            channel = aio_channel(address, self._config.tls, server_name=coordinator_id)
-            self._channels.append(channel)
-            self._stubs[coordinator_id] = cgrpc.CoordinatorStub(channel)
-        return self._stubs[coordinator_id]
+            self._channels[coordinator_id] = ReloadingChannel(
+                address,
+                self._config.tls,
+                server_name=coordinator_id,
+                check_interval=self._config.tls_reload_interval,
+                drain=self._config.coordinator_rpc_timeout,
+                log=self._agent.log,
+            )
+        # A stub is only a wrapper: one per scan follows a replaced channel.
+        return cgrpc.CoordinatorStub(self._channels[coordinator_id].current())
+
+    def reload_tls(self) -> None:
+        """SIGHUP: the channels to the coordinators check the TLS files now."""
+        replaced = [name for name, ch in self._channels.items() if ch.reload()]
+        self._agent.log.info("sighup", tls_channels_replaced=",".join(replaced) or "none")
 
     async def run_forever(self) -> None:
         next_prune = 0.0
@@ -143,5 +156,5 @@ class Recovery:
         self._agent.counters["foreign_prepared"] = len(foreign)
 
     async def close(self) -> None:
-        for channel in self._channels:
+        for channel in self._channels.values():
             await channel.close()
