@@ -47,6 +47,7 @@ from bank_demo.faults import (
 from bank_demo.workload import Workload, WorkloadConfig, in_doubt
 from coordinator.client import CoordinatorClient
 from twopc_common import settings
+from twopc_common.auth import TokenFileError, add_token_flag, read_token_file
 from twopc_common.cli import HelpFormatter, add_version_flag
 from twopc_common.errors import TwoPCError
 from twopc_common.ids import check_name
@@ -122,9 +123,9 @@ def _check_shards(dsns: dict[str, str]) -> None:
             )
 
 
-def _check_coordinator(address: str, tls: TlsConfig) -> None:
+def _check_coordinator(address: str, tls: TlsConfig, token: str | None) -> None:
     try:
-        with CoordinatorClient(address, timeout=5, tls=tls) as client:
+        with CoordinatorClient(address, timeout=5, tls=tls, token=token) as client:
             client.status(timeout=5)
     except TwoPCError as exc:
         raise DemoError(f"the coordinator at {address} does not answer ({exc})") from None
@@ -184,6 +185,7 @@ def play(
     network: FaultNetwork | None,
     system: LocalSystem | None,
     seed: int,
+    token: str | None = None,
 ) -> int:
     shards = list(dsns)
     proxies = sorted(network.proxies) if network is not None else None
@@ -223,6 +225,7 @@ def play(
         ),
         random.Random(seed),
         lambda: player.current,
+        token,
     )
     started = time.monotonic()
     stop_at = started + args.duration
@@ -283,6 +286,8 @@ def play(
 def _check_run_options(args: argparse.Namespace, seed: int) -> None:
     """Everything that can be checked without a deployment, before one is started or
     touched: a bad option costs a second, not a cluster start-up."""
+    if args.token_file is not None and not args.coordinator:
+        raise UsageError("--token-file is for an existing deployment: give --coordinator too")
     if args.coordinator:
         try:
             settings.host_port("--coordinator", args.coordinator)
@@ -331,15 +336,16 @@ def run(args: argparse.Namespace) -> int:
         _check_shards(dsns)
         try:
             tls = client_tls(args)
-        except TlsError as exc:
+            token = read_token_file(args.token_file)
+        except (TlsError, TokenFileError) as exc:
             raise DemoError(str(exc)) from None
-        _check_coordinator(args.coordinator, tls)
+        _check_coordinator(args.coordinator, tls, token)
         try:
             network = attach_network(args.toxiproxy_url) if args.toxiproxy_url else None
         except HarnessError as exc:
             raise DemoError(str(exc)) from None
         try:
-            return play(args, args.coordinator, tls, dsns, network, None, seed)
+            return play(args, args.coordinator, tls, dsns, network, None, seed, token)
         finally:
             if network is not None:
                 network.stop()
@@ -472,6 +478,7 @@ def _parser() -> argparse.ArgumentParser:
             "the demo did not create them (without it the demo refuses to touch them)",
         )
         add_tls_flags(target, daemon=False)
+        add_token_flag(target)
     c.add_argument(
         "--shard",
         action="append",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
+import json
 import os
 import subprocess
 import sys
@@ -544,3 +545,66 @@ def test_a_client_cannot_roll_back_another_clients_run_in_flight(
         runner.join(30)
     assert told and told[0].committed
     assert rows(system, "in-flight") == {"shard1": 1, "shard2": 1, "shard3": 0}
+
+
+def test_inspect_and_bank_demo_authenticate_with_a_token_file(
+    token_system: tuple[LocalSystem, str, str], tmp_path: Path
+) -> None:
+    """`--token-file` on the operator's and the demo's tools: the token comes from a
+    file (there is no flag for it in argv) and is checked like the library's."""
+    system, token_port, token = token_system
+    admin_token = issue_token(
+        Path(system.coordinator.argv[system.coordinator.argv.index("--tokens-file") + 1]),  # type: ignore[union-attr]
+        "ops",
+        admin=True,
+    )
+    ca = f"--tls-ca={system.tls('app').ca}"
+    good, wrong = tmp_path / "ops.token", tmp_path / "wrong.token"
+    good.write_text(admin_token + "\n")
+    wrong.write_text(token + "x")
+    log = str(system.workdir / "decisions.sqlite")
+    inspect = [sys.executable, "-m", "coordinator", "inspect", "--log", log, "--json", ca]
+    with system.client() as client:
+        tx = client.begin()
+        tx.execute("shard1", "INSERT INTO twopc_test_rows VALUES ('inspected')")
+        seen = subprocess.run(
+            [*inspect, "--coordinator", token_port, f"--token-file={good}"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert seen.returncode == 0, seen.stderr
+        assert tx.id in [t["transaction_id"] for t in json.loads(seen.stdout)["in_flight"]]
+        tx.rollback()
+    refused = subprocess.run(
+        [*inspect, "--coordinator", token_port, f"--token-file={wrong}"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert refused.returncode == 1 and token not in refused.stdout + refused.stderr
+    assert "UNAUTHENTICATED" in json.dumps(json.loads(refused.stdout)["in_flight"])
+    done = subprocess.run([*inspect, "--token", token], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "--token is refused" in done.stderr
+    assert token not in done.stdout + done.stderr
+    tokened = tmp_path / "app.token"
+    tokened.write_text(token)
+    shards = [f"--shard={s}={system.dsn(s)}" for s in system.shard_names]
+    demo = [sys.executable, "-m", "bank_demo", "run", "--coordinator", token_port, *shards, ca]
+    common = ["--faults", "none", "--duration", "2", "--accounts", "20", "--quiet"]
+    ran = subprocess.run(
+        [*demo, f"--token-file={tokened}", *common, "--out", str(tmp_path / "demo")],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert ran.returncode == 0, ran.stdout + ran.stderr
+    report = json.loads((tmp_path / "demo" / "report.json").read_text())
+    assert report["passed"] and report["figures"]["committed"] > 0
+    stopped = subprocess.run(
+        [*demo, f"--token-file={wrong}", *common, "--out", str(tmp_path / "demo2")],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert stopped.returncode != 0 and "not valid" in stopped.stderr.strip().splitlines()[-1]

@@ -47,7 +47,8 @@ KINDS = ("coordinator", "participant", "client")
 
 
 class TokenFileError(TwoPCError):
-    """The tokens file cannot be read or has a malformed line."""
+    """The tokens file cannot be read or has a malformed line, or a client's token file
+    cannot be read or does not hold one token."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,6 +223,42 @@ def _guarded(
         return await method(request, context)
 
     return call
+
+
+def add_token_flag(p: argparse.ArgumentParser) -> None:
+    """`--token-file` for client tools: the token is read from a file, never from argv
+    (which every user of the machine can read in the process list)."""
+    p.add_argument(
+        "--token-file",
+        type=Path,
+        metavar="PATH",
+        help="a file holding this client's bearer token (`twopc-coordinator token` prints "
+        "one), for the coordinator's --token-listen port; needs --tls-ca (server TLS)",
+    )
+    # Without it, argparse would take `--token SECRET` as an abbreviation of
+    # --token-file and echo the secret in its error.
+    p.add_argument("--token", action=_RefuseToken, nargs="?", help=argparse.SUPPRESS)
+
+
+class _RefuseToken(argparse.Action):
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any) -> None:
+        parser.error(
+            "--token is refused: a token on the command line is visible to every user "
+            "of the machine (the process list); put it in a file and give --token-file PATH"
+        )
+
+
+def read_token_file(path: Path | None) -> str | None:
+    """The bearer token in `path` (surrounding whitespace ignored); None without a path."""
+    if path is None:
+        return None
+    try:
+        token = path.read_text().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise TokenFileError(f"cannot read the token file: {exc}") from exc
+    if not token or any(c.isspace() for c in token):
+        raise TokenFileError(f"token file {path} must hold exactly one token")
+    return token
 
 
 def token_main(argv: list[str]) -> None:
