@@ -28,6 +28,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import NoReturn
@@ -88,9 +89,20 @@ class UsageError(DemoError):
     """A bad option, found before anything started (exit status 2)."""
 
 
-def _shard_dsns(items: list[str]) -> dict[str, str]:
+def _shard_dsns(items: Sequence[str], files: Sequence[str] = ()) -> dict[str, str]:
+    """The shards of --shard NAME=DSN and --shard-dsn-file NAME=PATH (the DSN, password
+    included, read from a file: a password in argv is visible to every local user)."""
     dsns: dict[str, str] = {}
-    for item in items:
+    read = []
+    for item in files:
+        name, sep, path = item.partition("=")
+        if not sep or not path:
+            raise UsageError(f"--shard-dsn-file {item!r}: expected NAME=PATH")
+        try:
+            read.append(f"{name}={Path(path).read_text().strip()}")
+        except OSError as exc:
+            raise UsageError(f"--shard-dsn-file {name}: cannot read {path}: {exc}") from None
+    for item in [*items, *read]:
         name, sep, dsn = item.partition("=")
         if not sep or not dsn:
             raise UsageError(f"--shard {settings.redact(item)!r}: expected NAME=DSN")
@@ -293,18 +305,21 @@ def _check_run_options(args: argparse.Namespace, seed: int) -> None:
             settings.host_port("--coordinator", args.coordinator)
         except TwoPCError as exc:
             raise UsageError(str(exc)) from None
-        dsns = _shard_dsns(args.shard)
+        dsns = _shard_dsns(args.shard, args.shard_dsn_file)
         if not dsns:
-            raise UsageError("--coordinator needs the shards' DSNs: --shard NAME=DSN ...")
+            raise UsageError(
+                "--coordinator needs the shards' DSNs: --shard NAME=DSN or "
+                "--shard-dsn-file NAME=PATH ..."
+            )
         # The proxies of an existing Toxiproxy are known only once it answers; the
         # schedule is checked against them then.
         proxies: list[str] | None = [] if args.toxiproxy_url else None
         if args.faults in PRESETS or proxies is None:
             _schedule_usage(args, seed, list(dsns), proxies, can_kill=False)
         return
-    if args.shard or args.toxiproxy_url:
+    if args.shard or args.shard_dsn_file or args.toxiproxy_url:
         raise UsageError(
-            "--shard and --toxiproxy-url go with --coordinator (an existing "
+            "--shard, --shard-dsn-file and --toxiproxy-url go with --coordinator (an existing "
             "deployment); without it the demo starts its own"
         )
     if args.reset:
@@ -332,7 +347,7 @@ def run(args: argparse.Namespace) -> int:
     seed = args.seed if args.seed is not None else random.randrange(2**31)
     _check_run_options(args, seed)
     if args.coordinator:
-        dsns = _shard_dsns(args.shard)
+        dsns = _shard_dsns(args.shard, args.shard_dsn_file)
         _check_shards(dsns)
         try:
             tls = client_tls(args)
@@ -377,7 +392,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def check(args: argparse.Namespace) -> int:
-    dsns = _shard_dsns(args.shard)
+    dsns = _shard_dsns(args.shard, args.shard_dsn_file)
+    if not dsns:
+        raise UsageError("give the shards to check: --shard NAME=DSN or --shard-dsn-file NAME=PATH")
     outcomes = None
     if args.transfers:
         try:
@@ -469,6 +486,13 @@ def _parser() -> argparse.ArgumentParser:
             help="an existing deployment's shard: the agent's --id and its database (repeatable)",
         )
         target.add_argument(
+            "--shard-dsn-file",
+            action="append",
+            default=[],
+            metavar="NAME=PATH",
+            help="as --shard, the DSN (password included) read from a file (repeatable)",
+        )
+        target.add_argument(
             "--toxiproxy-url", metavar="URL", help="an existing deployment's Toxiproxy API"
         )
         target.add_argument(
@@ -484,8 +508,14 @@ def _parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="NAME=DSN",
-        required=True,
         help="a shard to check: its name and its database (repeatable)",
+    )
+    c.add_argument(
+        "--shard-dsn-file",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="as --shard, the DSN (password included) read from a file (repeatable)",
     )
     c.add_argument(
         "--transfers",
