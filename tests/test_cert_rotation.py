@@ -145,8 +145,8 @@ def test_rotated_certificates_and_a_new_ca_are_used_on_every_channel_without_a_r
     coordinator = system.coordinator
     assert coordinator is not None and coordinator.process is not None
     pids = {d.name: d.process.pid for d in system.daemons() if d.process is not None}
-    commits(system, "before")
-    agent_resolves_in_doubt(system, "doubt-before")  # the agent's channel exists now
+    commits(system, "rotation-before")
+    agent_resolves_in_doubt(system, "rotation-doubt-before")  # the agent's channel exists now
 
     # 1. New certificates from the same CA, written in place.
     certs.issue(system.workdir / "certs", identities(system))
@@ -154,8 +154,8 @@ def test_rotated_certificates_and_a_new_ca_are_used_on_every_channel_without_a_r
     assert reloads(coordinator) == len(system.shard_names)
     assert reloads(system.participants["shard2"]) == 1
     fresh_handshakes(system)
-    commits(system, "same-ca")
-    agent_resolves_in_doubt(system, "doubt-same-ca")
+    commits(system, "rotation-same-ca")
+    agent_resolves_in_doubt(system, "rotation-doubt-same-ca")
 
     # 2. A new CA: trust both, move every party to the new one, then drop the old one.
     new = certs.issue(tmp_path / "ca2", identities(system))
@@ -174,16 +174,18 @@ def test_rotated_certificates_and_a_new_ca_are_used_on_every_channel_without_a_r
     # The last step while a Prepare is under way: it finishes on the channel it began on.
     system.participants["shard3"].set_failpoints("participant.before_prepare=1*sleep(1500)")
     with ThreadPoolExecutor(1) as pool:
-        in_flight = pool.submit(lambda: system.client(timeout=30).run(tagged_inserts("in-flight")))
+        in_flight = pool.submit(
+            lambda: system.client(timeout=30).run(tagged_inserts("rotation-in-flight"))
+        )
         with system.client(identity="admin") as admin:
             wait_until(lambda: bool(admin.list_transactions()), BOUND, "the run under way")
         ca_file.write_bytes(new_ca)  # the old CA is trusted no more
         hang_up(system)
         assert in_flight.result(timeout=BOUND).committed
     fresh_handshakes(system)
-    commits(system, "new-ca")
-    agent_resolves_in_doubt(system, "doubt-new-ca")
-    assert rows(system, "in-flight") == {"shard1": 1, "shard2": 1, "shard3": 1}
+    commits(system, "rotation-new-ca")
+    agent_resolves_in_doubt(system, "rotation-doubt-new-ca")
+    assert rows(system, "rotation-in-flight") == {"shard1": 1, "shard2": 1, "shard3": 1}
     assert {d.name: d.process.pid for d in system.daemons() if d.process is not None} == pids
     wait_no_prepared(system)
 

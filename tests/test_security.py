@@ -524,7 +524,7 @@ def test_a_client_cannot_roll_back_another_clients_run_in_flight(
     owner): another client who guesses the id cannot touch it, and its owner sees it."""
     system = make_system(["--prepare-timeout", "10"], ["--allow-failpoints"])
     create_tagged_rows(system)
-    system.participants["shard2"].set_failpoints("participant.before_prepare=1*sleep(8000)")
+    system.participants["shard2"].set_failpoints("participant.before_prepare=1*sleep(4000)")
     told: list[Outcome] = []
     work = tagged_inserts("in-flight", ("shard1", "shard2"))
     runner = threading.Thread(target=lambda: told.append(system.client().run(work)))
