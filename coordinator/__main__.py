@@ -333,9 +333,33 @@ def parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="hashed bearer tokens (`twopc-coordinator token --help` issues them)",
     )
+    p.add_argument(
+        "--client-participants",
+        action="append",
+        default=[],
+        metavar="NAME=P1,P2",
+        help="client identity NAME may touch only these participants (repeatable; "
+        "unnamed identities and admins may touch all)",
+    )
     add_statement_policy_flags(p)
     add_daemon_flags(p)
     return p
+
+
+def client_participants(items: list[str]) -> dict[str, frozenset[str]]:
+    """Parse repeated `--client-participants NAME=P1,P2`."""
+    out: dict[str, frozenset[str]] = {}
+    for item in items:
+        name, sep, listed = item.partition("=")
+        allowed = frozenset(p.strip() for p in listed.split(",") if p.strip())
+        if not sep or not name or not allowed:
+            raise argparse.ArgumentTypeError(
+                f"--client-participants {item!r}: expected NAME=PARTICIPANT[,PARTICIPANT...]"
+            )
+        if name in out:
+            raise argparse.ArgumentTypeError(f"--client-participants {name!r} given twice")
+        out[name] = allowed
+    return out
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[CoordinatorConfig, LogSettings]:
@@ -370,6 +394,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[CoordinatorConfig, LogSet
             token_listen=a.token_listen,
             tokens_file=a.tokens_file,
             admins=frozenset(a.admin),
+            client_participants=client_participants(a.client_participants),
             statement_kinds=policy_kinds(a.allow_statement, a.refuse_statement),
         )
     except (TwoPCError, argparse.ArgumentTypeError) as exc:

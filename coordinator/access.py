@@ -26,6 +26,10 @@ price: after a coordinator restart, a client's own transaction that left no reco
 idempotency key where the outcome must be learnt after any crash: a keyed Run is
 answered from its record.
 ListTransactions shows a client its own transactions, an admin (or `inspect`) all.
+A client named by `--client-participants NAME=P1,P2` may touch only those participants:
+a Run with a branch elsewhere, or an Execute on another participant, is PERMISSION_DENIED
+before anything runs (it concerns the caller's own rights, so it tells nothing about
+anyone else).
 Idempotency keys are scoped per client: `client/key` is what the engine and the
 decision log see (identity names cannot contain `/`, see `twopc_common.auth`), so two
 clients cannot collide on, or learn about, each other's keys, before or after a restart.
@@ -34,11 +38,11 @@ clients cannot collide on, or learn about, each other's keys, before or after a 
 from __future__ import annotations
 
 import collections
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 
 from coordinator.config import CoordinatorConfig
 from twopc_common.auth import Principal, Rule
-from twopc_common.errors import NotFound
+from twopc_common.errors import NotFound, PermissionDenied
 from twopc_common.ids import TransactionId
 
 
@@ -67,6 +71,19 @@ def rules(config: CoordinatorConfig) -> dict[str, Rule]:
 def scoped_key(caller: Principal, key: str) -> str:
     """The idempotency key as the engine sees it: per client."""
     return f"{caller.name}/{key}"
+
+
+def may_touch(config: CoordinatorConfig, caller: Principal, participants: Iterable[str]) -> None:
+    """Refuse a client restricted to some participants touching another."""
+    allowed = None if _privileged(caller) else config.client_participants.get(caller.name)
+    if allowed is None:
+        return
+    refused = sorted(set(participants) - allowed)
+    if refused:
+        raise PermissionDenied(
+            f"client {caller.name} may not touch participant {', '.join(refused)} "
+            f"(--client-participants allows {', '.join(sorted(allowed))})"
+        )
 
 
 def not_yours(transaction_id: str) -> NotFound:

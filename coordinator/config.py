@@ -7,6 +7,7 @@ from pathlib import Path
 
 from coordinator.protocol import RetryPolicy
 from twopc_common import settings
+from twopc_common.errors import InvalidArgument
 from twopc_common.limits import Limits
 from twopc_common.statements import DEFAULT_ALLOWED, StatementKind
 from twopc_common.tls import TlsConfig
@@ -96,6 +97,9 @@ class CoordinatorConfig:
     """Hashed bearer tokens (`NAME sha256:HEX [admin]` per line), re-read on change."""
     admins: frozenset[str] = frozenset()
     """Client identities with the admin role (all transactions, SetFailpoints)."""
+    client_participants: dict[str, frozenset[str]] = field(default_factory=dict)
+    """Client identity -> the participants its transactions may touch
+    (--client-participants); an identity not named here, or an admin, may touch all."""
     owners_remembered: int = 200_000
     """Finished transactions whose owning client is remembered in memory. Beyond them
     (and after a restart) the owner comes from the transaction's log record; one
@@ -135,3 +139,9 @@ class CoordinatorConfig:
         settings.count("abort_attempts", self.abort_attempts)
         settings.count("recent_outcomes", self.recent_outcomes)
         settings.count("log_batch_max", self.log_batch_max)
+        for client, allowed in self.client_participants.items():
+            if unknown := sorted(allowed - set(self.participants)):
+                raise InvalidArgument(
+                    f"--client-participants {client}: {', '.join(unknown)} not configured "
+                    "(--participant NAME=HOST:PORT)"
+                )

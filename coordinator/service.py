@@ -12,7 +12,7 @@ import hashlib
 from collections.abc import Awaitable
 from typing import TypeVar
 
-from coordinator.access import Owners, owner_name, scoped_key
+from coordinator.access import Owners, may_touch, owner_name, scoped_key
 from coordinator.engine import Coordinator, Outcome, TransactionInfo
 from coordinator.protocol import AbortCause, Reported, TxState
 from twopc_common import failpoints
@@ -106,6 +106,7 @@ class CoordinatorService(cgrpc.CoordinatorServicer):
         for participant, statements in branches:
             self._policy.check(statements, f"branch {participant!r}")
         who = caller()
+        may_touch(self._engine.config, who, (p for p, _ in branches))
         key = scoped_key(who, request.idempotency_key) if request.idempotency_key else None
         request_hash = None
         if key is not None:
@@ -131,6 +132,7 @@ class CoordinatorService(cgrpc.CoordinatorServicer):
     @translate_errors
     async def Execute(self, request: pb.ExecuteRequest, context: Context) -> pb.ExecuteResponse:
         await self._owners.check(request.transaction_id, caller())
+        may_touch(self._engine.config, caller(), (request.participant,))
         statements = statements_from_pb(request.statements, self._limits, "Execute")
         self._policy.check(statements, "Execute")
         results = await _shielded(

@@ -35,7 +35,7 @@ from coordinator.client import (
 from tests.conftest import SystemFactory, create_tagged_rows, rows, tagged_inserts
 from twopc_common import certs
 from twopc_common.auth import hash_token
-from twopc_common.errors import NotFound, Unauthenticated
+from twopc_common.errors import NotFound, PermissionDenied, Unauthenticated
 from twopc_common.tls import channel
 from twopc_harness.daemons import wait_until
 from twopc_harness.postgres import free_port
@@ -608,3 +608,39 @@ def test_inspect_and_bank_demo_authenticate_with_a_token_file(
         timeout=240,
     )
     assert stopped.returncode != 0 and "not valid" in stopped.stderr.strip().splitlines()[-1]
+
+
+def test_a_client_limited_to_some_participants_touches_no_other(
+    make_system: SystemFactory,
+) -> None:
+    """`--client-participants other=shard1`: its Runs and Executes elsewhere are refused
+    before anything runs; the rest of its work, and other clients, are unaffected."""
+    system = make_system(["--client-participants", "other=shard1"])
+    create_tagged_rows(system)
+    with system.client(identity="other") as other, system.client(identity="app") as app:
+        assert other.run(tagged_inserts("limited-ok", ("shard1",))).committed
+        with pytest.raises(PermissionDenied, match="may not touch participant shard2"):
+            other.run(tagged_inserts("limited-refused", ("shard1", "shard2")))
+        tx = other.begin()
+        tx.execute("shard1", "INSERT INTO twopc_test_rows VALUES ('limited-interactive')")
+        with pytest.raises(PermissionDenied, match="shard3"):
+            tx.execute("shard3", "INSERT INTO twopc_test_rows VALUES ('limited-interactive')")
+        assert tx.commit(wait_for_completion=True).committed  # the refusal changed nothing
+        assert app.run(tagged_inserts("limited-app"), wait_for_completion=True).committed
+    assert rows(system, "limited-ok") == {"shard1": 1, "shard2": 0, "shard3": 0}
+    assert rows(system, "limited-refused") == {"shard1": 0, "shard2": 0, "shard3": 0}
+    assert rows(system, "limited-interactive") == {"shard1": 1, "shard2": 0, "shard3": 0}
+    assert rows(system, "limited-app") == {"shard1": 1, "shard2": 1, "shard3": 1}
+    refused = daemon(
+        "coordinator",
+        "--id",
+        "c",
+        "--log",
+        "/nonexistent/d.sqlite",
+        "--insecure",
+        "--participant",
+        f"shard1=127.0.0.1:{free_port()}",
+        "--client-participants",
+        "other=shard9",
+    )
+    assert refused.returncode == 2 and "shard9 not configured" in refused.stderr
