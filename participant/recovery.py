@@ -14,27 +14,83 @@ Its channels to the coordinators follow the agent's TLS files
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
-import time
 
 import grpc
 
 from participant.agent import Agent
+from participant.config import ParticipantConfig
+from participant.ports import Coordinators, CoordinatorUnreachable
 from participant.store import ForeignPrepared
 from twopc_common.errors import TwoPCError
 from twopc_common.ids import TransactionId
-from twopc_common.log import RateLimit
+from twopc_common.log import EventLogger, RateLimit
 from twopc_common.tls import ReloadingChannel
 from twopc_pb import coordinator_pb2 as cpb
 from twopc_pb import coordinator_pb2_grpc as cgrpc
 
 
+class GrpcCoordinators:
+    """The coordinators' GetTransaction over gRPC (the daemon's `Coordinators` port)."""
+
+    def __init__(self, config: ParticipantConfig, log: EventLogger) -> None:
+        self._config = config
+        self._log = log
+        self._channels: dict[str, ReloadingChannel] = {}
+
+    def knows(self, coordinator_id: str) -> bool:
+        return coordinator_id in self._config.coordinators
+
+    def address(self, coordinator_id: str) -> str:
+        return self._config.coordinators[coordinator_id]
+
+    def _stub(self, coordinator_id: str) -> cgrpc.CoordinatorStub:
+        if coordinator_id not in self._channels:
+            address = self._config.coordinators[coordinator_id]
+            # Authenticates as this agent; the coordinator must prove it is coordinator_id.
+            self._channels[coordinator_id] = ReloadingChannel(
+                address,
+                self._config.tls,
+                server_name=coordinator_id,
+                check_interval=self._config.tls_reload_interval,
+                drain=self._config.coordinator_rpc_timeout,
+                log=self._log,
+            )
+        # A stub is only a wrapper: one per call follows a replaced channel.
+        return cgrpc.CoordinatorStub(self._channels[coordinator_id].current())
+
+    def reload_tls(self) -> list[str]:
+        """SIGHUP: the channels check the TLS files now; the coordinators whose channel
+        was replaced."""
+        return [name for name, channel in self._channels.items() if channel.reload()]
+
+    async def outcome(self, coordinator_id: str, transaction_id: str) -> bool | None:
+        try:
+            status = await self._stub(coordinator_id).GetTransaction(
+                cpb.GetTransactionRequest(transaction_id=transaction_id),
+                timeout=self._config.coordinator_rpc_timeout,
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise CoordinatorUnreachable(exc.code().name) from exc
+        if status.outcome == cpb.COMMITTED:
+            return True
+        if status.outcome in (cpb.ABORTED, cpb.UNKNOWN):
+            return False
+        return None
+
+    async def close(self) -> None:
+        for channel in self._channels.values():
+            await channel.close()
+
+
 class Recovery:
-    def __init__(self, agent: Agent) -> None:
+    def __init__(self, agent: Agent, coordinators: Coordinators | None = None) -> None:
         self._agent = agent
         self._config = agent.config
-        self._channels: dict[str, ReloadingChannel] = {}
+        self._grpc: GrpcCoordinators | None = None
+        if coordinators is None:
+            coordinators = self._grpc = GrpcCoordinators(agent.config, agent.log)
+        self._coordinators = coordinators
         self._warn = RateLimit(self._config.in_doubt_warning_interval)
         self.prepared = 0
         """Prepared branches of this participant seen by the last scan."""
@@ -44,26 +100,9 @@ class Recovery:
         """Prepared transactions in the database that are not this participant's
         branches, as of the last scan: reported, never touched."""
 
-    def _stub(self, coordinator_id: str) -> cgrpc.CoordinatorStub | None:
-        if coordinator_id not in self._channels:
-            address = self._config.coordinators.get(coordinator_id)
-            if address is None:
-                return None
-            # Authenticates as this agent; the coordinator must prove it is coordinator_id.
-            self._channels[coordinator_id] = ReloadingChannel(
-                address,
-                self._config.tls,
-                server_name=coordinator_id,
-                check_interval=self._config.tls_reload_interval,
-                drain=self._config.coordinator_rpc_timeout,
-                log=self._agent.log,
-            )
-        # A stub is only a wrapper: one per scan follows a replaced channel.
-        return cgrpc.CoordinatorStub(self._channels[coordinator_id].current())
-
     def reload_tls(self) -> None:
         """SIGHUP: the channels to the coordinators check the TLS files now."""
-        replaced = [name for name, ch in self._channels.items() if ch.reload()]
+        replaced = self._grpc.reload_tls() if self._grpc is not None else []
         self._agent.log.info("sighup", tls_channels_replaced=",".join(replaced) or "none")
 
     async def run_forever(self) -> None:
@@ -71,20 +110,20 @@ class Recovery:
         while True:
             try:
                 await self.scan()
-                if time.monotonic() >= next_prune:
+                if self._agent.clock.monotonic() >= next_prune:
                     pruned = await self._agent.store.prune_markers()
                     self._agent.log.info("markers_pruned", count=pruned)
-                    next_prune = time.monotonic() + self._config.marker_prune_interval
+                    next_prune = self._agent.clock.monotonic() + self._config.marker_prune_interval
             except Exception as exc:  # the database may be down: try again next period
                 self._agent.log.warning("recovery_scan_failed", error=repr(exc))
-            await asyncio.sleep(self._config.recovery_interval)
+            await self._agent.clock.sleep(self._config.recovery_interval)
 
     async def scan(self) -> None:
         log = self._agent.log
         scan = await self._agent.store.prepared_branches(self._config.id)
         self._report_foreign(scan.foreign)
         branches = scan.ours
-        now = dt.datetime.now(dt.UTC)
+        now = dt.datetime.fromtimestamp(self._agent.clock.time(), dt.UTC)
         waiting = 0
         for branch in branches:
             age = (now - branch.prepared_at).total_seconds() if branch.prepared_at else 0.0
@@ -92,8 +131,7 @@ class Recovery:
                 continue
             txid = branch.transaction_id
             coordinator = TransactionId.parse(txid).coordinator
-            stub = self._stub(coordinator)
-            if stub is None:
+            if not self._coordinators.knows(coordinator):
                 waiting += 1
                 if self._warn.due(f"unknown_coordinator {txid}"):
                     log.warning(
@@ -106,11 +144,8 @@ class Recovery:
                     )
                 continue
             try:
-                status = await stub.GetTransaction(
-                    cpb.GetTransactionRequest(transaction_id=txid),
-                    timeout=self._config.coordinator_rpc_timeout,
-                )
-            except grpc.aio.AioRpcError as exc:
+                committed = await self._coordinators.outcome(coordinator, txid)
+            except CoordinatorUnreachable as exc:
                 waiting += 1
                 if self._warn.due(f"coordinator_unreachable {txid}"):
                     log.warning(
@@ -118,15 +153,15 @@ class Recovery:
                         txid=txid,
                         age=round(age, 1),
                         coordinator=coordinator,
-                        address=self._config.coordinators[coordinator],
-                        code=exc.code().name,
+                        address=self._coordinators.address(coordinator),
+                        code=exc.code,
                     )
                 continue
             try:
-                if status.outcome == cpb.COMMITTED:
+                if committed is True:
                     await self._agent.commit(txid)
                     self._agent.counters["recovered_commits"] += 1
-                elif status.outcome in (cpb.ABORTED, cpb.UNKNOWN):
+                elif committed is False:
                     await self._agent.abort(txid, "recovery: coordinator says aborted")
                     self._agent.counters["recovered_aborts"] += 1
                 else:
@@ -156,5 +191,5 @@ class Recovery:
         self._agent.counters["foreign_prepared"] = len(foreign)
 
     async def close(self) -> None:
-        for channel in self._channels.values():
-            await channel.close()
+        if self._grpc is not None:
+            await self._grpc.close()
