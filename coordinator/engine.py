@@ -121,6 +121,8 @@ class TransactionInfo:
     participants: tuple[str, ...] = ()
     age_seconds: float = 0.0
     pending_acks: tuple[str, ...] = ()
+    owner: str | None = None
+    """The client identity that began it, where known (live, or logged)."""
 
 
 @dataclass
@@ -151,6 +153,8 @@ class _Tx:
     """The transaction that runs this one's work again after it lost a deadlock."""
     key: str | None = None
     request_hash: str | None = None
+    owner: str | None = None
+    """The client identity that began it; logged with each of its records."""
     busy: int = 0
     pending: set[str] = field(default_factory=set)
     outcome: asyncio.Future[Outcome] = field(
@@ -260,11 +264,13 @@ class Coordinator:
         key: str | None = None,
         request_hash: str | None = None,
         wait: bool = False,
+        owner: str | None = None,
     ) -> Outcome:
         self._check_branches(branches)
         self._admit()
         if key is None:
             tx = self._new_tx()
+            tx.owner = owner
         else:
             if len(key.encode()) > self.config.limits.max_idempotency_key_bytes:
                 raise InvalidArgument(
@@ -278,7 +284,7 @@ class Coordinator:
                 self.counters["idempotent_replays"] += 1
                 return await self._answer(joined, wait)
             tx = self._new_tx()
-            tx.key, tx.request_hash = key, request_hash
+            tx.key, tx.request_hash, tx.owner = key, request_hash, owner
             self._keys[key] = tx
             record = await self.decision_log.by_key(key)
             if record is not None:
@@ -398,6 +404,7 @@ class Coordinator:
                 aborted.to_json(),
                 tx.key,
                 tx.request_hash or "",
+                owner=tx.owner,
             )
         opened = tuple(p for p in tx.participants if p in tx.incarnations)  # interactive
         self._abort(tx, AbortCause.PARTICIPANT_UNAVAILABLE, culprit, reason, opened)
@@ -427,6 +434,7 @@ class Coordinator:
                     aborted.to_json(),
                     tx.key,
                     tx.request_hash or "",
+                    owner=tx.owner,
                 )
             self._abort(
                 tx, decision.cause, decision.culprit, decision.reason, decision.phase2, results
@@ -438,7 +446,13 @@ class Coordinator:
             await self._complete_without_phase2(tx, outcome)
             return
         await self.decision_log.record_commit(
-            tx.id, decision.phase2, tx.created, outcome.to_json(), tx.key, tx.request_hash
+            tx.id,
+            decision.phase2,
+            tx.created,
+            outcome.to_json(),
+            tx.key,
+            tx.request_hash,
+            owner=tx.owner,
         )
         # The point of no return: from here on the only way is forward. No error or
         # cancellation may turn a durable COMMIT into an abort (see `_finish`).
@@ -514,7 +528,7 @@ class Coordinator:
         acknowledged means it did not commit (and never will), FAILED_PRECONDITION
         means it had committed."""
         await self.decision_log.record_one_phase_intent(
-            tx.id, participant, tx.created, tx.key, tx.request_hash
+            tx.id, participant, tx.created, tx.key, tx.request_hash, owner=tx.owner
         )
         try:
             reply = await self.clients[participant].prepare(
@@ -584,6 +598,7 @@ class Coordinator:
                 tx.key,
                 tx.request_hash,
                 completed=True,
+                owner=tx.owner,
             )
             logged = True
         tx.state = transition(tx.state, TxEvent.COMMITTED_AT_ONCE)
@@ -606,6 +621,7 @@ class Coordinator:
                 outcome.to_json(),
                 completed=True,
                 forced=False,
+                owner=tx.owner,
             ),
             tx,
             "record_read_only",
@@ -628,6 +644,7 @@ class Coordinator:
             successor = tx.successor = self._new_tx()
             successor.retries_left = tx.retries_left - 1
             successor.key, successor.request_hash = tx.key, tx.request_hash
+            successor.owner = tx.owner
             if tx.key is not None:
                 self._keys[tx.key] = successor
             self.counters["deadlock_retries"] += 1
@@ -741,8 +758,10 @@ class Coordinator:
 
     # -- interactive transactions ---------------------------------------------------
 
-    def begin(self) -> str:
-        return self._new_tx().id
+    def begin(self, owner: str | None = None) -> str:
+        tx = self._new_tx()
+        tx.owner = owner
+        return tx.id
 
     def _live_tx(self, txid: str) -> _Tx:
         TransactionId.parse(txid)
@@ -1003,7 +1022,9 @@ class Coordinator:
                     txid, Reported.IN_PROGRESS, TxState.PREPARING, record.participants, age
                 )
             state = TxState(record.state)
-            return TransactionInfo(txid, reported(state), state, record.participants, age)
+            return TransactionInfo(
+                txid, reported(state), state, record.participants, age, owner=record.owner
+            )
         if parsed.coordinator != self.id:
             raise NotFound(f"transaction {txid} belongs to coordinator {parsed.coordinator}")
         if not self.recovered:
@@ -1029,7 +1050,16 @@ class Coordinator:
             tuple(tx.participants),
             now - tx.created,
             tuple(sorted(tx.pending)),
+            tx.owner,
         )
+
+    async def owner_of(self, txid: str) -> str | None:
+        """The client that began `txid`, if known: live, or named by its log record."""
+        tx = self._live.get(txid)
+        if tx is not None:
+            return tx.owner
+        record = await self.decision_log.get(txid)
+        return record.owner if record is not None else None
 
     def in_flight(self) -> list[TransactionInfo]:
         now = self.clock.time()
@@ -1043,6 +1073,7 @@ class Coordinator:
         for record in self.decision_log.incomplete_commits():
             tx = self._tx(record.transaction_id, TxState.COMMITTING, record.created_at)
             tx.participants = list(record.participants)
+            tx.owner = record.owner
             tx.outcome.set_result(Outcome.from_record(record))
             self._live[tx.id] = tx
             self.counters["recovered_commits"] += 1

@@ -36,6 +36,7 @@ from coordinator.heuristics import is_hazard
 from coordinator.pg_inspect import PgLogUnreadable, PgLogView
 from coordinator.pg_log import is_postgres_log
 from coordinator.protocol import TxState, reported, reported_without_record
+from twopc_common.auth import add_token_flag, read_token_file
 from twopc_common.cli import HelpFormatter, add_version_flag, named_addresses
 from twopc_common.dsn import refuse_password
 from twopc_common.errors import TwoPCError
@@ -102,8 +103,10 @@ def _read_log(db: sqlite_utils.Database, path: str) -> dict[str, Any]:
     }
 
 
-def _from_coordinator(address: str, coordinator_id: str, tls: TlsConfig) -> list[dict[str, Any]]:
-    with channel(address, tls, server_name=coordinator_id) as ch:
+def _from_coordinator(
+    address: str, coordinator_id: str, tls: TlsConfig, token: str | None
+) -> list[dict[str, Any]]:
+    with channel(address, tls, server_name=coordinator_id, token=token) as ch:
         reply = cgrpc.CoordinatorStub(ch).ListTransactions(cpb.ListTransactionsRequest(), timeout=5)
     return [
         {
@@ -268,6 +271,7 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     add_tls_flags(p, daemon=False)
+    add_token_flag(p)
     add_version_flag(p)
     return p
 
@@ -278,6 +282,9 @@ def main(argv: list[str]) -> None:
     try:
         participants = named_addresses(a.participant, "--participant")
         tls = client_tls(a)
+        token = read_token_file(a.token_file)
+        if token is not None and tls.insecure:
+            raise TwoPCError("--token-file needs --tls-ca: a token is only sent over TLS")
     except (argparse.ArgumentTypeError, TwoPCError) as exc:
         p.error(str(exc))
     outcome: Callable[[str], str]
@@ -298,7 +305,7 @@ def main(argv: list[str]) -> None:
     if a.coordinator:
         try:
             report["in_flight"] = _from_coordinator(
-                a.coordinator, report["coordinator_id"] or "", tls
+                a.coordinator, report["coordinator_id"] or "", tls, token
             )
         except grpc.RpcError as exc:
             report["in_flight"] = _unreachable(exc, a.coordinator)

@@ -107,7 +107,7 @@ MIGRATIONS: tuple[str, ...] = (
         END IF;
     END $$;
     """,
-    # 2: the client identity that began each transaction (issue 16's owners).
+    # 2: the client identity that began each transaction (`LogRecord.owner`).
     f"ALTER TABLE {SCHEMA}.transactions ADD COLUMN owner text",
 )
 
@@ -160,6 +160,7 @@ def _record(row: dict[str, Any]) -> LogRecord:
         created_at=row["created_at"],
         decided_at=row["decided_at"],
         completed_at=row["completed_at"],
+        owner=row["owner"],
     )
 
 

@@ -110,9 +110,11 @@ def test_two_coordinators_of_one_id_share_the_postgresql_log(merged: dict[str, A
     assert url.username != db["environment"]["POSTGRES_USER"], "not as the superuser"
     role_script = (DOCKER / "initdb-log" / "10-coordinator-role.sh").read_text()
     assert f"CREATE ROLE {url.username} LOGIN NOSUPERUSER" in role_script
-    (password_secret,) = db["secrets"]
-    password = (DOCKER / merged["secrets"][password_secret]["file"]).read_text().strip()
+    assert "log-db-password" in db["secrets"]  # what docker/initdb-log/ gives the role
+    assert "log-db-password" in role_script
+    password = (DOCKER / merged["secrets"]["log-db-password"]["file"]).read_text().strip()
     assert url.password == password
+    assert "POSTGRES_PASSWORD" not in db["environment"], "passwords come from files"
     assert any(str(v).endswith(":/var/lib/postgresql/data") for v in db["volumes"])
     assert "healthcheck" in db
 

@@ -426,6 +426,8 @@ def test_records_name_their_owner(opened: PostgresDecisionLog, url: str) -> None
             f"SELECT owner FROM {SCHEMA}.transactions WHERE id = %s", (f"{cid}.1.1",)
         ).fetchone()
     assert row == ("app",)
+    record = asyncio.run(opened.get(f"{cid}.1.1"))
+    assert record is not None and record.owner == "app"
 
 
 def test_of_two_standbys_exactly_one_takes_over(url: str, cid: str) -> None:
