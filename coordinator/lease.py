@@ -91,7 +91,9 @@ class Lease:
         self._info = f"{socket.gethostname()} pid {os.getpid()}"
         self._conn: psycopg.Connection[Any] | None = None
         self._locked = False
+        self._connected = False
         self._reconnected_at: float | None = None
+        """When the lease session was last replaced by a new one (after a loss)."""
         self._stop = threading.Event()
         self._renewer: threading.Thread | None = None
         self.active_address: str | None = None
@@ -111,9 +113,10 @@ class Lease:
 
     def _lease_conn(self) -> psycopg.Connection[Any]:
         if self._conn is None or self._conn.closed or self._conn.broken:
-            if self._conn is not None:
+            if self._connected:
                 self._reconnected_at = time.monotonic()
             self._conn = self._connect()
+            self._connected = True
             self._locked = False
         return self._conn
 
