@@ -1,0 +1,174 @@
+"""Running a transaction to its outcome: one-shot Run, and the commit of any
+transaction (the interactive ones' Commit ends here too).
+
+Guarantees:
+- admission control: at most `max_in_flight` transactions prepare at once; beyond it a
+  new one is refused at once with a hint of when to retry;
+- idempotency keys: a retry of a keyed Run joins the live transaction or returns the
+  logged outcome; the key is in memory until its record is durable;
+- a one-shot deadlock victim is run again, up to `deadlock_retries` times, and its
+  client gets the last run's outcome;
+- an error before the decision aborts the transaction; an error after it only ever
+  moves it forward.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+
+from coordinator.decision_log import LogFailed, LogState
+from coordinator.memory import Memory, Outcome, Part, Tx
+from coordinator.phase2 import Phase2
+from coordinator.protocol import AbortCause, TxEvent, TxState, transition
+from coordinator.voting import Voting
+from twopc_common import failpoints
+from twopc_common.errors import AlreadyExists, InvalidArgument, ResourceExhausted, Unavailable
+from twopc_common.values import Statement
+
+
+class Runner(Part):
+    """One-shot transactions, and the prepare-to-answer path of every commit."""
+
+    def __init__(self, memory: Memory, phase2: Phase2, voting: Voting) -> None:
+        super().__init__(memory)
+        self.phase2 = phase2
+        self.voting = voting
+        self._preparing = 0
+        self._prepare_seconds = 0.01
+
+    async def run(
+        self,
+        branches: Sequence[tuple[str, Sequence[Statement]]],
+        key: str | None = None,
+        request_hash: str | None = None,
+        wait: bool = False,
+        owner: str | None = None,
+    ) -> Outcome:
+        self.memory.check_branches(branches)
+        self.admit()
+        if key is None:
+            tx = self.memory.new_tx()
+            tx.owner = owner
+        else:
+            if len(key.encode()) > self.config.limits.max_idempotency_key_bytes:
+                raise InvalidArgument(
+                    f"idempotency key longer than "
+                    f"{self.config.limits.max_idempotency_key_bytes} bytes"
+                )
+            joined = self.memory.keys.get(key)
+            if joined is not None:
+                if joined.request_hash != request_hash:
+                    raise AlreadyExists(f"idempotency key {key!r} was used for another request")
+                self.counters["idempotent_replays"] += 1
+                return await self.answer(joined, wait)
+            tx = self.memory.new_tx()
+            tx.key, tx.request_hash, tx.owner = key, request_hash, owner
+            self.memory.keys[key] = tx
+            record = await self.decision_log.by_key(key)
+            if record is not None:
+                self.memory.forget(tx)
+                if record.request_hash != request_hash:
+                    error = AlreadyExists(f"idempotency key {key!r} was used for another request")
+                    tx.outcome.set_exception(error)
+                    tx.outcome.exception()  # retrieved: waiters re-raise it themselves
+                    raise error
+                if record.state is LogState.ONE_PHASE:
+                    unresolved = Unavailable(
+                        f"the outcome of {record.transaction_id} (key {key!r}) is being "
+                        "resolved after a restart; retry"
+                    )
+                    tx.outcome.set_exception(unresolved)
+                    tx.outcome.exception()
+                    raise unresolved
+                outcome = Outcome.from_record(record)
+                tx.outcome.set_result(outcome)
+                self.counters["idempotent_replays"] += 1
+                return outcome
+        work = {p: tuple(s) for p, s in branches}
+        tx.retries_left = self.config.deadlock_retries
+        outcome = await self.finish(tx, work, wait)
+        while tx.successor is not None:
+            # A deadlock victim: its work is all here, so run it again as a new
+            # transaction (after a short random pause, so that the survivors of the
+            # cycle get ahead) rather than hand the client an abort to retry.
+            tx = tx.successor
+            await self.clock.sleep(self.memory.rng.uniform(0, self.config.deadlock_interval))
+            outcome = await self.finish(tx, work, wait)
+        return outcome
+
+    async def answer(self, tx: Tx, wait: bool, follow: bool = True) -> Outcome:
+        """The outcome of `tx`: with `follow`, of the last of its deadlock retries."""
+        outcome = await asyncio.shield(tx.outcome)
+        while follow and tx.successor is not None:
+            tx = tx.successor
+            outcome = await asyncio.shield(tx.outcome)
+        if wait and not outcome.completed:
+            await tx.completed.wait()
+            outcome = replace(outcome, completed=True)
+        return outcome
+
+    def admit(self) -> None:
+        """Admission control: at most `max_in_flight` transactions prepare at once.
+        Beyond it a new one is refused at once, with a hint of when to retry, instead of
+        queueing behind the others until the prepare timeout throws its work away."""
+        if self._preparing < self.config.max_in_flight:
+            return
+        self.counters["refused_in_flight_limit"] += 1
+        retry_after = max(0.001, self._prepare_seconds) * self.memory.rng.uniform(0.5, 1.5)
+        raise ResourceExhausted(
+            f"coordinator {self.id} is preparing {self._preparing} transactions, its limit "
+            f"(--max-in-flight): retry in about {retry_after * 1000:.0f} ms",
+            retry_after,
+        )
+
+    async def finish(
+        self, tx: Tx, work: Mapping[str, tuple[Statement, ...]], wait: bool
+    ) -> Outcome:
+        """Prepare, decide, log, start phase 2; answer once the decision is durable."""
+        self._preparing += 1
+        began = self.clock.monotonic()
+        try:
+            return await self._finish_admitted(tx, work, wait)
+        finally:
+            self._preparing -= 1
+            # A running mean of how long a transaction takes to its answer: the hint.
+            self._prepare_seconds += 0.05 * (self.clock.monotonic() - began - self._prepare_seconds)
+
+    async def _finish_admitted(
+        self, tx: Tx, work: Mapping[str, tuple[Statement, ...]], wait: bool
+    ) -> Outcome:
+        participants = tuple(work)
+        tx.participants = list(participants)
+        tx.state = transition(tx.state, TxEvent.PREPARE)
+        tx.work_started = self.clock.monotonic()
+        if (down := self.memory.down(participants)) is not None:
+            await self.voting.fail_fast(tx, *down)
+            return await self.answer(tx, wait, follow=False)
+        try:
+            await failpoints.hit("coordinator.before_prepare")
+            if len(participants) == 1:
+                await self.voting.one_phase(tx, participants[0], work[participants[0]])
+            else:
+                await self.voting.two_phase(tx, work)
+        except Exception as exc:
+            if tx.outcome.done():
+                # Decided (and, for a commit, durable) before the error: only forward.
+                self.log.error("error_after_decision", txid=tx.id, error=repr(exc))
+            elif tx.state is TxState.COMMITTING:
+                self.log.error("error_after_decision", txid=tx.id, error=repr(exc))
+                self.phase2.commit_decided(tx, Outcome(tx.id, True))
+            else:
+                # Nothing is decided unless the outcome is set: presumed abort covers it.
+                self.phase2.abort(
+                    tx,
+                    AbortCause.COORDINATOR_RESTART,
+                    "",
+                    f"coordinator error: {exc!r}",
+                    tuple(tx.participants),
+                )
+                if isinstance(exc, LogFailed):
+                    raise Unavailable(f"transaction {tx.id} aborted: {exc}") from exc
+                raise
+        return await self.answer(tx, wait, follow=False)
