@@ -31,6 +31,7 @@ from participant import containment
 from participant.config import ParticipantConfig
 from twopc_common import ids, settings
 from twopc_common.errors import FailedPrecondition, TwoPCError, Unavailable
+from twopc_common.isolation import Isolation
 from twopc_common.statements import AGENT_SCHEMA, LEGACY_TABLES, session_safe
 from twopc_common.values import RESULT_OVERHEAD_BYTES, Statement, StatementResult, row_bytes
 
@@ -299,11 +300,16 @@ class Store:
 
     # -- branch work ----------------------------------------------------------------
 
-    async def connect_branch(self) -> AsyncConn:
+    async def connect_branch(self, isolation: Isolation) -> AsyncConn:
+        """A pooled connection whose next transaction begins at `isolation` (psycopg
+        sends BEGIN ISOLATION LEVEL ... with the branch's first statements)."""
         try:
-            return await self.pool.getconn()
+            conn = await self.pool.getconn()
         except Exception as exc:
             raise BranchFailed(f"no database connection: {exc}") from exc
+        if conn.isolation_level is not isolation.psycopg:
+            await conn.set_isolation_level(isolation.psycopg)
+        return conn
 
     async def _reset_session(self, conn: AsyncConn) -> None:
         if conn in self._dirty:
