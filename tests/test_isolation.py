@@ -10,6 +10,7 @@ commit.
 
 from __future__ import annotations
 
+import asyncio
 import random
 import threading
 import uuid
@@ -21,17 +22,21 @@ import pytest
 from bank_demo import bank
 from coordinator.client import (
     CoordinatorClient,
+    Isolation,
     Outcome,
     Retry,
     Statement,
+    Transaction,
     TransactionAborted,
+    TransportError,
     attempt_key,
     exactly,
     run_with_retries,
+    run_with_retries_async,
 )
-from coordinator.protocol import RetryPolicy
+from coordinator.protocol import AbortCause, Ballot, RetryPolicy, Vote, decide
 from tests.conftest import SystemFactory, reset_bank, wait_no_prepared
-from twopc_common.errors import InvalidArgument
+from twopc_common.errors import InvalidArgument, ResourceExhausted
 from twopc_harness.daemons import wait_until
 from twopc_harness.system import LocalSystem
 from twopc_pb import coordinator_pb2 as cpb
@@ -522,3 +527,176 @@ def test_concurrent_keyed_bookings_under_serializable_never_double_book(
                 assert not o.retryable and o.abort_cause == "VOTE_NO", (seed, who, o)
                 assert "expected exactly 1" in o.abort_reason
     wait_no_prepared(system)
+
+
+def test_a_deadlock_postgresql_breaks_on_one_shard_is_a_retryable_abort(
+    make_system: SystemFactory,
+) -> None:
+    # The coordinator's detector off: PostgreSQL's own (deadlock_timeout, 1 s) acts.
+    system = make_system(["--deadlock-interval", "0"], ["--lock-timeout", "20"])
+    reset_bank(system)
+    a, b = account_on(system, "shard1", 0), account_on(system, "shard1", 1)
+    update = "UPDATE accounts SET balance = balance + 1 WHERE id = %s"
+    failures: list[TransactionAborted] = []
+    with system.client() as client:
+        first, second = client.begin(), client.begin()
+        first.execute("shard1", update, (a,))
+        second.execute("shard1", update, (b,))
+
+        def cross(tx: Transaction, account: int) -> None:
+            try:
+                tx.execute("shard1", update, (account,))
+            except TransactionAborted as exc:
+                failures.append(exc)
+
+        waiter = threading.Thread(target=cross, args=(first, b))
+        waiter.start()
+        wait_until(lambda: system_waits(system, "shard1") > 0, 20, "the first transaction waiting")
+        cross(second, a)
+        waiter.join(30)
+        assert len(failures) == 1, failures
+        (failure,) = failures
+        assert failure.cause == "DEADLOCK" and failure.retryable
+        assert "40P01" in str(failure)
+        survivor = first if second.outcome is not None else second
+        assert survivor.commit().committed
+    wait_no_prepared(system)
+
+
+def system_waits(system: LocalSystem, shard: str) -> int:
+    with system.connect(shard) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+        ).fetchone()
+    return 0 if row is None else int(row[0])
+
+
+# -- the pure parts ---------------------------------------------------------------------
+
+
+def test_a_no_vote_names_the_conflict_it_lost_unless_another_branch_failed_outright() -> None:
+    parts = ("p1", "p2")
+    yes = Ballot(Vote.YES)
+    for sqlstate, cause in (
+        ("40001", AbortCause.SERIALIZATION_FAILURE),
+        ("40P01", AbortCause.DEADLOCK),
+        ("55P03", AbortCause.LOCK_TIMEOUT),
+        ("23505", AbortCause.VOTE_NO),
+        ("", AbortCause.VOTE_NO),
+    ):
+        decision = decide(parts, {"p1": yes, "p2": Ballot(Vote.NO, "x", sqlstate)})
+        assert (decision.commit, decision.cause, decision.culprit) == (False, cause, "p2")
+    # Work that failed outright outweighs a lost conflict: not retryable.
+    decision = decide(
+        parts, {"p1": Ballot(Vote.NO, "conflict", "40001"), "p2": Ballot(Vote.NO, "bad", "22012")}
+    )
+    assert (decision.cause, decision.culprit) == (AbortCause.VOTE_NO, "p2")
+
+
+class ScriptedClient:
+    """Answers `run` from a script (an Outcome, or an exception to raise), recording
+    the keys it was called with: the helper's loop without a coordinator."""
+
+    def __init__(self, answers: list[Outcome | Exception]) -> None:
+        self.answers = answers
+        self.keys: list[str] = []
+
+    def run(self, branches: object, key: str, wait: bool, isolation: object) -> Outcome:
+        self.keys.append(key)
+        answer = self.answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+
+FAST = Retry(attempts=4, backoff=RetryPolicy(initial=0.001, cap=0.002), refusals=3)
+
+
+def conflict(txid: str) -> Outcome:
+    return Outcome(txid, False, "SERIALIZATION_FAILURE", "shard1", "40001: could not serialize")
+
+
+@pytest.mark.parametrize(
+    ("answers", "keys", "final"),
+    [
+        # A retryable abort: the next attempt under the next key, until it commits.
+        ([conflict("t1"), Outcome("t2", True)], ["k", "k#1"], "t2"),
+        # A commit and a non-retryable abort are never retried.
+        ([Outcome("t1", True)], ["k"], "t1"),
+        ([Outcome("t1", False, "VOTE_NO", "shard1", "expected exactly 1")], ["k"], "t1"),
+        ([Outcome("t1", False, "PARTICIPANT_UNAVAILABLE")], ["k"], "t1"),
+        # An unanswered call: again under the same key (it learns the first outcome).
+        (
+            [TransportError("UNAVAILABLE"), conflict("t1"), Outcome("t2", True)],
+            ["k", "k", "k#1"],
+            "t2",
+        ),
+        # A refusal never ran: waited out under the same key, not counted as a run.
+        (
+            [
+                ResourceExhausted("busy", 0.001),
+                ResourceExhausted("busy", 0.001),
+                Outcome("t1", True),
+            ],
+            ["k", "k", "k"],
+            "t1",
+        ),
+        # Bounded: the last outcome stands, still retryable.
+        ([conflict(f"t{i}") for i in range(4)], ["k", "k#1", "k#2", "k#3"], "t3"),
+    ],
+)
+def test_run_with_retries_retries_only_what_may_succeed_and_only_so_often(
+    answers: list[Outcome | Exception], keys: list[str], final: str
+) -> None:
+    client = ScriptedClient(list(answers))
+    outcome = run_with_retries(client, {}, "k", retry=FAST)  # type: ignore[arg-type]
+    assert client.keys == keys and outcome.transaction_id == final
+    assert not client.answers
+
+
+def test_run_with_retries_raises_what_it_cannot_answer() -> None:
+    client = ScriptedClient([TransportError("UNAVAILABLE")] * 4)
+    with pytest.raises(TransportError):
+        run_with_retries(client, {}, "k", retry=FAST)  # type: ignore[arg-type]
+    assert client.keys == ["k"] * 4
+    refused = ScriptedClient([ResourceExhausted("busy", 0.001)] * 3)
+    with pytest.raises(ResourceExhausted):
+        run_with_retries(refused, {}, "k", retry=FAST)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="idempotency key"):
+        run_with_retries(client, {}, "", retry=FAST)  # type: ignore[arg-type]
+
+
+def test_run_with_retries_asks_the_work_function_once_per_attempt() -> None:
+    asked: list[int] = []
+
+    def work(attempt: int) -> dict[str, list[Statement]]:
+        asked.append(attempt)
+        return {}
+
+    client = ScriptedClient(
+        [conflict("t1"), TransportError("x"), conflict("t2"), Outcome("t3", True)]
+    )
+    assert run_with_retries(client, work, "k", retry=FAST).committed  # type: ignore[arg-type]
+    assert asked == [0, 1, 2] and client.keys == ["k", "k#1", "k#1", "k#2"]
+
+
+def test_the_asyncio_helper_commits_keyed_work_once(system: LocalSystem) -> None:
+    source, target = account_on(system, "shard1"), account_on(system, "shard2")
+    transfer_key = key()
+
+    async def scenario() -> tuple[Outcome, Outcome]:
+        async with system.async_client() as client:
+            work = bank.transfer("async-rr", source, target, 7, system.shard_names)
+            first = await run_with_retries_async(
+                client, work, transfer_key, isolation=Isolation.SERIALIZABLE
+            )
+            again = await run_with_retries_async(
+                client, work, transfer_key, isolation=Isolation.SERIALIZABLE
+            )
+            return first, again
+
+    first, again = asyncio.run(scenario())
+    assert first.committed and again.transaction_id == first.transaction_id
+    wait_no_prepared(system)
+    assert balance(system, "shard1", source) == BALANCE - 7
+    assert ledger_legs(system, "async-rr") == 2
