@@ -11,8 +11,10 @@ Three measurements, on the same clusters, in one session:
                isolation level, the settings and role every branch starts from, the
                role switch back for the marker, the marker, PREPARE); "bare" is the
                same pipeline without the containment (BEGIN, the statements, the marker,
-               PREPARE). CPU of this process and of the branch's PostgreSQL backend per
-               branch; the difference is what containment costs.
+               PREPARE). CPU of this process and of the branch's PostgreSQL backend
+               (its /proc schedstat, in nanoseconds) per branch; the difference is what
+               containment costs: the median over pairs of neighbouring blocks, which
+               a machine whose load drifts disturbs least.
   system       the whole system's CPU per committed transfer (client, coordinator,
                agents, PostgreSQL backends) at the given concurrency: the denominator.
                Throughput is CPU-bound (see README "Performance"), so a share of CPU
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -51,7 +54,12 @@ from twopc_common.values import Statement
 from twopc_harness.postgres import BRANCH_ROLE
 from twopc_harness.system import LocalSystem
 
-BLOCK = 100  # branches per block; blocks of the two variants alternate
+BLOCK = 200  # branches per block; blocks of the two variants alternate
+
+
+def on_cpu(pid: int) -> float:
+    """Seconds process `pid` has run on a CPU (nanosecond resolution)."""
+    return int(Path(f"/proc/{pid}/schedstat").read_text().split()[0]) / 1e9
 
 
 def policy_costs(shards: list[str], rounds: int = 20_000) -> tuple[float, float]:
@@ -100,6 +108,7 @@ async def containment_costs(system: LocalSystem, shard: str, branches: int) -> d
     epoch = int(time.time())
     seq = 0
     totals = {"agent": [0.0, 0.0, 0.0], "bare": [0.0, 0.0, 0.0]}
+    blocks: dict[str, list[float]] = {"agent": [], "bare": []}
 
     async def agent_branch(conn: Any, txid: str, statements: list[Statement]) -> None:
         _, wrote = await store.prepare(conn, statements, txid, config.id)
@@ -134,7 +143,7 @@ async def containment_costs(system: LocalSystem, shard: str, branches: int) -> d
             conn = await owner.connect_branch(Isolation.READ_COMMITTED)
             backend = conn.info.backend_pid
             await owner.release(conn)
-            cpu0, db0 = time.process_time(), cpu_seconds(backend)
+            cpu0, db0 = time.process_time(), on_cpu(backend)
             for _ in range(BLOCK):
                 seq += 1
                 txid = f"benchovh.{epoch}.{seq}"
@@ -142,10 +151,11 @@ async def containment_costs(system: LocalSystem, shard: str, branches: int) -> d
                 await run(conn, txid, debit(accounts[seq % len(accounts)], txid))
                 await owner.release(conn)
                 prepared.append((txid, True))
-            cpu1, db1 = time.process_time(), cpu_seconds(backend)
+            cpu1, db1 = time.process_time(), on_cpu(backend)
             totals[name][0] += cpu1 - cpu0
             totals[name][1] += db1 - db0
             totals[name][2] += BLOCK
+            blocks[name].append(1e6 * (cpu1 - cpu0 + db1 - db0) / BLOCK)
             async with store.phase2_connection() as phase2:
                 for i in range(0, len(prepared), 50):
                     await store.finish_many(phase2, prepared[i : i + 50], config.id)
@@ -156,6 +166,9 @@ async def containment_costs(system: LocalSystem, shard: str, branches: int) -> d
     for name, (client_cpu, backend_cpu, n) in totals.items():
         out[name] = {"client_us": 1e6 * client_cpu / n, "backend_us": 1e6 * backend_cpu / n}
         out[name]["total_us"] = out[name]["client_us"] + out[name]["backend_us"]
+    out["extra_us"] = statistics.median(
+        a - b for a, b in zip(blocks["agent"], blocks["bare"], strict=True)
+    )
     return out
 
 
@@ -187,12 +200,14 @@ async def main_async(a: argparse.Namespace) -> None:
             f"(coordinator check, agent check, session test; 2 branches) {warm:.1f} us"
         )
         costs = await containment_costs(system, shards[0], a.branches)
-        for name, c in costs.items():
+        for name in ("agent", "bare"):
+            c = costs[name]
             print(
                 f"containment {name:>5}: {c['client_us']:6.1f} us client + "
                 f"{c['backend_us']:6.1f} us backend = {c['total_us']:6.1f} us CPU per branch"
             )
-        extra = costs["agent"]["total_us"] - costs["bare"]["total_us"]
+        extra = costs["extra_us"]
+        print(f"containment: {extra:.1f} us CPU per branch (median of block pairs)")
         tps, cpu_ms = await system_cost(system, a.concurrency, a.duration)
         print(f"system: {tps}/s at concurrency {a.concurrency}, {cpu_ms:.2f} ms CPU per transfer")
         per_transfer_us = 2 * extra + warm
