@@ -36,7 +36,7 @@ from coordinator.client import (
 )
 from coordinator.protocol import AbortCause, Ballot, RetryPolicy, Vote, decide
 from tests.conftest import SystemFactory, reset_bank, wait_no_prepared
-from twopc_common.errors import InvalidArgument, ResourceExhausted
+from twopc_common.errors import AlreadyExists, InvalidArgument, ResourceExhausted
 from twopc_harness.daemons import wait_until
 from twopc_harness.system import LocalSystem
 from twopc_pb import coordinator_pb2 as cpb
@@ -700,3 +700,26 @@ def test_the_asyncio_helper_commits_keyed_work_once(system: LocalSystem) -> None
     wait_no_prepared(system)
     assert balance(system, "shard1", source) == BALANCE - 7
     assert ledger_legs(system, "async-rr") == 2
+
+
+def test_an_idempotency_key_belongs_to_one_level(system: LocalSystem) -> None:
+    source, target = account_on(system, "shard1"), account_on(system, "shard2")
+    work = bank.transfer("keyed-level", source, target, 3, system.shard_names)
+    level_key, default_key = key(), key()
+    with system.client() as client:
+        first = client.run(work, level_key, isolation="repeatable_read")
+        assert first.committed
+        with pytest.raises(AlreadyExists):
+            client.run(work, level_key, isolation="serializable")
+        with pytest.raises(AlreadyExists):
+            client.run(work, level_key)
+        assert client.run(work, level_key, isolation="repeatable_read").transaction_id == (
+            first.transaction_id
+        )
+        # READ COMMITTED named or left out is the same request.
+        work = bank.transfer("keyed-default", source, target, 3, system.shard_names)
+        default = client.run(work, default_key)
+        again = client.run(work, default_key, isolation=Isolation.READ_COMMITTED)
+        assert default.committed and again.transaction_id == default.transaction_id
+    wait_no_prepared(system)
+    assert balance(system, "shard1", source) == BALANCE - 6
