@@ -95,7 +95,9 @@ def test_writing_branches_get_the_agents_role_and_settings_and_their_marker(
         "RETURNING current_user, current_setting('lock_timeout')"
     )
     with system.client() as client:
-        outcome = client.run({s: [Statement(write, (f"{tag}-{s}",))] for s in shards})
+        outcome = client.run(
+            {s: [Statement(write, (f"{tag}-{s}",))] for s in shards}, wait_for_completion=True
+        )
         assert outcome.committed and outcome.one_phase == (len(shards) == 1)
         assert outcome.results is not None
         for shard in shards:

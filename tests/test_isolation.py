@@ -243,7 +243,8 @@ def read_modify_write(
             exactly(1),
         )
 
-    return write, tx.commit
+    # Answered after phase 2, so that the shards show the commit when it returns.
+    return write, lambda: tx.commit(wait_for_completion=True)
 
 
 def test_read_committed_loses_an_update_that_repeatable_read_refuses_retryably(
@@ -345,7 +346,9 @@ def test_run_with_retries_turns_a_serialization_failure_into_exactly_one_commit(
     with system.client() as client:
         # READ COMMITTED: the outside session's -5 is overwritten.
         outcome = run_behind_an_outside_update(
-            system, source, lambda: client.run(snapshot_transfer("rc", source, target))
+            system,
+            source,
+            lambda: client.run(snapshot_transfer("rc", source, target), wait_for_completion=True),
         )
         assert outcome.committed
         assert balance(system, "shard1", source) == BALANCE - 10  # lost: should be 85
@@ -455,10 +458,10 @@ def test_read_committed_double_books_and_serializable_refuses_retryably(
                     tx.execute("shard1", INSERT, ("seat", slot, who))
                     tx.execute("shard2", INSERT, ("room", slot, who))
                 for tx in txs.values():
-                    outcomes.append(tx.commit())
+                    outcomes.append(tx.commit(wait_for_completion=True))
             except TransactionAborted as exc:  # a conflict found at a statement
                 assert exc.retryable, exc
-                outcomes = [tx.outcome or tx.commit() for tx in txs.values()]
+                outcomes = [tx.outcome or tx.commit(True) for tx in txs.values()]
         if level == "read_committed":
             assert all(o.committed for o in outcomes)
             assert bookings(system, slot) == {
@@ -501,6 +504,7 @@ def test_concurrent_keyed_bookings_under_serializable_never_double_book(
                     f"{base}-{who}-{slot}",
                     isolation="serializable",
                     retry=retry,
+                    wait_for_completion=True,
                 )
 
         threads = [threading.Thread(target=person, args=(p,)) for p in people]
