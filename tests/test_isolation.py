@@ -17,6 +17,7 @@ import uuid
 from collections.abc import Callable
 
 import grpc
+import psycopg
 import pytest
 
 from bank_demo import bank
@@ -38,6 +39,7 @@ from coordinator.protocol import AbortCause, Ballot, RetryPolicy, Vote, decide
 from tests.conftest import SystemFactory, reset_bank, wait_no_prepared
 from twopc_common.errors import AlreadyExists, InvalidArgument, ResourceExhausted
 from twopc_harness.daemons import wait_until
+from twopc_harness.postgres import PostgresCluster
 from twopc_harness.system import LocalSystem
 from twopc_pb import coordinator_pb2 as cpb
 from twopc_pb import coordinator_pb2_grpc as cgrpc
@@ -150,25 +152,35 @@ def test_every_branch_runs_at_the_level_of_its_transaction(
 
 
 def test_read_committed_is_applied_even_where_the_database_default_differs(
-    system: LocalSystem,
+    clusters: list[PostgresCluster], make_system: SystemFactory
 ) -> None:
-    with system.connect("shard2") as conn:
-        database = conn.execute("SELECT current_database()").fetchone()
-        assert database is not None
+    """Agents whose connections open while the database defaults to SERIALIZABLE
+    still run a READ COMMITTED transaction's branches at READ COMMITTED."""
+    shard2 = clusters[1]
+    with psycopg.connect(shard2.dsn, autocommit=True) as conn:
+        row = conn.execute("SELECT current_database()").fetchone()
+        assert row is not None
+        database = row[0]
         conn.execute(
-            f"ALTER DATABASE {database[0]} SET default_transaction_isolation = 'serializable'"
+            f"ALTER DATABASE {database} SET default_transaction_isolation = 'serializable'"
         )
-    try:
-        with system.client() as client:
-            # New pooled connections pick the database default up; every branch
-            # states its level, so no connection can run at the database's.
-            for _ in range(20):
-                outcome = client.run({"shard2": [Statement("SHOW transaction_isolation")]})
-                assert outcome.results is not None
-                assert outcome.results["shard2"][0].rows == (("read committed",),)
-    finally:
-        with system.connect("shard2") as conn:
-            conn.execute(f"ALTER DATABASE {database[0]} RESET default_transaction_isolation")
+        try:
+            system = make_system()
+        finally:
+            # Only connections opened meanwhile (this system's) keep that default.
+            conn.execute(f"ALTER DATABASE {database} RESET default_transaction_isolation")
+    show = [
+        Statement("SHOW default_transaction_isolation"),
+        Statement("SHOW transaction_isolation"),
+    ]
+    with system.client() as client:
+        for _ in range(5):
+            outcome = client.run({"shard2": show})
+            assert outcome.results is not None
+            assert [r.rows for r in outcome.results["shard2"]] == [
+                (("serializable",),),
+                (("read committed",),),
+            ]
 
 
 def test_an_execute_at_another_level_than_its_branch_is_invalid_argument(
