@@ -30,7 +30,8 @@ Isolation: `run(..., isolation="serializable")` and `transaction(isolation=...)`
 Retrying: an outcome whose `retryable` is true aborted because it lost a conflict, not
 because its work was wrong (see `RETRYABLE_CAUSES`); `run_with_retries` (and
 `run_with_retries_async`) runs keyed work again until it commits, with jittered
-exponential backoff, applying it at most once.
+exponential backoff, applying it at most once; `transact_with_retries` (and
+`transact_with_retries_async`) does the same for an interactive transaction's work.
 
 SQL uses psycopg placeholders (`%s`); values are sent typed and bound by PostgreSQL.
 An aborted transaction is an outcome, not an exception. Exceptions mean the request
@@ -94,6 +95,8 @@ __all__ = [
     "retry_when_refused_async",
     "run_with_retries",
     "run_with_retries_async",
+    "transact_with_retries",
+    "transact_with_retries_async",
 ]
 
 Branches = Mapping[str, Sequence[Statement]]
@@ -467,9 +470,7 @@ class AsyncCoordinatorClient:
         wait_for_completion: bool = False,
         isolation: IsolationArg = Isolation.READ_COMMITTED,
     ) -> AsyncIterator[AsyncTransaction]:
-        request = pb.BeginRequest(isolation=_isolation(isolation))
-        reply = await self._call("Begin", request, None)
-        tx = AsyncTransaction(self, reply.transaction_id)
+        tx = await self.begin(isolation)
         try:
             yield tx
         except BaseException:
@@ -479,6 +480,11 @@ class AsyncCoordinatorClient:
             raise
         if tx.outcome is None:
             await tx.commit(wait_for_completion)
+
+    async def begin(self, isolation: IsolationArg = Isolation.READ_COMMITTED) -> AsyncTransaction:
+        request = pb.BeginRequest(isolation=_isolation(isolation))
+        reply = await self._call("Begin", request, None)
+        return AsyncTransaction(self, reply.transaction_id)
 
     async def get_transaction(self, transaction_id: str) -> TransactionStatus:
         reply = await self._call(
@@ -673,3 +679,74 @@ async def run_with_retries_async(
             if (wait := plan.after(outcome)) is None:
                 return outcome
         await asyncio.sleep(wait)
+
+
+def transact_with_retries(
+    client: CoordinatorClient,
+    work: Callable[[Transaction], T],
+    *,
+    isolation: IsolationArg = Isolation.READ_COMMITTED,
+    retry: Retry = Retry(),
+) -> tuple[T, Outcome]:
+    """Run an interactive transaction (`work(tx)` executes its statements; this
+    commits) until it commits, fails for a reason retrying cannot fix, or
+    `retry.attempts` runs are spent; returns what `work` returned and the last
+    outcome. A read-modify-write (read a balance, write what you computed from it) at
+    REPEATABLE READ or SERIALIZABLE is the pattern: the loser of a concurrent update
+    gets a retryable abort, and its next run reads the winner's value.
+
+    Retried, after the same backoff as `run_with_retries`: a retryable
+    `TransactionAborted` from an `execute`, and a retryable commit outcome. Not
+    retried: anything else `work` raises (the transaction is rolled back and the
+    error propagates), and a `TransportError` at commit: interactive transactions
+    carry no idempotency key, so after a lost commit answer only
+    `get_transaction(tx.id)` can tell whether the work was applied, and running it
+    again could apply it twice."""
+    run = 0
+    while True:
+        last = run + 1 >= retry.attempts
+        tx = client.begin(isolation)
+        try:
+            value = work(tx)
+        except TransactionAborted as exc:
+            if not exc.retryable or last:
+                raise
+        except BaseException:
+            with contextlib.suppress(TwoPCError):
+                tx.rollback()
+            raise
+        else:
+            outcome = tx.outcome or tx.commit()
+            if outcome.committed or not outcome.retryable or last:
+                return value, outcome
+        time.sleep(retry.delay(run))
+        run += 1
+
+
+async def transact_with_retries_async(
+    client: AsyncCoordinatorClient,
+    work: Callable[[AsyncTransaction], Awaitable[T]],
+    *,
+    isolation: IsolationArg = Isolation.READ_COMMITTED,
+    retry: Retry = Retry(),
+) -> tuple[T, Outcome]:
+    """`transact_with_retries` for the asyncio client."""
+    run = 0
+    while True:
+        last = run + 1 >= retry.attempts
+        tx = await client.begin(isolation)
+        try:
+            value = await work(tx)
+        except TransactionAborted as exc:
+            if not exc.retryable or last:
+                raise
+        except BaseException:
+            with contextlib.suppress(TwoPCError):
+                await tx.rollback()
+            raise
+        else:
+            outcome = tx.outcome or await tx.commit()
+            if outcome.committed or not outcome.retryable or last:
+                return value, outcome
+        await asyncio.sleep(retry.delay(run))
+        run += 1

@@ -22,6 +22,7 @@ import pytest
 
 from bank_demo import bank
 from coordinator.client import (
+    AsyncTransaction,
     CoordinatorClient,
     Isolation,
     Outcome,
@@ -34,6 +35,8 @@ from coordinator.client import (
     exactly,
     run_with_retries,
     run_with_retries_async,
+    transact_with_retries,
+    transact_with_retries_async,
 )
 from coordinator.protocol import AbortCause, Ballot, RetryPolicy, Vote, decide
 from tests.conftest import SystemFactory, reset_bank, wait_no_prepared
@@ -739,3 +742,115 @@ def test_an_idempotency_key_belongs_to_one_level(system: LocalSystem) -> None:
         assert default.committed and again.transaction_id == default.transaction_id
     wait_no_prepared(system)
     assert balance(system, "shard1", source) == BALANCE - 6
+
+
+@pytest.mark.parametrize("level", ["read_committed", "repeatable_read"])
+def test_transact_with_retries_runs_a_read_modify_write_again_until_no_update_is_lost(
+    system: LocalSystem, level: str
+) -> None:
+    source, target = account_on(system, "shard1"), account_on(system, "shard2")
+    elsewhere = account_on(system, "shard3")
+    runs: list[str] = []
+    with system.client() as client:
+
+        def transfer(tx: Transaction) -> int:
+            runs.append(tx.id)
+            read = tx.execute("shard1", "SELECT balance FROM accounts WHERE id = %s", (source,))
+            seen = int(str(read.rows[0][0]))
+            if len(runs) == 1:  # another transfer from the same account commits meanwhile
+                between = bank.transfer(
+                    f"between-{level}", source, elsewhere, 10, system.shard_names
+                )
+                assert client.run(between, wait_for_completion=True).committed
+            tx.execute(
+                "shard1",
+                "UPDATE accounts SET balance = %s WHERE id = %s",
+                (seen - 10, source),
+                exactly(1),
+            )
+            tx.execute(
+                "shard2",
+                "UPDATE accounts SET balance = balance + 10 WHERE id = %s",
+                (target,),
+                exactly(1),
+            )
+            return seen
+
+        seen, outcome = transact_with_retries(client, transfer, isolation=level, retry=FAST)
+    assert outcome.committed
+    wait_no_prepared(system)
+    if level == "read_committed":  # the other transfer's debit is overwritten
+        assert len(runs) == 1 and seen == BALANCE
+        assert balance(system, "shard1", source) == BALANCE - 10
+    else:  # the first run lost the conflict; the second read the other transfer's debit
+        assert len(runs) == 2 and seen == BALANCE - 10
+        assert balance(system, "shard1", source) == BALANCE - 20
+        assert total_money(system) == 20 * BALANCE
+
+
+def test_transact_with_retries_never_retries_work_that_failed(system: LocalSystem) -> None:
+    source = account_on(system, "shard1")
+    runs: list[str] = []
+
+    def overdraw(tx: Transaction) -> None:
+        runs.append(tx.id)
+        tx.execute(
+            "shard1",
+            "UPDATE accounts SET balance = balance - 1000 WHERE id = %s AND balance >= 1000",
+            (source,),
+            exactly(1),
+        )
+
+    with system.client() as client:
+        with pytest.raises(TransactionAborted) as caught:
+            transact_with_retries(client, overdraw, isolation="serializable", retry=FAST)
+        assert not caught.value.retryable and caught.value.cause == "EXECUTE_FAILED"
+
+        def rolls_back(tx: Transaction) -> None:
+            runs.append(tx.id)
+            tx.execute("shard1", "UPDATE accounts SET balance = 0 WHERE id = %s", (source,))
+            raise KeyError("the application changed its mind")
+
+        with pytest.raises(KeyError):
+            transact_with_retries(client, rolls_back, retry=FAST)
+        assert client.get_transaction(runs[-1]).outcome == "aborted"
+    assert len(runs) == 2
+    wait_no_prepared(system)
+    assert balance(system, "shard1", source) == BALANCE
+
+
+def test_the_asyncio_interactive_helper_retries_a_lost_conflict(system: LocalSystem) -> None:
+    source, target = account_on(system, "shard1"), account_on(system, "shard2")
+    runs: list[str] = []
+
+    async def scenario() -> Outcome:
+        async with system.async_client() as client:
+
+            async def transfer(tx: AsyncTransaction) -> None:
+                runs.append(tx.id)
+                read = await tx.execute(
+                    "shard1", "SELECT balance FROM accounts WHERE id = %s", (source,)
+                )
+                if len(runs) == 1:
+                    between = bank.transfer("between-async", source, target, 5, system.shard_names)
+                    assert (await client.run(between, wait_for_completion=True)).committed
+                await tx.execute(
+                    "shard1",
+                    "UPDATE accounts SET balance = %s WHERE id = %s",
+                    (int(str(read.rows[0][0])) - 10, source),
+                    exactly(1),
+                )
+                await tx.execute(
+                    "shard2", "UPDATE accounts SET balance = balance + 10 WHERE id = %s", (target,)
+                )
+
+            _, outcome = await transact_with_retries_async(
+                client, transfer, isolation=Isolation.REPEATABLE_READ, retry=FAST
+            )
+            return outcome
+
+    assert asyncio.run(scenario()).committed
+    assert len(runs) == 2
+    wait_no_prepared(system)
+    assert balance(system, "shard1", source) == BALANCE - 15
+    assert total_money(system) == 20 * BALANCE
