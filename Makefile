@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 PYTEST := $(PY) -m pytest -p no:cacheprovider
 
-.PHONY: setup demo test chaos soak lint protos bench bench-soak clean
+.PHONY: setup demo test sim chaos soak lint protos bench bench-soak clean
 
 setup:
 	@bash scripts/bootstrap.sh
@@ -15,6 +15,11 @@ demo: setup
 test: setup
 	$(PY) scripts/gen_protos.py --check
 	$(PYTEST) --timeout=600
+
+## The deterministic simulation: `make sim SEEDS=N` runs seeds 0..N-1 (default 20000),
+## `make sim SEED=S` replays one and prints its story.
+sim: setup
+	$(PY) -m tests.sim $(if $(SEED),--seed $(SEED),--seeds $(or $(SEEDS),20000))
 
 ## The whole failure-injection suite (Toxiproxy partitions, kills).
 chaos: setup

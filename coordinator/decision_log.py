@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import fcntl
 import json
 import os
@@ -76,10 +77,19 @@ class LogFailed(Exception):
     """The decision log cannot write; the coordinator must stop deciding."""
 
 
+class LogState(enum.StrEnum):
+    """A record's state (the `state` column; see the module docstring)."""
+
+    ONE_PHASE = "one_phase"
+    COMMITTING = "committing"
+    COMMITTED = "committed"
+    ABORTED = "aborted"
+
+
 @dataclass(frozen=True, slots=True)
 class LogRecord:
     transaction_id: str
-    state: str
+    state: LogState
     participants: tuple[str, ...]
     idempotency_key: str | None
     request_hash: str | None
@@ -92,7 +102,7 @@ class LogRecord:
 def _record(row: sqlite3.Row) -> LogRecord:
     return LogRecord(
         transaction_id=row["id"],
-        state=row["state"],
+        state=LogState(row["state"]),
         participants=tuple(json.loads(row["participants"])),
         idempotency_key=row["idempotency_key"],
         request_hash=row["request_hash"],

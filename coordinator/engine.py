@@ -20,20 +20,21 @@ import asyncio
 import collections
 import contextlib
 import itertools
-import random
-import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from coordinator.config import CoordinatorConfig
 from coordinator.deadlock import Victim, Wait, confirmed, find_victims
-from coordinator.decision_log import DecisionLog, LogFailed, LogRecord
-from coordinator.participants import ParticipantClient, PrepareReply
+from coordinator.decision_log import LogFailed, LogRecord, LogState
+from coordinator.log_port import DecisionLogPort
+from coordinator.participants import PrepareReply
+from coordinator.ports import ParticipantTransport
 from coordinator.protocol import (
     AbortCause,
     Ballot,
     Reported,
+    TxEvent,
     TxState,
     Vote,
     abort_cause,
@@ -59,6 +60,7 @@ from twopc_common.errors import (
 from twopc_common.ids import TransactionId
 from twopc_common.isolation import Isolation
 from twopc_common.log import EventLogger
+from twopc_common.ports import SYSTEM_CLOCK, Clock, Random, system_random
 from twopc_common.values import Statement, StatementResult, result_bytes
 
 BranchResults = tuple[tuple[str, tuple[StatementResult, ...]], ...]
@@ -95,7 +97,7 @@ class Outcome:
             culprit=data.get("culprit", ""),
             reason=data.get("reason", ""),
             one_phase=bool(data.get("one_phase", False)),
-            completed=record.state != "committing",
+            completed=record.state is not LogState.COMMITTING,
         )
 
 
@@ -127,10 +129,12 @@ class TransactionInfo:
 class _Tx:
     id: str
     state: TxState
-    created: float = field(default_factory=time.time)
-    last_used: float = field(default_factory=time.monotonic)
-    started: float = field(default_factory=time.monotonic)
-    work_started: float = field(default_factory=time.monotonic)
+    created: float
+    """Wall-clock time of its first id (the log's created_at)."""
+    started: float
+    """Monotonic time of its first id (its lifetime)."""
+    last_used: float = 0.0
+    work_started: float = 0.0
     """When its current Execute or its Prepare began (the deadlock detector's trigger)."""
     participants: list[str] = field(default_factory=list)
     incarnations: dict[str, str] = field(default_factory=dict)
@@ -158,15 +162,22 @@ class _Tx:
     )
     completed: asyncio.Event = field(default_factory=asyncio.Event)
 
+    def __post_init__(self) -> None:
+        self.last_used = self.work_started = self.started
+
 
 class Coordinator:
     def __init__(
         self,
         config: CoordinatorConfig,
-        log: DecisionLog,
-        clients: Mapping[str, ParticipantClient],
+        log: DecisionLogPort,
+        clients: Mapping[str, ParticipantTransport],
+        *,
+        clock: Clock = SYSTEM_CLOCK,
+        rng: Random | None = None,
     ) -> None:
         self.config = config
+        self.clock = clock
         self.id = config.id
         self.decision_log = log
         self.clients = dict(clients)
@@ -183,7 +194,7 @@ class Coordinator:
         self._background: set[asyncio.Task[None]] = set()
         self._stopped: str | None = None
         self._down: dict[str, str] = {}
-        self._rng = random.Random()
+        self._rng = rng if rng is not None else system_random()
         self._preparing = 0
         self._prepare_seconds = 0.01
 
@@ -200,8 +211,13 @@ class Coordinator:
         if (why := self.stopped) is not None:
             raise Unavailable(f"coordinator {self.id} accepts no new transactions: {why}")
         txid = str(TransactionId(self.id, self.decision_log.epoch, next(self._sequence)))
-        tx = self._live[txid] = _Tx(txid, state)
+        tx = self._live[txid] = self._tx(txid, state)
         return tx
+
+    def _tx(self, txid: str, state: TxState, created: float | None = None) -> _Tx:
+        """A transaction's memory, started now (`created`: logged earlier)."""
+        wall = self.clock.time() if created is None else created
+        return _Tx(txid, state, created=wall, started=self.clock.monotonic())
 
     def _forget(self, tx: _Tx) -> None:
         self._live.pop(tx.id, None)
@@ -218,7 +234,7 @@ class Coordinator:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    def _client(self, participant: str) -> ParticipantClient:
+    def _client(self, participant: str) -> ParticipantTransport:
         client = self.clients.get(participant)
         if client is None:
             raise NotFound(f"unknown participant {participant!r}")
@@ -277,7 +293,7 @@ class Coordinator:
                     tx.outcome.set_exception(error)
                     tx.outcome.exception()  # retrieved: waiters re-raise it themselves
                     raise error
-                if record.state == "one_phase":
+                if record.state is LogState.ONE_PHASE:
                     unresolved = Unavailable(
                         f"the outcome of {record.transaction_id} (key {key!r}) is being "
                         "resolved after a restart; retry"
@@ -301,7 +317,7 @@ class Coordinator:
             # transaction (after a short random pause, so that the survivors of the
             # cycle get ahead) rather than hand the client an abort to retry.
             tx = tx.successor
-            await asyncio.sleep(self._rng.uniform(0, self.config.deadlock_interval))
+            await self.clock.sleep(self._rng.uniform(0, self.config.deadlock_interval))
             outcome = await self._finish(tx, work, wait)
         return outcome
 
@@ -335,21 +351,21 @@ class Coordinator:
     ) -> Outcome:
         """Prepare, decide, log, start phase 2; answer once the decision is durable."""
         self._preparing += 1
-        began = time.monotonic()
+        began = self.clock.monotonic()
         try:
             return await self._finish_admitted(tx, work, wait)
         finally:
             self._preparing -= 1
             # A running mean of how long a transaction takes to its answer: the hint.
-            self._prepare_seconds += 0.05 * (time.monotonic() - began - self._prepare_seconds)
+            self._prepare_seconds += 0.05 * (self.clock.monotonic() - began - self._prepare_seconds)
 
     async def _finish_admitted(
         self, tx: _Tx, work: Mapping[str, tuple[Statement, ...]], wait: bool
     ) -> Outcome:
         participants = tuple(work)
         tx.participants = list(participants)
-        tx.state = transition(tx.state, TxState.PREPARING)
-        tx.work_started = time.monotonic()
+        tx.state = transition(tx.state, TxEvent.PREPARE)
+        tx.work_started = self.clock.monotonic()
         if (down := self.down(participants)) is not None:
             await self._fail_fast(tx, *down)
             return await self._answer(tx, wait, follow=False)
@@ -435,7 +451,7 @@ class Coordinator:
         )
         # The point of no return: from here on the only way is forward. No error or
         # cancellation may turn a durable COMMIT into an abort (see `_finish`).
-        tx.state = transition(tx.state, TxState.COMMITTING)
+        tx.state = transition(tx.state, TxEvent.COMMIT_LOGGED)
         tx.phase2 = decision.phase2
         try:
             await failpoints.hit("coordinator.after_decision_logged")
@@ -562,7 +578,7 @@ class Coordinator:
                 self.log.warning(
                     "one_phase_fence_retry", txid=tx.id, participant=participant, error=str(exc)
                 )
-                await asyncio.sleep(self.config.phase2_retry.delay(attempt))
+                await self.clock.sleep(self.config.phase2_retry.delay(attempt))
         raise AssertionError("unreachable")
 
     async def _complete_without_phase2(
@@ -582,7 +598,7 @@ class Coordinator:
                 completed=True,
             )
             logged = True
-        tx.state = transition(tx.state, TxState.COMMITTED)
+        tx.state = transition(tx.state, TxEvent.COMMITTED_AT_ONCE)
         tx.outcome.set_result(replace(outcome, completed=True))
         tx.completed.set()
         if logged:
@@ -619,7 +635,7 @@ class Coordinator:
     ) -> Outcome:
         """Decide ABORT (no record needed) and start telling `phase2`. A one-shot deadlock
         victim with retries left gets a successor first, which takes over its key."""
-        tx.state = transition(tx.state, TxState.ABORTING)
+        tx.state = transition(tx.state, TxEvent.ABORT)
         if cause is AbortCause.DEADLOCK and tx.retries_left > 0 and self.stopped is None:
             successor = tx.successor = self._new_tx()
             successor.retries_left = tx.retries_left - 1
@@ -651,9 +667,7 @@ class Coordinator:
         await asyncio.gather(*(deliver_one(tx, p) for p in participants))
         if commit:
             await self._retry(self._mark_complete, tx, "mark_complete")
-            tx.state = transition(tx.state, TxState.COMMITTED)
-        else:
-            tx.state = transition(tx.state, TxState.ABORTED)
+        tx.state = transition(tx.state, TxEvent.ACKNOWLEDGED)
         tx.completed.set()
         self._forget(tx)
         self.log.debug("completed", txid=tx.id, outcome="committed" if commit else "aborted")
@@ -726,7 +740,7 @@ class Coordinator:
                 attempt=attempt,
                 error=str(exc),
             )
-        await asyncio.sleep(self.config.phase2_retry.delay(attempt))
+        await self.clock.sleep(self.config.phase2_retry.delay(attempt))
 
     async def _retry(self, step: Callable[[_Tx], Awaitable[None]], tx: _Tx, what: str) -> None:
         """Run a step that must happen (a log write after the decision) until it does."""
@@ -736,7 +750,7 @@ class Coordinator:
                 return
             except Exception as exc:
                 self.log.error("retrying", txid=tx.id, step=what, error=repr(exc))
-                await asyncio.sleep(self.config.phase2_retry.delay(attempt))
+                await self.clock.sleep(self.config.phase2_retry.delay(attempt))
 
     # -- interactive transactions ---------------------------------------------------
 
@@ -776,7 +790,7 @@ class Coordinator:
                 raise InvalidArgument(f"the limit is {self.config.limits.max_branches} branches")
             tx.participants.append(participant)
         tx.busy += 1
-        tx.work_started = time.monotonic()
+        tx.work_started = self.clock.monotonic()
         try:
             results, incarnation = await client.execute(
                 txid, statements, tx.incarnations.get(participant, ""), tx.isolation
@@ -806,7 +820,7 @@ class Coordinator:
             raise Aborted(f"transaction {txid} aborted: {exc}", cause=cause.value) from exc
         finally:
             tx.busy -= 1
-            tx.last_used = time.monotonic()
+            tx.last_used = self.clock.monotonic()
 
     async def commit(self, txid: str, wait: bool) -> Outcome:
         if (recent := self._recent.get(txid)) is not None:
@@ -847,8 +861,8 @@ class Coordinator:
         """Roll back interactive transactions idle too long or alive too long."""
         period = min(1.0, self.config.transaction_idle_timeout / 4)
         while True:
-            await asyncio.sleep(period)
-            now = time.monotonic()
+            await self.clock.sleep(period)
+            now = self.clock.monotonic()
             for tx in list(self._live.values()):
                 if tx.state is not TxState.ACTIVE:
                     continue
@@ -875,7 +889,7 @@ class Coordinator:
     async def deadlock_loop(self) -> None:
         """Break cross-shard deadlocks (see coordinator.deadlock)."""
         while True:
-            await asyncio.sleep(self.config.deadlock_interval)
+            await self.clock.sleep(self.config.deadlock_interval)
             try:
                 await self.break_deadlocks()
             except Exception as exc:
@@ -884,7 +898,7 @@ class Coordinator:
     async def break_deadlocks(self) -> list[Victim]:
         # Nobody waits for a lock longer than one period unless someone is still at
         # work (preparing, or an Execute) a period after it began.
-        since = time.monotonic() - self.config.deadlock_interval
+        since = self.clock.monotonic() - self.config.deadlock_interval
         if not any(
             tx.work_started < since
             and (tx.state is TxState.PREPARING or (tx.state is TxState.ACTIVE and tx.busy))
@@ -956,14 +970,14 @@ class Coordinator:
         while True:
             down = participant in self._down
             # Down, it is probed more often: a restarted agent is back within moments.
-            await asyncio.sleep(self.config.probe_interval / (5 if down else 1))
+            await self.clock.sleep(self.config.probe_interval / (5 if down else 1))
             try:
                 await client.probe(self.config.probe_timeout)
             except TwoPCError as exc:
                 failures += 1
                 # Any other answer within the window proves it alive: a slow probe on a
                 # loaded machine must not turn a working agent's transactions away.
-                silent = time.monotonic() - client.last_answer > window
+                silent = self.clock.monotonic() - client.last_answer > window
                 if failures >= self.config.probe_failures and silent and not down:
                     self._mark_down(participant, f"{failures} health probes unanswered ({exc})")
                 continue
@@ -994,7 +1008,7 @@ class Coordinator:
         parsed = TransactionId.parse(txid)
         tx = self._live.get(txid)
         if tx is not None:
-            return self._info(tx, time.time())
+            return self._info(tx, self.clock.time())
         record = await self.decision_log.get(txid)
         if record is None and (recent := self._recent.get(txid)) is not None:
             # Finished and not logged: an abort (every commit has a record).
@@ -1002,8 +1016,8 @@ class Coordinator:
             state = TxState.COMMITTED if recent.committed else TxState.ABORTED
             return TransactionInfo(txid, answer, state)
         if record is not None:
-            age = time.time() - record.created_at
-            if record.state == "one_phase":
+            age = self.clock.time() - record.created_at
+            if record.state is LogState.ONE_PHASE:
                 return TransactionInfo(
                     txid, Reported.IN_PROGRESS, TxState.PREPARING, record.participants, age
                 )
@@ -1031,7 +1045,7 @@ class Coordinator:
         )
 
     def in_flight(self) -> list[TransactionInfo]:
-        now = time.time()
+        now = self.clock.time()
         return [self._info(tx, now) for tx in self._live.values()]
 
     # -- recovery -------------------------------------------------------------------
@@ -1040,12 +1054,8 @@ class Coordinator:
         """Start-up recovery, before serving: re-drive logged commits, then resolve the
         participants' in-doubt branches (bounded wait; the periodic scan finishes)."""
         for record in self.decision_log.incomplete_commits():
-            tx = _Tx(
-                record.transaction_id,
-                TxState.COMMITTING,
-                created=record.created_at,
-                participants=list(record.participants),
-            )
+            tx = self._tx(record.transaction_id, TxState.COMMITTING, record.created_at)
+            tx.participants = list(record.participants)
             tx.outcome.set_result(Outcome.from_record(record))
             self._live[tx.id] = tx
             self.counters["recovered_commits"] += 1
@@ -1065,7 +1075,7 @@ class Coordinator:
         the Abort fence tells whether it committed, and makes sure it never will if
         it did not."""
         (participant,) = record.participants
-        tx = _Tx(record.transaction_id, TxState.PREPARING, created=record.created_at)
+        tx = self._tx(record.transaction_id, TxState.PREPARING, record.created_at)
         committed = await self._fence_one_phase(tx, participant)
         if committed:
             outcome = Outcome(tx.id, True, one_phase=True, completed=True)
@@ -1139,7 +1149,10 @@ class Coordinator:
             if txid in self._live:
                 continue  # a live transaction: the protocol itself will finish it
             record = await self.decision_log.get(txid)
-            commit = record is not None and record.state in ("committing", "committed")
+            commit = record is not None and record.state in (
+                LogState.COMMITTING,
+                LogState.COMMITTED,
+            )
             try:
                 if commit:
                     await client.commit(txid)
@@ -1160,10 +1173,10 @@ class Coordinator:
 
     async def recovery_loop(self) -> None:
         while True:
-            await asyncio.sleep(self.config.recovery_interval)
+            await self.clock.sleep(self.config.recovery_interval)
             try:
                 await self.resolve_in_doubt()
-                await self.decision_log.prune(time.time() - self.config.retention)
+                await self.decision_log.prune(self.clock.time() - self.config.retention)
             except Exception as exc:
                 self.log.error("recovery_scan_failed", error=repr(exc))
 

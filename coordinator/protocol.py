@@ -8,8 +8,13 @@ missing vote (prepare timeout, unreachable participant) means ABORT. A COMMIT de
 must be durable before the transaction may enter COMMITTING; an ABORT needs no record,
 because no record means abort.
 
+The state machine is one table, `TRANSITIONS`, keyed by (state, event) as h11's is;
+the engine says what happened (`TxEvent`) and `transition` answers the next state,
+or raises IllegalTransition for an event the protocol does not allow there (a bug
+of the engine, never a peer's fault), leaving the state unchanged.
+
 This module imports no gRPC, SQLite or PostgreSQL: it is what the tests can drive
-exhaustively. An illegal transition raises and leaves the state unchanged.
+exhaustively.
 """
 
 from __future__ import annotations
@@ -28,17 +33,34 @@ class TxState(enum.Enum):
     ABORTED = "aborted"
 
 
-_ALLOWED: dict[TxState, frozenset[TxState]] = {
-    TxState.ACTIVE: frozenset({TxState.PREPARING, TxState.ABORTING, TxState.COMMITTED}),
-    # PREPARING -> COMMITTED: one-phase commit, or every vote READ_ONLY.
-    TxState.PREPARING: frozenset({TxState.COMMITTING, TxState.ABORTING, TxState.COMMITTED}),
-    TxState.COMMITTING: frozenset({TxState.COMMITTED}),
-    TxState.ABORTING: frozenset({TxState.ABORTED}),
-    TxState.COMMITTED: frozenset(),
-    TxState.ABORTED: frozenset(),
-}
+class TxEvent(enum.Enum):
+    """What happens to a transaction, as the engine tells `transition`."""
 
-FINAL = frozenset({TxState.COMMITTED, TxState.ABORTED})
+    PREPARE = "prepare"
+    """Its work is all sent (one-shot) or its client asked to commit (interactive)."""
+    COMMIT_LOGGED = "commit_logged"
+    """Every vote YES or READ_ONLY, and the COMMIT record is durable: phase 2 begins."""
+    COMMITTED_AT_ONCE = "committed_at_once"
+    """Committed with nothing to deliver: one phase, every vote READ_ONLY, or no branch."""
+    ABORT = "abort"
+    """Any NO, a missing vote, a timeout, a deadlock, the client's Rollback, an error."""
+    ACKNOWLEDGED = "acknowledged"
+    """Every participant that must hear the decision acknowledged it (or, for an abort,
+    was left to recovery)."""
+
+
+TRANSITIONS: dict[tuple[TxState, TxEvent], TxState] = {
+    (TxState.ACTIVE, TxEvent.PREPARE): TxState.PREPARING,
+    (TxState.ACTIVE, TxEvent.ABORT): TxState.ABORTING,
+    (TxState.ACTIVE, TxEvent.COMMITTED_AT_ONCE): TxState.COMMITTED,
+    (TxState.PREPARING, TxEvent.COMMIT_LOGGED): TxState.COMMITTING,
+    (TxState.PREPARING, TxEvent.ABORT): TxState.ABORTING,
+    (TxState.PREPARING, TxEvent.COMMITTED_AT_ONCE): TxState.COMMITTED,
+    # The point of no return: COMMITTING only goes forward.
+    (TxState.COMMITTING, TxEvent.ACKNOWLEDGED): TxState.COMMITTED,
+    (TxState.ABORTING, TxEvent.ACKNOWLEDGED): TxState.ABORTED,
+}
+"""The whole state machine: (state, event) -> next state. Anything else is illegal."""
 
 
 class Reported(enum.Enum):
@@ -77,9 +99,12 @@ class IllegalTransition(Exception):
     """The coordinator misused its own protocol (a bug, never a peer's fault)."""
 
 
-def transition(current: TxState, new: TxState) -> TxState:
-    if new not in _ALLOWED[current]:
-        raise IllegalTransition(f"{current.value} -> {new.value}")
+def transition(current: TxState, event: TxEvent) -> TxState:
+    """The state after `event`; IllegalTransition (the caller keeps its state) if
+    `event` cannot happen in `current`."""
+    new = TRANSITIONS.get((current, event))
+    if new is None:
+        raise IllegalTransition(f"{event.value} in state {current.value}")
     return new
 
 

@@ -78,7 +78,7 @@ async def serve(config: ParticipantConfig) -> None:
         config.limits.max_message_bytes,
         lambda s: pgrpc.add_ParticipantServicer_to_server(
             guard(
-                ParticipantService(agent, recovery),
+                ParticipantService(agent, recovery, store),
                 pb.DESCRIPTOR.services_by_name["Participant"],
                 Authenticator(not config.tls.insecure, config.admins),
                 access.rules(config),
@@ -91,7 +91,7 @@ async def serve(config: ParticipantConfig) -> None:
         agent.log,
         [RpcMetrics(registry)],
     )
-    metrics.register(registry, agent, recovery, probe, health)
+    metrics.register(registry, agent, recovery, probe, health, store)
     metrics_server = (
         await serve_metrics(config.metrics_listen, registry, agent.log)
         if config.metrics_listen

@@ -21,18 +21,18 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import secrets
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
 
 from psycopg import Xid
 
-from participant.branch_state import BranchState, check_transition
+from participant.branch_state import BranchState, check_transition, plan_phase2
 from participant.config import ParticipantConfig
 from participant.epochs import EpochFence
-from participant.store import AsyncConn, BranchFailed, OutcomeUnknown, PreparedBranch, Store
+from participant.ports import AgentStore, BranchConn
+from participant.store import BranchFailed, OutcomeUnknown, PreparedBranch
 from twopc_common import failpoints
 from twopc_common.errors import (
     Aborted,
@@ -45,6 +45,7 @@ from twopc_common.errors import (
 from twopc_common.ids import FORMAT_ID, TransactionId
 from twopc_common.isolation import Isolation
 from twopc_common.log import EventLogger
+from twopc_common.ports import SYSTEM_CLOCK, Clock, Random, system_random
 from twopc_common.values import Statement, StatementResult
 
 
@@ -82,10 +83,10 @@ class VoteResult:
 @dataclass
 class _Branch:
     transaction_id: str
+    last_used: float
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    conn: AsyncConn | None = None
+    conn: BranchConn | None = None
     state: BranchState = BranchState.ACTIVE
-    last_used: float = field(default_factory=time.monotonic)
     abort_reason: str = ""
     interactive: bool = False
     """Opened by Execute: it may hold its connection between calls."""
@@ -104,6 +105,25 @@ _PHASE2_FAILPOINTS = {
 }
 
 
+def _repeated_vote(state: BranchState, one_phase: bool, txid: str) -> VoteResult | None:
+    """The vote of a Prepare repeated after its branch was settled (a duplicated
+    message): what the first one answered, where that is known; no vote at all
+    (OutcomeUnknown) if only the database knows. A NO for a branch that committed in
+    one phase, or whose settling statement may have run, would have the coordinator
+    tell its client ABORTED for a committed transaction (the simulator, tests/sim,
+    found both with duplicated Prepares)."""
+    if state is BranchState.PREPARED and not one_phase:
+        return VoteResult(Vote.YES)
+    if state is BranchState.COMMITTED and one_phase:
+        return VoteResult(Vote.COMMITTED_ONE_PHASE)
+    if state is BranchState.IN_DOUBT:
+        raise OutcomeUnknown(
+            f"the branch of {txid} lost its database connection while it was being "
+            "settled: only the database can tell what happened"
+        )
+    return None
+
+
 def _unwrap(answer: bool | Exception) -> bool:
     if isinstance(answer, Exception):
         raise answer
@@ -111,13 +131,21 @@ def _unwrap(answer: bool | Exception) -> bool:
 
 
 class Agent:
-    def __init__(self, config: ParticipantConfig, store: Store) -> None:
+    def __init__(
+        self,
+        config: ParticipantConfig,
+        store: AgentStore[Any],
+        *,
+        clock: Clock = SYSTEM_CLOCK,
+        rng: Random | None = None,
+    ) -> None:
         self.config = config
         self.store = store
+        self.clock = clock
         self.log = EventLogger("participant", config.id)
         self.counters: collections.Counter[str] = collections.Counter()
         self.epochs = EpochFence(store)
-        self.incarnation = secrets.token_hex(8)
+        self.incarnation = f"{(rng or system_random()).getrandbits(64):016x}"
         """Fresh at every start: names the branches this process opened."""
         self._branches: dict[str, _Branch] = {}
         self._finished: collections.OrderedDict[str, _Tombstone] = collections.OrderedDict()
@@ -174,11 +202,13 @@ class Agent:
                     f"--interactive-reserve {self.config.interactive_reserve}): "
                     "finish some transactions first"
                 )
-        branch = self._branches[txid] = _Branch(txid, interactive=interactive, isolation=isolation)
+        branch = self._branches[txid] = _Branch(
+            txid, last_used=self.clock.monotonic(), interactive=interactive, isolation=isolation
+        )
         self.counters["branches_opened"] += 1
         return branch
 
-    async def _connection(self, branch: _Branch) -> AsyncConn:
+    async def _connection(self, branch: _Branch) -> BranchConn:
         if branch.conn is None:
             branch.conn = await self.store.connect_branch(branch.isolation)
         return branch.conn
@@ -195,12 +225,15 @@ class Agent:
         self._remember(branch.transaction_id, state, reason)
 
     async def _discard(self, branch: _Branch) -> None:
-        """Forget a branch whose fate only the database knows (its connection broke)."""
+        """Forget a branch whose fate only the database knows (its connection broke).
+        Its tombstone says so: a repeated Prepare must not open it again (and vote NO
+        on the marker of a branch that committed)."""
         branch.state = check_transition(branch.state, BranchState.IN_DOUBT, branch.transaction_id)
         if branch.conn is not None:
             await self.store.release(branch.conn)
             branch.conn = None
         self._branches.pop(branch.transaction_id, None)
+        self._remember(branch.transaction_id, BranchState.IN_DOUBT)
 
     # -- the protocol ---------------------------------------------------------------
 
@@ -233,7 +266,7 @@ class Agent:
                 raise Aborted(
                     f"branch on {self.config.id} failed: {exc.reason}", sqlstate=exc.sqlstate
                 ) from exc
-            branch.last_used = time.monotonic()
+            branch.last_used = self.clock.monotonic()
             return results
 
     async def prepare(
@@ -259,12 +292,12 @@ class Agent:
             return VoteResult(Vote.NO, str(exc))
         except FailedPrecondition as exc:
             gone = self._finished.get(txid)
-            if gone is not None and gone.state is BranchState.PREPARED and not one_phase:
-                return VoteResult(Vote.YES)  # a repeated Prepare
-            return VoteResult(Vote.NO, str(exc))
+            repeat = _repeated_vote(gone.state, one_phase, txid) if gone is not None else None
+            return repeat or VoteResult(Vote.NO, str(exc))
         async with branch.lock:
-            if branch.state is not BranchState.ACTIVE:
-                return VoteResult(Vote.NO, f"branch of {txid} is {branch.state.value}")
+            if branch.state is not BranchState.ACTIVE:  # settled while this one waited
+                repeat = _repeated_vote(branch.state, one_phase, txid)
+                return repeat or VoteResult(Vote.NO, f"branch of {txid} is {branch.state.value}")
             try:
                 conn = await self._connection(branch)
                 if branch.abort_reason:
@@ -321,24 +354,10 @@ class Agent:
         Abort of open branches must not wait for a connection they may all be
         holding); open branches are rolled back meanwhile, each on its own (one may
         first have to interrupt a statement waiting on a lock)."""
-        answers: dict[int, bool | Exception] = {}
-        prepared: list[int] = []
-        still_open: list[tuple[int, _Branch]] = []
-        for i, (txid, commit) in enumerate(decisions):
-            try:
-                TransactionId.parse(txid)
-            except TwoPCError as exc:
-                answers[i] = exc
-                continue
-            branch = self._branches.get(txid)
-            if branch is None:
-                prepared.append(i)
-            elif commit:
-                answers[i] = FailedPrecondition(
-                    f"branch of {txid} is {branch.state.value}, not prepared"
-                )
-            else:
-                still_open.append((i, branch))
+        plan = plan_phase2(decisions, {t: b.state for t, b in self._branches.items()})
+        answers: dict[int, bool | Exception] = dict(plan.refused)
+        still_open = [(i, self._branches[decisions[i][0]]) for i in plan.still_open]
+        prepared = list(plan.prepared)
 
         async def finish_prepared(indexes: list[int]) -> None:
             try:
@@ -382,7 +401,7 @@ class Agent:
         return True
 
     async def _finish_on(
-        self, conn: AsyncConn, batch: dict[int, tuple[str, bool]], reason: str
+        self, conn: BranchConn, batch: dict[int, tuple[str, bool]], reason: str
     ) -> dict[int, bool | Exception]:
         """Prepared branches: all in one round trip; what PostgreSQL skipped after a
         failure goes again one by one. Unavailable if the connection breaks."""
@@ -478,8 +497,8 @@ class Agent:
         """Roll back interactive branches whose coordinator went quiet before Prepare."""
         period = min(1.0, self.config.idle_branch_timeout / 4)
         while True:
-            await asyncio.sleep(period)
-            deadline = time.monotonic() - self.config.idle_branch_timeout
+            await self.clock.sleep(period)
+            deadline = self.clock.monotonic() - self.config.idle_branch_timeout
             for branch in list(self._branches.values()):
                 if branch.last_used < deadline and not branch.lock.locked():
                     async with branch.lock:

@@ -19,6 +19,7 @@ from prometheus_client.registry import Collector
 from participant.agent import Agent
 from participant.probe import DatabaseProbe
 from participant.recovery import Recovery
+from participant.store import Store
 from twopc_common.health import Health
 
 _VOTES = {
@@ -39,9 +40,10 @@ _PHASE2 = {
 
 class _AgentCollector(Collector):
     def __init__(
-        self, agent: Agent, recovery: Recovery, probe: DatabaseProbe, health: Health
+        self, agent: Agent, recovery: Recovery, probe: DatabaseProbe, health: Health, store: Store
     ) -> None:
         self._agent = agent
+        self._store = store
         self._recovery = recovery
         self._probe = probe
         self._health = health
@@ -129,7 +131,7 @@ class _AgentCollector(Collector):
         yield GaugeMetricFamily(
             "twopc_serving", "1 while the gRPC health status is SERVING", value=self._health.serving
         )
-        stats = self._agent.store.pool.get_stats()
+        stats = self._store.pool.get_stats()
         for key, name, doc in (
             ("pool_size", "pool_connections", "Connections the pool holds"),
             ("pool_available", "pool_idle_connections", "Idle connections in the pool"),
@@ -155,6 +157,7 @@ def register(
     recovery: Recovery,
     probe: DatabaseProbe,
     health: Health,
+    store: Store,
 ) -> None:
     """Everything the agent exports, on `registry`."""
-    registry.register(_AgentCollector(agent, recovery, probe, health))
+    registry.register(_AgentCollector(agent, recovery, probe, health, store))

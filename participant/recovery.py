@@ -11,13 +11,13 @@ decides alone.
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
-import time
 
 import grpc
 
 from participant.agent import Agent
+from participant.config import ParticipantConfig
+from participant.ports import Coordinators, CoordinatorUnreachable
 from participant.store import ForeignPrepared
 from twopc_common.errors import TwoPCError
 from twopc_common.ids import TransactionId
@@ -27,12 +27,56 @@ from twopc_pb import coordinator_pb2 as cpb
 from twopc_pb import coordinator_pb2_grpc as cgrpc
 
 
-class Recovery:
-    def __init__(self, agent: Agent) -> None:
-        self._agent = agent
-        self._config = agent.config
+class GrpcCoordinators:
+    """The coordinators' GetTransaction over gRPC (the daemon's `Coordinators` port)."""
+
+    def __init__(self, config: ParticipantConfig) -> None:
+        self._config = config
         self._stubs: dict[str, cgrpc.CoordinatorStub] = {}
         self._channels: list[grpc.aio.Channel] = []
+
+    def knows(self, coordinator_id: str) -> bool:
+        return coordinator_id in self._config.coordinators
+
+    def address(self, coordinator_id: str) -> str:
+        return self._config.coordinators[coordinator_id]
+
+    def _stub(self, coordinator_id: str) -> cgrpc.CoordinatorStub:
+        if coordinator_id not in self._stubs:
+            address = self._config.coordinators[coordinator_id]
+            # Authenticates as this agent; the coordinator must prove it is coordinator_id.
+            channel = aio_channel(address, self._config.tls, server_name=coordinator_id)
+            self._channels.append(channel)
+            self._stubs[coordinator_id] = cgrpc.CoordinatorStub(channel)
+        return self._stubs[coordinator_id]
+
+    async def outcome(self, coordinator_id: str, transaction_id: str) -> bool | None:
+        try:
+            status = await self._stub(coordinator_id).GetTransaction(
+                cpb.GetTransactionRequest(transaction_id=transaction_id),
+                timeout=self._config.coordinator_rpc_timeout,
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise CoordinatorUnreachable(exc.code().name) from exc
+        if status.outcome == cpb.COMMITTED:
+            return True
+        if status.outcome in (cpb.ABORTED, cpb.UNKNOWN):
+            return False
+        return None
+
+    async def close(self) -> None:
+        for channel in self._channels:
+            await channel.close()
+
+
+class Recovery:
+    def __init__(self, agent: Agent, coordinators: Coordinators | None = None) -> None:
+        self._agent = agent
+        self._config = agent.config
+        self._grpc: GrpcCoordinators | None = None
+        if coordinators is None:
+            coordinators = self._grpc = GrpcCoordinators(agent.config)
+        self._coordinators = coordinators
         self._warn = RateLimit(self._config.in_doubt_warning_interval)
         self.prepared = 0
         """Prepared branches of this participant seen by the last scan."""
@@ -42,36 +86,25 @@ class Recovery:
         """Prepared transactions in the database that are not this participant's
         branches, as of the last scan: reported, never touched."""
 
-    def _stub(self, coordinator_id: str) -> cgrpc.CoordinatorStub | None:
-        if coordinator_id not in self._stubs:
-            address = self._config.coordinators.get(coordinator_id)
-            if address is None:
-                return None
-            # Authenticates as this agent; the coordinator must prove it is coordinator_id.
-            channel = aio_channel(address, self._config.tls, server_name=coordinator_id)
-            self._channels.append(channel)
-            self._stubs[coordinator_id] = cgrpc.CoordinatorStub(channel)
-        return self._stubs[coordinator_id]
-
     async def run_forever(self) -> None:
         next_prune = 0.0
         while True:
             try:
                 await self.scan()
-                if time.monotonic() >= next_prune:
+                if self._agent.clock.monotonic() >= next_prune:
                     pruned = await self._agent.store.prune_markers()
                     self._agent.log.info("markers_pruned", count=pruned)
-                    next_prune = time.monotonic() + self._config.marker_prune_interval
+                    next_prune = self._agent.clock.monotonic() + self._config.marker_prune_interval
             except Exception as exc:  # the database may be down: try again next period
                 self._agent.log.warning("recovery_scan_failed", error=repr(exc))
-            await asyncio.sleep(self._config.recovery_interval)
+            await self._agent.clock.sleep(self._config.recovery_interval)
 
     async def scan(self) -> None:
         log = self._agent.log
         scan = await self._agent.store.prepared_branches(self._config.id)
         self._report_foreign(scan.foreign)
         branches = scan.ours
-        now = dt.datetime.now(dt.UTC)
+        now = dt.datetime.fromtimestamp(self._agent.clock.time(), dt.UTC)
         waiting = 0
         for branch in branches:
             age = (now - branch.prepared_at).total_seconds() if branch.prepared_at else 0.0
@@ -79,8 +112,7 @@ class Recovery:
                 continue
             txid = branch.transaction_id
             coordinator = TransactionId.parse(txid).coordinator
-            stub = self._stub(coordinator)
-            if stub is None:
+            if not self._coordinators.knows(coordinator):
                 waiting += 1
                 if self._warn.due(f"unknown_coordinator {txid}"):
                     log.warning(
@@ -93,11 +125,8 @@ class Recovery:
                     )
                 continue
             try:
-                status = await stub.GetTransaction(
-                    cpb.GetTransactionRequest(transaction_id=txid),
-                    timeout=self._config.coordinator_rpc_timeout,
-                )
-            except grpc.aio.AioRpcError as exc:
+                committed = await self._coordinators.outcome(coordinator, txid)
+            except CoordinatorUnreachable as exc:
                 waiting += 1
                 if self._warn.due(f"coordinator_unreachable {txid}"):
                     log.warning(
@@ -105,15 +134,15 @@ class Recovery:
                         txid=txid,
                         age=round(age, 1),
                         coordinator=coordinator,
-                        address=self._config.coordinators[coordinator],
-                        code=exc.code().name,
+                        address=self._coordinators.address(coordinator),
+                        code=exc.code,
                     )
                 continue
             try:
-                if status.outcome == cpb.COMMITTED:
+                if committed is True:
                     await self._agent.commit(txid)
                     self._agent.counters["recovered_commits"] += 1
-                elif status.outcome in (cpb.ABORTED, cpb.UNKNOWN):
+                elif committed is False:
                     await self._agent.abort(txid, "recovery: coordinator says aborted")
                     self._agent.counters["recovered_aborts"] += 1
                 else:
@@ -143,5 +172,5 @@ class Recovery:
         self._agent.counters["foreign_prepared"] = len(foreign)
 
     async def close(self) -> None:
-        for channel in self._channels:
-            await channel.close()
+        if self._grpc is not None:
+            await self._grpc.close()

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 from participant import heuristic
 from participant.agent import Agent, Vote
 from participant.recovery import Recovery
+from participant.store import Store
 from twopc_common import failpoints
 from twopc_common.errors import InvalidArgument
 from twopc_common.grpc_errors import Context, status_for, translate_errors
@@ -49,8 +50,9 @@ async def _shielded(call: Coroutine[Any, Any, T]) -> T:
 
 
 class ParticipantService(pgrpc.ParticipantServicer):
-    def __init__(self, agent: Agent, recovery: Recovery) -> None:
+    def __init__(self, agent: Agent, recovery: Recovery, store: Store) -> None:
         self._agent = agent
+        self._store = store
         self._recovery = recovery
         self._limits = agent.config.limits
         self._policy = StatementPolicy(agent.config.statement_kinds)
@@ -132,7 +134,7 @@ class ParticipantService(pgrpc.ParticipantServicer):
         self, request: pb.ListHeuristicRequest, context: Context
     ) -> pb.ListHeuristicResponse:
         decisions = await heuristic.list_applied(
-            self._agent.store, request.coordinator_id, self._agent.config.id
+            self._store, request.coordinator_id, self._agent.config.id
         )
         return pb.ListHeuristicResponse(
             decisions=[

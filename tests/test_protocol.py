@@ -11,12 +11,13 @@ from coordinator.protocol import (
     Ballot,
     IllegalTransition,
     RetryPolicy,
+    TxEvent,
     TxState,
     Vote,
     decide,
     transition,
 )
-from participant.branch_state import BranchState, check_transition
+from participant.branch_state import BranchState, check_transition, plan_phase2
 from twopc_common.errors import FailedPrecondition
 
 P = ("a", "b", "c")
@@ -73,27 +74,33 @@ def test_decision_is_commit_exactly_when_no_vote_is_no_or_missing() -> None:
 
 def test_transition_table_allows_only_the_protocol() -> None:
     legal = {
-        (TxState.ACTIVE, TxState.PREPARING),
-        (TxState.ACTIVE, TxState.ABORTING),
-        (TxState.ACTIVE, TxState.COMMITTED),
-        (TxState.PREPARING, TxState.COMMITTING),
-        (TxState.PREPARING, TxState.ABORTING),
-        (TxState.PREPARING, TxState.COMMITTED),
-        (TxState.COMMITTING, TxState.COMMITTED),
-        (TxState.ABORTING, TxState.ABORTED),
+        (TxState.ACTIVE, TxEvent.PREPARE): TxState.PREPARING,
+        (TxState.ACTIVE, TxEvent.ABORT): TxState.ABORTING,
+        (TxState.ACTIVE, TxEvent.COMMITTED_AT_ONCE): TxState.COMMITTED,
+        (TxState.PREPARING, TxEvent.COMMIT_LOGGED): TxState.COMMITTING,
+        (TxState.PREPARING, TxEvent.ABORT): TxState.ABORTING,
+        (TxState.PREPARING, TxEvent.COMMITTED_AT_ONCE): TxState.COMMITTED,
+        (TxState.COMMITTING, TxEvent.ACKNOWLEDGED): TxState.COMMITTED,
+        (TxState.ABORTING, TxEvent.ACKNOWLEDGED): TxState.ABORTED,
     }
-    for a, b in itertools.product(TxState, repeat=2):
-        if (a, b) in legal:
-            assert transition(a, b) is b
+    for state, event in itertools.product(TxState, TxEvent):
+        if (state, event) in legal:
+            assert transition(state, event) is legal[state, event]
         else:
-            with pytest.raises(IllegalTransition):
-                transition(a, b)
+            with pytest.raises(IllegalTransition, match=f"{event.value} in state {state.value}"):
+                transition(state, event)
 
 
 def test_a_committing_transaction_can_never_abort() -> None:
     for state in (TxState.COMMITTING, TxState.COMMITTED):
         with pytest.raises(IllegalTransition):
-            transition(state, TxState.ABORTING)
+            transition(state, TxEvent.ABORT)
+
+
+def test_final_states_take_no_event() -> None:
+    for state, event in itertools.product((TxState.COMMITTED, TxState.ABORTED), TxEvent):
+        with pytest.raises(IllegalTransition):
+            transition(state, event)
 
 
 def test_prepared_branch_only_leaves_on_commit_or_abort() -> None:
@@ -112,3 +119,20 @@ def test_backoff_grows_and_is_capped() -> None:
     assert delays[0] == 0.05 and delays[1] == 0.1
     assert delays == sorted(delays) and max(delays) == 5.0
     assert policy.delay(10_000) == 5.0
+
+
+def test_phase2_plan_refuses_commits_of_open_branches_and_routes_the_rest() -> None:
+    decisions = [
+        ("c.1.1", True),  # not open here: COMMIT PREPARED
+        ("c.1.2", True),  # still open: a Commit cannot finish it
+        ("c.1.3", False),  # still open: rolled back
+        ("not an id", False),
+        ("c.1.4", False),  # not open here: ROLLBACK PREPARED (or the fence)
+    ]
+    plan = plan_phase2(decisions, {"c.1.2": BranchState.ACTIVE, "c.1.3": BranchState.ACTIVE})
+    assert plan.prepared == (0, 4)
+    assert plan.still_open == (2,)
+    assert set(plan.refused) == {1, 3}
+    assert isinstance(plan.refused[1], FailedPrecondition)
+    assert "not prepared" in str(plan.refused[1])
+    assert "malformed transaction id" in str(plan.refused[3])
