@@ -28,6 +28,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import NoReturn
@@ -47,6 +48,7 @@ from bank_demo.faults import (
 from bank_demo.workload import Workload, WorkloadConfig, in_doubt
 from coordinator.client import CoordinatorClient
 from twopc_common import settings
+from twopc_common.auth import TokenFileError, add_token_flag, read_token_file
 from twopc_common.cli import HelpFormatter, add_version_flag
 from twopc_common.errors import TwoPCError
 from twopc_common.ids import check_name
@@ -87,9 +89,20 @@ class UsageError(DemoError):
     """A bad option, found before anything started (exit status 2)."""
 
 
-def _shard_dsns(items: list[str]) -> dict[str, str]:
+def _shard_dsns(items: Sequence[str], files: Sequence[str] = ()) -> dict[str, str]:
+    """The shards of --shard NAME=DSN and --shard-dsn-file NAME=PATH (the DSN, password
+    included, read from a file: a password in argv is visible to every local user)."""
     dsns: dict[str, str] = {}
-    for item in items:
+    read = []
+    for item in files:
+        name, sep, path = item.partition("=")
+        if not sep or not path:
+            raise UsageError(f"--shard-dsn-file {item!r}: expected NAME=PATH")
+        try:
+            read.append(f"{name}={Path(path).read_text().strip()}")
+        except OSError as exc:
+            raise UsageError(f"--shard-dsn-file {name}: cannot read {path}: {exc}") from None
+    for item in [*items, *read]:
         name, sep, dsn = item.partition("=")
         if not sep or not dsn:
             raise UsageError(f"--shard {settings.redact(item)!r}: expected NAME=DSN")
@@ -122,9 +135,9 @@ def _check_shards(dsns: dict[str, str]) -> None:
             )
 
 
-def _check_coordinator(address: str, tls: TlsConfig) -> None:
+def _check_coordinator(address: str, tls: TlsConfig, token: str | None) -> None:
     try:
-        with CoordinatorClient(address, timeout=5, tls=tls) as client:
+        with CoordinatorClient(address, timeout=5, tls=tls, token=token) as client:
             client.status(timeout=5)
     except TwoPCError as exc:
         raise DemoError(f"the coordinator at {address} does not answer ({exc})") from None
@@ -184,6 +197,7 @@ def play(
     network: FaultNetwork | None,
     system: LocalSystem | None,
     seed: int,
+    token: str | None = None,
 ) -> int:
     shards = list(dsns)
     proxies = sorted(network.proxies) if network is not None else None
@@ -223,6 +237,7 @@ def play(
         ),
         random.Random(seed),
         lambda: player.current,
+        token,
     )
     started = time.monotonic()
     stop_at = started + args.duration
@@ -283,23 +298,28 @@ def play(
 def _check_run_options(args: argparse.Namespace, seed: int) -> None:
     """Everything that can be checked without a deployment, before one is started or
     touched: a bad option costs a second, not a cluster start-up."""
+    if args.token_file is not None and not args.coordinator:
+        raise UsageError("--token-file is for an existing deployment: give --coordinator too")
     if args.coordinator:
         try:
             settings.host_port("--coordinator", args.coordinator)
         except TwoPCError as exc:
             raise UsageError(str(exc)) from None
-        dsns = _shard_dsns(args.shard)
+        dsns = _shard_dsns(args.shard, args.shard_dsn_file)
         if not dsns:
-            raise UsageError("--coordinator needs the shards' DSNs: --shard NAME=DSN ...")
+            raise UsageError(
+                "--coordinator needs the shards' DSNs: --shard NAME=DSN or "
+                "--shard-dsn-file NAME=PATH ..."
+            )
         # The proxies of an existing Toxiproxy are known only once it answers; the
         # schedule is checked against them then.
         proxies: list[str] | None = [] if args.toxiproxy_url else None
         if args.faults in PRESETS or proxies is None:
             _schedule_usage(args, seed, list(dsns), proxies, can_kill=False)
         return
-    if args.shard or args.toxiproxy_url:
+    if args.shard or args.shard_dsn_file or args.toxiproxy_url:
         raise UsageError(
-            "--shard and --toxiproxy-url go with --coordinator (an existing "
+            "--shard, --shard-dsn-file and --toxiproxy-url go with --coordinator (an existing "
             "deployment); without it the demo starts its own"
         )
     if args.reset:
@@ -327,19 +347,20 @@ def run(args: argparse.Namespace) -> int:
     seed = args.seed if args.seed is not None else random.randrange(2**31)
     _check_run_options(args, seed)
     if args.coordinator:
-        dsns = _shard_dsns(args.shard)
+        dsns = _shard_dsns(args.shard, args.shard_dsn_file)
         _check_shards(dsns)
         try:
             tls = client_tls(args)
-        except TlsError as exc:
+            token = read_token_file(args.token_file)
+        except (TlsError, TokenFileError) as exc:
             raise DemoError(str(exc)) from None
-        _check_coordinator(args.coordinator, tls)
+        _check_coordinator(args.coordinator, tls, token)
         try:
             network = attach_network(args.toxiproxy_url) if args.toxiproxy_url else None
         except HarnessError as exc:
             raise DemoError(str(exc)) from None
         try:
-            return play(args, args.coordinator, tls, dsns, network, None, seed)
+            return play(args, args.coordinator, tls, dsns, network, None, seed, token)
         finally:
             if network is not None:
                 network.stop()
@@ -371,7 +392,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def check(args: argparse.Namespace) -> int:
-    dsns = _shard_dsns(args.shard)
+    dsns = _shard_dsns(args.shard, args.shard_dsn_file)
+    if not dsns:
+        raise UsageError("give the shards to check: --shard NAME=DSN or --shard-dsn-file NAME=PATH")
     outcomes = None
     if args.transfers:
         try:
@@ -463,6 +486,13 @@ def _parser() -> argparse.ArgumentParser:
             help="an existing deployment's shard: the agent's --id and its database (repeatable)",
         )
         target.add_argument(
+            "--shard-dsn-file",
+            action="append",
+            default=[],
+            metavar="NAME=PATH",
+            help="as --shard, the DSN (password included) read from a file (repeatable)",
+        )
+        target.add_argument(
             "--toxiproxy-url", metavar="URL", help="an existing deployment's Toxiproxy API"
         )
         target.add_argument(
@@ -472,13 +502,20 @@ def _parser() -> argparse.ArgumentParser:
             "the demo did not create them (without it the demo refuses to touch them)",
         )
         add_tls_flags(target, daemon=False)
+        add_token_flag(target)
     c.add_argument(
         "--shard",
         action="append",
         default=[],
         metavar="NAME=DSN",
-        required=True,
         help="a shard to check: its name and its database (repeatable)",
+    )
+    c.add_argument(
+        "--shard-dsn-file",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="as --shard, the DSN (password included) read from a file (repeatable)",
     )
     c.add_argument(
         "--transfers",

@@ -111,9 +111,11 @@ class Workload:
         config: WorkloadConfig,
         rng: random.Random,
         current_fault: Callable[[], str],
+        token: str | None = None,
     ) -> None:
         self._address = address
         self._tls = tls
+        self._token = token
         self._shards = list(shards)
         self._dsns = dsns
         self._config = config
@@ -228,7 +230,7 @@ class Workload:
         self._started = time.monotonic()
         until = self._started + self._config.duration
         async with AsyncCoordinatorClient(
-            self._address, self._config.client_timeout, tls=self._tls
+            self._address, self._config.client_timeout, tls=self._tls, token=self._token
         ) as client:
             workers = [self._worker(client, w, until) for w in range(self._config.concurrency)]
             monitor = asyncio.create_task(self._monitor(client, until, progress))

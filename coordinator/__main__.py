@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import os
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry
@@ -62,6 +63,10 @@ async def serve(config: CoordinatorConfig) -> None:
             config.limits.max_phase2_batch,
             config.connect_probe_timeout,
             tls=config.tls,
+            tls_reload_interval=config.tls_reload_interval,
+            # Calls on a replaced channel finish first: none waits longer than this.
+            drain=max(config.prepare_timeout, config.rpc_timeout, config.probe_timeout),
+            log=log,
         )
         for name, address in config.participants.items()
     }
@@ -76,7 +81,9 @@ async def serve(config: CoordinatorConfig) -> None:
             config.limits.max_message_bytes,
             lambda s: cgrpc.add_CoordinatorServicer_to_server(
                 guard(
-                    CoordinatorService(engine, access.Owners(config.owners_remembered)),
+                    CoordinatorService(
+                        engine, access.Owners(config.owners_remembered, engine.owner_of)
+                    ),
                     pb.DESCRIPTOR.services_by_name["Coordinator"],
                     authenticator,
                     access.rules(config),
@@ -163,7 +170,7 @@ async def serve(config: CoordinatorConfig) -> None:
         tasks.append(asyncio.create_task(engine.deadlock_loop()))
     engine.log.info("serving", listen=config.listen, epoch=decision_log.epoch)
     try:
-        await wait_for_termination()
+        await wait_for_termination(lambda: reload_tls(engine.log, clients.values()))
     finally:
         engine.log.info("stopping")
         await health.shutdown()
@@ -176,6 +183,13 @@ async def serve(config: CoordinatorConfig) -> None:
                 await task
         await engine.close()
         decision_log.close()
+
+
+def reload_tls(log: EventLogger, clients: Iterable[ParticipantClient]) -> None:
+    """SIGHUP: every outbound channel checks the TLS files now (the server does at its
+    next handshake anyway)."""
+    replaced = [c.name for c in clients if c.reload_tls()]
+    log.info("sighup", tls_channels_replaced=",".join(replaced) or "none")
 
 
 async def check_participant_ids(engine: Coordinator, clients: dict[str, ParticipantClient]) -> None:
@@ -319,9 +333,33 @@ def parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="hashed bearer tokens (`twopc-coordinator token --help` issues them)",
     )
+    p.add_argument(
+        "--client-participants",
+        action="append",
+        default=[],
+        metavar="NAME=P1,P2",
+        help="client identity NAME may touch only these participants (repeatable; "
+        "unnamed identities and admins may touch all)",
+    )
     add_statement_policy_flags(p)
     add_daemon_flags(p)
     return p
+
+
+def client_participants(items: list[str]) -> dict[str, frozenset[str]]:
+    """Parse repeated `--client-participants NAME=P1,P2`."""
+    out: dict[str, frozenset[str]] = {}
+    for item in items:
+        name, sep, listed = item.partition("=")
+        allowed = frozenset(p.strip() for p in listed.split(",") if p.strip())
+        if not sep or not name or not allowed:
+            raise argparse.ArgumentTypeError(
+                f"--client-participants {item!r}: expected NAME=PARTICIPANT[,PARTICIPANT...]"
+            )
+        if name in out:
+            raise argparse.ArgumentTypeError(f"--client-participants {name!r} given twice")
+        out[name] = allowed
+    return out
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[CoordinatorConfig, LogSettings]:
@@ -352,9 +390,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[CoordinatorConfig, LogSet
             metrics_listen=a.metrics,
             allow_failpoints=a.allow_failpoints,
             tls=tls,
+            tls_reload_interval=a.tls_reload_interval,
             token_listen=a.token_listen,
             tokens_file=a.tokens_file,
             admins=frozenset(a.admin),
+            client_participants=client_participants(a.client_participants),
             statement_kinds=policy_kinds(a.allow_statement, a.refuse_statement),
         )
     except (TwoPCError, argparse.ArgumentTypeError) as exc:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from coordinator.protocol import RetryPolicy
 from twopc_common import settings
+from twopc_common.errors import InvalidArgument
 from twopc_common.limits import Limits
 from twopc_common.statements import DEFAULT_ALLOWED, StatementKind
 from twopc_common.tls import TlsConfig
@@ -87,15 +88,22 @@ class CoordinatorConfig:
     widened and narrowed by --allow-statement / --refuse-statement."""
     tls: TlsConfig = field(default_factory=TlsConfig)
     """Certificate, key and CA for every channel (the default is plaintext: --insecure)."""
+    tls_reload_interval: float = 5.0
+    """Seconds between checks of the TLS files for the outbound channels (at the next
+    call; SIGHUP checks at once). The server itself checks them at every handshake."""
     token_listen: str | None = None
     """HOST:PORT of a second port with server-only TLS for clients with bearer tokens."""
     tokens_file: Path | None = None
     """Hashed bearer tokens (`NAME sha256:HEX [admin]` per line), re-read on change."""
     admins: frozenset[str] = frozenset()
     """Client identities with the admin role (all transactions, SetFailpoints)."""
+    client_participants: dict[str, frozenset[str]] = field(default_factory=dict)
+    """Client identity -> the participants its transactions may touch
+    (--client-participants); an identity not named here, or an admin, may touch all."""
     owners_remembered: int = 200_000
-    """Transactions whose owning client is remembered; older ones are NOT_FOUND for
-    clients (far more than can be live: the idle timeout ends forgotten ones)."""
+    """Finished transactions whose owning client is remembered in memory. Beyond them
+    (and after a restart) the owner comes from the transaction's log record; one
+    without a record is then NOT_FOUND to every client but an admin."""
     limits: Limits = field(default_factory=Limits)
     """Request limits."""
 
@@ -122,6 +130,7 @@ class CoordinatorConfig:
             "probe_timeout",
             "retention",
             "connect_probe_timeout",
+            "tls_reload_interval",
         ):
             settings.seconds(name, getattr(self, name))
         settings.seconds("shutdown_grace", self.shutdown_grace, zero_ok=True)
@@ -130,3 +139,9 @@ class CoordinatorConfig:
         settings.count("abort_attempts", self.abort_attempts)
         settings.count("recent_outcomes", self.recent_outcomes)
         settings.count("log_batch_max", self.log_batch_max)
+        for client, allowed in self.client_participants.items():
+            if unknown := sorted(allowed - set(self.participants)):
+                raise InvalidArgument(
+                    f"--client-participants {client}: {', '.join(unknown)} not configured "
+                    "(--participant NAME=HOST:PORT)"
+                )

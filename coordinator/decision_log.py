@@ -55,7 +55,8 @@ CREATE TABLE IF NOT EXISTS transactions (
     outcome TEXT NOT NULL,
     created_at REAL NOT NULL,
     decided_at REAL NOT NULL,
-    completed_at REAL
+    completed_at REAL,
+    owner TEXT
 );
 CREATE INDEX IF NOT EXISTS transactions_state ON transactions (state);
 -- Pruning reads finished rows by age; without this it scans the whole log inside the
@@ -97,6 +98,8 @@ class LogRecord:
     created_at: float
     decided_at: float
     completed_at: float | None
+    owner: str | None = None
+    """The client identity that began the transaction (None: no client, or an old row)."""
 
 
 def _record(row: sqlite3.Row) -> LogRecord:
@@ -110,7 +113,16 @@ def _record(row: sqlite3.Row) -> LogRecord:
         created_at=row["created_at"],
         decided_at=row["decided_at"],
         completed_at=row["completed_at"],
+        # A log opened read-only (`inspect`) may predate the column.
+        owner=row["owner"] if "owner" in row.keys() else None,  # noqa: SIM118 (Row: values)
     )
+
+
+def add_owner_column(conn: sqlite3.Connection) -> None:
+    """Migrate a log written before rows named their owner (the column is NULL there)."""
+    columns = {r[1] for r in conn.execute("PRAGMA table_info(transactions)")}
+    if "owner" not in columns:
+        conn.execute("ALTER TABLE transactions ADD COLUMN owner TEXT")
 
 
 _Write = Callable[[sqlite3.Connection], object]
@@ -175,6 +187,7 @@ class DecisionLog:
             raise RuntimeError(f"decision log {self._path}: cannot enable WAL (got {mode})")
         writer.execute("PRAGMA synchronous = FULL")
         writer.executescript(_SCHEMA)
+        add_owner_column(writer)
         meta = dict(writer.execute("SELECT key, value FROM meta").fetchall())
         owner = meta.get("coordinator_id")
         if owner is not None and owner != self.coordinator_id:
@@ -345,6 +358,7 @@ class DecisionLog:
         request_hash: str | None,
         complete: bool,
         forced: bool = True,
+        owner: str | None = None,
     ) -> None:
         """Write one new row (to disk, fsynced, unless not `forced`)."""
         now = time.time()
@@ -358,13 +372,14 @@ class DecisionLog:
             created_at,
             now,
             now if complete else None,
+            owner,
         )
         self._check_open()
         await self._write(
             lambda c: c.execute(
                 "INSERT INTO transactions (id, state, participants, idempotency_key, "
-                "request_hash, outcome, created_at, decided_at, completed_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "request_hash, outcome, created_at, decided_at, completed_at, owner) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 row,
             ),
             forced=forced,
@@ -380,10 +395,13 @@ class DecisionLog:
         request_hash: str | None = None,
         completed: bool = False,
         forced: bool = True,
+        *,
+        owner: str | None = None,
     ) -> None:
         """Force a COMMIT decision to disk. `completed` for a transaction that needs no
         phase 2 (read-only), logged to remember its key and its outcome; only such a
-        record may go unforced."""
+        record may go unforced. `owner`, on this and every other new record: the client
+        identity that began the transaction."""
         state = "committed" if completed else "committing"
         await self._insert(
             transaction_id,
@@ -395,6 +413,7 @@ class DecisionLog:
             request_hash,
             complete=completed,
             forced=forced or not completed,
+            owner=owner,
         )
 
     async def record_abort(
@@ -405,6 +424,8 @@ class DecisionLog:
         outcome: dict[str, Any],
         idempotency_key: str,
         request_hash: str,
+        *,
+        owner: str | None = None,
     ) -> None:
         """Remember an aborted keyed transaction, so a retry gets the same answer."""
         await self._insert(
@@ -416,6 +437,7 @@ class DecisionLog:
             idempotency_key,
             request_hash,
             complete=True,
+            owner=owner,
         )
 
     async def record_one_phase_intent(
@@ -425,6 +447,8 @@ class DecisionLog:
         created_at: float,
         idempotency_key: str | None,
         request_hash: str | None,
+        *,
+        owner: str | None = None,
     ) -> None:
         """Force the intent of a single-branch transaction to disk before its one-phase
         commit is sent: after a crash, recovery settles it (a keyed retry must find
@@ -439,6 +463,7 @@ class DecisionLog:
             idempotency_key,
             request_hash,
             complete=False,
+            owner=owner,
         )
 
     async def resolve_one_phase(self, transaction_id: str, outcome: dict[str, Any]) -> None:

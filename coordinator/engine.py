@@ -123,6 +123,8 @@ class TransactionInfo:
     participants: tuple[str, ...] = ()
     age_seconds: float = 0.0
     pending_acks: tuple[str, ...] = ()
+    owner: str | None = None
+    """The client identity that began it, where known (live, or logged)."""
 
 
 @dataclass
@@ -155,6 +157,8 @@ class _Tx:
     request_hash: str | None = None
     isolation: Isolation = Isolation.READ_COMMITTED
     """Every branch runs at this level (the agents apply it)."""
+    owner: str | None = None
+    """The client identity that began it; logged with each of its records."""
     busy: int = 0
     pending: set[str] = field(default_factory=set)
     outcome: asyncio.Future[Outcome] = field(
@@ -264,12 +268,14 @@ class Coordinator:
         key: str | None = None,
         request_hash: str | None = None,
         wait: bool = False,
+        owner: str | None = None,
         isolation: Isolation = Isolation.READ_COMMITTED,
     ) -> Outcome:
         self._check_branches(branches)
         self._admit()
         if key is None:
             tx = self._new_tx()
+            tx.owner = owner
         else:
             if len(key.encode()) > self.config.limits.max_idempotency_key_bytes:
                 raise InvalidArgument(
@@ -283,7 +289,7 @@ class Coordinator:
                 self.counters["idempotent_replays"] += 1
                 return await self._answer(joined, wait)
             tx = self._new_tx()
-            tx.key, tx.request_hash = key, request_hash
+            tx.key, tx.request_hash, tx.owner = key, request_hash, owner
             self._keys[key] = tx
             record = await self.decision_log.by_key(key)
             if record is not None:
@@ -407,6 +413,7 @@ class Coordinator:
                 aborted.to_json(),
                 tx.key,
                 tx.request_hash or "",
+                owner=tx.owner,
             )
         opened = tuple(p for p in tx.participants if p in tx.incarnations)  # interactive
         self._abort(tx, AbortCause.PARTICIPANT_UNAVAILABLE, culprit, reason, opened)
@@ -436,6 +443,7 @@ class Coordinator:
                     aborted.to_json(),
                     tx.key,
                     tx.request_hash or "",
+                    owner=tx.owner,
                 )
             self._abort(
                 tx, decision.cause, decision.culprit, decision.reason, decision.phase2, results
@@ -447,7 +455,13 @@ class Coordinator:
             await self._complete_without_phase2(tx, outcome)
             return
         await self.decision_log.record_commit(
-            tx.id, decision.phase2, tx.created, outcome.to_json(), tx.key, tx.request_hash
+            tx.id,
+            decision.phase2,
+            tx.created,
+            outcome.to_json(),
+            tx.key,
+            tx.request_hash,
+            owner=tx.owner,
         )
         # The point of no return: from here on the only way is forward. No error or
         # cancellation may turn a durable COMMIT into an abort (see `_finish`).
@@ -525,7 +539,7 @@ class Coordinator:
         acknowledged means it did not commit (and never will), FAILED_PRECONDITION
         means it had committed."""
         await self.decision_log.record_one_phase_intent(
-            tx.id, participant, tx.created, tx.key, tx.request_hash
+            tx.id, participant, tx.created, tx.key, tx.request_hash, owner=tx.owner
         )
         try:
             reply = await self.clients[participant].prepare(
@@ -596,6 +610,7 @@ class Coordinator:
                 tx.key,
                 tx.request_hash,
                 completed=True,
+                owner=tx.owner,
             )
             logged = True
         tx.state = transition(tx.state, TxEvent.COMMITTED_AT_ONCE)
@@ -618,6 +633,7 @@ class Coordinator:
                 outcome.to_json(),
                 completed=True,
                 forced=False,
+                owner=tx.owner,
             ),
             tx,
             "record_read_only",
@@ -641,6 +657,7 @@ class Coordinator:
             successor.retries_left = tx.retries_left - 1
             successor.key, successor.request_hash = tx.key, tx.request_hash
             successor.isolation = tx.isolation
+            successor.owner = tx.owner
             if tx.key is not None:
                 self._keys[tx.key] = successor
             self.counters["deadlock_retries"] += 1
@@ -754,8 +771,11 @@ class Coordinator:
 
     # -- interactive transactions ---------------------------------------------------
 
-    def begin(self, isolation: Isolation = Isolation.READ_COMMITTED) -> str:
+    def begin(
+        self, owner: str | None = None, isolation: Isolation = Isolation.READ_COMMITTED
+    ) -> str:
         tx = self._new_tx()
+        tx.owner = owner
         tx.isolation = isolation
         return tx.id
 
@@ -1022,7 +1042,9 @@ class Coordinator:
                     txid, Reported.IN_PROGRESS, TxState.PREPARING, record.participants, age
                 )
             state = TxState(record.state)
-            return TransactionInfo(txid, reported(state), state, record.participants, age)
+            return TransactionInfo(
+                txid, reported(state), state, record.participants, age, owner=record.owner
+            )
         if parsed.coordinator != self.id:
             raise NotFound(f"transaction {txid} belongs to coordinator {parsed.coordinator}")
         if not self.recovered:
@@ -1042,7 +1064,16 @@ class Coordinator:
             tuple(tx.participants),
             now - tx.created,
             tuple(sorted(tx.pending)),
+            tx.owner,
         )
+
+    async def owner_of(self, txid: str) -> str | None:
+        """The client that began `txid`, if known: live, or named by its log record."""
+        tx = self._live.get(txid)
+        if tx is not None:
+            return tx.owner
+        record = await self.decision_log.get(txid)
+        return record.owner if record is not None else None
 
     def in_flight(self) -> list[TransactionInfo]:
         now = self.clock.time()
@@ -1056,6 +1087,7 @@ class Coordinator:
         for record in self.decision_log.incomplete_commits():
             tx = self._tx(record.transaction_id, TxState.COMMITTING, record.created_at)
             tx.participants = list(record.participants)
+            tx.owner = record.owner
             tx.outcome.set_result(Outcome.from_record(record))
             self._live[tx.id] = tx
             self.counters["recovered_commits"] += 1

@@ -31,6 +31,7 @@ import sqlite_utils
 
 from coordinator.heuristics import is_hazard
 from coordinator.protocol import TxState, reported, reported_without_record
+from twopc_common.auth import add_token_flag, read_token_file
 from twopc_common.cli import HelpFormatter, add_version_flag, named_addresses
 from twopc_common.errors import TwoPCError
 from twopc_common.ids import TransactionId
@@ -96,8 +97,10 @@ def _read_log(db: sqlite_utils.Database, path: str) -> dict[str, Any]:
     }
 
 
-def _from_coordinator(address: str, coordinator_id: str, tls: TlsConfig) -> list[dict[str, Any]]:
-    with channel(address, tls, server_name=coordinator_id) as ch:
+def _from_coordinator(
+    address: str, coordinator_id: str, tls: TlsConfig, token: str | None
+) -> list[dict[str, Any]]:
+    with channel(address, tls, server_name=coordinator_id, token=token) as ch:
         reply = cgrpc.CoordinatorStub(ch).ListTransactions(cpb.ListTransactionsRequest(), timeout=5)
     return [
         {
@@ -249,6 +252,7 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     add_tls_flags(p, daemon=False)
+    add_token_flag(p)
     add_version_flag(p)
     return p
 
@@ -259,6 +263,9 @@ def main(argv: list[str]) -> None:
     try:
         participants = named_addresses(a.participant, "--participant")
         tls = client_tls(a)
+        token = read_token_file(a.token_file)
+        if token is not None and tls.insecure:
+            raise TwoPCError("--token-file needs --tls-ca: a token is only sent over TLS")
     except (argparse.ArgumentTypeError, TwoPCError) as exc:
         p.error(str(exc))
     try:
@@ -269,7 +276,7 @@ def main(argv: list[str]) -> None:
     if a.coordinator:
         try:
             report["in_flight"] = _from_coordinator(
-                a.coordinator, report["coordinator_id"] or "", tls
+                a.coordinator, report["coordinator_id"] or "", tls, token
             )
         except grpc.RpcError as exc:
             report["in_flight"] = _unreachable(exc, a.coordinator)

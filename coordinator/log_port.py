@@ -1,6 +1,10 @@
 """What the engine needs of a decision log: the SQLite log (`coordinator.decision_log`)
 and the PostgreSQL log (`coordinator.pg_log`) both provide it, so the engine cannot
-tell which one it has."""
+tell which one it has.
+
+Every new record names its `owner` (the client identity that began the transaction, or
+None), which `get` returns in `LogRecord.owner`: who may see a transaction must survive
+a restart (`coordinator.access`)."""
 
 from __future__ import annotations
 
@@ -29,6 +33,8 @@ class DecisionLogPort(Protocol):
         request_hash: str | None = None,
         completed: bool = False,
         forced: bool = True,
+        *,
+        owner: str | None = None,
     ) -> None: ...
 
     async def record_abort(
@@ -39,6 +45,8 @@ class DecisionLogPort(Protocol):
         outcome: dict[str, Any],
         idempotency_key: str,
         request_hash: str,
+        *,
+        owner: str | None = None,
     ) -> None: ...
 
     async def record_one_phase_intent(
@@ -48,6 +56,8 @@ class DecisionLogPort(Protocol):
         created_at: float,
         idempotency_key: str | None,
         request_hash: str | None,
+        *,
+        owner: str | None = None,
     ) -> None: ...
 
     async def resolve_one_phase(self, transaction_id: str, outcome: dict[str, Any]) -> None: ...

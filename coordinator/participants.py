@@ -16,6 +16,10 @@ An agent that cannot be reached is reported as what it is: a watcher follows the
 channel's connectivity and, when connecting fails, finds out why with one plain TCP
 connect (`connection refused at 127.0.0.1:7001`), so that abort reasons and log lines
 say that instead of gRPC's "Deadline Exceeded".
+
+The channel follows the coordinator's TLS files (`twopc_common.tls.ReloadingChannel`):
+after a certificate rotation new calls use the new credentials, calls under way finish
+on the old channel.
 """
 
 from __future__ import annotations
@@ -35,7 +39,8 @@ from twopc_common.errors import Unavailable
 from twopc_common.grpc_errors import error_for
 from twopc_common.isolation import Isolation, isolation_to_pb
 from twopc_common.limits import Limits
-from twopc_common.tls import TlsConfig, aio_channel
+from twopc_common.log import EventLogger
+from twopc_common.tls import ReloadingChannel, TlsConfig
 from twopc_common.values import Statement, StatementResult, result_from_pb, statement_to_pb
 from twopc_pb import participant_pb2 as pb
 from twopc_pb import participant_pb2_grpc as pgrpc
@@ -148,7 +153,13 @@ class ParticipantClient:
         probe_timeout: float = 1.0,
         *,
         tls: TlsConfig,
+        tls_reload_interval: float = 5.0,
+        drain: float = 10.0,
+        log: EventLogger | None = None,
     ) -> None:
+        """`drain`: seconds calls on a replaced channel get to finish (at least the
+        longest deadline this client gives a call, the prepare timeout's or the RPC
+        timeout's)."""
         self.name = name
         self.address = address
         self.unreachable: str | None = None
@@ -162,10 +173,14 @@ class ParticipantClient:
         self.stats: collections.Counter[str] = collections.Counter()
         # The agent must prove it is `name` (a DNS SAN of its certificate), whatever
         # address or proxy it is dialled through.
-        self._channel = aio_channel(
+        self._channels = ReloadingChannel(
             address,
             tls,
             server_name=name,
+            check_interval=tls_reload_interval,
+            drain=drain,
+            log=log or EventLogger("coordinator", name),
+            on_change=self._channel_changed,
             options=[
                 ("grpc.max_receive_message_length", max_message),
                 ("grpc.max_send_message_length", max_message),
@@ -180,24 +195,41 @@ class ParticipantClient:
         self.last_answer = 0.0
         """When the agent last answered any call (monotonic): proof of life, so that a
         probe that times out on a loaded machine does not mark a working agent down."""
-        self._stub = _Answered(pgrpc.ParticipantStub(self._channel), self)
+        self._answered = _Answered(pgrpc.ParticipantStub(self._channels.current()), self)
+
+    @property
+    def _stub(self) -> _Answered:
+        """The stub for the next call (on a new channel after a certificate rotation)."""
+        self._channels.current()
+        return self._answered
+
+    def _channel_changed(self) -> None:
+        self._answered = _Answered(pgrpc.ParticipantStub(self._channels.current()), self)
+        if self._watcher is not None:  # it follows the old channel: the next call restarts it
+            self._watcher.cancel()
+            self._watcher = None
+
+    def reload_tls(self) -> bool:
+        """Check the TLS files now (SIGHUP); True if the channel was replaced."""
+        return self._channels.reload()
 
     async def close(self) -> None:
         if self._sender is not None:
             self._sender.cancel()
         if self._watcher is not None:
             self._watcher.cancel()
-        await self._channel.close()
+        await self._channels.close()
 
     def _watch(self) -> None:
         if self._watcher is None:
             self._watcher = asyncio.create_task(self._follow_connectivity())
 
     async def _follow_connectivity(self) -> None:
-        state = self._channel.get_state(try_to_connect=False)
+        channel = self._channels.current()
+        state = channel.get_state(try_to_connect=False)
         while True:
-            await self._channel.wait_for_state_change(state)
-            state = self._channel.get_state(try_to_connect=False)
+            await channel.wait_for_state_change(state)
+            state = channel.get_state(try_to_connect=False)
             if state is grpc.ChannelConnectivity.READY:
                 self.unreachable = None
             elif state is grpc.ChannelConnectivity.TRANSIENT_FAILURE:

@@ -12,7 +12,7 @@ import hashlib
 from collections.abc import Awaitable
 from typing import TypeVar
 
-from coordinator.access import Owners, scoped_key
+from coordinator.access import Owners, may_touch, owner_name, scoped_key
 from coordinator.engine import Coordinator, Outcome, TransactionInfo
 from coordinator.protocol import AbortCause, Reported, TxState
 from twopc_common import failpoints
@@ -98,10 +98,6 @@ class CoordinatorService(cgrpc.CoordinatorServicer):
         # before any branch opens, with INVALID_ARGUMENT rather than an abort.
         self._policy = StatementPolicy(engine.config.statement_kinds)
 
-    async def _live(self, transaction_id: str) -> bool:
-        info = await self._engine.get(transaction_id)
-        return info.outcome is Reported.IN_PROGRESS
-
     @translate_errors
     async def Run(self, request: pb.RunRequest, context: Context) -> pb.TransactionOutcome:
         branches = [
@@ -115,6 +111,7 @@ class CoordinatorService(cgrpc.CoordinatorServicer):
             self._policy.check(statements, f"branch {participant!r}")
         isolation = isolation_from_pb(request.isolation)
         who = caller()
+        may_touch(self._engine.config, who, (p for p, _ in branches))
         key = scoped_key(who, request.idempotency_key) if request.idempotency_key else None
         request_hash = None
         if key is not None:
@@ -127,20 +124,29 @@ class CoordinatorService(cgrpc.CoordinatorServicer):
                 canonical.SerializeToString(deterministic=True)
             ).hexdigest()
         outcome = await _shielded(
-            self._engine.run(branches, key, request_hash, request.wait_for_completion, isolation)
+            self._engine.run(
+                branches,
+                key,
+                request_hash,
+                request.wait_for_completion,
+                owner_name(who),
+                isolation,
+            )
         )
         self._owners.claim(outcome.transaction_id, who)
         return outcome_to_pb(outcome)
 
     @translate_errors
     async def Begin(self, request: pb.BeginRequest, context: Context) -> pb.BeginResponse:
-        transaction_id = self._engine.begin(isolation_from_pb(request.isolation))
-        self._owners.claim(transaction_id, caller())
+        who = caller()
+        transaction_id = self._engine.begin(owner_name(who), isolation_from_pb(request.isolation))
+        self._owners.claim(transaction_id, who)
         return pb.BeginResponse(transaction_id=transaction_id)
 
     @translate_errors
     async def Execute(self, request: pb.ExecuteRequest, context: Context) -> pb.ExecuteResponse:
-        await self._owners.check(request.transaction_id, caller(), self._live)
+        await self._owners.check(request.transaction_id, caller())
+        may_touch(self._engine.config, caller(), (request.participant,))
         statements = statements_from_pb(request.statements, self._limits, "Execute")
         self._policy.check(statements, "Execute")
         try:
@@ -155,7 +161,7 @@ class CoordinatorService(cgrpc.CoordinatorServicer):
 
     @translate_errors
     async def Commit(self, request: pb.CommitRequest, context: Context) -> pb.TransactionOutcome:
-        await self._owners.check(request.transaction_id, caller(), self._live)
+        await self._owners.check(request.transaction_id, caller())
         outcome = await _shielded(
             self._engine.commit(request.transaction_id, request.wait_for_completion)
         )
@@ -165,14 +171,14 @@ class CoordinatorService(cgrpc.CoordinatorServicer):
     async def Rollback(
         self, request: pb.RollbackRequest, context: Context
     ) -> pb.TransactionOutcome:
-        await self._owners.check(request.transaction_id, caller(), self._live)
+        await self._owners.check(request.transaction_id, caller())
         return outcome_to_pb(await _shielded(self._engine.rollback(request.transaction_id)))
 
     @translate_errors
     async def GetTransaction(
         self, request: pb.GetTransactionRequest, context: Context
     ) -> pb.TransactionStatus:
-        await self._owners.check(request.transaction_id, caller(), self._live, changes=False)
+        await self._owners.check(request.transaction_id, caller())
         return info_to_pb(await self._engine.get(request.transaction_id))
 
     @translate_errors
@@ -184,7 +190,7 @@ class CoordinatorService(cgrpc.CoordinatorServicer):
             transactions=[
                 info_to_pb(i)
                 for i in self._engine.in_flight()
-                if self._owners.visible(i.transaction_id, who)
+                if self._owners.visible(i.transaction_id, i.owner, who)
             ]
         )
 

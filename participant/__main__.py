@@ -108,7 +108,7 @@ async def serve(config: ParticipantConfig) -> None:
         ),
     ]
     try:
-        await wait_for_termination()
+        await wait_for_termination(recovery.reload_tls)
     finally:
         agent.log.info("stopping")
         await health.shutdown()
@@ -258,6 +258,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[ParticipantConfig, LogSet
             metrics_listen=a.metrics,
             allow_failpoints=a.allow_failpoints,
             tls=tls,
+            tls_reload_interval=a.tls_reload_interval,
             admins=frozenset(a.admin),
             branch_role=a.branch_role,
             statement_kinds=policy_kinds(a.allow_statement, a.refuse_statement),

@@ -82,6 +82,9 @@ class ParticipantConfig:
     widened and narrowed by --allow-statement / --refuse-statement."""
     tls: TlsConfig = field(default_factory=TlsConfig)
     """Certificate, key and CA for every channel (the default is plaintext: --insecure)."""
+    tls_reload_interval: float = 5.0
+    """Seconds between checks of the TLS files for the outbound channels (at the next
+    call; SIGHUP checks at once). The server itself checks them at every handshake."""
     admins: frozenset[str] = frozenset()
     """Client identities with the admin role (SetFailpoints)."""
     limits: Limits = field(default_factory=Limits)
@@ -115,6 +118,7 @@ class ParticipantConfig:
             "in_doubt_warning_interval",
             "marker_retention",
             "marker_prune_interval",
+            "tls_reload_interval",
         ):
             settings.seconds(name, getattr(self, name))
         settings.seconds("recovery_grace", self.recovery_grace, zero_ok=True)

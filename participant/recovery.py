@@ -7,6 +7,9 @@ recovery: presumed abort) -> ROLLBACK PREPARED. If the coordinator is unreachabl
 still deciding, or not configured here, the branch keeps waiting and is reported (once
 per `in_doubt_warning_interval`, not at every scan): a participant that voted YES never
 decides alone.
+
+Its channels to the coordinators follow the agent's TLS files
+(`twopc_common.tls.ReloadingChannel`): rotated certificates are used without a restart.
 """
 
 from __future__ import annotations
@@ -21,8 +24,8 @@ from participant.ports import Coordinators, CoordinatorUnreachable
 from participant.store import ForeignPrepared
 from twopc_common.errors import TwoPCError
 from twopc_common.ids import TransactionId
-from twopc_common.log import RateLimit
-from twopc_common.tls import aio_channel
+from twopc_common.log import EventLogger, RateLimit
+from twopc_common.tls import ReloadingChannel
 from twopc_pb import coordinator_pb2 as cpb
 from twopc_pb import coordinator_pb2_grpc as cgrpc
 
@@ -30,10 +33,10 @@ from twopc_pb import coordinator_pb2_grpc as cgrpc
 class GrpcCoordinators:
     """The coordinators' GetTransaction over gRPC (the daemon's `Coordinators` port)."""
 
-    def __init__(self, config: ParticipantConfig) -> None:
+    def __init__(self, config: ParticipantConfig, log: EventLogger) -> None:
         self._config = config
-        self._stubs: dict[str, cgrpc.CoordinatorStub] = {}
-        self._channels: list[grpc.aio.Channel] = []
+        self._log = log
+        self._channels: dict[str, ReloadingChannel] = {}
 
     def knows(self, coordinator_id: str) -> bool:
         return coordinator_id in self._config.coordinators
@@ -42,13 +45,24 @@ class GrpcCoordinators:
         return self._config.coordinators[coordinator_id]
 
     def _stub(self, coordinator_id: str) -> cgrpc.CoordinatorStub:
-        if coordinator_id not in self._stubs:
+        if coordinator_id not in self._channels:
             address = self._config.coordinators[coordinator_id]
             # Authenticates as this agent; the coordinator must prove it is coordinator_id.
-            channel = aio_channel(address, self._config.tls, server_name=coordinator_id)
-            self._channels.append(channel)
-            self._stubs[coordinator_id] = cgrpc.CoordinatorStub(channel)
-        return self._stubs[coordinator_id]
+            self._channels[coordinator_id] = ReloadingChannel(
+                address,
+                self._config.tls,
+                server_name=coordinator_id,
+                check_interval=self._config.tls_reload_interval,
+                drain=self._config.coordinator_rpc_timeout,
+                log=self._log,
+            )
+        # A stub is only a wrapper: one per call follows a replaced channel.
+        return cgrpc.CoordinatorStub(self._channels[coordinator_id].current())
+
+    def reload_tls(self) -> list[str]:
+        """SIGHUP: the channels check the TLS files now; the coordinators whose channel
+        was replaced."""
+        return [name for name, channel in self._channels.items() if channel.reload()]
 
     async def outcome(self, coordinator_id: str, transaction_id: str) -> bool | None:
         try:
@@ -65,7 +79,7 @@ class GrpcCoordinators:
         return None
 
     async def close(self) -> None:
-        for channel in self._channels:
+        for channel in self._channels.values():
             await channel.close()
 
 
@@ -75,7 +89,7 @@ class Recovery:
         self._config = agent.config
         self._grpc: GrpcCoordinators | None = None
         if coordinators is None:
-            coordinators = self._grpc = GrpcCoordinators(agent.config)
+            coordinators = self._grpc = GrpcCoordinators(agent.config, agent.log)
         self._coordinators = coordinators
         self._warn = RateLimit(self._config.in_doubt_warning_interval)
         self.prepared = 0
@@ -85,6 +99,11 @@ class Recovery:
         self.foreign: tuple[ForeignPrepared, ...] = ()
         """Prepared transactions in the database that are not this participant's
         branches, as of the last scan: reported, never touched."""
+
+    def reload_tls(self) -> None:
+        """SIGHUP: the channels to the coordinators check the TLS files now."""
+        replaced = self._grpc.reload_tls() if self._grpc is not None else []
+        self._agent.log.info("sighup", tls_channels_replaced=",".join(replaced) or "none")
 
     async def run_forever(self) -> None:
         next_prune = 0.0

@@ -39,12 +39,15 @@ import pytest
 from psycopg.conninfo import conninfo_to_dict
 from ruamel.yaml import YAML
 
+from twopc_common.statements import AGENT_SCHEMA
+
 ROOT = Path(__file__).resolve().parent.parent
 DOCKER = ROOT / "docker"
 COMPOSE_FILE = DOCKER / "compose.yaml"
 TOXIPROXY_CONFIG = DOCKER / "toxiproxy.json"
 SHARDS = ["shard1", "shard2", "shard3"]
 AGENT_ROLE_SCRIPT = DOCKER / "initdb" / "10-agent-role.sh"
+
 POSTGRES_PORT = 5432
 DAEMON_RESTART = {"unless-stopped", "always", "on-failure"}
 GRAFANA_PORT = 3000
@@ -430,14 +433,28 @@ class Deployment:
         (name,) = [n for n, argv in self.agents.items() if _one(argv, "--id") == participant_id]
         return name
 
+    def secret_file(self, service: str, path: str) -> str:
+        """The content of `path`, which must be a compose secret of `service`."""
+        where = Path(path)
+        assert where.parent == Path("/run/secrets"), f"{service}: {path} is not a secret"
+        assert where.name in self.services[service].get("secrets", []), (service, path)
+        return (DOCKER / self.secrets[where.name]["file"]).read_text().strip()
+
+    def role_password(self, db: str, role: str) -> str:
+        """The password docker/initdb/ gives `role` on `db`: from the secret file its
+        CREATE ROLE reads (a psql variable set from /run/secrets/NAME)."""
+        script = AGENT_ROLE_SCRIPT.read_text()
+        found = re.search(rf"CREATE ROLE {role} LOGIN NOSUPERUSER .*PASSWORD :'(\w+)';", script)
+        assert found, f"docker/initdb/ creates no login role {role} with a password"
+        source = re.search(rf'-v {found[1]}="\$\(cat (/run/secrets/[\w-]+)\)"', script)
+        assert source, f"the password of {role} comes from no secret file"
+        return self.secret_file(db, source[1])
+
     def agent_dsn(self, agent: str) -> str:
         """The agent's DSN: from its --dsn-file, a compose secret (never in argv)."""
         argv = self.agents[agent]
         assert "--dsn" not in argv, f"{agent}: a DSN on the command line"
-        path = Path(_one(argv, "--dsn-file"))
-        assert path.parent == Path("/run/secrets"), f"{agent}: {path} is not a secret"
-        assert path.name in self.services[agent].get("secrets", []), agent
-        return (DOCKER / self.secrets[path.name]["file"]).read_text().strip()
+        return self.secret_file(agent, _one(argv, "--dsn-file"))
 
     def agent_db(self, agent: str) -> tuple[str, dict[str, str]]:
         """The database an agent's DSN reaches (through Toxiproxy), and the DSN."""
@@ -507,14 +524,29 @@ def test_agents_reach_their_own_database_through_toxiproxy(deployment: Deploymen
         assert dsn["dbname"] == env["POSTGRES_DB"]
         # The least-privilege role docker/initdb/ creates, with the password it is given.
         assert dsn["user"] != env["POSTGRES_USER"], "agents do not log in as the superuser"
-        assert f"CREATE ROLE {dsn['user']} LOGIN NOSUPERUSER" in AGENT_ROLE_SCRIPT.read_text()
-        (password_secret,) = deployment.dbs[db]["secrets"]
-        assert dsn["password"] == (
-            (DOCKER / deployment.secrets[password_secret]["file"]).read_text().strip()
-        )
+        assert dsn["password"] == deployment.role_password(db, dsn["user"])
+        # It owns the agent's schema, and its --branch-role is a role of its own.
+        script = AGENT_ROLE_SCRIPT.read_text()
+        assert f"CREATE SCHEMA {AGENT_SCHEMA} AUTHORIZATION {dsn['user']};" in script
+        branch_role = _one(argv, "--branch-role")
+        assert f"CREATE ROLE {branch_role} NOLOGIN NOSUPERUSER" in script
+        assert f"GRANT {branch_role} TO {dsn['user']};" in script
         assert db in deployment.services[agent].get("depends_on", {}), agent
         seen[agent] = db
     assert len(set(seen.values())) == len(seen), f"agents share a database: {seen}"
+
+
+def test_no_password_in_any_command_line_or_environment(deployment: Deployment) -> None:
+    """Every secret is a file: the process list and `docker inspect` show none."""
+    for name, service in deployment.services.items():
+        argv = " ".join(_command(service))
+        assert not re.search(r"password\s*=|://[^/@\s]*:[^/@\s]*@", argv, re.I), name
+        environment = service.get("environment") or {}
+        for key in environment:
+            assert "PASSWORD" not in key.upper() or key.upper().endswith("_FILE"), (name, key)
+    for db, service in deployment.dbs.items():
+        path = service["environment"]["POSTGRES_PASSWORD_FILE"]
+        assert deployment.secret_file(db, path), f"{db}: an empty superuser password"
 
 
 def test_agents_reach_the_coordinator(deployment: Deployment) -> None:
@@ -532,15 +564,20 @@ def test_bank_demo_reaches_the_deployment(deployment: Deployment) -> None:
     host, port = _split(_one(argv, "--coordinator"))
     assert host == deployment.coordinator_name
     assert port in deployment.listen_ports(host)
-    shards = _named(_flag(argv, "--shard"))
+    assert not _flag(argv, "--shard"), "the demo's DSNs (passwords) come from files"
+    shards = _named(_flag(argv, "--shard-dsn-file"))
     assert sorted(shards) == SHARDS
-    for shard, raw in shards.items():
+    for shard, path in shards.items():
         # The checker reads each shard directly, not through the faults.
-        dsn = conninfo_to_dict(raw)
+        dsn = conninfo_to_dict(deployment.secret_file("bank-demo", path))
         agent_db, agent_dsn = deployment.agent_db(deployment.agent_with_id(shard))
         assert dsn["host"] == agent_db, f"{shard}: the demo and the agent see different dbs"
         assert str(dsn.get("port", POSTGRES_PORT)) == str(POSTGRES_PORT)
         assert dsn["dbname"] == agent_dsn["dbname"], shard
+        # Its own role (it creates and checks the tables), neither superuser nor agent.
+        env = deployment.dbs[agent_db]["environment"]
+        assert dsn["user"] not in (env["POSTGRES_USER"], agent_dsn["user"]), shard
+        assert dsn["password"] == deployment.role_password(agent_db, str(dsn["user"]))
     url = urlparse(_one(argv, "--toxiproxy-url"))
     assert url.scheme == "http"
     assert url.hostname == deployment.toxiproxy_name

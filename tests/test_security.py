@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
+import json
 import os
 import subprocess
 import sys
@@ -34,7 +35,7 @@ from coordinator.client import (
 from tests.conftest import SystemFactory, create_tagged_rows, rows, tagged_inserts
 from twopc_common import certs
 from twopc_common.auth import hash_token
-from twopc_common.errors import PermissionDenied, Unauthenticated
+from twopc_common.errors import NotFound, PermissionDenied, Unauthenticated
 from twopc_common.tls import channel
 from twopc_harness.daemons import wait_until
 from twopc_harness.postgres import free_port
@@ -318,9 +319,10 @@ def test_a_client_cannot_touch_another_clients_transaction_or_key(
                 lambda: stub.GetTransaction(cpb.GetTransactionRequest(transaction_id=txid)),
             ):
                 code, details = code_of(call)
-                assert code == grpc.StatusCode.PERMISSION_DENIED, code
-                assert "belongs to another client" in details
-        with pytest.raises(PermissionDenied):
+                # Not PERMISSION_DENIED: that would tell that the id exists.
+                assert code == grpc.StatusCode.NOT_FOUND, code
+                assert f"no transaction {txid} of yours" in details
+        with pytest.raises(NotFound):
             other.get_transaction(txid)
         assert txid not in [t.transaction_id for t in other.list_transactions()]
         assert txid in [t.transaction_id for t in app.list_transactions()]
@@ -350,7 +352,7 @@ def test_bearer_tokens_are_checked(token_system: tuple[LocalSystem, str, str]) -
         assert client.get_transaction(outcome.transaction_id).outcome == "committed"
     with system.client(identity="app") as same_name:  # certificate `app` is the same client
         assert same_name.get_transaction(outcome.transaction_id).outcome == "committed"
-    with system.client(identity="other") as other, pytest.raises(PermissionDenied):
+    with system.client(identity="other") as other, pytest.raises(NotFound):
         other.get_transaction(outcome.transaction_id)
     for wrong in (token + "x", "twopc_" + "A" * 43, ""):
         with (
@@ -518,8 +520,8 @@ def test_a_certificate_without_an_identity_is_unauthenticated(
 def test_a_client_cannot_roll_back_another_clients_run_in_flight(
     make_system: SystemFactory,
 ) -> None:
-    """A one-shot Run's id is claimed only when it returns; meanwhile its owner is not
-    known, and another client who guesses the id still cannot touch it."""
+    """A one-shot Run in flight belongs to its client already (the engine knows its
+    owner): another client who guesses the id cannot touch it, and its owner sees it."""
     system = make_system(["--prepare-timeout", "10"], ["--allow-failpoints"])
     create_tagged_rows(system)
     system.participants["shard2"].set_failpoints("participant.before_prepare=1*sleep(4000)")
@@ -532,10 +534,113 @@ def test_a_client_cannot_roll_back_another_clients_run_in_flight(
             wait_until(lambda: bool(admin.list_transactions()), 20, "the Run in flight")
             (live,) = admin.list_transactions()
         with system.client(identity="other") as other:
-            with pytest.raises(PermissionDenied, match="belongs to another client"):
+            with pytest.raises(NotFound, match="of yours"):
                 Transaction(other, live.transaction_id).rollback()
+            with pytest.raises(NotFound, match="of yours"):
+                other.get_transaction(live.transaction_id)
             assert other.list_transactions() == []
+        with system.client(identity="app") as app:
+            assert live.transaction_id in [t.transaction_id for t in app.list_transactions()]
     finally:
         runner.join(30)
     assert told and told[0].committed
     assert rows(system, "in-flight") == {"shard1": 1, "shard2": 1, "shard3": 0}
+
+
+def test_inspect_and_bank_demo_authenticate_with_a_token_file(
+    token_system: tuple[LocalSystem, str, str], tmp_path: Path
+) -> None:
+    """`--token-file` on the operator's and the demo's tools: the token comes from a
+    file (there is no flag for it in argv) and is checked like the library's."""
+    system, token_port, token = token_system
+    admin_token = issue_token(
+        Path(system.coordinator.argv[system.coordinator.argv.index("--tokens-file") + 1]),  # type: ignore[union-attr]
+        "ops",
+        admin=True,
+    )
+    ca = f"--tls-ca={system.tls('app').ca}"
+    good, wrong = tmp_path / "ops.token", tmp_path / "wrong.token"
+    good.write_text(admin_token + "\n")
+    wrong.write_text(token + "x")
+    log = str(system.workdir / "decisions.sqlite")
+    inspect = [sys.executable, "-m", "coordinator", "inspect", "--log", log, "--json", ca]
+    with system.client() as client:
+        tx = client.begin()
+        tx.execute("shard1", "INSERT INTO twopc_test_rows VALUES ('inspected')")
+        seen = subprocess.run(
+            [*inspect, "--coordinator", token_port, f"--token-file={good}"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert seen.returncode == 0, seen.stderr
+        assert tx.id in [t["transaction_id"] for t in json.loads(seen.stdout)["in_flight"]]
+        tx.rollback()
+    refused = subprocess.run(
+        [*inspect, "--coordinator", token_port, f"--token-file={wrong}"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert refused.returncode == 1 and token not in refused.stdout + refused.stderr
+    assert "UNAUTHENTICATED" in json.dumps(json.loads(refused.stdout)["in_flight"])
+    done = subprocess.run([*inspect, "--token", token], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "--token is refused" in done.stderr
+    assert token not in done.stdout + done.stderr
+    tokened = tmp_path / "app.token"
+    tokened.write_text(token)
+    shards = [f"--shard={s}={system.dsn(s)}" for s in system.shard_names]
+    demo = [sys.executable, "-m", "bank_demo", "run", "--coordinator", token_port, *shards, ca]
+    common = ["--faults", "none", "--duration", "2", "--accounts", "20", "--quiet"]
+    ran = subprocess.run(
+        [*demo, f"--token-file={tokened}", *common, "--out", str(tmp_path / "demo")],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert ran.returncode == 0, ran.stdout + ran.stderr
+    report = json.loads((tmp_path / "demo" / "report.json").read_text())
+    assert report["passed"] and report["figures"]["committed"] > 0
+    stopped = subprocess.run(
+        [*demo, f"--token-file={wrong}", *common, "--out", str(tmp_path / "demo2")],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert stopped.returncode != 0 and "not valid" in stopped.stderr.strip().splitlines()[-1]
+
+
+def test_a_client_limited_to_some_participants_touches_no_other(
+    make_system: SystemFactory,
+) -> None:
+    """`--client-participants other=shard1`: its Runs and Executes elsewhere are refused
+    before anything runs; the rest of its work, and other clients, are unaffected."""
+    system = make_system(["--client-participants", "other=shard1"])
+    create_tagged_rows(system)
+    with system.client(identity="other") as other, system.client(identity="app") as app:
+        assert other.run(tagged_inserts("limited-ok", ("shard1",))).committed
+        with pytest.raises(PermissionDenied, match="may not touch participant shard2"):
+            other.run(tagged_inserts("limited-refused", ("shard1", "shard2")))
+        tx = other.begin()
+        tx.execute("shard1", "INSERT INTO twopc_test_rows VALUES ('limited-interactive')")
+        with pytest.raises(PermissionDenied, match="shard3"):
+            tx.execute("shard3", "INSERT INTO twopc_test_rows VALUES ('limited-interactive')")
+        assert tx.commit(wait_for_completion=True).committed  # the refusal changed nothing
+        assert app.run(tagged_inserts("limited-app"), wait_for_completion=True).committed
+    assert rows(system, "limited-ok") == {"shard1": 1, "shard2": 0, "shard3": 0}
+    assert rows(system, "limited-refused") == {"shard1": 0, "shard2": 0, "shard3": 0}
+    assert rows(system, "limited-interactive") == {"shard1": 1, "shard2": 0, "shard3": 0}
+    assert rows(system, "limited-app") == {"shard1": 1, "shard2": 1, "shard3": 1}
+    refused = daemon(
+        "coordinator",
+        "--id",
+        "c",
+        "--log",
+        "/nonexistent/d.sqlite",
+        "--insecure",
+        "--participant",
+        f"shard1=127.0.0.1:{free_port()}",
+        "--client-participants",
+        "other=shard9",
+    )
+    assert refused.returncode == 2 and "shard9 not configured" in refused.stderr

@@ -123,8 +123,16 @@ async def _no_intent_unless_keyed(
     created_at: float,
     idempotency_key: str | None,
     request_hash: str | None,
+    *,
+    owner: str | None = None,
 ) -> None:
     if idempotency_key is not None:
         await _record_intent(
-            self, transaction_id, participant, created_at, idempotency_key, request_hash
+            self,
+            transaction_id,
+            participant,
+            created_at,
+            idempotency_key,
+            request_hash,
+            owner=owner,
         )

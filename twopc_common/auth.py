@@ -47,7 +47,8 @@ KINDS = ("coordinator", "participant", "client")
 
 
 class TokenFileError(TwoPCError):
-    """The tokens file cannot be read or has a malformed line."""
+    """The tokens file cannot be read or has a malformed line, or a client's token file
+    cannot be read or does not hold one token."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,7 +146,9 @@ class Authenticator:
             text = uri.decode(errors="replace")
             kind, _, name = text.removeprefix(URI_PREFIX).partition("/")
             if text.startswith(URI_PREFIX) and kind in KINDS and name:
-                return Principal(kind, name, admin=kind == "client" and name in self._admins)
+                return Principal(
+                    kind, _checked(name), admin=kind == "client" and name in self._admins
+                )
         if "x509_subject" in peer:
             raise Unauthenticated(
                 "the client certificate names no identity: it needs a URI SAN "
@@ -159,10 +162,18 @@ class Authenticator:
             if scheme.lower() != "bearer" or found is None:
                 raise Unauthenticated("the bearer token is not valid")
             name, admin = found
-            return Principal("client", name, admin=admin or name in self._admins)
+            return Principal("client", _checked(name), admin=admin or name in self._admins)
         raise Unauthenticated(
             "no credentials: present a client certificate (twopc://KIND/NAME) or a bearer token"
         )
+
+
+def _checked(name: str) -> str:
+    """An identity name as owners and key scopes use it: `/` would make the scoped key
+    `NAME/KEY` ambiguous (`a` with key `b/c` against `a/b` with key `c`)."""
+    if "/" in name or not name.isprintable():
+        raise Unauthenticated(f"identity name {name!r} is not valid: no `/` or control characters")
+    return name
 
 
 Rule = Callable[[Principal], bool]
@@ -212,6 +223,42 @@ def _guarded(
         return await method(request, context)
 
     return call
+
+
+def add_token_flag(p: argparse.ArgumentParser) -> None:
+    """`--token-file` for client tools: the token is read from a file, never from argv
+    (which every user of the machine can read in the process list)."""
+    p.add_argument(
+        "--token-file",
+        type=Path,
+        metavar="PATH",
+        help="a file holding this client's bearer token (`twopc-coordinator token` prints "
+        "one), for the coordinator's --token-listen port; needs --tls-ca (server TLS)",
+    )
+    # Without it, argparse would take `--token SECRET` as an abbreviation of
+    # --token-file and echo the secret in its error.
+    p.add_argument("--token", action=_RefuseToken, nargs="?", help=argparse.SUPPRESS)
+
+
+class _RefuseToken(argparse.Action):
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any) -> None:
+        parser.error(
+            "--token is refused: a token on the command line is visible to every user "
+            "of the machine (the process list); put it in a file and give --token-file PATH"
+        )
+
+
+def read_token_file(path: Path | None) -> str | None:
+    """The bearer token in `path` (surrounding whitespace ignored); None without a path."""
+    if path is None:
+        return None
+    try:
+        token = path.read_text().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise TokenFileError(f"cannot read the token file: {exc}") from exc
+    if not token or any(c.isspace() for c in token):
+        raise TokenFileError(f"token file {path} must hold exactly one token")
+    return token
 
 
 def token_main(argv: list[str]) -> None:

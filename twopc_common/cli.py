@@ -111,12 +111,13 @@ def add_version_flag(p: argparse.ArgumentParser) -> None:
     )
 
 
-async def wait_for_termination() -> None:
-    """Return on SIGTERM or SIGINT."""
+async def wait_for_termination(on_hangup: Callable[[], None] = lambda: None) -> None:
+    """Return on SIGTERM or SIGINT; call `on_hangup` on each SIGHUP (reload)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, on_hangup)
     await stop.wait()
 
 
@@ -183,6 +184,14 @@ def add_daemon_flags(p: argparse.ArgumentParser) -> None:
         help="a client identity with the admin role (repeatable)",
     )
     add_tls_flags(p, daemon=True)
+    p.add_argument(
+        "--tls-reload-interval",
+        type=positive,
+        default=5.0,
+        metavar="SECONDS",
+        help="how often outbound channels check the TLS files (SIGHUP: at once); "
+        "the server checks them at every handshake",
+    )
     p.add_argument(
         "--log-level",
         type=str.upper,

@@ -9,9 +9,14 @@ Guarantees:
 - Secure by default: without TLS flags a daemon refuses to start unless given
   `--insecure`, and `--insecure` is refused unless the daemon listens on loopback.
 - Certificates are re-read without a restart: the server asks for its certificate at
-  every new handshake and reloads the files when their modification time changed (so
-  rotation means replacing the files; connections already open keep their session).
-  Outbound channels take the files as they are when the channel is made.
+  every new handshake and reloads the files when they changed (so rotation means
+  replacing the files; connections already open keep their session). A daemon's
+  outbound channels (`ReloadingChannel`) check the files at most every
+  `tls_reload_interval` seconds, before a call, and at once on SIGHUP; when they changed,
+  new calls go on a new channel with the new credentials while calls already under way
+  finish on the old one, closed once they are done. Files that do not load as a
+  matching certificate and key (a rotation half written) are not used: the previous
+  credentials stay until the next check finds a good set.
 - Daemon-to-daemon channels verify the peer by its logical name (the participant or
   coordinator id, a DNS SAN of its certificate), not by the address dialled, so a
   proxy or a moved address cannot make a coordinator talk to the wrong agent.
@@ -20,19 +25,29 @@ Guarantees:
 from __future__ import annotations
 
 import argparse
+import asyncio
 import ipaddress
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from twopc_common.errors import TwoPCError
 from twopc_common.log import EventLogger
 
 ChannelOptions = Sequence[tuple[str, Any]]
+
+DRAIN_MARGIN = 5.0
+"""Seconds a replaced channel waits beyond its callers' longest deadline before it
+closes: a call whose deadline has passed is failed by gRPC's core, but its answer
+reaches the caller only when a busy event loop gets to it; closing earlier would cancel
+the call under its caller instead."""
 
 
 class TlsError(TwoPCError):
@@ -55,6 +70,8 @@ class TlsConfig:
         return self.ca is None
 
     def _read(self) -> tuple[bytes, bytes | None, bytes | None]:
+        """(CA, key, certificate) as PEM bytes, checked: the CA file holds at least one
+        certificate, the certificate file a chain whose first certificate is the key's."""
         assert self.ca is not None
         try:
             ca = self.ca.read_bytes()
@@ -62,10 +79,31 @@ class TlsConfig:
             cert = self.cert.read_bytes() if self.cert else None
         except OSError as exc:
             raise TlsError(f"cannot read TLS file: {exc}") from exc
+        try:
+            x509.load_pem_x509_certificates(ca)
+            if cert is not None and key is not None:
+                leaf = x509.load_pem_x509_certificates(cert)[0]
+                private = serialization.load_pem_private_key(key, None)
+                spki = serialization.PublicFormat.SubjectPublicKeyInfo
+                der = serialization.Encoding.DER
+                if leaf.public_key().public_bytes(der, spki) != private.public_key().public_bytes(
+                    der, spki
+                ):
+                    raise TlsError(f"{self.key} is not the key of {self.cert}")
+        except (ValueError, TypeError) as exc:
+            raise TlsError(
+                f"cannot load TLS files {self.cert}, {self.key}, {self.ca}: {exc}"
+            ) from exc
         return ca, key, cert
 
-    def _stamp(self) -> tuple[float, ...]:
-        return tuple(p.stat().st_mtime for p in (self.cert, self.key, self.ca) if p is not None)
+    def _stamp(self) -> tuple[tuple[int, int, int], ...]:
+        """What tells that a file changed: replaced (inode), rewritten (time, size)."""
+        stamps = []
+        for path in (self.cert, self.key, self.ca):
+            if path is not None:
+                st = path.stat()
+                stamps.append((st.st_ino, st.st_mtime_ns, st.st_size))
+        return tuple(stamps)
 
 
 def add_tls_flags(p: argparse.ArgumentParser, daemon: bool) -> None:
@@ -207,3 +245,76 @@ def aio_channel(
         return grpc.aio.insecure_channel(address, options=list(options))
     creds = channel_credentials(tls, token)
     return grpc.aio.secure_channel(address, creds, options=_options(options, server_name))
+
+
+class ReloadingChannel:
+    """An asyncio channel to one peer whose credentials follow this party's TLS files
+    (see the module's guarantees). `current()` is the channel for the next call;
+    `on_change` runs after a new channel replaced the old one. `drain` is the longest
+    deadline any caller gives a call on it."""
+
+    def __init__(
+        self,
+        address: str,
+        tls: TlsConfig,
+        options: ChannelOptions = (),
+        server_name: str | None = None,
+        *,
+        check_interval: float,
+        drain: float,
+        log: EventLogger,
+        on_change: Callable[[], None] = lambda: None,
+    ) -> None:
+        self._address = address
+        self._tls = tls
+        self._options = options
+        self._server_name = server_name
+        self._interval = check_interval
+        self._drain = drain
+        self._log = log
+        self._on_change = on_change
+        self._stamp = None if tls.insecure else tls._stamp()
+        self._channel = aio_channel(address, tls, options, server_name)
+        self._next_check = time.monotonic() + check_interval
+        self._retiring: dict[grpc.aio.Channel, asyncio.Task[None]] = {}
+        self.generation = 0
+        """How many times the channel was replaced."""
+
+    def current(self) -> grpc.aio.Channel:
+        if self._stamp is not None and time.monotonic() >= self._next_check:
+            self.reload()
+        return self._channel
+
+    def reload(self) -> bool:
+        """Check the files now (SIGHUP); True if a new channel replaced the old one."""
+        if self._stamp is None:
+            return False
+        self._next_check = time.monotonic() + self._interval
+        peer = self._server_name or self._address
+        try:
+            stamp = self._tls._stamp()
+            if stamp == self._stamp:
+                return False
+            # Built from the files as they are now, checked; a later change is seen
+            # at the next check (the stamp is taken before the files are read).
+            new = aio_channel(self._address, self._tls, self._options, self._server_name)
+        except (OSError, TlsError) as exc:
+            self._log.warning("tls_channel_reload_failed", peer=peer, error=str(exc))
+            return False
+        old, self._channel, self._stamp = self._channel, new, stamp
+        self.generation += 1
+        # Every call carries a deadline of at most `drain`: waiting that long (and a
+        # margin) fails no call that was started on the old channel.
+        task = asyncio.get_running_loop().create_task(old.close(self._drain + DRAIN_MARGIN))
+        self._retiring[old] = task
+        task.add_done_callback(lambda _: self._retiring.pop(old, None))
+        self._log.info("tls_channel_reloaded", peer=peer, address=self._address)
+        self._on_change()
+        return True
+
+    async def close(self) -> None:
+        """Close every channel now (the daemon is stopping)."""
+        for old, task in list(self._retiring.items()):
+            task.cancel()
+            await old.close()
+        await self._channel.close()

@@ -177,6 +177,7 @@ class SimDecisionLog:
         key: str | None,
         request_hash: str | None,
         complete: bool,
+        owner: str | None,
     ) -> LogRecord:
         now = self._clock.time()
         return LogRecord(
@@ -189,6 +190,7 @@ class SimDecisionLog:
             created_at=created_at,
             decided_at=now,
             completed_at=now if complete else None,
+            owner=owner,
         )
 
     async def record_commit(
@@ -201,6 +203,8 @@ class SimDecisionLog:
         request_hash: str | None = None,
         completed: bool = False,
         forced: bool = True,
+        *,
+        owner: str | None = None,
     ) -> None:
         state = LogState.COMMITTED if completed else LogState.COMMITTING
         record = self._record(
@@ -212,6 +216,7 @@ class SimDecisionLog:
             idempotency_key,
             request_hash,
             completed,
+            owner,
         )
         await self._write(state, transaction_id, self._insert(record), forced or not completed)
 
@@ -223,6 +228,8 @@ class SimDecisionLog:
         outcome: dict[str, Any],
         idempotency_key: str,
         request_hash: str,
+        *,
+        owner: str | None = None,
     ) -> None:
         record = self._record(
             transaction_id,
@@ -233,6 +240,7 @@ class SimDecisionLog:
             idempotency_key,
             request_hash,
             True,
+            owner,
         )
         await self._write("aborted", transaction_id, self._insert(record), True)
 
@@ -243,6 +251,8 @@ class SimDecisionLog:
         created_at: float,
         idempotency_key: str | None,
         request_hash: str | None,
+        *,
+        owner: str | None = None,
     ) -> None:
         record = self._record(
             transaction_id,
@@ -253,6 +263,7 @@ class SimDecisionLog:
             idempotency_key,
             request_hash,
             False,
+            owner,
         )
         await self._write("one_phase intent", transaction_id, self._insert(record), True)
 
