@@ -389,7 +389,7 @@ class Store:
         DML, DDL, ...) gets its marker first, in one statement with its settings
         (`containment.marked_branch_setup`); otherwise the marker comes last, only if
         the branch wrote (a transaction id is assigned), after the switch back to the
-        agent's role. The first saves two statements per branch; it votes YES (not
+        agent's role. The first saves a statement per branch; it votes YES (not
         READ_ONLY) for a branch whose writes happened to change no row."""
         state = conn.info.transaction_status
         if state == TransactionStatus.INERROR:
@@ -397,16 +397,17 @@ class Store:
         xid = ids.branch_xid(transaction_id, participant_id)
         gid = str(xid)
         first = state == TransactionStatus.IDLE and writes(statements)
-        tail: list[tuple[Query, tuple[object, ...] | None]] = []
+        # PREPARE runs as the agent's role: a prepared transaction belongs to the
+        # role that prepared it, and only that role (or a superuser) may finish it.
+        tail: list[tuple[Query, tuple[object, ...] | None]] = [*self._as_agent]
         if not first:
-            tail += [
-                *self._as_agent,
+            tail.append(
                 (
                     f"INSERT INTO {MARKER_TABLE} (gid, transaction_id) SELECT %s, %s "
                     "WHERE pg_current_xact_id_if_assigned() IS NOT NULL",
                     (gid, transaction_id),
-                ),
-            ]
+                )
+            )
         tail.append((sql.SQL("PREPARE TRANSACTION {}").format(gid), None))
         head = self._head(conn, statements, (gid, transaction_id) if first else None)
         try:
