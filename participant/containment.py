@@ -12,7 +12,8 @@ Guarantees, given the documented roles (README "Database roles"):
   statement_timeout, role), set for that transaction in the same round trip as its
   first statements, whatever a previous branch left on the pooled connection; a
   branch whose statements come with its PREPARE (or one-phase COMMIT) gets them in
-  the same statement as its marker, so containment adds no statement there;
+  the same statement as its marker (and switches back to the agent's role only
+  before PREPARE, which must run as the agent's role);
 - a connection whose branch ran statements that may change session state (anything
   calling a function, DDL, CALL, DO) is reset to its connection defaults before the
   pool hands it out again.
@@ -54,15 +55,16 @@ def marked_branch_setup(setup: str, marker_table: str) -> str:
     statement, for a branch whose statements arrive with its PREPARE or one-phase
     COMMIT. The marker goes first, as the agent's role: PostgreSQL checks the INSERT's
     privileges when the statement starts, before the WITH query switches to the branch
-    role, which can then neither see nor change it. This saves the setup statement and
-    the switch back to the agent's role before the marker."""
+    role, which can then neither see nor change it. This saves the setup statement
+    (and, before a one-phase COMMIT, the switch back to the agent's role)."""
     return (
         f"WITH setup AS ({setup}) "
         f"INSERT INTO {marker_table} (gid, transaction_id) SELECT %s, %s FROM setup"
     )
 
 
-# Before a marker written at the end (interactive branches): back to the agent's role.
+# Before PREPARE (a prepared transaction belongs to the role that prepared it) and
+# before a marker written at the end: back to the agent's role.
 AGENT_ROLE_AGAIN = "SELECT set_config('role', 'none', true)"
 
 
