@@ -39,6 +39,7 @@ from coordinator.protocol import (
     Vote,
     abort_cause,
     bound_results,
+    cause_of_failure,
     decide,
     one_phase_committed,
     reported,
@@ -57,6 +58,7 @@ from twopc_common.errors import (
     Unavailable,
 )
 from twopc_common.ids import TransactionId
+from twopc_common.isolation import Isolation
 from twopc_common.log import EventLogger
 from twopc_common.ports import SYSTEM_CLOCK, Clock, Random, system_random
 from twopc_common.values import Statement, StatementResult, result_bytes
@@ -153,6 +155,8 @@ class _Tx:
     """The transaction that runs this one's work again after it lost a deadlock."""
     key: str | None = None
     request_hash: str | None = None
+    isolation: Isolation = Isolation.READ_COMMITTED
+    """Every branch runs at this level (the agents apply it)."""
     owner: str | None = None
     """The client identity that began it; logged with each of its records."""
     busy: int = 0
@@ -265,6 +269,7 @@ class Coordinator:
         request_hash: str | None = None,
         wait: bool = False,
         owner: str | None = None,
+        isolation: Isolation = Isolation.READ_COMMITTED,
     ) -> Outcome:
         self._check_branches(branches)
         self._admit()
@@ -307,7 +312,11 @@ class Coordinator:
                 self.counters["idempotent_replays"] += 1
                 return outcome
         work = {p: tuple(s) for p, s in branches}
-        tx.retries_left = self.config.deadlock_retries
+        tx.isolation = isolation
+        # Only a two-phase victim is run again here: a one-phase branch's intent is
+        # logged under its key before it runs, and PostgreSQL's own deadlock victim
+        # (40P01) on a single shard is the client's to retry.
+        tx.retries_left = self.config.deadlock_retries if len(work) > 1 else 0
         outcome = await self._finish(tx, work, wait)
         while tx.successor is not None:
             # A deadlock victim: its work is all here, so run it again as a new
@@ -479,7 +488,9 @@ class Coordinator:
         timeout = self.config.prepare_timeout
         calls = {
             asyncio.create_task(
-                self.clients[p].prepare(tx.id, work[p], False, timeout, tx.incarnations.get(p, ""))
+                self.clients[p].prepare(
+                    tx.id, work[p], False, timeout, tx.incarnations.get(p, ""), tx.isolation
+                )
             ): p
             for p in work
         }
@@ -537,6 +548,7 @@ class Coordinator:
                 True,
                 self.config.prepare_timeout,
                 tx.incarnations.get(participant, ""),
+                tx.isolation,
             )
         except Exception as exc:  # it was sent: it may have committed
             reply = PrepareReply(Ballot(Vote.LOST, f"coordinator error: {exc!r}"))
@@ -549,7 +561,7 @@ class Coordinator:
         committed = one_phase_committed(ballot.vote)
         if committed is None:
             committed = await self._fence_one_phase(tx, participant)
-        cause = abort_cause(ballot.vote)
+        cause = cause_of_failure(ballot.sqlstate, abort_cause(ballot.vote))
         outcome = (
             Outcome(tx.id, True, results=results, one_phase=True)
             if committed
@@ -644,6 +656,7 @@ class Coordinator:
             successor = tx.successor = self._new_tx()
             successor.retries_left = tx.retries_left - 1
             successor.key, successor.request_hash = tx.key, tx.request_hash
+            successor.isolation = tx.isolation
             successor.owner = tx.owner
             if tx.key is not None:
                 self._keys[tx.key] = successor
@@ -758,9 +771,12 @@ class Coordinator:
 
     # -- interactive transactions ---------------------------------------------------
 
-    def begin(self, owner: str | None = None) -> str:
+    def begin(
+        self, owner: str | None = None, isolation: Isolation = Isolation.READ_COMMITTED
+    ) -> str:
         tx = self._new_tx()
         tx.owner = owner
+        tx.isolation = isolation
         return tx.id
 
     def _live_tx(self, txid: str) -> _Tx:
@@ -797,7 +813,7 @@ class Coordinator:
         tx.work_started = self.clock.monotonic()
         try:
             results, incarnation = await client.execute(
-                txid, statements, tx.incarnations.get(participant, "")
+                txid, statements, tx.incarnations.get(participant, ""), tx.isolation
             )
             opened = tx.incarnations.setdefault(participant, incarnation)
             if opened != incarnation:  # two first Executes, and a restart between them
@@ -809,15 +825,19 @@ class Coordinator:
         except (Aborted, Unavailable, FailedPrecondition) as exc:
             if tx.outcome.done() and not tx.outcome.result().committed:
                 # Aborted meanwhile (a deadlock victim, a timeout): that is the reason.
-                raise Aborted(f"transaction {txid} aborted: {tx.outcome.result().reason}") from exc
+                ended = tx.outcome.result()
+                raise Aborted(
+                    f"transaction {txid} aborted: {ended.reason}",
+                    cause=ended.cause.value if ended.cause else "",
+                ) from exc
+            cause = AbortCause.EXECUTE_FAILED
+            if isinstance(exc, Unavailable):
+                cause = AbortCause.PARTICIPANT_UNAVAILABLE
+            elif isinstance(exc, Aborted):
+                cause = cause_of_failure(exc.sqlstate, cause)
             if tx.state is TxState.ACTIVE:
-                cause = (
-                    AbortCause.PARTICIPANT_UNAVAILABLE
-                    if isinstance(exc, Unavailable)
-                    else AbortCause.EXECUTE_FAILED
-                )
                 self._abort(tx, cause, participant, str(exc), tuple(tx.participants))
-            raise Aborted(f"transaction {txid} aborted: {exc}") from exc
+            raise Aborted(f"transaction {txid} aborted: {exc}", cause=cause.value) from exc
         finally:
             tx.busy -= 1
             tx.last_used = self.clock.monotonic()
