@@ -41,6 +41,19 @@ ACTIVE_ADDRESS = "twopc-active-address"
 SQLSTATE = "twopc-sqlstate"
 ABORT_CAUSE = "twopc-abort-cause"
 
+
+def active_hint(exc: grpc.RpcError) -> str | None:
+    """A standby's refusal: the active's address ("" if it does not know); None if
+    `exc` is not a standby's refusal."""
+    if exc.code() != grpc.StatusCode.UNAVAILABLE:
+        return None
+    trailers: Any = exc.trailing_metadata()
+    for key, value in trailers or ():
+        if key == ACTIVE_ADDRESS:
+            return str(value)
+    return None
+
+
 R = TypeVar("R")
 Context = grpc.aio.ServicerContext[Any, Any]
 
