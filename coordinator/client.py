@@ -23,6 +23,16 @@ token port); `server_name` is the name the coordinator's certificate must carry
 (default: the host dialled). Without `tls` the channel is plaintext, which only a
 coordinator started with `--insecure` accepts.
 
+Isolation: `run(..., isolation="serializable")` and `transaction(isolation=...)` (or
+`begin`) choose the level every branch runs at: "read_committed" (the default),
+"repeatable_read" or "serializable" (or an `Isolation`).
+
+Retrying: an outcome whose `retryable` is true aborted because it lost a conflict, not
+because its work was wrong (see `RETRYABLE_CAUSES`); `run_with_retries` (and
+`run_with_retries_async`) runs keyed work again until it commits, with jittered
+exponential backoff, applying it at most once; `transact_with_retries` (and
+`transact_with_retries_async`) does the same for an interactive transaction's work.
+
 SQL uses psycopg placeholders (`%s`); values are sent typed and bound by PostgreSQL.
 An aborted transaction is an outcome, not an exception. Exceptions mean the request
 itself failed: `TransportError` (coordinator unreachable or deadline exceeded: the
@@ -48,8 +58,10 @@ from typing import Any, TypeVar
 import grpc
 
 from coordinator.failover import Endpoints, addresses_of, backoff, channel_options
+from coordinator.protocol import RetryPolicy
 from twopc_common.errors import Aborted, ResourceExhausted, TwoPCError
-from twopc_common.grpc_errors import RETRY_AFTER_MS, error_for
+from twopc_common.grpc_errors import ABORT_CAUSE, RETRY_AFTER_MS, error_for
+from twopc_common.isolation import Isolation, isolation_to_pb, parse_isolation
 from twopc_common.tls import TlsConfig, aio_channel, channel
 from twopc_common.values import (
     Expectation,
@@ -64,11 +76,14 @@ from twopc_pb import coordinator_pb2 as pb
 from twopc_pb import coordinator_pb2_grpc as cgrpc
 
 __all__ = [
+    "RETRYABLE_CAUSES",
     "AsyncCoordinatorClient",
     "AsyncTransaction",
     "CoordinatorClient",
     "Expectation",
+    "Isolation",
     "Outcome",
+    "Retry",
     "Statement",
     "StatementResult",
     "TlsConfig",
@@ -76,13 +91,45 @@ __all__ = [
     "TransactionAborted",
     "TransactionStatus",
     "TransportError",
+    "attempt_key",
     "exactly",
     "retry_when_refused",
     "retry_when_refused_async",
+    "run_with_retries",
+    "run_with_retries_async",
+    "transact_with_retries",
+    "transact_with_retries_async",
 ]
 
 Branches = Mapping[str, Sequence[Statement]]
 T = TypeVar("T")
+IsolationArg = Isolation | str
+
+# Abort causes after which running the same work again can succeed: the transaction
+# lost a conflict with another one, nothing of it was applied, and the conflict is
+# over once the other transaction finished. The one list the library consults.
+RETRYABLE_CAUSES: frozenset[str] = frozenset(
+    {
+        # PostgreSQL found that the branch could not be serialized with a concurrent
+        # transaction (40001, REPEATABLE READ or SERIALIZABLE): its documented remedy
+        # is to run the transaction again.
+        "SERIALIZATION_FAILURE",
+        # A victim of a deadlock: cross-shard (the coordinator's detector chose it;
+        # one-shot Runs are already run again by the coordinator a few times) or on
+        # one shard (PostgreSQL's 40P01). The survivor has gone ahead.
+        "DEADLOCK",
+        # A statement waited the agent's lock timeout for a row lock: contention (or
+        # a deadlock the detector could not see, e.g. through an outside session).
+        # Retried with backoff, bounded: a lock held for good makes every attempt fail.
+        "LOCK_TIMEOUT",
+    }
+)
+# Not retryable: VOTE_NO and EXECUTE_FAILED (the work itself failed: an error, a
+# broken expectation such as too little money; the same work fails again),
+# CLIENT_ROLLBACK, TRANSACTION_TIMEOUT (the client was too slow), PREPARE_TIMEOUT and
+# PARTICIPANT_UNAVAILABLE (a shard slow, down or cut off: the application decides
+# whether to wait, rather than a loop adding load to a struggling shard), and
+# COORDINATOR_RESTART (also the cause of internal errors).
 
 
 def _refusal_delay(exc: ResourceExhausted, attempt: int) -> float:
@@ -119,7 +166,14 @@ class TransportError(TwoPCError):
 
 
 class TransactionAborted(Aborted):
-    """An interactive transaction was rolled back because a statement failed."""
+    """An interactive transaction was rolled back because a statement failed; `cause`
+    says why (e.g. "SERIALIZATION_FAILURE", "EXECUTE_FAILED")."""
+
+    @property
+    def retryable(self) -> bool:
+        """The transaction lost a conflict (`RETRYABLE_CAUSES`): running it again may
+        succeed."""
+        return self.cause in RETRYABLE_CAUSES
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +186,12 @@ class Outcome:
     results: Mapping[str, tuple[StatementResult, ...]] | None = None
     one_phase: bool = False
     completed: bool = False
+
+    @property
+    def retryable(self) -> bool:
+        """Aborted because it lost a conflict (`RETRYABLE_CAUSES`): the same work may
+        commit if run again. Never true of a committed outcome."""
+        return not self.committed and self.abort_cause in RETRYABLE_CAUSES
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,7 +228,13 @@ def _status(msg: pb.TransactionStatus) -> TransactionStatus:
     )
 
 
-def _run_request(branches: Branches, key: str | None, wait: bool) -> pb.RunRequest:
+def _isolation(level: IsolationArg) -> Any:
+    return isolation_to_pb(level if isinstance(level, Isolation) else parse_isolation(level))
+
+
+def _run_request(
+    branches: Branches, key: str | None, wait: bool, isolation: IsolationArg
+) -> pb.RunRequest:
     return pb.RunRequest(
         branches=[
             pb.Branch(participant=p, statements=[statement_to_pb(s) for s in stmts])
@@ -176,6 +242,7 @@ def _run_request(branches: Branches, key: str | None, wait: bool) -> pb.RunReque
         ],
         idempotency_key=key or "",
         wait_for_completion=wait,
+        isolation=_isolation(isolation),
     )
 
 
@@ -195,22 +262,27 @@ def _raise(exc: grpc.RpcError) -> TwoPCError:
     ):
         return TransportError(f"{code.name}: {details}")
     if code == grpc.StatusCode.ABORTED:
-        return TransactionAborted(details)
+        return TransactionAborted(details, cause=_trailer(exc, ABORT_CAUSE) or "")
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
         return ResourceExhausted(details, _retry_after(exc))
     return error_for(code, details)
 
 
-def _retry_after(exc: grpc.RpcError) -> float | None:
-    """The coordinator's hint of when to try again, from the trailing metadata."""
+def _trailer(exc: grpc.RpcError, name: str) -> str | None:
     trailers: Any = exc.trailing_metadata()
     for key, value in trailers or ():
-        if key == RETRY_AFTER_MS:
-            try:
-                return int(value) / 1000
-            except ValueError:
-                return None
+        if key == name and isinstance(value, str):
+            return value
     return None
+
+
+def _retry_after(exc: grpc.RpcError) -> float | None:
+    """The coordinator's hint of when to try again, from the trailing metadata."""
+    value = _trailer(exc, RETRY_AFTER_MS)
+    try:
+        return None if value is None else int(value) / 1000
+    except ValueError:
+        return None
 
 
 _CHANNEL_OPTIONS = [
@@ -299,13 +371,18 @@ class CoordinatorClient:
         idempotency_key: str | None = None,
         wait_for_completion: bool = False,
         timeout: float | None = None,
+        isolation: IsolationArg = Isolation.READ_COMMITTED,
     ) -> Outcome:
-        request = _run_request(branches, idempotency_key, wait_for_completion)
+        request = _run_request(branches, idempotency_key, wait_for_completion, isolation)
         return _outcome(self._call("Run", request, timeout))
 
     @contextlib.contextmanager
-    def transaction(self, wait_for_completion: bool = False) -> Iterator[Transaction]:
-        tx = self.begin()
+    def transaction(
+        self,
+        wait_for_completion: bool = False,
+        isolation: IsolationArg = Isolation.READ_COMMITTED,
+    ) -> Iterator[Transaction]:
+        tx = self.begin(isolation)
         try:
             yield tx
         except BaseException:
@@ -316,8 +393,8 @@ class CoordinatorClient:
         if tx.outcome is None:
             tx.commit(wait_for_completion)
 
-    def begin(self) -> Transaction:
-        reply = self._call("Begin", pb.BeginRequest(), None)
+    def begin(self, isolation: IsolationArg = Isolation.READ_COMMITTED) -> Transaction:
+        reply = self._call("Begin", pb.BeginRequest(isolation=_isolation(isolation)), None)
         return Transaction(self, reply.transaction_id)
 
     def get_transaction(self, transaction_id: str) -> TransactionStatus:
@@ -362,8 +439,8 @@ class Transaction:
         )
         try:
             reply = self._client._call("Execute", request, None)
-        except TransactionAborted:
-            self.outcome = Outcome(self.id, False, "EXECUTE_FAILED")
+        except TransactionAborted as exc:
+            self.outcome = Outcome(self.id, False, exc.cause or "EXECUTE_FAILED", participant)
             raise
         return [result_from_pb(r) for r in reply.results]
 
@@ -439,16 +516,18 @@ class AsyncCoordinatorClient:
         idempotency_key: str | None = None,
         wait_for_completion: bool = False,
         timeout: float | None = None,
+        isolation: IsolationArg = Isolation.READ_COMMITTED,
     ) -> Outcome:
-        request = _run_request(branches, idempotency_key, wait_for_completion)
+        request = _run_request(branches, idempotency_key, wait_for_completion, isolation)
         return _outcome(await self._call("Run", request, timeout))
 
     @contextlib.asynccontextmanager
     async def transaction(
-        self, wait_for_completion: bool = False
+        self,
+        wait_for_completion: bool = False,
+        isolation: IsolationArg = Isolation.READ_COMMITTED,
     ) -> AsyncIterator[AsyncTransaction]:
-        reply = await self._call("Begin", pb.BeginRequest(), None)
-        tx = AsyncTransaction(self, reply.transaction_id)
+        tx = await self.begin(isolation)
         try:
             yield tx
         except BaseException:
@@ -458,6 +537,11 @@ class AsyncCoordinatorClient:
             raise
         if tx.outcome is None:
             await tx.commit(wait_for_completion)
+
+    async def begin(self, isolation: IsolationArg = Isolation.READ_COMMITTED) -> AsyncTransaction:
+        request = pb.BeginRequest(isolation=_isolation(isolation))
+        reply = await self._call("Begin", request, None)
+        return AsyncTransaction(self, reply.transaction_id)
 
     async def get_transaction(self, transaction_id: str) -> TransactionStatus:
         reply = await self._call(
@@ -490,8 +574,8 @@ class AsyncTransaction:
         )
         try:
             reply = await self._client._call("Execute", request, None)
-        except TransactionAborted:
-            self.outcome = Outcome(self.id, False, "EXECUTE_FAILED")
+        except TransactionAborted as exc:
+            self.outcome = Outcome(self.id, False, exc.cause or "EXECUTE_FAILED", participant)
             raise
         return result_from_pb(reply.results[0])
 
@@ -504,3 +588,222 @@ class AsyncTransaction:
         request = pb.RollbackRequest(transaction_id=self.id)
         self.outcome = _outcome(await self._client._call("Rollback", request, None))
         return self.outcome
+
+
+# -- retrying keyed work ---------------------------------------------------------------
+
+
+_BACKOFF = RetryPolicy(initial=0.02, cap=1.0)
+
+
+@dataclass(frozen=True, slots=True)
+class Retry:
+    """How `run_with_retries` retries keyed work."""
+
+    attempts: int = 8
+    """Runs in all, the first included: retryable aborts and unanswered calls
+    (`TransportError`) both count. The last outcome (or error) is the answer."""
+    backoff: RetryPolicy = _BACKOFF
+    """Capped exponential backoff before run n+1 (`initial * 2**n` seconds, at most
+    `cap`), each wait jittered to 50-150% so that the losers of one conflict do not
+    meet again at the same instant."""
+    refusals: int = 10
+    """Per run: admission refusals (RESOURCE_EXHAUSTED) waited out with the
+    coordinator's hint (`retry_when_refused`). They are not attempts: refused work
+    never ran."""
+
+    def __post_init__(self) -> None:
+        if self.attempts < 1 or self.refusals < 1:
+            raise ValueError("Retry needs attempts >= 1 and refusals >= 1")
+
+    def delay(self, run: int) -> float:
+        """Seconds to wait after run number `run` (from 0)."""
+        return random.uniform(0.5, 1.5) * self.backoff.delay(run)
+
+
+def attempt_key(key: str, attempt: int) -> str:
+    """The idempotency key `run_with_retries` sends for attempt `attempt`: the key
+    itself first, then `KEY#1`, `KEY#2`, ... An aborted attempt's outcome is final
+    under its key, so the next attempt needs a key of its own; running the helper
+    again with the same key replays the attempts in order (each answers its recorded
+    outcome, nothing runs twice) and so finds the one that committed."""
+    return key if attempt == 0 else f"{key}#{attempt}"
+
+
+Work = Branches | Callable[[int], Branches]
+
+
+class _Plan:
+    """The retry loop of `run_with_retries` as plain state, shared by the blocking and
+    the asyncio helper: which branches and key to send next, and after each answer
+    whether to stop or how long to wait."""
+
+    def __init__(self, work: Work, key: str, retry: Retry) -> None:
+        if not key:
+            raise ValueError(
+                "run_with_retries needs an idempotency key: without one a "
+                "lost answer could make the same work run twice"
+            )
+        self._work, self._key, self._retry = work, key, retry
+        self._attempt = 0
+        self._branches: Branches | None = None
+        self.runs = 0
+
+    def next_run(self) -> tuple[Branches, str]:
+        # An unanswered run is sent again unchanged: the same key must carry the
+        # same request, or the coordinator refuses it (ALREADY_EXISTS).
+        if self._branches is None:
+            self._branches = self._work(self._attempt) if callable(self._work) else self._work
+        self.runs += 1
+        return self._branches, attempt_key(self._key, self._attempt)
+
+    def after(self, outcome: Outcome | None) -> float | None:
+        """None: the answer stands (return the outcome, or raise the TransportError
+        that `outcome=None` stands for); else wait that many seconds and run again."""
+        if self.runs >= self._retry.attempts:
+            return None
+        if outcome is not None:
+            if outcome.committed or not outcome.retryable:
+                return None
+            self._attempt += 1
+            self._branches = None
+        return self._retry.delay(self.runs - 1)
+
+
+def run_with_retries(
+    client: CoordinatorClient,
+    work: Work,
+    idempotency_key: str,
+    *,
+    isolation: IsolationArg = Isolation.READ_COMMITTED,
+    retry: Retry = Retry(),
+    wait_for_completion: bool = False,
+) -> Outcome:
+    """Run keyed work until it commits, aborts for a reason retrying cannot fix, or
+    `retry.attempts` runs are spent; returns the last outcome.
+
+    `work` is the transaction's branches, or a function from the attempt number
+    (0, 1, ...) to them (to read fresh values, say). Retried: outcomes that are
+    `retryable` (a serialization failure, a deadlock, a lock timeout: see
+    `RETRYABLE_CAUSES`), each under its own key (`attempt_key`), after a jittered
+    exponential backoff; and a `TransportError` (the outcome is unknown), under the
+    same key, which returns the first run's outcome if it ran. Admission refusals are
+    waited out with the coordinator's hint (`retry_when_refused`). Never retried: a
+    COMMITTED outcome, a non-retryable abort, any other error. Applied at most once."""
+    plan = _Plan(work, idempotency_key, retry)
+    while True:
+        branches, key = plan.next_run()
+        try:
+            outcome = retry_when_refused(
+                functools.partial(
+                    client.run, branches, key, wait_for_completion, isolation=isolation
+                ),
+                retry.refusals,
+            )
+        except TransportError:
+            if (wait := plan.after(None)) is None:
+                raise
+        else:
+            if (wait := plan.after(outcome)) is None:
+                return outcome
+        time.sleep(wait)
+
+
+async def run_with_retries_async(
+    client: AsyncCoordinatorClient,
+    work: Work,
+    idempotency_key: str,
+    *,
+    isolation: IsolationArg = Isolation.READ_COMMITTED,
+    retry: Retry = Retry(),
+    wait_for_completion: bool = False,
+) -> Outcome:
+    """`run_with_retries` for the asyncio client."""
+    plan = _Plan(work, idempotency_key, retry)
+    while True:
+        branches, key = plan.next_run()
+        try:
+            outcome = await retry_when_refused_async(
+                functools.partial(
+                    client.run, branches, key, wait_for_completion, isolation=isolation
+                ),
+                retry.refusals,
+            )
+        except TransportError:
+            if (wait := plan.after(None)) is None:
+                raise
+        else:
+            if (wait := plan.after(outcome)) is None:
+                return outcome
+        await asyncio.sleep(wait)
+
+
+def transact_with_retries(
+    client: CoordinatorClient,
+    work: Callable[[Transaction], T],
+    *,
+    isolation: IsolationArg = Isolation.READ_COMMITTED,
+    retry: Retry = Retry(),
+) -> tuple[T, Outcome]:
+    """Run an interactive transaction (`work(tx)` executes its statements; this
+    commits) until it commits, fails for a reason retrying cannot fix, or
+    `retry.attempts` runs are spent; returns what `work` returned and the last
+    outcome. A read-modify-write (read a balance, write what you computed from it) at
+    REPEATABLE READ or SERIALIZABLE is the pattern: the loser of a concurrent update
+    gets a retryable abort, and its next run reads the winner's value.
+
+    Retried, after the same backoff as `run_with_retries`: a retryable
+    `TransactionAborted` from an `execute`, and a retryable commit outcome. Not
+    retried: anything else `work` raises (the transaction is rolled back and the
+    error propagates), and a `TransportError` at commit: interactive transactions
+    carry no idempotency key, so after a lost commit answer only
+    `get_transaction(tx.id)` can tell whether the work was applied, and running it
+    again could apply it twice."""
+    run = 0
+    while True:
+        last = run + 1 >= retry.attempts
+        tx = client.begin(isolation)
+        try:
+            value = work(tx)
+        except TransactionAborted as exc:
+            if not exc.retryable or last:
+                raise
+        except BaseException:
+            with contextlib.suppress(TwoPCError):
+                tx.rollback()
+            raise
+        else:
+            outcome = tx.outcome or tx.commit()
+            if outcome.committed or not outcome.retryable or last:
+                return value, outcome
+        time.sleep(retry.delay(run))
+        run += 1
+
+
+async def transact_with_retries_async(
+    client: AsyncCoordinatorClient,
+    work: Callable[[AsyncTransaction], Awaitable[T]],
+    *,
+    isolation: IsolationArg = Isolation.READ_COMMITTED,
+    retry: Retry = Retry(),
+) -> tuple[T, Outcome]:
+    """`transact_with_retries` for the asyncio client."""
+    run = 0
+    while True:
+        last = run + 1 >= retry.attempts
+        tx = await client.begin(isolation)
+        try:
+            value = await work(tx)
+        except TransactionAborted as exc:
+            if not exc.retryable or last:
+                raise
+        except BaseException:
+            with contextlib.suppress(TwoPCError):
+                await tx.rollback()
+            raise
+        else:
+            outcome = tx.outcome or await tx.commit()
+            if outcome.committed or not outcome.retryable or last:
+                return value, outcome
+        await asyncio.sleep(retry.delay(run))
+        run += 1

@@ -39,6 +39,7 @@ from coordinator.recovery import LogBehind, Recovery
 from coordinator.running import Runner
 from coordinator.status import Status
 from coordinator.voting import Voting
+from twopc_common.isolation import Isolation
 from twopc_common.ports import SYSTEM_CLOCK, Clock, Random, system_random
 from twopc_common.values import Statement, StatementResult
 
@@ -95,11 +96,14 @@ class Coordinator:
         request_hash: str | None = None,
         wait: bool = False,
         owner: str | None = None,
+        isolation: Isolation = Isolation.READ_COMMITTED,
     ) -> Outcome:
-        return await self._runner.run(branches, key, request_hash, wait, owner)
+        return await self._runner.run(branches, key, request_hash, wait, owner, isolation)
 
-    def begin(self, owner: str | None = None) -> str:
-        return self._interactive.begin(owner)
+    def begin(
+        self, owner: str | None = None, isolation: Isolation = Isolation.READ_COMMITTED
+    ) -> str:
+        return self._interactive.begin(owner, isolation)
 
     async def execute(
         self, txid: str, participant: str, statements: Sequence[Statement]

@@ -22,11 +22,11 @@ from __future__ import annotations
 import random
 import threading
 from collections.abc import Callable, Sequence
-from typing import Any, Generic, TypeVar
+from typing import Generic, TypeVar
 
 import grpc
 
-from twopc_common.grpc_errors import ACTIVE_ADDRESS
+from twopc_common.grpc_errors import active_hint
 
 C = TypeVar("C")
 
@@ -57,18 +57,6 @@ def channel_options(addresses: Sequence[str]) -> list[tuple[str, int]]:
     if len(addresses) == 1:
         return []
     return [("grpc.min_reconnect_backoff_ms", CONNECT_TIMEOUT_MS)]
-
-
-def active_hint(exc: grpc.RpcError) -> str | None:
-    """A standby's refusal: the active's address ("" if it does not know); None if
-    `exc` is not a standby's refusal."""
-    if exc.code() != grpc.StatusCode.UNAVAILABLE:
-        return None
-    trailers: Any = exc.trailing_metadata()
-    for key, value in trailers or ():
-        if key == ACTIVE_ADDRESS:
-            return str(value)
-    return None
 
 
 def backoff(attempt: int) -> float:

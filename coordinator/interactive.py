@@ -17,10 +17,11 @@ from collections.abc import Sequence
 
 from coordinator.memory import Memory, Outcome, Part, Tx
 from coordinator.phase2 import Phase2
-from coordinator.protocol import AbortCause, TxState
+from coordinator.protocol import AbortCause, TxState, cause_of_failure
 from coordinator.running import Runner
 from twopc_common.errors import Aborted, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from twopc_common.ids import TransactionId
+from twopc_common.isolation import Isolation
 from twopc_common.values import Statement, StatementResult
 
 
@@ -32,9 +33,12 @@ class Interactive(Part):
         self.phase2 = phase2
         self.runner = runner
 
-    def begin(self, owner: str | None = None) -> str:
+    def begin(
+        self, owner: str | None = None, isolation: Isolation = Isolation.READ_COMMITTED
+    ) -> str:
         tx = self.memory.new_tx()
         tx.owner = owner
+        tx.isolation = isolation
         return tx.id
 
     def _live_tx(self, txid: str) -> Tx:
@@ -71,7 +75,7 @@ class Interactive(Part):
         tx.work_started = self.clock.monotonic()
         try:
             results, incarnation = await client.execute(
-                txid, statements, tx.incarnations.get(participant, "")
+                txid, statements, tx.incarnations.get(participant, ""), tx.isolation
             )
             opened = tx.incarnations.setdefault(participant, incarnation)
             if opened != incarnation:  # two first Executes, and a restart between them
@@ -83,15 +87,19 @@ class Interactive(Part):
         except (Aborted, Unavailable, FailedPrecondition) as exc:
             if tx.outcome.done() and not tx.outcome.result().committed:
                 # Aborted meanwhile (a deadlock victim, a timeout): that is the reason.
-                raise Aborted(f"transaction {txid} aborted: {tx.outcome.result().reason}") from exc
+                ended = tx.outcome.result()
+                raise Aborted(
+                    f"transaction {txid} aborted: {ended.reason}",
+                    cause=ended.cause.value if ended.cause else "",
+                ) from exc
+            cause = AbortCause.EXECUTE_FAILED
+            if isinstance(exc, Unavailable):
+                cause = AbortCause.PARTICIPANT_UNAVAILABLE
+            elif isinstance(exc, Aborted):
+                cause = cause_of_failure(exc.sqlstate, cause)
             if tx.state is TxState.ACTIVE:
-                cause = (
-                    AbortCause.PARTICIPANT_UNAVAILABLE
-                    if isinstance(exc, Unavailable)
-                    else AbortCause.EXECUTE_FAILED
-                )
                 self.phase2.abort(tx, cause, participant, str(exc), tuple(tx.participants))
-            raise Aborted(f"transaction {txid} aborted: {exc}") from exc
+            raise Aborted(f"transaction {txid} aborted: {exc}", cause=cause.value) from exc
         finally:
             tx.busy -= 1
             tx.last_used = self.clock.monotonic()

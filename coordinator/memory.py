@@ -29,6 +29,7 @@ from coordinator.ports import ParticipantTransport
 from coordinator.protocol import AbortCause, Reported, TxState
 from twopc_common.errors import InvalidArgument, NotFound, Unavailable
 from twopc_common.ids import TransactionId
+from twopc_common.isolation import Isolation
 from twopc_common.log import EventLogger
 from twopc_common.ports import Clock, Random
 from twopc_common.values import Statement, StatementResult
@@ -111,6 +112,8 @@ class Tx:
     """The transaction that runs this one's work again after it lost a deadlock."""
     key: str | None = None
     request_hash: str | None = None
+    isolation: Isolation = Isolation.READ_COMMITTED
+    """Every branch runs at this level (the agents apply it)."""
     owner: str | None = None
     """The client identity that began it; logged with each of its records."""
     busy: int = 0

@@ -37,6 +37,7 @@ from coordinator.deadlock import Wait
 from coordinator.protocol import Ballot, Vote
 from twopc_common.errors import Unavailable
 from twopc_common.grpc_errors import error_for
+from twopc_common.isolation import Isolation, isolation_to_pb
 from twopc_common.limits import Limits
 from twopc_common.log import EventLogger
 from twopc_common.tls import ReloadingChannel, TlsConfig
@@ -245,7 +246,11 @@ class ParticipantClient:
             return Unavailable(
                 f"participant {self.name}: {self.unreachable or exc.details() or exc.code().name}"
             )
-        return error_for(exc.code(), f"participant {self.name}: {exc.details() or exc.code().name}")
+        return error_for(
+            exc.code(),
+            f"participant {self.name}: {exc.details() or exc.code().name}",
+            exc.trailing_metadata(),
+        )
 
     def _as_error(self, exc: Exception) -> Exception:
         """A failed call, as the error of each decision it carried (retried by phase 2)."""
@@ -273,12 +278,14 @@ class ParticipantClient:
         one_phase: bool,
         timeout: float,
         incarnation: str = "",
+        isolation: Isolation = Isolation.READ_COMMITTED,
     ) -> PrepareReply:
         request = pb.PrepareRequest(
             transaction_id=txid,
             statements=[statement_to_pb(s) for s in statements],
             one_phase=one_phase,
             incarnation=incarnation,
+            isolation=isolation_to_pb(isolation),
         )
         self._watch()
         try:
@@ -301,10 +308,16 @@ class ParticipantClient:
         if vote is None:
             return PrepareReply(Ballot(Vote.NO, f"unknown vote {reply.vote}"))
         reason = f"{reply.reason}" if reply.reason else ""
-        return PrepareReply(Ballot(vote, reason), tuple(result_from_pb(r) for r in reply.results))
+        return PrepareReply(
+            Ballot(vote, reason, reply.sqlstate), tuple(result_from_pb(r) for r in reply.results)
+        )
 
     async def execute(
-        self, txid: str, statements: Sequence[Statement], incarnation: str
+        self,
+        txid: str,
+        statements: Sequence[Statement],
+        incarnation: str,
+        isolation: Isolation = Isolation.READ_COMMITTED,
     ) -> tuple[list[StatementResult], str]:
         """Run statements in the branch (opened if `incarnation` is empty); returns the
         results and the incarnation of the agent that ran them."""
@@ -313,6 +326,7 @@ class ParticipantClient:
             transaction_id=txid,
             statements=[statement_to_pb(s) for s in statements],
             incarnation=incarnation,
+            isolation=isolation_to_pb(isolation),
         )
         try:
             reply = await self._stub.Execute(

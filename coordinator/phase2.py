@@ -109,6 +109,7 @@ class Phase2(Part):
             successor = tx.successor = self.memory.new_tx()
             successor.retries_left = tx.retries_left - 1
             successor.key, successor.request_hash = tx.key, tx.request_hash
+            successor.isolation = tx.isolation
             successor.owner = tx.owner
             if tx.key is not None:
                 self.memory.keys[tx.key] = successor

@@ -27,6 +27,7 @@ from typing import Protocol
 from coordinator.deadlock import Wait
 from coordinator.participants import HeuristicDecision, InDoubtList, PrepareReply
 from coordinator.protocol import Ballot
+from twopc_common.isolation import Isolation
 from twopc_common.values import Statement, StatementResult
 
 
@@ -54,10 +55,15 @@ class ParticipantTransport(Protocol):
         one_phase: bool,
         timeout: float,
         incarnation: str = "",
+        isolation: Isolation = Isolation.READ_COMMITTED,
     ) -> PrepareReply: ...
 
     async def execute(
-        self, txid: str, statements: Sequence[Statement], incarnation: str
+        self,
+        txid: str,
+        statements: Sequence[Statement],
+        incarnation: str,
+        isolation: Isolation = Isolation.READ_COMMITTED,
     ) -> tuple[list[StatementResult], str]: ...
 
     async def finish(self, txid: str, commit: bool) -> bool: ...

@@ -132,6 +132,22 @@ class AbortCause(enum.Enum):
     IDLE_TIMEOUT = "idle_timeout"
     LIFETIME_EXCEEDED = "lifetime_exceeded"
     DEADLOCK = "deadlock"
+    SERIALIZATION_FAILURE = "serialization_failure"
+    LOCK_TIMEOUT = "lock_timeout"
+
+
+# PostgreSQL errors that say a branch lost a conflict rather than that its work is
+# wrong: the transaction's cause names the conflict (and clients may retry it).
+_CAUSE_OF_SQLSTATE = {
+    "40001": AbortCause.SERIALIZATION_FAILURE,  # serialization_failure
+    "40P01": AbortCause.DEADLOCK,  # deadlock_detected, on one shard
+    "55P03": AbortCause.LOCK_TIMEOUT,  # lock_not_available (lock_timeout)
+}
+
+
+def cause_of_failure(sqlstate: str, otherwise: AbortCause) -> AbortCause:
+    """Why a branch failed, from the SQLSTATE of the PostgreSQL error that failed it."""
+    return _CAUSE_OF_SQLSTATE.get(sqlstate, otherwise)
 
 
 _CAUSE_OF_MISSING_VOTE = {
@@ -145,6 +161,8 @@ _CAUSE_OF_MISSING_VOTE = {
 class Ballot:
     vote: Vote
     reason: str = ""
+    sqlstate: str = ""
+    """For a NO caused by a PostgreSQL error: its SQLSTATE."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,8 +217,15 @@ def decide(
     if interrupted is not None:
         cause, culprit, reason = interrupted
         return Decision(False, phase2, cause, culprit, reason)
+    # A NO whose work failed outweighs one that lost a conflict (a serialization
+    # failure, a deadlock): running the same work again would fail again, so the
+    # transaction must not look retryable.
+    no.sort(key=lambda p: votes[p].sqlstate in _CAUSE_OF_SQLSTATE)
     culprit = (no or missing)[0]
-    cause = AbortCause.VOTE_NO if no else _CAUSE_OF_MISSING_VOTE[votes[culprit].vote]
+    if no:
+        cause = cause_of_failure(votes[culprit].sqlstate, AbortCause.VOTE_NO)
+    else:
+        cause = _CAUSE_OF_MISSING_VOTE[votes[culprit].vote]
     return Decision(False, phase2, cause, culprit, votes[culprit].reason)
 
 

@@ -25,6 +25,7 @@ from coordinator.protocol import AbortCause, TxEvent, TxState, transition
 from coordinator.voting import Voting
 from twopc_common import failpoints
 from twopc_common.errors import AlreadyExists, InvalidArgument, ResourceExhausted, Unavailable
+from twopc_common.isolation import Isolation
 from twopc_common.values import Statement
 
 
@@ -45,6 +46,7 @@ class Runner(Part):
         request_hash: str | None = None,
         wait: bool = False,
         owner: str | None = None,
+        isolation: Isolation = Isolation.READ_COMMITTED,
     ) -> Outcome:
         self.memory.check_branches(branches)
         self.admit()
@@ -87,7 +89,11 @@ class Runner(Part):
                 self.counters["idempotent_replays"] += 1
                 return outcome
         work = {p: tuple(s) for p, s in branches}
-        tx.retries_left = self.config.deadlock_retries
+        tx.isolation = isolation
+        # Only a two-phase victim is run again here: a one-phase branch's intent is
+        # logged under its key before it runs, and PostgreSQL's own deadlock victim
+        # (40P01) on a single shard is the client's to retry.
+        tx.retries_left = self.config.deadlock_retries if len(work) > 1 else 0
         outcome = await self.finish(tx, work, wait)
         while tx.successor is not None:
             # A deadlock victim: its work is all here, so run it again as a new

@@ -17,7 +17,9 @@ from coordinator.engine import Coordinator, Outcome, TransactionInfo
 from coordinator.protocol import AbortCause, Reported, TxState
 from twopc_common import failpoints
 from twopc_common.auth import caller
+from twopc_common.errors import Aborted
 from twopc_common.grpc_errors import Context, translate_errors
+from twopc_common.isolation import Isolation, isolation_from_pb
 from twopc_common.statements import StatementPolicy
 from twopc_common.values import results_to_pb, statements_from_pb
 from twopc_pb import coordinator_pb2 as pb
@@ -36,6 +38,8 @@ _CAUSES = {
     AbortCause.IDLE_TIMEOUT: pb.TRANSACTION_TIMEOUT,
     AbortCause.LIFETIME_EXCEEDED: pb.TRANSACTION_TIMEOUT,
     AbortCause.DEADLOCK: pb.DEADLOCK,
+    AbortCause.SERIALIZATION_FAILURE: pb.SERIALIZATION_FAILURE,
+    AbortCause.LOCK_TIMEOUT: pb.LOCK_TIMEOUT,
 }
 _OUTCOMES = {
     Reported.COMMITTED: pb.COMMITTED,
@@ -105,18 +109,28 @@ class CoordinatorService(cgrpc.CoordinatorServicer):
         ]
         for participant, statements in branches:
             self._policy.check(statements, f"branch {participant!r}")
+        isolation = isolation_from_pb(request.isolation)
         who = caller()
         may_touch(self._engine.config, who, (p for p, _ in branches))
         key = scoped_key(who, request.idempotency_key) if request.idempotency_key else None
         request_hash = None
         if key is not None:
+            # The same work at another level is another request. READ COMMITTED hashes
+            # as the field left out, as requests from before the field existed did.
             canonical = pb.RunRequest(branches=request.branches)
+            if isolation is not Isolation.READ_COMMITTED:
+                canonical.isolation = request.isolation
             request_hash = hashlib.sha256(
                 canonical.SerializeToString(deterministic=True)
             ).hexdigest()
         outcome = await _shielded(
             self._engine.run(
-                branches, key, request_hash, request.wait_for_completion, owner_name(who)
+                branches,
+                key,
+                request_hash,
+                request.wait_for_completion,
+                owner_name(who),
+                isolation,
             )
         )
         self._owners.claim(outcome.transaction_id, who)
@@ -125,7 +139,7 @@ class CoordinatorService(cgrpc.CoordinatorServicer):
     @translate_errors
     async def Begin(self, request: pb.BeginRequest, context: Context) -> pb.BeginResponse:
         who = caller()
-        transaction_id = self._engine.begin(owner_name(who))
+        transaction_id = self._engine.begin(owner_name(who), isolation_from_pb(request.isolation))
         self._owners.claim(transaction_id, who)
         return pb.BeginResponse(transaction_id=transaction_id)
 
@@ -135,9 +149,14 @@ class CoordinatorService(cgrpc.CoordinatorServicer):
         may_touch(self._engine.config, caller(), (request.participant,))
         statements = statements_from_pb(request.statements, self._limits, "Execute")
         self._policy.check(statements, "Execute")
-        results = await _shielded(
-            self._engine.execute(request.transaction_id, request.participant, statements)
-        )
+        try:
+            results = await _shielded(
+                self._engine.execute(request.transaction_id, request.participant, statements)
+            )
+        except Aborted as exc:
+            # The cause by its name in the protocol, for the client library.
+            cause = pb.AbortCause.Name(_CAUSES[AbortCause(exc.cause)]) if exc.cause else ""
+            raise Aborted(str(exc), cause=cause) from exc
         return pb.ExecuteResponse(results=results_to_pb(results))
 
     @translate_errors

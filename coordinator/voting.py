@@ -27,6 +27,7 @@ from coordinator.protocol import (
     Vote,
     abort_cause,
     bound_results,
+    cause_of_failure,
     decide,
     one_phase_committed,
     transition,
@@ -120,7 +121,9 @@ class Voting(Part):
         timeout = self.config.prepare_timeout
         calls = {
             asyncio.create_task(
-                self.clients[p].prepare(tx.id, work[p], False, timeout, tx.incarnations.get(p, ""))
+                self.clients[p].prepare(
+                    tx.id, work[p], False, timeout, tx.incarnations.get(p, ""), tx.isolation
+                )
             ): p
             for p in work
         }
@@ -176,6 +179,7 @@ class Voting(Part):
                 True,
                 self.config.prepare_timeout,
                 tx.incarnations.get(participant, ""),
+                tx.isolation,
             )
         except Exception as exc:  # it was sent: it may have committed
             reply = PrepareReply(Ballot(Vote.LOST, f"coordinator error: {exc!r}"))
@@ -188,7 +192,7 @@ class Voting(Part):
         committed = one_phase_committed(ballot.vote)
         if committed is None:
             committed = await self.phase2.fence_one_phase(tx, participant)
-        cause = abort_cause(ballot.vote)
+        cause = cause_of_failure(ballot.sqlstate, abort_cause(ballot.vote))
         outcome = (
             Outcome(tx.id, True, results=results, one_phase=True)
             if committed

@@ -29,7 +29,7 @@ from twopc_common.cli import (
     dsn,
     listen_address,
     log_level,
-    named_addresses,
+    named_address_lists,
     non_negative,
     positive,
     run_daemon,
@@ -61,7 +61,8 @@ async def serve(config: ParticipantConfig) -> None:
         "starting",
         database=describe_dsn(config.dsn),
         listen=config.listen,
-        coordinators=",".join(f"{n}={a}" for n, a in config.coordinators.items()) or "none",
+        coordinators=" ".join(f"{n}={','.join(a)}" for n, a in config.coordinators.items())
+        or "none",
     )
     if not config.coordinators:
         agent.log.warning(
@@ -162,9 +163,10 @@ def parser() -> argparse.ArgumentParser:
         "--coordinator",
         action="append",
         default=[],
-        metavar="NAME=HOST:PORT",
-        help="a coordinator (its --id and address) to ask about in-doubt branches; "
-        "without one, in-doubt branches wait for an operator (repeatable)",
+        metavar="NAME=HOST:PORT[,HOST:PORT...]",
+        help="a coordinator (its --id and the addresses of its processes: the active one "
+        "and its standbys) to ask about in-doubt branches; without one, in-doubt branches "
+        "wait for an operator (repeatable)",
     )
     p.add_argument(
         "--pool-min-size",
@@ -246,7 +248,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[ParticipantConfig, LogSet
             dsn=inline_dsn(a.dsn, a.dsn_file),
             dsn_file=a.dsn_file,
             listen=a.listen,
-            coordinators=named_addresses(a.coordinator, "--coordinator"),
+            coordinators=named_address_lists(a.coordinator, "--coordinator"),
             pool_min_size=a.pool_min_size,
             pool_max_size=a.pool_max_size,
             interactive_reserve=a.interactive_reserve,

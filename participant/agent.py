@@ -9,6 +9,9 @@ Guarantees:
   every start, that its Execute replies carry; an Execute or Prepare that names the
   incarnation (and so a branch opened earlier) fails unless this incarnation still
   holds that branch. A restart rolls open branches back, and the transaction aborts;
+- a branch runs at one isolation level, applied before its first statement; a later
+  Execute or Prepare naming another level is refused (InvalidArgument) and changes
+  nothing;
 - a YES vote is only given for a branch PostgreSQL confirmed as prepared;
 - once prepared, the branch is only finished by Commit or Abort (or by recovery
   asking the coordinator), never by a timer.
@@ -40,6 +43,7 @@ from twopc_common.errors import (
     Unavailable,
 )
 from twopc_common.ids import FORMAT_ID, TransactionId
+from twopc_common.isolation import Isolation
 from twopc_common.log import EventLogger
 from twopc_common.ports import SYSTEM_CLOCK, Clock, Random, system_random
 from twopc_common.values import Statement, StatementResult
@@ -86,6 +90,7 @@ class _Branch:
     abort_reason: str = ""
     interactive: bool = False
     """Opened by Execute: it may hold its connection between calls."""
+    isolation: Isolation = Isolation.READ_COMMITTED
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,10 +158,17 @@ class Agent:
         while len(self._finished) > self.config.tombstones:
             self._finished.popitem(last=False)
 
-    def _open(self, txid: str, incarnation: str = "", interactive: bool = False) -> _Branch:
+    def _open(
+        self,
+        txid: str,
+        incarnation: str = "",
+        interactive: bool = False,
+        isolation: Isolation = Isolation.READ_COMMITTED,
+    ) -> _Branch:
         """The live branch of txid, opened if new and `incarnation` is empty; with an
         incarnation, only the branch this incarnation opened then (BranchLost if it
-        is gone). No await: atomic in the event loop."""
+        is gone). InvalidArgument if the branch runs at another isolation level. No
+        await: atomic in the event loop."""
         TransactionId.parse(txid)
         if incarnation and incarnation != self.incarnation:
             raise BranchLost(
@@ -165,6 +177,11 @@ class Agent:
             )
         branch = self._branches.get(txid)
         if branch is not None:
+            if branch.isolation is not isolation:
+                raise InvalidArgument(
+                    f"the branch of {txid} runs at isolation level {branch.isolation.value}, "
+                    f"not {isolation.value}: a transaction has one level for all its work"
+                )
             return branch
         gone = self._finished.get(txid)
         if gone is not None:
@@ -186,14 +203,14 @@ class Agent:
                     "finish some transactions first"
                 )
         branch = self._branches[txid] = _Branch(
-            txid, last_used=self.clock.monotonic(), interactive=interactive
+            txid, last_used=self.clock.monotonic(), interactive=interactive, isolation=isolation
         )
         self.counters["branches_opened"] += 1
         return branch
 
     async def _connection(self, branch: _Branch) -> BranchConn:
         if branch.conn is None:
-            branch.conn = await self.store.connect_branch()
+            branch.conn = await self.store.connect_branch(branch.isolation)
         return branch.conn
 
     async def _close(self, branch: _Branch, state: BranchState, reason: str = "") -> None:
@@ -221,14 +238,18 @@ class Agent:
     # -- the protocol ---------------------------------------------------------------
 
     async def execute(
-        self, txid: str, statements: Sequence[Statement], incarnation: str = ""
+        self,
+        txid: str,
+        statements: Sequence[Statement],
+        incarnation: str = "",
+        isolation: Isolation = Isolation.READ_COMMITTED,
     ) -> list[StatementResult]:
         if not statements:
             raise InvalidArgument("Execute needs at least one statement")
         if not incarnation:
             await self.epochs.admit(TransactionId.parse(txid))
         try:
-            branch = self._open(txid, incarnation, interactive=True)
+            branch = self._open(txid, incarnation, interactive=True, isolation=isolation)
         except BranchLost as exc:
             raise Aborted(str(exc)) from exc
         async with branch.lock:
@@ -242,12 +263,19 @@ class Agent:
             except BranchFailed as exc:
                 await self._close(branch, BranchState.ABORTED, exc.reason)
                 self.log.info("branch_failed", txid=txid, reason=exc.reason)
-                raise Aborted(f"branch on {self.config.id} failed: {exc.reason}") from exc
+                raise Aborted(
+                    f"branch on {self.config.id} failed: {exc.reason}", sqlstate=exc.sqlstate
+                ) from exc
             branch.last_used = self.clock.monotonic()
             return results
 
     async def prepare(
-        self, txid: str, statements: Sequence[Statement], one_phase: bool, incarnation: str = ""
+        self,
+        txid: str,
+        statements: Sequence[Statement],
+        one_phase: bool,
+        incarnation: str = "",
+        isolation: Isolation = Isolation.READ_COMMITTED,
     ) -> VoteResult:
         if not incarnation:
             try:
@@ -257,7 +285,7 @@ class Agent:
                 self.log.warning("vote", txid=txid, vote="no", reason=str(exc))
                 return VoteResult(Vote.NO, str(exc))
         try:
-            branch = self._open(txid, incarnation)
+            branch = self._open(txid, incarnation, isolation=isolation)
         except BranchLost as exc:
             self.counters["votes_no_branch_lost"] += 1
             self.log.info("vote", txid=txid, vote="no", reason=str(exc))

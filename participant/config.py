@@ -23,8 +23,9 @@ class ParticipantConfig:
     """File the DSN is read from at start (it may carry the password)."""
     listen: str = "127.0.0.1:7001"
     """HOST:PORT the gRPC server binds."""
-    coordinators: dict[str, str] = field(default_factory=dict)
-    """Coordinator id -> HOST:PORT, asked for the outcome of in-doubt branches."""
+    coordinators: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    """Coordinator id -> the HOST:PORTs of its processes (the active one and its
+    standbys, in the order to try), asked for the outcome of in-doubt branches."""
     pool_min_size: int = 2
     """Connections the pool keeps open."""
     pool_max_size: int = 20
@@ -99,8 +100,11 @@ class ParticipantConfig:
         # surface as a traceback from psycopg or grpc, or not at all (a nan timeout).
         settings.dsn("dsn", self.dsn)
         settings.host_port("listen", self.listen)
-        for name, address in self.coordinators.items():
-            settings.host_port(f"coordinator {name}", address)
+        for name, addresses in self.coordinators.items():
+            if not addresses:
+                raise InvalidArgument(f"coordinator {name}: give at least one HOST:PORT")
+            for address in addresses:
+                settings.host_port(f"coordinator {name}", address)
         settings.count("pool_min_size", self.pool_min_size)
         settings.count("pool_max_size", self.pool_max_size)
         if self.pool_min_size > self.pool_max_size:

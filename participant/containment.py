@@ -10,7 +10,10 @@ Guarantees, given the documented roles (README "Database roles"):
   the agent's own marker insert and PREPARE run as the agent's role again;
 - every branch starts from the settings the protocol relies on (lock_timeout,
   statement_timeout, role), set for that transaction in the same round trip as its
-  first statements, whatever a previous branch left on the pooled connection;
+  first statements, whatever a previous branch left on the pooled connection; a
+  branch whose statements come with its PREPARE (or one-phase COMMIT) gets them in
+  the same statement as its marker (and switches back to the agent's role only
+  before PREPARE, which must run as the agent's role);
 - a connection whose branch ran statements that may change session state (anything
   calling a function, DDL, CALL, DO) is reset to its connection defaults before the
   pool hands it out again.
@@ -21,6 +24,7 @@ Guarantees, given the documented roles (README "Database roles"):
 from __future__ import annotations
 
 import psycopg
+from psycopg import sql
 
 from twopc_common import ids
 from twopc_common.errors import TwoPCError
@@ -33,12 +37,34 @@ RESET_SESSION = (
     "SELECT pg_advisory_unlock_all(); DISCARD TEMP; DISCARD SEQUENCES"
 )
 
-# The first statement of every branch, sent with its first statements.
-BRANCH_SETUP = (
-    "SELECT set_config('lock_timeout', %s, true), set_config('statement_timeout', %s, true), "
-    "set_config('role', %s, true)"
-)
-# Before the marker insert and PREPARE: back to the agent's own role.
+
+def branch_setup(lock_timeout: str, statement_timeout: str, role: str) -> str:
+    """The first statement of every branch, sent with its first statements: the
+    settings the protocol relies on, for this transaction. Constants (the agent's
+    configuration), so nothing is adapted per branch."""
+    settings = {"lock_timeout": lock_timeout, "statement_timeout": statement_timeout, "role": role}
+    calls = ", ".join(
+        f"set_config({sql.Literal(name).as_string()}, {sql.Literal(value).as_string()}, true)"
+        for name, value in settings.items()
+    )
+    return f"SELECT {calls}"
+
+
+def marked_branch_setup(setup: str, marker_table: str) -> str:
+    """`setup` and the branch's marker (parameters: gid, transaction id) in one
+    statement, for a branch whose statements arrive with its PREPARE or one-phase
+    COMMIT. The marker goes first, as the agent's role: PostgreSQL checks the INSERT's
+    privileges when the statement starts, before the WITH query switches to the branch
+    role, which can then neither see nor change it. This saves the setup statement
+    (and, before a one-phase COMMIT, the switch back to the agent's role)."""
+    return (
+        f"WITH setup AS ({setup}) "
+        f"INSERT INTO {marker_table} (gid, transaction_id) SELECT %s, %s FROM setup"
+    )
+
+
+# Before PREPARE (a prepared transaction belongs to the role that prepared it) and
+# before a marker written at the end: back to the agent's role.
 AGENT_ROLE_AGAIN = "SELECT set_config('role', 'none', true)"
 
 

@@ -44,7 +44,7 @@ from psycopg_pool import PoolTimeout
 
 from participant.store import AsyncConn, Store
 from twopc_common import ids
-from twopc_common.cli import named_addresses
+from twopc_common.cli import named_address_lists
 from twopc_common.errors import TwoPCError, Unavailable
 from twopc_common.tls import TlsConfig, add_tls_flags, channel, client_tls
 from twopc_pb import coordinator_pb2 as cpb
@@ -167,7 +167,7 @@ def resolve(
     commit: bool,
     reason: str,
     operator: str,
-    coordinators: dict[str, str],
+    coordinators: dict[str, tuple[str, ...]],
     participant: str | None,
     timeout: float,
     tls: TlsConfig,
@@ -177,16 +177,21 @@ def resolve(
     if not reason.strip():
         raise Refused("--reason must say why")
     coordinator = ids.TransactionId.parse(transaction_id).coordinator
-    address = coordinators.get(coordinator)
-    if address is None:
+    addresses = coordinators.get(coordinator)
+    if not addresses:
         raise Refused(
             f"{transaction_id} belongs to coordinator {coordinator}: give its (last known) "
-            f"address with --coordinator {coordinator}=HOST:PORT, so that resolve can check "
-            "that it is really gone"
+            f"addresses with --coordinator {coordinator}=HOST:PORT[,HOST:PORT...], so that "
+            "resolve can check that it is really gone"
         )
     with psycopg.connect(dsn, autocommit=True) as conn:
         xid = _find_branch(conn, transaction_id, participant)
-        check = check_coordinator(address, transaction_id, timeout, tls, coordinator)
+        # Every process of the coordinator (an active one and its standbys) must be gone:
+        # any of them that answers refuses the decision.
+        check = "; ".join(
+            check_coordinator(address, transaction_id, timeout, tls, coordinator)
+            for address in addresses
+        )
         conn.execute(_CREATE_AUDIT)
         row = conn.execute(
             f"INSERT INTO {AUDIT_TABLE} (gid, transaction_id, coordinator_id, participant_id, "
@@ -281,8 +286,9 @@ def main(argv: list[str]) -> None:
         "--coordinator",
         action="append",
         default=[],
-        metavar="NAME=HOST:PORT",
-        help="the owning coordinator's (last known) address, checked to be unreachable",
+        metavar="NAME=HOST:PORT[,HOST:PORT...]",
+        help="the owning coordinator's (last known) addresses, its standbys' included: "
+        "every one is checked to be unreachable",
     )
     p.add_argument("--id", default=None, help="participant id, if the database hosts several")
     p.add_argument(
@@ -296,7 +302,7 @@ def main(argv: list[str]) -> None:
     add_tls_flags(p, daemon=False)
     a = p.parse_args(argv)
     try:
-        coordinators = named_addresses(a.coordinator, "--coordinator")
+        coordinators = named_address_lists(a.coordinator, "--coordinator")
         tls = client_tls(a)
         print(
             resolve(

@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from typing import Protocol, TypeVar
 
 from participant.store import LockWait, PreparedScan
+from twopc_common.isolation import Isolation
 from twopc_common.values import Statement, StatementResult
 
 
@@ -51,7 +52,7 @@ Conn = TypeVar("Conn", bound=BranchConn)
 
 
 class AgentStore(Protocol[Conn]):
-    async def connect_branch(self) -> Conn: ...
+    async def connect_branch(self, isolation: Isolation) -> Conn: ...
 
     async def release(self, conn: Conn) -> None: ...
 

@@ -23,32 +23,49 @@ from participant.config import ParticipantConfig
 from participant.ports import Coordinators, CoordinatorUnreachable
 from participant.store import ForeignPrepared
 from twopc_common.errors import TwoPCError
+from twopc_common.grpc_errors import active_hint
 from twopc_common.ids import TransactionId
 from twopc_common.log import EventLogger, RateLimit
 from twopc_common.tls import ReloadingChannel
 from twopc_pb import coordinator_pb2 as cpb
 from twopc_pb import coordinator_pb2_grpc as cgrpc
 
+_TRY_ANOTHER = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+"""Failures after which another process of the same coordinator id is asked."""
+
 
 class GrpcCoordinators:
-    """The coordinators' GetTransaction over gRPC (the daemon's `Coordinators` port)."""
+    """The coordinators' GetTransaction over gRPC (the daemon's `Coordinators` port).
+
+    A coordinator id may have several processes (an active one and its standbys,
+    `--coordinator NAME=HOST:PORT,HOST:PORT`). A question goes first to the process
+    that answered last; a standby's refusal names the active, which is asked next;
+    an unreachable process passes the question to the next address. Only an answer
+    from the active process (whose epoch is current) is taken: a standby never says
+    "unknown" for a transaction it cannot see."""
 
     def __init__(self, config: ParticipantConfig, log: EventLogger) -> None:
         self._config = config
         self._log = log
-        self._channels: dict[str, ReloadingChannel] = {}
+        self._channels: dict[tuple[str, str], ReloadingChannel] = {}
+        self._answered: dict[str, str] = {}
+        """Coordinator id -> the address whose process answered last."""
 
     def knows(self, coordinator_id: str) -> bool:
         return coordinator_id in self._config.coordinators
 
     def address(self, coordinator_id: str) -> str:
-        return self._config.coordinators[coordinator_id]
+        return ",".join(self._config.coordinators[coordinator_id])
 
-    def _stub(self, coordinator_id: str) -> cgrpc.CoordinatorStub:
-        if coordinator_id not in self._channels:
-            address = self._config.coordinators[coordinator_id]
+    def answered(self, coordinator_id: str) -> str | None:
+        """The address whose process answered last (the active one, as far as known)."""
+        return self._answered.get(coordinator_id)
+
+    def _stub(self, coordinator_id: str, address: str) -> cgrpc.CoordinatorStub:
+        key = (coordinator_id, address)
+        if key not in self._channels:
             # Authenticates as this agent; the coordinator must prove it is coordinator_id.
-            self._channels[coordinator_id] = ReloadingChannel(
+            self._channels[key] = ReloadingChannel(
                 address,
                 self._config.tls,
                 server_name=coordinator_id,
@@ -57,26 +74,49 @@ class GrpcCoordinators:
                 log=self._log,
             )
         # A stub is only a wrapper: one per call follows a replaced channel.
-        return cgrpc.CoordinatorStub(self._channels[coordinator_id].current())
+        return cgrpc.CoordinatorStub(self._channels[key].current())
 
     def reload_tls(self) -> list[str]:
         """SIGHUP: the channels check the TLS files now; the coordinators whose channel
         was replaced."""
-        return [name for name, channel in self._channels.items() if channel.reload()]
+        return sorted({name for (name, _), ch in self._channels.items() if ch.reload()})
+
+    def _order(self, coordinator_id: str) -> list[str]:
+        addresses = list(self._config.coordinators[coordinator_id])
+        last = self._answered.get(coordinator_id)
+        if last in addresses:
+            addresses.remove(last)
+            addresses.insert(0, last)
+        return addresses
 
     async def outcome(self, coordinator_id: str, transaction_id: str) -> bool | None:
-        try:
-            status = await self._stub(coordinator_id).GetTransaction(
-                cpb.GetTransactionRequest(transaction_id=transaction_id),
-                timeout=self._config.coordinator_rpc_timeout,
-            )
-        except grpc.aio.AioRpcError as exc:
-            raise CoordinatorUnreachable(exc.code().name) from exc
-        if status.outcome == cpb.COMMITTED:
-            return True
-        if status.outcome in (cpb.ABORTED, cpb.UNKNOWN):
-            return False
-        return None
+        to_ask, asked = self._order(coordinator_id), set()
+        failure = ""
+        while to_ask:
+            address = to_ask.pop(0)
+            if address in asked:
+                continue
+            asked.add(address)
+            try:
+                status = await self._stub(coordinator_id, address).GetTransaction(
+                    cpb.GetTransactionRequest(transaction_id=transaction_id),
+                    timeout=self._config.coordinator_rpc_timeout,
+                )
+            except grpc.aio.AioRpcError as exc:
+                failure = exc.code().name
+                if exc.code() not in _TRY_ANOTHER:
+                    break
+                active = active_hint(exc)
+                if active:  # a standby: the active process is there
+                    to_ask.insert(0, active)
+                continue
+            self._answered[coordinator_id] = address
+            if status.outcome == cpb.COMMITTED:
+                return True
+            if status.outcome in (cpb.ABORTED, cpb.UNKNOWN):
+                return False
+            return None
+        raise CoordinatorUnreachable(failure)
 
     async def close(self) -> None:
         for channel in self._channels.values():

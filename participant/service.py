@@ -21,6 +21,7 @@ from participant.store import Store
 from twopc_common import failpoints
 from twopc_common.errors import InvalidArgument
 from twopc_common.grpc_errors import Context, status_for, translate_errors
+from twopc_common.isolation import isolation_from_pb
 from twopc_common.statements import StatementPolicy
 from twopc_common.values import results_to_pb, statements_from_pb
 from twopc_pb import participant_pb2 as pb
@@ -62,8 +63,9 @@ class ParticipantService(pgrpc.ParticipantServicer):
     ) -> pb.BranchExecuteResponse:
         statements = statements_from_pb(request.statements, self._limits, "Execute")
         self._policy.check(statements, "Execute")
+        isolation = isolation_from_pb(request.isolation)
         results = await _shielded(
-            self._agent.execute(request.transaction_id, statements, request.incarnation)
+            self._agent.execute(request.transaction_id, statements, request.incarnation, isolation)
         )
         return pb.BranchExecuteResponse(
             results=results_to_pb(results), incarnation=self._agent.incarnation
@@ -73,9 +75,14 @@ class ParticipantService(pgrpc.ParticipantServicer):
     async def Prepare(self, request: pb.PrepareRequest, context: Context) -> pb.PrepareResponse:
         statements = statements_from_pb(request.statements, self._limits, "Prepare")
         self._policy.check(statements, "Prepare")
+        isolation = isolation_from_pb(request.isolation)
         vote = await _shielded(
             self._agent.prepare(
-                request.transaction_id, statements, request.one_phase, request.incarnation
+                request.transaction_id,
+                statements,
+                request.one_phase,
+                request.incarnation,
+                isolation,
             )
         )
         return pb.PrepareResponse(

@@ -31,7 +31,8 @@ from participant import containment
 from participant.config import ParticipantConfig
 from twopc_common import ids, settings
 from twopc_common.errors import FailedPrecondition, TwoPCError, Unavailable
-from twopc_common.statements import AGENT_SCHEMA, LEGACY_TABLES, session_safe
+from twopc_common.isolation import Isolation
+from twopc_common.statements import AGENT_SCHEMA, LEGACY_TABLES, session_safe, writes
 from twopc_common.values import RESULT_OVERHEAD_BYTES, Statement, StatementResult, row_bytes
 
 MARKER_TABLE = f"{AGENT_SCHEMA}.branch_marker"
@@ -217,14 +218,13 @@ class Store:
         # Connections whose branch may have changed session state (see
         # participant.containment); reset before the pool hands them out again.
         self._dirty: weakref.WeakSet[AsyncConn] = weakref.WeakSet()
-        self._branch_setup = (
-            containment.BRANCH_SETUP,
-            (
-                f"{_ms(config.lock_timeout)}ms",
-                f"{_ms(config.statement_timeout)}ms",
-                config.branch_role or "none",
-            ),
+        setup = containment.branch_setup(
+            f"{_ms(config.lock_timeout)}ms",
+            f"{_ms(config.statement_timeout)}ms",
+            config.branch_role or "none",
         )
+        self._branch_setup: tuple[Query, tuple[object, ...] | None] = (setup, None)
+        self._marked_setup = containment.marked_branch_setup(setup, MARKER_TABLE)
         self._as_agent: list[tuple[Query, tuple[object, ...] | None]] = (
             [(containment.AGENT_ROLE_AGAIN, None)] if config.branch_role else []
         )
@@ -299,11 +299,16 @@ class Store:
 
     # -- branch work ----------------------------------------------------------------
 
-    async def connect_branch(self) -> AsyncConn:
+    async def connect_branch(self, isolation: Isolation) -> AsyncConn:
+        """A pooled connection whose next transaction begins at `isolation` (psycopg
+        sends BEGIN ISOLATION LEVEL ... with the branch's first statements)."""
         try:
-            return await self.pool.getconn()
+            conn = await self.pool.getconn()
         except Exception as exc:
             raise BranchFailed(f"no database connection: {exc}") from exc
+        if conn.isolation_level is not isolation.psycopg:
+            await conn.set_isolation_level(isolation.psycopg)
+        return conn
 
     async def _reset_session(self, conn: AsyncConn) -> None:
         if conn in self._dirty:
@@ -312,14 +317,20 @@ class Store:
             await conn.commit()
 
     def _head(
-        self, conn: AsyncConn, statements: Sequence[Statement]
+        self,
+        conn: AsyncConn,
+        statements: Sequence[Statement],
+        marker: tuple[str, str] | None = None,
     ) -> list[tuple[Query, tuple[object, ...] | None]]:
-        """What goes before the statements: the branch's settings if it starts now."""
+        """What goes before the statements: the branch's settings if it starts now,
+        with its marker (gid, transaction id) if given."""
         if not session_safe(statements):
             self._dirty.add(conn)
-        if conn.info.transaction_status == TransactionStatus.IDLE:
-            return [self._branch_setup]
-        return []
+        if conn.info.transaction_status != TransactionStatus.IDLE:
+            return []
+        if marker is not None:
+            return [(self._marked_setup, marker)]
+        return [self._branch_setup]
 
     async def release(self, conn: AsyncConn) -> None:
         broken = conn.broken
@@ -372,30 +383,36 @@ class Store:
         in, when the branch is already prepared: it is rolled back with ROLLBACK
         PREPARED (the rare NO pays a round trip, the common YES saves several).
         Returns the results and False if the branch wrote nothing (READ_ONLY: it was
-        committed at once and needs no phase 2)."""
-        if conn.info.transaction_status == TransactionStatus.INERROR:
+        committed at once and needs no phase 2).
+
+        A branch that starts here with a statement meant to write (`statements.writes`:
+        DML, DDL, ...) gets its marker first, in one statement with its settings
+        (`containment.marked_branch_setup`); otherwise the marker comes last, only if
+        the branch wrote (a transaction id is assigned), after the switch back to the
+        agent's role. The first saves a statement per branch; it votes YES (not
+        READ_ONLY) for a branch whose writes happened to change no row."""
+        state = conn.info.transaction_status
+        if state == TransactionStatus.INERROR:
             raise BranchFailed("branch transaction already failed")
         xid = ids.branch_xid(transaction_id, participant_id)
         gid = str(xid)
-        try:
-            cursors, tails = await _settle(
-                conn,
-                _pipelined(
-                    conn,
-                    self._head(conn, statements),
-                    statements,
-                    [
-                        *self._as_agent,
-                        (
-                            f"INSERT INTO {MARKER_TABLE} (gid, transaction_id) SELECT %s, %s "
-                            "WHERE pg_current_xact_id_if_assigned() IS NOT NULL",
-                            (gid, transaction_id),
-                        ),
-                        (sql.SQL("PREPARE TRANSACTION {}").format(gid), None),
-                    ],
-                ),
+        first = state == TransactionStatus.IDLE and writes(statements)
+        # PREPARE runs as the agent's role: a prepared transaction belongs to the
+        # role that prepared it, and only that role (or a superuser) may finish it.
+        tail: list[tuple[Query, tuple[object, ...] | None]] = [*self._as_agent]
+        if not first:
+            tail.append(
+                (
+                    f"INSERT INTO {MARKER_TABLE} (gid, transaction_id) SELECT %s, %s "
+                    "WHERE pg_current_xact_id_if_assigned() IS NOT NULL",
+                    (gid, transaction_id),
+                )
             )
-            marker, prepared = tails[-2:]
+        tail.append((sql.SQL("PREPARE TRANSACTION {}").format(gid), None))
+        head = self._head(conn, statements, (gid, transaction_id) if first else None)
+        try:
+            cursors, tails = await _settle(conn, _pipelined(conn, head, statements, tail))
+            prepared = tails[-1]
             if prepared.statusmessage != "PREPARE TRANSACTION":
                 raise BranchFailed(
                     f"PREPARE TRANSACTION answered {prepared.statusmessage!r}: "
@@ -406,7 +423,7 @@ class Store:
             except BranchFailed:
                 await _settle(conn, conn.tpc_rollback(xid))
                 raise
-            if marker.rowcount == 0:
+            if not first and tails[-2].rowcount == 0:
                 await _settle(conn, conn.tpc_commit(xid))
                 return results, False
         except psycopg.Error as exc:
@@ -421,23 +438,25 @@ class Store:
         participant_id: str,
     ) -> list[StatementResult]:
         """Run the statements and the marker (so that a later Abort can tell the branch
-        committed) in one round trip, check the expectations, then COMMIT."""
-        if conn.info.transaction_status == TransactionStatus.INERROR:
+        committed) in one round trip, check the expectations, then COMMIT. A branch that
+        starts here gets its marker first, with its settings (as in `prepare`)."""
+        state = conn.info.transaction_status
+        if state == TransactionStatus.INERROR:
             raise BranchFailed("branch transaction already failed")
         gid = str(ids.branch_xid(transaction_id, participant_id))
+        first = state == TransactionStatus.IDLE
+        tail: list[tuple[Query, tuple[object, ...] | None]] = []
+        if not first:
+            tail += [
+                *self._as_agent,
+                (
+                    f"INSERT INTO {MARKER_TABLE} (gid, transaction_id) VALUES (%s, %s)",
+                    (gid, transaction_id),
+                ),
+            ]
+        head = self._head(conn, statements, (gid, transaction_id) if first else None)
         try:
-            cursors, _ = await _pipelined(
-                conn,
-                self._head(conn, statements),
-                statements,
-                [
-                    *self._as_agent,
-                    (
-                        f"INSERT INTO {MARKER_TABLE} (gid, transaction_id) VALUES (%s, %s)",
-                        (gid, transaction_id),
-                    ),
-                ],
-            )
+            cursors, _ = await _pipelined(conn, head, statements, tail)
             results = await _results(statements, cursors, self._config.limits.max_result_bytes)
             await _settle(conn, conn.commit())
         except psycopg.Error as exc:

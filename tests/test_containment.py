@@ -81,6 +81,43 @@ def test_session_settings_leaked_by_a_function_do_not_reach_later_branches(
             assert _one(system, "SHOW search_path") == default_path
 
 
+@pytest.mark.parametrize("shards", [("shard1",), ("shard1", "shard2")], ids=["one", "two"])
+def test_writing_branches_get_the_agents_role_and_settings_and_their_marker(
+    system: LocalSystem, functions: None, shards: tuple[str, ...]
+) -> None:
+    """A branch that writes gets its settings in the statement that writes its marker
+    first (one-phase and two-phase): its statements still run as the branch role with
+    the agent's settings, cannot touch the marker, and the marker is there."""
+    lock_timeout = _one(system, "SHOW lock_timeout")
+    tag = f"contained-{len(shards)}"
+    write = (
+        "INSERT INTO ledger VALUES (%s, 'debit', 1, 1) "
+        "RETURNING current_user, current_setting('lock_timeout')"
+    )
+    with system.client() as client:
+        outcome = client.run(
+            {s: [Statement(write, (f"{tag}-{s}",))] for s in shards}, wait_for_completion=True
+        )
+        assert outcome.committed and outcome.one_phase == (len(shards) == 1)
+        assert outcome.results is not None
+        for shard in shards:
+            assert outcome.results[shard][0].rows == ((BRANCH_ROLE, lock_timeout),)
+        before = _markers(system)
+        # The function exists on shard1; the other shard's branch is a plain write.
+        wipe = Statement("INSERT INTO ledger SELECT %s, 'credit', wipe_markers(), 1", (tag,))
+        other = Statement("INSERT INTO ledger VALUES (%s, 'credit', 1, 1)", (tag,))
+        wiped = client.run({s: [wipe if s == "shard1" else other] for s in shards})
+    assert not wiped.committed and "permission denied" in wiped.abort_reason
+    assert _markers(system) >= before
+    for shard in shards:
+        with system.connect(shard) as conn:
+            row = conn.execute(
+                f"SELECT count(*) FROM {MARKER_TABLE} WHERE transaction_id = %s",
+                (outcome.transaction_id,),
+            ).fetchone()
+        assert row == (1,)
+
+
 def _open_store(cluster: PostgresCluster, **config: str) -> None:
     async def go() -> None:
         store = Store(ParticipantConfig(id="containment", dsn=cluster.dsn, **config))  # type: ignore[arg-type]

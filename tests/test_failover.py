@@ -22,13 +22,18 @@ import pytest
 
 from bank_demo import bank
 from coordinator.client import AsyncCoordinatorClient, CoordinatorClient, Outcome, TransportError
-from coordinator.failover import active_hint
+from participant.config import ParticipantConfig
+from participant.ports import CoordinatorUnreachable
+from participant.recovery import GrpcCoordinators
 from tests.conftest import SystemFactory, dsns, log_url, reset_bank, wait_no_prepared
 from twopc_common.errors import TwoPCError
+from twopc_common.grpc_errors import active_hint
+from twopc_common.log import EventLogger
 from twopc_common.tls import channel
 from twopc_harness.daemons import wait_until
 from twopc_harness.postgres import (
     PostgresCluster,
+    free_port,
     promote,
     start_clusters,
     start_replica,
@@ -82,6 +87,48 @@ def test_a_standby_refuses_with_the_active_address_and_is_not_serving(
     # A standby stops cleanly on SIGTERM while it waits for the lease.
     standby.stop()
     assert standby.process is not None and standby.process.returncode == 0, standby.log_tail()
+
+
+def test_an_agent_asks_whichever_process_of_its_coordinator_is_active(
+    ha_system: LocalSystem,
+) -> None:
+    """Recovery's questions reach the active process however the agent's address list
+    is ordered: a dead address is passed over, a standby's refusal names the active."""
+    active = ha_system.coordinator
+    (standby,) = ha_system.standbys
+    assert active is not None
+    with ha_system.client() as client:
+        outcome = client.run(bank.transfer("agent-asks-1", 1, 2, 5, ha_system.shard_names))
+    assert outcome.committed
+    cid = ha_system.coordinator_id
+    dead = f"127.0.0.1:{free_port()}"
+
+    async def ask(addresses: tuple[str, ...], txid: str) -> tuple[bool | None, str | None]:
+        config = ParticipantConfig(
+            id="shard1",
+            dsn="dbname=unused",
+            coordinators={cid: addresses},
+            tls=ha_system.tls("shard1"),
+            coordinator_rpc_timeout=5.0,
+        )
+        coordinators = GrpcCoordinators(config, EventLogger("participant", "shard1"))
+        try:
+            return await coordinators.outcome(cid, txid), coordinators.answered(cid)
+        finally:
+            await coordinators.close()
+
+    committed = str(outcome.transaction_id)
+    assert asyncio.run(ask((dead, standby.address), committed)) == (True, active.address)
+    with ha_system.client() as client:  # more than the account holds: voted NO
+        refused = client.run(bank.transfer("agent-asks-2", 3, 4, 10**9, ha_system.shard_names))
+    assert not refused.committed
+    aborted = str(refused.transaction_id)
+    assert asyncio.run(ask((standby.address, dead, active.address), aborted)) == (
+        False,
+        active.address,
+    )
+    with pytest.raises(CoordinatorUnreachable):
+        asyncio.run(ask((dead,), committed))
 
 
 def _keyed_load(

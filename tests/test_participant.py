@@ -14,6 +14,7 @@ import pytest
 from participant.config import ParticipantConfig
 from participant.store import MARKER_TABLE, BranchFailed, Store
 from tests.conftest import SystemFactory
+from twopc_common.isolation import Isolation
 from twopc_harness.daemons import wait_until
 from twopc_harness.postgres import free_port, start_clusters, stop_clusters
 from twopc_harness.system import LocalSystem
@@ -72,7 +73,7 @@ def test_prepare_of_a_failed_transaction_is_refused_not_silently_rolled_back(
         store = Store(ParticipantConfig(id="trap", dsn=system.dsn("shard1"), pool_min_size=1))
         await store.open()
         try:
-            conn = await store.connect_branch()
+            conn = await store.connect_branch(Isolation.READ_COMMITTED)
             with pytest.raises(psycopg.errors.DivisionByZero):
                 await conn.execute("SELECT 1 / 0")
             with pytest.raises(BranchFailed, match="already failed"):
@@ -124,7 +125,7 @@ def test_an_abort_fences_a_branch_still_in_flight(system: LocalSystem) -> None:
         store = Store(ParticipantConfig(id="shard1", dsn=system.dsn("shard1"), pool_min_size=1))
         await store.open()
         try:
-            conn = await store.connect_branch()
+            conn = await store.connect_branch(Isolation.READ_COMMITTED)
             await conn.execute("INSERT INTO ledger VALUES ('orphan', 'debit', 1, 1)")
             with pytest.raises(BranchFailed, match="branch_marker_pkey"):
                 await store.commit_one_phase(conn, [], txid, "shard1")

@@ -21,6 +21,7 @@ from tests.sim.log import SimDecisionLog
 from tests.sim.many import failing_seeds
 from tests.sim.trace import digest
 from tests.sim.world import run
+from twopc_common.isolation import Isolation
 
 SEEDS = int(os.environ.get("TWOPC_SIM_SEEDS", "2000"))
 JOBS = min(2, os.cpu_count() or 1)
@@ -85,8 +86,14 @@ def test_the_simulator_catches_an_agent_that_forgets_incarnations(
     the transaction commits on the other shards only. The simulation must notice."""
     opened = Agent._open
 
-    def forgetful(self: Agent, txid: str, incarnation: str = "", interactive: bool = False) -> Any:
-        return opened(self, txid, "", interactive)
+    def forgetful(
+        self: Agent,
+        txid: str,
+        incarnation: str = "",
+        interactive: bool = False,
+        isolation: Isolation = Isolation.READ_COMMITTED,
+    ) -> Any:
+        return opened(self, txid, "", interactive, isolation)
 
     monkeypatch.setattr(Agent, "_open", forgetful)
     caught = [r for r in map(run, range(300)) if r.violations]

@@ -42,6 +42,28 @@ def named_addresses(items: Iterable[str], flag: str) -> dict[str, str]:
     return out
 
 
+def named_address_lists(items: Iterable[str], flag: str) -> dict[str, tuple[str, ...]]:
+    """Parse repeated `NAME=HOST:PORT[,HOST:PORT...]` flags: the processes that serve
+    one name (an active coordinator and its standbys), in the order to try them."""
+    out: dict[str, tuple[str, ...]] = {}
+    for item in items:
+        name, sep, joined = item.partition("=")
+        if not sep:
+            raise argparse.ArgumentTypeError(
+                f"{flag} {item!r}: expected NAME=HOST:PORT[,HOST:PORT...]"
+            )
+        check_name(flag.lstrip("-"), name)
+        addresses = tuple(a.strip() for a in joined.split(","))
+        for address in addresses:
+            settings.host_port(f"{flag} {name}", address)
+        if len(set(addresses)) != len(addresses):
+            raise argparse.ArgumentTypeError(f"{flag} {name}: an address is given twice")
+        if name in out:
+            raise argparse.ArgumentTypeError(f"{flag} {name!r} given twice")
+        out[name] = addresses
+    return out
+
+
 def _argument_type(check: Callable[[str], Any], name: str) -> Callable[[str], Any]:
     """An argparse type from a check that raises InvalidArgument or ValueError."""
 

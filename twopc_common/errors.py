@@ -49,4 +49,12 @@ class Unavailable(TwoPCError):
 
 
 class Aborted(TwoPCError):
-    """The transaction was aborted while serving the request."""
+    """The transaction was aborted while serving the request. `sqlstate`: the
+    PostgreSQL error that failed a branch, if one did (agent to coordinator); `cause`:
+    why the transaction aborted, by its name in the protocol (coordinator to client);
+    both travel as trailing metadata."""
+
+    def __init__(self, message: str, *, sqlstate: str = "", cause: str = "") -> None:
+        super().__init__(message)
+        self.sqlstate = sqlstate
+        self.cause = cause

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, TypeVar
 
 import grpc
@@ -35,6 +35,24 @@ RETRY_AFTER_MS = "retry-after-ms"
 # Trailing metadata of an UNAVAILABLE answer from a standby coordinator: the address of
 # the active process of its id, where the client should go instead.
 ACTIVE_ADDRESS = "twopc-active-address"
+# Trailing metadata of an ABORTED answer (errors.Aborted): the SQLSTATE that failed the
+# branch (agent to coordinator), and the abort cause's name (coordinator to client),
+# so that a serialization failure is recognised without reading message text.
+SQLSTATE = "twopc-sqlstate"
+ABORT_CAUSE = "twopc-abort-cause"
+
+
+def active_hint(exc: grpc.RpcError) -> str | None:
+    """A standby's refusal: the active's address ("" if it does not know); None if
+    `exc` is not a standby's refusal."""
+    if exc.code() != grpc.StatusCode.UNAVAILABLE:
+        return None
+    trailers: Any = exc.trailing_metadata()
+    for key, value in trailers or ():
+        if key == ACTIVE_ADDRESS:
+            return str(value)
+    return None
+
 
 R = TypeVar("R")
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -47,12 +65,32 @@ def status_for(exc: BaseException) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
-def error_for(code: grpc.StatusCode, message: str) -> errors.TwoPCError:
-    """A status received from a peer, as the project error it stands for."""
+def error_for(
+    code: grpc.StatusCode, message: str, trailers: Iterable[tuple[str, Any]] | None = None
+) -> errors.TwoPCError:
+    """A status received from a peer, as the project error it stands for (with what
+    its trailing metadata says about an abort)."""
     cls = _ERRORS.get(code)
     if cls is None:
         return errors.Unavailable(f"{code.name}: {message}")
+    if cls is errors.Aborted:
+        meta = {k: v for k, v in trailers or () if isinstance(v, str)}
+        return errors.Aborted(
+            message, sqlstate=meta.get(SQLSTATE, ""), cause=meta.get(ABORT_CAUSE, "")
+        )
     return cls(message)
+
+
+def _trailers(exc: errors.TwoPCError) -> tuple[tuple[str, str], ...]:
+    if isinstance(exc, errors.ResourceExhausted) and exc.retry_after is not None:
+        return ((RETRY_AFTER_MS, str(max(1, round(exc.retry_after * 1000)))),)
+    if isinstance(exc, errors.Aborted):
+        return tuple(
+            (key, value)
+            for key, value in ((SQLSTATE, exc.sqlstate), (ABORT_CAUSE, exc.cause))
+            if value
+        )
+    return ()
 
 
 def translate_errors(
@@ -63,10 +101,8 @@ def translate_errors(
         try:
             return await method(self, request, context)
         except errors.TwoPCError as exc:
-            if isinstance(exc, errors.ResourceExhausted) and exc.retry_after is not None:
-                context.set_trailing_metadata(
-                    ((RETRY_AFTER_MS, str(max(1, round(exc.retry_after * 1000)))),)
-                )
+            if trailers := _trailers(exc):
+                context.set_trailing_metadata(trailers)
             await context.abort(status_for(exc), str(exc))
         except Exception as exc:
             logging.getLogger("twopc").exception("internal error in %s", method.__name__)

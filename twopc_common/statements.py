@@ -252,6 +252,11 @@ class Classified:
     session_safe: bool = False
     """Whether running it cannot change session state: a query, SET LOCAL, savepoint
     or LOCK calling no function (a trigger still can: see participant.containment)."""
+    writes: bool = False
+    """Whether it is meant to write: DML, DDL, CALL, DO, or a SELECT with FOR
+    UPDATE/SHARE, INTO or a data-modifying WITH. (A function a SELECT calls may write
+    too; only an optimisation rests on this: the agent's store writes the marker of a
+    branch with a writing statement first, in one statement with its settings.)"""
 
 
 def parse_kinds(names: Iterable[str]) -> set[StatementKind]:
@@ -283,6 +288,10 @@ def classified(st: Statement) -> Classified:
 
 def session_safe(statements: Sequence[Statement]) -> bool:
     return all(classified(st).session_safe for st in statements)
+
+
+def writes(statements: Sequence[Statement]) -> bool:
+    return any(classified(st).writes for st in statements)
 
 
 class StatementPolicy:
@@ -337,10 +346,17 @@ def classify(sql: str, with_params: bool) -> Classified:
     if calls_functions and (call := _refused_set_config(node)):
         kind, detail = call
     safe = kind in _SESSION_SAFE and not calls_functions
-    return Classified(kind, detail, placeholders, safe)
+    reads = node_name in ("SelectStmt", "VariableShowStmt") and not _mentions(node, _WRITING_NODES)
+    return Classified(kind, detail, placeholders, safe, kind in _WRITING_KINDS and not reads)
 
 
 _SESSION_SAFE = {K.QUERY, K.SET_LOCAL, K.SAVEPOINT, K.LOCK}
+_WRITING_KINDS = {K.QUERY, K.DDL, K.CALL, K.DO}
+# In a SELECT, what writes or locks rows: a data-modifying WITH, FOR UPDATE/SHARE, or
+# SELECT INTO (which creates a table).
+_WRITING_NODES = frozenset(
+    {"InsertStmt", "UpdateStmt", "DeleteStmt", "MergeStmt", "lockingClause", "intoClause"}
+)
 
 
 _cached_classify = functools.lru_cache(maxsize=CACHE_ENTRIES)(classify)
@@ -413,6 +429,14 @@ def _const(node: dict[str, Any], field: str) -> object:
     if not isinstance(value, dict):
         return None
     return value.get(field, False if field == "boolval" else None)
+
+
+def _mentions(tree: Any, names: frozenset[str]) -> bool:
+    if isinstance(tree, dict):
+        return any(key in names or _mentions(value, names) for key, value in tree.items())
+    if isinstance(tree, list):
+        return any(_mentions(item, names) for item in tree)
+    return False
 
 
 def _nodes(tree: Any, name: str) -> Iterator[dict[str, Any]]:

@@ -189,6 +189,7 @@ def start_system(
             return network.add(name, upstream) if network is not None else upstream
 
         coord_address = f"127.0.0.1:{free_port()}"
+        standby_addresses = [f"127.0.0.1:{free_port()}" for _ in range(standbys)]
         agent_routes = {}
         for i, cluster in enumerate(clusters, 1):
             cluster.create_branch_role()
@@ -198,7 +199,12 @@ def start_system(
                 name,
                 listen,
                 cluster.dsn_via(route(f"{name}_postgres", f"127.0.0.1:{cluster.port}")),
-                {coordinator_id: route(f"{name}_coordinator", coord_address)},
+                # Every process of the coordinator id: the agent asks whichever is active.
+                {
+                    coordinator_id: ",".join(
+                        [route(f"{name}_coordinator", coord_address), *standby_addresses]
+                    )
+                },
                 workdir / "logs" / f"{name}.log",
                 # Branch statements as a least-privilege role, never the superuser.
                 ["--branch-role", BRANCH_ROLE, *(participant_args or [])],
@@ -215,8 +221,7 @@ def start_system(
             coordinator_args,
             tls(coordinator_id),
         )
-        for i in range(standbys):
-            address = f"127.0.0.1:{free_port()}"
+        for i, address in enumerate(standby_addresses):
             system.standbys.append(
                 coordinator_daemon(
                     coordinator_id,

@@ -28,6 +28,8 @@ class AbortCause(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     COORDINATOR_RESTART: _ClassVar[AbortCause]
     TRANSACTION_TIMEOUT: _ClassVar[AbortCause]
     DEADLOCK: _ClassVar[AbortCause]
+    SERIALIZATION_FAILURE: _ClassVar[AbortCause]
+    LOCK_TIMEOUT: _ClassVar[AbortCause]
 
 class TransactionState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -54,6 +56,8 @@ EXECUTE_FAILED: AbortCause
 COORDINATOR_RESTART: AbortCause
 TRANSACTION_TIMEOUT: AbortCause
 DEADLOCK: AbortCause
+SERIALIZATION_FAILURE: AbortCause
+LOCK_TIMEOUT: AbortCause
 STATE_UNSPECIFIED: TransactionState
 ACTIVE: TransactionState
 PREPARING: TransactionState
@@ -72,14 +76,16 @@ class Branch(_message.Message):
     def __init__(self, participant: _Optional[str] = ..., statements: _Optional[_Iterable[_Union[_types_pb2.Statement, _Mapping]]] = ...) -> None: ...
 
 class RunRequest(_message.Message):
-    __slots__ = ("branches", "idempotency_key", "wait_for_completion")
+    __slots__ = ("branches", "idempotency_key", "wait_for_completion", "isolation")
     BRANCHES_FIELD_NUMBER: _ClassVar[int]
     IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     WAIT_FOR_COMPLETION_FIELD_NUMBER: _ClassVar[int]
+    ISOLATION_FIELD_NUMBER: _ClassVar[int]
     branches: _containers.RepeatedCompositeFieldContainer[Branch]
     idempotency_key: str
     wait_for_completion: bool
-    def __init__(self, branches: _Optional[_Iterable[_Union[Branch, _Mapping]]] = ..., idempotency_key: _Optional[str] = ..., wait_for_completion: _Optional[bool] = ...) -> None: ...
+    isolation: _types_pb2.IsolationLevel
+    def __init__(self, branches: _Optional[_Iterable[_Union[Branch, _Mapping]]] = ..., idempotency_key: _Optional[str] = ..., wait_for_completion: _Optional[bool] = ..., isolation: _Optional[_Union[_types_pb2.IsolationLevel, str]] = ...) -> None: ...
 
 class TransactionOutcome(_message.Message):
     __slots__ = ("transaction_id", "outcome", "abort_cause", "abort_participant", "abort_reason", "results", "one_phase", "completed")
@@ -102,8 +108,10 @@ class TransactionOutcome(_message.Message):
     def __init__(self, transaction_id: _Optional[str] = ..., outcome: _Optional[_Union[Outcome, str]] = ..., abort_cause: _Optional[_Union[AbortCause, str]] = ..., abort_participant: _Optional[str] = ..., abort_reason: _Optional[str] = ..., results: _Optional[_Iterable[_Union[_types_pb2.BranchResults, _Mapping]]] = ..., one_phase: _Optional[bool] = ..., completed: _Optional[bool] = ...) -> None: ...
 
 class BeginRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("isolation",)
+    ISOLATION_FIELD_NUMBER: _ClassVar[int]
+    isolation: _types_pb2.IsolationLevel
+    def __init__(self, isolation: _Optional[_Union[_types_pb2.IsolationLevel, str]] = ...) -> None: ...
 
 class BeginResponse(_message.Message):
     __slots__ = ("transaction_id",)

@@ -28,14 +28,16 @@ class BranchRef(_message.Message):
     def __init__(self, transaction_id: _Optional[str] = ...) -> None: ...
 
 class BranchExecuteRequest(_message.Message):
-    __slots__ = ("transaction_id", "statements", "incarnation")
+    __slots__ = ("transaction_id", "statements", "incarnation", "isolation")
     TRANSACTION_ID_FIELD_NUMBER: _ClassVar[int]
     STATEMENTS_FIELD_NUMBER: _ClassVar[int]
     INCARNATION_FIELD_NUMBER: _ClassVar[int]
+    ISOLATION_FIELD_NUMBER: _ClassVar[int]
     transaction_id: str
     statements: _containers.RepeatedCompositeFieldContainer[_types_pb2.Statement]
     incarnation: str
-    def __init__(self, transaction_id: _Optional[str] = ..., statements: _Optional[_Iterable[_Union[_types_pb2.Statement, _Mapping]]] = ..., incarnation: _Optional[str] = ...) -> None: ...
+    isolation: _types_pb2.IsolationLevel
+    def __init__(self, transaction_id: _Optional[str] = ..., statements: _Optional[_Iterable[_Union[_types_pb2.Statement, _Mapping]]] = ..., incarnation: _Optional[str] = ..., isolation: _Optional[_Union[_types_pb2.IsolationLevel, str]] = ...) -> None: ...
 
 class BranchExecuteResponse(_message.Message):
     __slots__ = ("results", "incarnation")
@@ -46,16 +48,18 @@ class BranchExecuteResponse(_message.Message):
     def __init__(self, results: _Optional[_Iterable[_Union[_types_pb2.StatementResult, _Mapping]]] = ..., incarnation: _Optional[str] = ...) -> None: ...
 
 class PrepareRequest(_message.Message):
-    __slots__ = ("transaction_id", "statements", "one_phase", "incarnation")
+    __slots__ = ("transaction_id", "statements", "one_phase", "incarnation", "isolation")
     TRANSACTION_ID_FIELD_NUMBER: _ClassVar[int]
     STATEMENTS_FIELD_NUMBER: _ClassVar[int]
     ONE_PHASE_FIELD_NUMBER: _ClassVar[int]
     INCARNATION_FIELD_NUMBER: _ClassVar[int]
+    ISOLATION_FIELD_NUMBER: _ClassVar[int]
     transaction_id: str
     statements: _containers.RepeatedCompositeFieldContainer[_types_pb2.Statement]
     one_phase: bool
     incarnation: str
-    def __init__(self, transaction_id: _Optional[str] = ..., statements: _Optional[_Iterable[_Union[_types_pb2.Statement, _Mapping]]] = ..., one_phase: _Optional[bool] = ..., incarnation: _Optional[str] = ...) -> None: ...
+    isolation: _types_pb2.IsolationLevel
+    def __init__(self, transaction_id: _Optional[str] = ..., statements: _Optional[_Iterable[_Union[_types_pb2.Statement, _Mapping]]] = ..., one_phase: _Optional[bool] = ..., incarnation: _Optional[str] = ..., isolation: _Optional[_Union[_types_pb2.IsolationLevel, str]] = ...) -> None: ...
 
 class PrepareResponse(_message.Message):
     __slots__ = ("vote", "reason", "sqlstate", "results")

@@ -1,10 +1,22 @@
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class IsolationLevel(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ISOLATION_LEVEL_UNSPECIFIED: _ClassVar[IsolationLevel]
+    READ_COMMITTED: _ClassVar[IsolationLevel]
+    REPEATABLE_READ: _ClassVar[IsolationLevel]
+    SERIALIZABLE: _ClassVar[IsolationLevel]
+ISOLATION_LEVEL_UNSPECIFIED: IsolationLevel
+READ_COMMITTED: IsolationLevel
+REPEATABLE_READ: IsolationLevel
+SERIALIZABLE: IsolationLevel
 
 class Value(_message.Message):
     __slots__ = ("is_null", "bool_value", "int_value", "float_value", "text_value", "bytes_value", "decimal_value", "other_value")

@@ -43,6 +43,7 @@ from tests.sim.loop import Process, SimClock
 from tests.sim.trace import Trace
 from twopc_common import ids
 from twopc_common.errors import FailedPrecondition, Unavailable
+from twopc_common.isolation import Isolation
 from twopc_common.values import Statement, StatementResult
 
 
@@ -304,7 +305,9 @@ class SimStore:
         if self._db.down or (conn is not None and conn.broken):
             raise Unavailable(f"database unavailable: {self._db.name} is down")
 
-    async def connect_branch(self) -> SimConn:
+    async def connect_branch(self, isolation: Isolation) -> SimConn:
+        # The model runs every branch serially per row (locks, no snapshots), so the
+        # isolation level changes nothing in it; it is accepted as the store's is.
         await self._round_trip()
         if self._db.down:
             raise BranchFailed(f"no database connection: {self._db.name} is down")

@@ -40,6 +40,7 @@ from tests.sim.loop import Process, SimClock
 from tests.sim.trace import Trace
 from twopc_common.errors import TwoPCError, Unavailable
 from twopc_common.grpc_errors import error_for, status_for
+from twopc_common.isolation import Isolation
 from twopc_common.values import Statement, StatementResult
 
 if TYPE_CHECKING:
@@ -204,10 +205,11 @@ class SimParticipantClient:
         one_phase: bool,
         timeout: float,
         incarnation: str = "",
+        isolation: Isolation = Isolation.READ_COMMITTED,
     ) -> PrepareReply:
         try:
             vote = await self._call(
-                lambda agent: agent.prepare(txid, statements, one_phase, incarnation),
+                lambda agent: agent.prepare(txid, statements, one_phase, incarnation, isolation),
                 timeout,
                 "prepare",
                 txid,
@@ -222,7 +224,8 @@ class SimParticipantClient:
             if exc.code in _REFUSED:
                 return PrepareReply(Ballot(Vote.NO, str(exc)))
             return PrepareReply(Ballot(Vote.LOST, str(exc)))
-        return PrepareReply(Ballot(_VOTES[vote.vote.value], vote.reason), vote.results)
+        ballot = Ballot(_VOTES[vote.vote.value], vote.reason, vote.sqlstate)
+        return PrepareReply(ballot, vote.results)
 
     async def _checked(
         self, handler: Callable[[Agent], Awaitable[T]], timeout: float, what: str, txid: str = ""
@@ -233,10 +236,14 @@ class SimParticipantClient:
             raise self._error(exc) from None
 
     async def execute(
-        self, txid: str, statements: Sequence[Statement], incarnation: str
+        self,
+        txid: str,
+        statements: Sequence[Statement],
+        incarnation: str,
+        isolation: Isolation = Isolation.READ_COMMITTED,
     ) -> tuple[list[StatementResult], str]:
         async def run(agent: Agent) -> tuple[list[StatementResult], str]:
-            results = await agent.execute(txid, statements, incarnation)
+            results = await agent.execute(txid, statements, incarnation, isolation)
             answer = results, agent.incarnation
             self._world.executed(self.name)
             return answer

@@ -200,7 +200,7 @@ class World:
             p: ParticipantConfig(
                 id=p,
                 dsn="host=sim",
-                coordinators={COORDINATOR: "coord:1"},
+                coordinators={COORDINATOR: ("coord:1",)},
                 lock_timeout=0.3,
                 idle_branch_timeout=2.5,
                 recovery_interval=0.5,
