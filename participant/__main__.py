@@ -134,6 +134,15 @@ def parser() -> argparse.ArgumentParser:
         description="Participant agent: wraps one PostgreSQL database for the coordinator.",
         formatter_class=HelpFormatter,
     )
+    _add_identity_flags(p, d)
+    _add_tuning_flags(p, d)
+    add_statement_policy_flags(p)
+    add_daemon_flags(p)
+    return p
+
+
+def _add_identity_flags(p: argparse.ArgumentParser, d: ParticipantConfig) -> None:
+    """Who the agent is, its database, its address and its coordinators."""
     p.add_argument(
         "--id",
         required=True,
@@ -168,6 +177,10 @@ def parser() -> argparse.ArgumentParser:
         "and its standbys) to ask about in-doubt branches; without one, in-doubt branches "
         "wait for an operator (repeatable)",
     )
+
+
+def _add_tuning_flags(p: argparse.ArgumentParser, d: ParticipantConfig) -> None:
+    """The pool, the branches' timeouts and roles, and recovery: each with its default."""
     p.add_argument(
         "--pool-min-size",
         type=at_least_one,
@@ -233,9 +246,6 @@ def parser() -> argparse.ArgumentParser:
         help="PostgreSQL role branch statements run as (no superuser, no rights on "
         "schema twopc); default: the agent's own role",
     )
-    add_statement_policy_flags(p)
-    add_daemon_flags(p)
-    return p
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[ParticipantConfig, LogSettings]:
