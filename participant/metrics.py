@@ -49,6 +49,13 @@ class _AgentCollector(Collector):
         self._health = health
 
     def collect(self) -> Iterator[Metric]:
+        yield from self._counters()
+        yield from self._branches()
+        yield from self._foreign()
+        yield from self._database()
+
+    def _counters(self) -> Iterator[Metric]:
+        """The agent's counters: votes, phase 2, recovery, refusals."""
         c = self._agent.counters
         votes = CounterMetricFamily(
             "twopc_participant_votes", "Prepare answers, by vote", labels=["vote"]
@@ -81,6 +88,9 @@ class _AgentCollector(Collector):
             ("branches_opened", "Branches opened"),
         ):
             yield CounterMetricFamily(f"twopc_participant_{key}", doc, value=c[key])
+
+    def _branches(self) -> Iterator[Metric]:
+        """Branches at work and in doubt."""
         yield GaugeMetricFamily(
             "twopc_participant_open_branches",
             "Branches at work (not yet prepared)",
@@ -102,6 +112,9 @@ class _AgentCollector(Collector):
             "Prepared branches past the grace period whose coordinator has not answered",
             value=self._recovery.waiting,
         )
+
+    def _foreign(self) -> Iterator[Metric]:
+        """Prepared transactions in the database that are not this agent's."""
         foreign = self._recovery.foreign
         now = dt.datetime.now(dt.UTC)
         yield GaugeMetricFamily(
@@ -123,6 +136,9 @@ class _AgentCollector(Collector):
             "Locks the foreign prepared transactions hold",
             value=sum(f.locks for f in foreign),
         )
+
+    def _database(self) -> Iterator[Metric]:
+        """The database, the gRPC health status and the connection pool."""
         yield GaugeMetricFamily(
             "twopc_participant_database_up",
             "1 if the last health probe reached the database",
