@@ -136,3 +136,18 @@ def test_the_demo_knows_both_coordinators(merged: dict[str, Any]) -> None:
     for host, port in addresses:
         assert port == _split(_one(_command(services[host])[1:], "--listen"))[1]
         assert demo["depends_on"][host]["condition"] == "service_healthy"
+
+
+def test_every_agent_asks_both_coordinator_processes(merged: dict[str, Any]) -> None:
+    """An agent's in-doubt questions reach whichever process is active."""
+    from participant.__main__ import parse_args
+
+    services = merged["services"]
+    agents = _running(services, "twopc-participant")
+    assert len(agents) == 3
+    for name, service in agents.items():
+        config, _level = _parse(parse_args, _command(service)[1:], name)
+        addresses = config.coordinators["coord1"]
+        assert {_split(a)[0] for a in addresses} == {"coordinator", "coordinator-standby"}, name
+        for host, port in map(_split, addresses):
+            assert port == _split(_one(_command(services[host])[1:], "--listen"))[1], name
