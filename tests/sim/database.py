@@ -324,12 +324,19 @@ class SimStore:
         if tx is not None:
             self._db.end(tx, False)
 
+    def _tx(self, conn: SimConn) -> _Tx:
+        """The session's open transaction, or a new one; never on a session that ended
+        (a lock granted just before PostgreSQL crashed wakes its waiter afterwards)."""
+        if conn.broken:
+            raise BranchFailed("57P01: terminating connection due to immediate shutdown", "57P01")
+        return conn.tx or self._db.begin(conn.info.backend_pid)
+
     async def _run(self, conn: SimConn, statements: Sequence[Statement]) -> list[StatementResult]:
         if not self._owner.alive:
             raise asyncio.CancelledError
         if conn.broken or self._db.down:
             raise BranchFailed("57P01: terminating connection due to immediate shutdown", "57P01")
-        tx = conn.tx or self._db.begin(conn.info.backend_pid)
+        tx = self._tx(conn)
         if tx.failed:
             raise BranchFailed("25P02: current transaction is aborted", "25P02")
         results = []
@@ -342,6 +349,8 @@ class SimStore:
             except _SqlError as exc:
                 tx.failed = True
                 raise BranchFailed(str(exc), exc.sqlstate) from None
+            if conn.broken:  # PostgreSQL crashed while the statement ran
+                raise BranchFailed("57P01: terminating connection due to immediate shutdown")
             if st.expect is not None and (why := st.expect.violation(result.rows_affected)):
                 tx.failed = True
                 raise BranchFailed(f"statement {i}: {why}")
@@ -381,7 +390,7 @@ class SimStore:
         if conn.tx is not None and conn.tx.failed:
             raise BranchFailed("branch transaction already failed")
         results = await self._run(conn, statements)
-        tx = conn.tx or self._db.begin(conn.info.backend_pid)
+        tx = self._tx(conn)
         gid = str(ids.branch_xid(transaction_id, participant_id))
         await self._round_trip()
         if conn.broken:  # the database died with PREPARE on its way: nothing happened
@@ -428,7 +437,7 @@ class SimStore:
         if conn.tx is not None and conn.tx.failed:
             raise BranchFailed("branch transaction already failed")
         results = await self._run(conn, statements)
-        tx = conn.tx or self._db.begin(conn.info.backend_pid)
+        tx = self._tx(conn)
         gid = str(ids.branch_xid(transaction_id, participant_id))
         if gid in self._db.markers:
             tx.failed = True

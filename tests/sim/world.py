@@ -766,12 +766,26 @@ class World:
         deadline = loop.time() + 60.0
         why = self._quiet()
         while why is not None and loop.time() < deadline:
+            self._operator_puts_back_the_current_log()
             await asyncio.sleep(0.25)
             why = self._quiet()
         if why is not None:
             self._violate(f"not quiescent 60 s after healing: {why}", self._live_txids())
             return
         await self._check_end()
+
+    def _operator_puts_back_the_current_log(self) -> None:
+        """A coordinator that could not check its restored log at start (agents were
+        unreachable) learns later that it is behind and stops deciding (fail-stop):
+        its in-doubt branches wait for an operator, who finds the current log."""
+        engine = self.engine
+        if engine is None or self._current_log is None or engine.stopped is None:
+            return
+        self.trace.add("world", f"operator: the coordinator stopped ({engine.stopped})")
+        self.crash(COORD, 0.1)
+        self.trace.add("world", "operator: the current log goes back")
+        self.disk.restore(self._current_log)
+        self._current_log = None
 
     def _live_txids(self) -> set[str]:
         out = {t.txid for db in self.dbs.values() for t in db.prepared.values()}
