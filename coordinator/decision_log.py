@@ -129,7 +129,7 @@ _Write = Callable[[sqlite3.Connection], object]
 _STOP = object()
 
 
-def _settle(fut: Future[None], error: BaseException | None = None) -> None:
+def settle(fut: Future[None], error: BaseException | None = None) -> None:
     """Answer a writer's caller exactly once, whatever happened to it meanwhile."""
     if fut.done():
         return
@@ -140,7 +140,109 @@ def _settle(fut: Future[None], error: BaseException | None = None) -> None:
             fut.set_exception(error)
 
 
-class DecisionLog:
+class NewRecords:
+    """The records a transaction starts with, the same in every decision log: each is
+    one new row written by the log's own `_insert` (SQLite here, PostgreSQL in
+    coordinator.pg_log)."""
+
+    async def _insert(
+        self,
+        transaction_id: str,
+        state: str,
+        participants: tuple[str, ...],
+        created_at: float,
+        outcome: dict[str, Any],
+        idempotency_key: str | None,
+        request_hash: str | None,
+        complete: bool,
+        forced: bool = True,
+        owner: str | None = None,
+    ) -> None:
+        raise NotImplementedError
+
+    async def record_commit(
+        self,
+        transaction_id: str,
+        participants: tuple[str, ...],
+        created_at: float,
+        outcome: dict[str, Any],
+        idempotency_key: str | None = None,
+        request_hash: str | None = None,
+        completed: bool = False,
+        forced: bool = True,
+        *,
+        owner: str | None = None,
+    ) -> None:
+        """Make a COMMIT decision durable (forced). `completed` for a transaction that needs no
+        phase 2 (read-only), logged to remember its key and its outcome; only such a
+        record may go unforced. `owner`, on this and every other new record: the client
+        identity that began the transaction."""
+        state = "committed" if completed else "committing"
+        await self._insert(
+            transaction_id,
+            state,
+            participants,
+            created_at,
+            outcome,
+            idempotency_key,
+            request_hash,
+            complete=completed,
+            forced=forced or not completed,
+            owner=owner,
+        )
+
+    async def record_abort(
+        self,
+        transaction_id: str,
+        participants: tuple[str, ...],
+        created_at: float,
+        outcome: dict[str, Any],
+        idempotency_key: str,
+        request_hash: str,
+        *,
+        owner: str | None = None,
+    ) -> None:
+        """Remember an aborted keyed transaction, so a retry gets the same answer."""
+        await self._insert(
+            transaction_id,
+            "aborted",
+            participants,
+            created_at,
+            outcome,
+            idempotency_key,
+            request_hash,
+            complete=True,
+            owner=owner,
+        )
+
+    async def record_one_phase_intent(
+        self,
+        transaction_id: str,
+        participant: str,
+        created_at: float,
+        idempotency_key: str | None,
+        request_hash: str | None,
+        *,
+        owner: str | None = None,
+    ) -> None:
+        """Force the intent of a single-branch transaction to disk before its one-phase
+        commit is sent: after a crash, recovery settles it (a keyed retry must find
+        it, or it would run twice) and GetTransaction never mistakes a commit whose
+        answer was lost for one that never happened."""
+        await self._insert(
+            transaction_id,
+            "one_phase",
+            (participant,),
+            created_at,
+            {},
+            idempotency_key,
+            request_hash,
+            complete=False,
+            owner=owner,
+        )
+
+
+class DecisionLog(NewRecords):
     def __init__(
         self, path: str, coordinator_id: str, batch_max: int = 512, prune_batch: int = 5000
     ) -> None:
@@ -292,9 +394,9 @@ class DecisionLog:
                     try:
                         self._commit(conn, [write])
                     except sqlite3.IntegrityError as exc:
-                        _settle(fut, exc)
+                        settle(fut, exc)
                     else:
-                        _settle(fut)
+                        settle(fut)
                 continue
             except sqlite3.Error as exc:  # disk full, I/O error: nothing is durable now
                 self._fail(f"cannot write {self._path}: {exc}", batch)
@@ -304,13 +406,13 @@ class DecisionLog:
             self.stats["log_fsync_batches"] += wanted == "FULL"
             self.on_batch(len(batch), wanted == "FULL", time.perf_counter() - started)
             for _, _, fut in batch:
-                _settle(fut)
+                settle(fut)
 
     def _fail(self, why: str, batch: Sequence[Any] = ()) -> None:
         """Fail-stop: remember why, fail this batch and everything still queued."""
         self.failure = why
         for _, _, fut in batch:
-            _settle(fut, LogFailed(why))
+            settle(fut, LogFailed(why))
         self._drain()
 
     def _drain(self) -> None:
@@ -320,7 +422,7 @@ class DecisionLog:
             except queue.Empty:
                 return
             if item is not _STOP:
-                _settle(item[2], LogFailed(self.failure or "decision log closed"))
+                settle(item[2], LogFailed(self.failure or "decision log closed"))
 
     @staticmethod
     def _commit(conn: sqlite3.Connection, writes: list[_Write]) -> None:
@@ -383,87 +485,6 @@ class DecisionLog:
                 row,
             ),
             forced=forced,
-        )
-
-    async def record_commit(
-        self,
-        transaction_id: str,
-        participants: tuple[str, ...],
-        created_at: float,
-        outcome: dict[str, Any],
-        idempotency_key: str | None = None,
-        request_hash: str | None = None,
-        completed: bool = False,
-        forced: bool = True,
-        *,
-        owner: str | None = None,
-    ) -> None:
-        """Force a COMMIT decision to disk. `completed` for a transaction that needs no
-        phase 2 (read-only), logged to remember its key and its outcome; only such a
-        record may go unforced. `owner`, on this and every other new record: the client
-        identity that began the transaction."""
-        state = "committed" if completed else "committing"
-        await self._insert(
-            transaction_id,
-            state,
-            participants,
-            created_at,
-            outcome,
-            idempotency_key,
-            request_hash,
-            complete=completed,
-            forced=forced or not completed,
-            owner=owner,
-        )
-
-    async def record_abort(
-        self,
-        transaction_id: str,
-        participants: tuple[str, ...],
-        created_at: float,
-        outcome: dict[str, Any],
-        idempotency_key: str,
-        request_hash: str,
-        *,
-        owner: str | None = None,
-    ) -> None:
-        """Remember an aborted keyed transaction, so a retry gets the same answer."""
-        await self._insert(
-            transaction_id,
-            "aborted",
-            participants,
-            created_at,
-            outcome,
-            idempotency_key,
-            request_hash,
-            complete=True,
-            owner=owner,
-        )
-
-    async def record_one_phase_intent(
-        self,
-        transaction_id: str,
-        participant: str,
-        created_at: float,
-        idempotency_key: str | None,
-        request_hash: str | None,
-        *,
-        owner: str | None = None,
-    ) -> None:
-        """Force the intent of a single-branch transaction to disk before its one-phase
-        commit is sent: after a crash, recovery settles it (a keyed retry must find
-        it, or it would run twice) and GetTransaction never mistakes a commit whose
-        answer was lost for one that never happened."""
-        await self._insert(
-            transaction_id,
-            "one_phase",
-            (participant,),
-            created_at,
-            {},
-            idempotency_key,
-            request_hash,
-            complete=False,
-            owner=owner,
         )
 
     async def resolve_one_phase(self, transaction_id: str, outcome: dict[str, Any]) -> None:

@@ -44,7 +44,7 @@ import psycopg
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
-from coordinator.decision_log import LogFailed, LogInUse, LogRecord, LogState, _settle
+from coordinator.decision_log import LogFailed, LogInUse, LogRecord, LogState, NewRecords, settle
 from coordinator.lease import Lease, LeaseSettings
 from twopc_common.errors import Unavailable
 from twopc_common.settings import describe_dsn
@@ -181,7 +181,7 @@ _INSERT = (
 )
 
 
-class PostgresDecisionLog:
+class PostgresDecisionLog(NewRecords):
     """The decision log of coordinator `coordinator_id` in the database at `dsn`."""
 
     def __init__(
@@ -363,17 +363,17 @@ class PostgresDecisionLog:
                     try:
                         self._commit([write], one_forced)
                     except psycopg.errors.UniqueViolation as exc:
-                        _settle(fut, exc)
+                        settle(fut, exc)
                     except LogFailed as exc:
-                        _settle(fut, exc)
+                        settle(fut, exc)
                     else:
-                        _settle(fut)
+                        settle(fut)
                 continue
             except LogFailed as exc:
                 durable = exc.durable if isinstance(exc, Fenced) else frozenset()
                 for write, _, fut in batch:
                     if write.inserts in durable:
-                        _settle(fut)
+                        settle(fut)
                 self._fail(str(exc), batch, fenced=isinstance(exc, Fenced))
                 continue
             except psycopg.Error as exc:  # a statement the database refused: a bug
@@ -384,7 +384,7 @@ class PostgresDecisionLog:
             self.stats["log_fsync_batches"] += forced
             self.on_batch(len(batch), forced, time.perf_counter() - started)
             for _, _, fut in batch:
-                _settle(fut)
+                settle(fut)
 
     def _commit(self, writes: Sequence[_Write], forced: bool) -> None:
         """One transaction, pipelined (one round trip and one commit for the batch):
@@ -471,7 +471,7 @@ class PostgresDecisionLog:
             if fenced:
                 self.on_fenced(why)
         for _, _, fut in batch:
-            _settle(fut, self._failed())
+            settle(fut, self._failed())
         self._drain()
 
     def _failed(self) -> LogFailed:
@@ -488,7 +488,7 @@ class PostgresDecisionLog:
             if item is _STOP:
                 self._queue.put(_STOP)
                 return
-            _settle(item[2], error or self._failed())
+            settle(item[2], error or self._failed())
 
     async def _write(self, write: _Write, forced: bool) -> None:
         if self._writer is None:
@@ -534,82 +534,6 @@ class PostgresDecisionLog:
             owner,
         )
         await self._write(_Write(_INSERT, params, inserts=transaction_id), forced)
-
-    async def record_commit(
-        self,
-        transaction_id: str,
-        participants: tuple[str, ...],
-        created_at: float,
-        outcome: dict[str, Any],
-        idempotency_key: str | None = None,
-        request_hash: str | None = None,
-        completed: bool = False,
-        forced: bool = True,
-        *,
-        owner: str | None = None,
-    ) -> None:
-        """Commit a COMMIT decision in the log database. `completed` for a transaction
-        that needs no phase 2 (read-only); only such a record may go unforced. `owner`,
-        on this and every other new record: the client identity that began it."""
-        await self._insert(
-            transaction_id,
-            "committed" if completed else "committing",
-            participants,
-            created_at,
-            outcome,
-            idempotency_key,
-            request_hash,
-            complete=completed,
-            forced=forced or not completed,
-            owner=owner,
-        )
-
-    async def record_abort(
-        self,
-        transaction_id: str,
-        participants: tuple[str, ...],
-        created_at: float,
-        outcome: dict[str, Any],
-        idempotency_key: str,
-        request_hash: str,
-        *,
-        owner: str | None = None,
-    ) -> None:
-        """Remember an aborted keyed transaction, so a retry gets the same answer."""
-        await self._insert(
-            transaction_id,
-            "aborted",
-            participants,
-            created_at,
-            outcome,
-            idempotency_key,
-            request_hash,
-            complete=True,
-            owner=owner,
-        )
-
-    async def record_one_phase_intent(
-        self,
-        transaction_id: str,
-        participant: str,
-        created_at: float,
-        idempotency_key: str | None,
-        request_hash: str | None,
-        *,
-        owner: str | None = None,
-    ) -> None:
-        """Make the intent of a single-branch commit durable before it is sent."""
-        await self._insert(
-            transaction_id,
-            "one_phase",
-            (participant,),
-            created_at,
-            {},
-            idempotency_key,
-            request_hash,
-            complete=False,
-            owner=owner,
-        )
 
     async def resolve_one_phase(self, transaction_id: str, outcome: dict[str, Any]) -> None:
         """The one-phase outcome is known. Not forced: recovery would ask again."""
