@@ -103,6 +103,8 @@ async def serve(config: CoordinatorConfig) -> None:
             config.limits.max_message_bytes,
             config.limits.max_phase2_batch,
             config.connect_probe_timeout,
+            prepare_stream=config.prepare_stream,
+            prepare_batch=config.limits.max_prepare_batch,
             tls=config.tls,
             tls_reload_interval=config.tls_reload_interval,
             # Calls on a replaced channel finish first: none waits longer than this.
@@ -418,6 +420,13 @@ def parser() -> argparse.ArgumentParser:
         "(RESOURCE_EXHAUSTED with a retry hint)",
     )
     p.add_argument(
+        "--prepare-calls",
+        choices=("stream", "unary"),
+        default="stream" if d.prepare_stream else "unary",
+        help="stream: every Prepare to an agent over one long-lived call, several in one "
+        "message when they queue; unary: one call each",
+    )
+    p.add_argument(
         "--deadlock-interval",
         type=non_negative,
         default=d.deadlock_interval,
@@ -520,6 +529,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[CoordinatorConfig, LogSet
             transaction_idle_timeout=a.transaction_idle_timeout,
             transaction_max_lifetime=a.transaction_max_lifetime,
             max_in_flight=a.max_in_flight,
+            prepare_stream=a.prepare_calls == "stream",
             deadlock_interval=a.deadlock_interval,
             deadlock_retries=a.deadlock_retries,
             probe_interval=a.probe_interval,

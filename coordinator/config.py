@@ -62,6 +62,10 @@ class CoordinatorConfig:
     answer). Beyond it a new one gets RESOURCE_EXHAUSTED at once with a retry hint
     (trailing metadata retry-after-ms), so that overload sheds work before doing it
     rather than after, when the prepare timeout would throw it away."""
+    prepare_stream: bool = True
+    """Send every Prepare to an agent over one long-lived PrepareStream call, several in
+    one message when they queue behind a write (`coordinator.prepare_stream`); False:
+    one unary Prepare call each."""
     deadlock_interval: float = 0.05
     """Seconds between looks for cross-shard deadlocks, taken only while some
     transaction has been at work (preparing, or in an Execute) for longer than this;

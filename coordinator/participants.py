@@ -34,6 +34,7 @@ from typing import Any
 import grpc
 
 from coordinator.deadlock import Wait
+from coordinator.prepare_stream import CallBroken, PrepareStream
 from coordinator.protocol import Ballot, Vote
 from twopc_common.errors import Unavailable
 from twopc_common.grpc_errors import error_for
@@ -78,6 +79,15 @@ _STATUS = {code.value[0]: code for code in grpc.StatusCode}
 class PrepareReply:
     ballot: Ballot
     results: tuple[StatementResult, ...] = ()
+
+
+def _reply(reply: pb.PrepareResponse) -> PrepareReply:
+    vote = _VOTES.get(reply.vote)
+    if vote is None:
+        return PrepareReply(Ballot(Vote.NO, f"unknown vote {reply.vote}"))
+    return PrepareReply(
+        Ballot(vote, reply.reason, reply.sqlstate), tuple(result_from_pb(r) for r in reply.results)
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,6 +162,8 @@ class ParticipantClient:
         phase2_batch: int = Limits().max_phase2_batch,
         probe_timeout: float = 1.0,
         *,
+        prepare_stream: bool = True,
+        prepare_batch: int = Limits().max_prepare_batch,
         tls: TlsConfig,
         tls_reload_interval: float = 5.0,
         drain: float = 10.0,
@@ -173,13 +185,14 @@ class ParticipantClient:
         self.stats: collections.Counter[str] = collections.Counter()
         # The agent must prove it is `name` (a DNS SAN of its certificate), whatever
         # address or proxy it is dialled through.
+        self._log = log or EventLogger("coordinator", name)
         self._channels = ReloadingChannel(
             address,
             tls,
             server_name=name,
             check_interval=tls_reload_interval,
             drain=drain,
-            log=log or EventLogger("coordinator", name),
+            log=self._log,
             on_change=self._channel_changed,
             options=[
                 ("grpc.max_receive_message_length", max_message),
@@ -196,6 +209,19 @@ class ParticipantClient:
         """When the agent last answered any call (monotonic): proof of life, so that a
         probe that times out on a loaded machine does not mark a working agent down."""
         self._answered = _Answered(pgrpc.ParticipantStub(self._channels.current()), self)
+        self._prepares = (
+            PrepareStream(
+                self._open_prepare_stream, prepare_batch, max_message, self._alive, self.stats
+            )
+            if prepare_stream
+            else None
+        )
+
+    def _alive(self) -> None:
+        self.last_answer = time.monotonic()
+
+    def _open_prepare_stream(self) -> Any:
+        return pgrpc.ParticipantStub(self._channels.current()).PrepareStream(wait_for_ready=True)
 
     @property
     def _stub(self) -> _Answered:
@@ -205,6 +231,8 @@ class ParticipantClient:
 
     def _channel_changed(self) -> None:
         self._answered = _Answered(pgrpc.ParticipantStub(self._channels.current()), self)
+        if self._prepares is not None:
+            self._prepares.restart()
         if self._watcher is not None:  # it follows the old channel: the next call restarts it
             self._watcher.cancel()
             self._watcher = None
@@ -214,6 +242,8 @@ class ParticipantClient:
         return self._channels.reload()
 
     async def close(self) -> None:
+        if self._prepares is not None:
+            await self._prepares.close()
         if self._sender is not None:
             self._sender.cancel()
         if self._watcher is not None:
@@ -288,29 +318,48 @@ class ParticipantClient:
             isolation=isolation_to_pb(isolation),
         )
         self._watch()
+        if self._prepares is not None:
+            return await self._prepare_streamed(request, timeout)
+        return await self.prepare_unary(request, timeout)
+
+    async def prepare_unary(self, request: pb.PrepareRequest, timeout: float) -> PrepareReply:
         try:
             reply = await self._stub.Prepare(request, timeout=timeout, wait_for_ready=True)
         except grpc.aio.AioRpcError as exc:
-            if exc.code() in _UNREACHABLE and (missing := self.missing_vote()) is not None:
-                return PrepareReply(missing)
-            if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
-                return PrepareReply(Ballot(Vote.TIMEOUT, "no vote before the prepare timeout"))
-            if exc.code() in _UNREACHABLE:
-                return PrepareReply(Ballot(Vote.UNAVAILABLE, exc.details() or "unreachable"))
-            reason = f"{exc.code().name}: {exc.details()}"
-            if exc.code() in _REFUSED:
-                return PrepareReply(Ballot(Vote.NO, reason))
-            # The call failed after the agent may have prepared (an answer too large
-            # to deliver, an internal error): no vote, and the participant must hear
-            # the Abort.
-            return PrepareReply(Ballot(Vote.LOST, reason))
-        vote = _VOTES.get(reply.vote)
-        if vote is None:
-            return PrepareReply(Ballot(Vote.NO, f"unknown vote {reply.vote}"))
-        reason = f"{reply.reason}" if reply.reason else ""
-        return PrepareReply(
-            Ballot(vote, reason, reply.sqlstate), tuple(result_from_pb(r) for r in reply.results)
-        )
+            return PrepareReply(self._failed_vote(exc.code(), exc.details() or ""))
+        return _reply(reply)
+
+    async def _prepare_streamed(self, request: pb.PrepareRequest, timeout: float) -> PrepareReply:
+        assert self._prepares is not None
+        try:
+            answer = await asyncio.wait_for(self._prepares.prepare(request), timeout)
+        except TimeoutError:
+            return PrepareReply(self._failed_vote(grpc.StatusCode.DEADLINE_EXCEEDED, ""))
+        except CallBroken as exc:
+            if exc.code == grpc.StatusCode.UNIMPLEMENTED:  # an agent older than PrepareStream
+                self._log.warning("prepare_stream_unimplemented", participant=self.name)
+                self._prepares = None
+                return await self.prepare_unary(request, timeout)
+            return PrepareReply(self._failed_vote(exc.code, exc.details))
+        if answer.code != 0:
+            code = _STATUS.get(answer.code, grpc.StatusCode.UNKNOWN)
+            return PrepareReply(self._failed_vote(code, answer.message))
+        return _reply(answer.response)
+
+    def _failed_vote(self, code: grpc.StatusCode, details: str) -> Ballot:
+        """What a Prepare that failed with `code` counts as."""
+        if code in _UNREACHABLE and (missing := self.missing_vote()) is not None:
+            return missing
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return Ballot(Vote.TIMEOUT, "no vote before the prepare timeout")
+        if code in _UNREACHABLE:
+            return Ballot(Vote.UNAVAILABLE, details or "unreachable")
+        reason = f"{code.name}: {details}"
+        if code in _REFUSED:
+            return Ballot(Vote.NO, reason)
+        # The call failed after the agent may have prepared (an answer too large to
+        # deliver, an internal error): no vote, and the participant must hear the Abort.
+        return Ballot(Vote.LOST, reason)
 
     async def execute(
         self,

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-from collections.abc import Coroutine
+from collections.abc import AsyncIterator, Coroutine
 from typing import Any, TypeVar
 
-from participant import heuristic
+from participant import heuristic, prepare_stream
 from participant.agent import Agent, Vote
 from participant.recovery import Recovery
 from participant.store import Store
@@ -71,25 +71,35 @@ class ParticipantService(pgrpc.ParticipantServicer):
             results=results_to_pb(results), incarnation=self._agent.incarnation
         )
 
-    @translate_errors
-    async def Prepare(self, request: pb.PrepareRequest, context: Context) -> pb.PrepareResponse:
+    async def _prepare(self, request: pb.PrepareRequest) -> pb.PrepareResponse:
         statements = statements_from_pb(request.statements, self._limits, "Prepare")
         self._policy.check(statements, "Prepare")
         isolation = isolation_from_pb(request.isolation)
-        vote = await _shielded(
-            self._agent.prepare(
-                request.transaction_id,
-                statements,
-                request.one_phase,
-                request.incarnation,
-                isolation,
-            )
+        vote = await self._agent.prepare(
+            request.transaction_id, statements, request.one_phase, request.incarnation, isolation
         )
         return pb.PrepareResponse(
             vote=_VOTES[vote.vote],
             reason=vote.reason,
             sqlstate=vote.sqlstate,
             results=results_to_pb(vote.results),
+        )
+
+    @translate_errors
+    async def Prepare(self, request: pb.PrepareRequest, context: Context) -> pb.PrepareResponse:
+        return await _shielded(self._prepare(request))
+
+    @translate_errors
+    async def PrepareStream(
+        self, requests: AsyncIterator[pb.PrepareBatch], context: Context
+    ) -> None:
+        # Each item runs in a task of its own (see participant.prepare_stream): no shield needed.
+        await prepare_stream.serve(
+            requests,
+            context,
+            self._prepare,
+            self._limits.max_prepare_batch,
+            self._limits.max_message_bytes,
         )
 
     @translate_errors

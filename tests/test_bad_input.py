@@ -292,3 +292,17 @@ def test_undecodable_request_bytes_are_invalid_argument(
             code, details = status_of(lambda: call(payload, timeout=10))  # noqa: B023
         assert code == grpc.StatusCode.INVALID_ARGUMENT, (method, code, details)
         assert "undecodable request" in details
+    # A stream: the undecodable message ends the call so; a good one before it is answered.
+    good = ppb.PrepareBatch(
+        items=[ppb.PrepareItem(ref=7, request=ppb.PrepareRequest(transaction_id="x.1.9"))]
+    ).SerializeToString()
+    with system.participant_channel("shard1") as channel:
+        stream: grpc.StreamStreamMultiCallable[bytes, bytes] = channel.stream_stream(
+            "/twopc.v1.Participant/PrepareStream"
+        )
+        answers = stream(iter([good, payload]), timeout=10)
+        with pytest.raises(grpc.RpcError) as caught:
+            for answer in answers:
+                assert ppb.VoteBatch.FromString(answer).items[0].ref == 7
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, caught.value
+        assert "undecodable request" in (caught.value.details() or "")

@@ -17,6 +17,7 @@ import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -72,6 +73,20 @@ PARTICIPANT_CALLS: dict[str, object] = {
         statements=[tpb.Statement(sql="INSERT INTO twopc_test_rows VALUES ('intruder')")],
         one_phase=True,
     ),
+    "PrepareStream": ppb.PrepareBatch(
+        items=[
+            ppb.PrepareItem(
+                ref=1,
+                request=ppb.PrepareRequest(
+                    transaction_id="x.1.3",
+                    statements=[
+                        tpb.Statement(sql="INSERT INTO twopc_test_rows VALUES ('intruder')")
+                    ],
+                    one_phase=True,
+                ),
+            )
+        ]
+    ),
     "Commit": ppb.BranchRef(transaction_id="x.1.1"),
     "Abort": ppb.BranchRef(transaction_id="x.1.1"),
     "Finish": ppb.FinishRequest(decisions=[ppb.Decision(transaction_id="x.1.1", commit=True)]),
@@ -106,7 +121,9 @@ def calls(ch: grpc.Channel, service: str) -> dict[str, Callable[[], object]]:
         stub = pgrpc.ParticipantStub(ch)
         table = PARTICIPANT_CALLS
 
-    def call(method: Callable[..., object], request: object) -> Callable[[], object]:
+    def call(method: Callable[..., Any], request: object) -> Callable[[], object]:
+        if method is getattr(stub, "PrepareStream", None):  # a stream: read it to its end
+            return lambda: list(method(iter([request]), timeout=5))
         return lambda: method(request, timeout=5)
 
     return {name: call(getattr(stub, name), request) for name, request in table.items()}

@@ -29,7 +29,7 @@ import grpc
 from grpc_health.v1 import health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from twopc_common.errors import TwoPCError
+from twopc_common.errors import InvalidArgument, TwoPCError
 from twopc_common.health import SERVICE_NAME as HEALTH_SERVICE
 from twopc_common.health import Health
 from twopc_common.log import EventLogger
@@ -89,10 +89,11 @@ class _Undecodable:
 
 
 def _guarded(handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMethodHandler[Any, Any]:
-    """The same unary handler, answering undecodable requests INVALID_ARGUMENT."""
+    """The same handler, answering undecodable requests INVALID_ARGUMENT. A stream's
+    first undecodable message raises `InvalidArgument` where the handler reads it
+    (stream handlers are wrapped in `translate_errors`, which answers it)."""
     deserialize = handler.request_deserializer
-    behavior = handler.unary_unary
-    assert deserialize is not None and behavior is not None, "only unary-unary methods"
+    assert deserialize is not None
 
     def decode(data: bytes) -> object:
         try:
@@ -100,11 +101,35 @@ def _guarded(handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMethodHandler[
         except Exception as exc:
             return _Undecodable(f"{type(exc).__name__}: {exc}")
 
+    async def refuse(request: _Undecodable, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        await context.abort(
+            grpc.StatusCode.INVALID_ARGUMENT, f"undecodable request ({request.error})"
+        )
+
+    if handler.stream_stream is not None:
+        streaming = cast(Callable[..., Awaitable[Any]], handler.stream_stream)
+
+        async def decoded(requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            async for request in requests:
+                if isinstance(request, _Undecodable):
+                    raise InvalidArgument(f"undecodable request ({request.error})")
+                yield request
+
+        async def guarded_stream(requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            return await streaming(decoded(requests, context), context)
+
+        return grpc.stream_stream_rpc_method_handler(
+            guarded_stream,
+            request_deserializer=decode,
+            response_serializer=handler.response_serializer,
+        )
+
+    behavior = handler.unary_unary
+    assert behavior is not None, "only unary-unary and stream-stream methods"
+
     async def guarded(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         if isinstance(request, _Undecodable):
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT, f"undecodable request ({request.error})"
-            )
+            await refuse(request, context)
         return await cast(Callable[..., Awaitable[Any]], behavior)(request, context)
 
     return grpc.unary_unary_rpc_method_handler(

@@ -73,6 +73,38 @@ class PrepareResponse(_message.Message):
     results: _containers.RepeatedCompositeFieldContainer[_types_pb2.StatementResult]
     def __init__(self, vote: _Optional[_Union[Vote, str]] = ..., reason: _Optional[str] = ..., sqlstate: _Optional[str] = ..., results: _Optional[_Iterable[_Union[_types_pb2.StatementResult, _Mapping]]] = ...) -> None: ...
 
+class PrepareItem(_message.Message):
+    __slots__ = ("ref", "request")
+    REF_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    ref: int
+    request: PrepareRequest
+    def __init__(self, ref: _Optional[int] = ..., request: _Optional[_Union[PrepareRequest, _Mapping]] = ...) -> None: ...
+
+class PrepareBatch(_message.Message):
+    __slots__ = ("items",)
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[PrepareItem]
+    def __init__(self, items: _Optional[_Iterable[_Union[PrepareItem, _Mapping]]] = ...) -> None: ...
+
+class VoteItem(_message.Message):
+    __slots__ = ("ref", "code", "message", "response")
+    REF_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    ref: int
+    code: int
+    message: str
+    response: PrepareResponse
+    def __init__(self, ref: _Optional[int] = ..., code: _Optional[int] = ..., message: _Optional[str] = ..., response: _Optional[_Union[PrepareResponse, _Mapping]] = ...) -> None: ...
+
+class VoteBatch(_message.Message):
+    __slots__ = ("items",)
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[VoteItem]
+    def __init__(self, items: _Optional[_Iterable[_Union[VoteItem, _Mapping]]] = ...) -> None: ...
+
 class Ack(_message.Message):
     __slots__ = ("changed",)
     CHANGED_FIELD_NUMBER: _ClassVar[int]

@@ -45,6 +45,11 @@ class ParticipantStub:
                 request_serializer=twopc__pb_dot_participant__pb2.PrepareRequest.SerializeToString,
                 response_deserializer=twopc__pb_dot_participant__pb2.PrepareResponse.FromString,
                 _registered_method=True)
+        self.PrepareStream = channel.stream_stream(
+                '/twopc.v1.Participant/PrepareStream',
+                request_serializer=twopc__pb_dot_participant__pb2.PrepareBatch.SerializeToString,
+                response_deserializer=twopc__pb_dot_participant__pb2.VoteBatch.FromString,
+                _registered_method=True)
         self.Commit = channel.unary_unary(
                 '/twopc.v1.Participant/Commit',
                 request_serializer=twopc__pb_dot_participant__pb2.BranchRef.SerializeToString,
@@ -99,6 +104,17 @@ class ParticipantServicer:
 
     def Prepare(self, request, context):
         """Finish the branch's work (statements may ride along) and vote.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PrepareStream(self, request_iterator, context):
+        """Prepare over one long-lived call per coordinator and agent: the coordinator
+        writes each request as it comes (several in one message when they queue behind a
+        write), the agent answers each as soon as its vote is known (several in one
+        message when they finish together). Each item is carried out and answered
+        exactly as Prepare would be; one failing does not fail the rest.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -175,6 +191,11 @@ def add_ParticipantServicer_to_server(servicer, server):
                     servicer.Prepare,
                     request_deserializer=twopc__pb_dot_participant__pb2.PrepareRequest.FromString,
                     response_serializer=twopc__pb_dot_participant__pb2.PrepareResponse.SerializeToString,
+            ),
+            'PrepareStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.PrepareStream,
+                    request_deserializer=twopc__pb_dot_participant__pb2.PrepareBatch.FromString,
+                    response_serializer=twopc__pb_dot_participant__pb2.VoteBatch.SerializeToString,
             ),
             'Commit': grpc.unary_unary_rpc_method_handler(
                     servicer.Commit,
@@ -271,6 +292,33 @@ class Participant:
             '/twopc.v1.Participant/Prepare',
             twopc__pb_dot_participant__pb2.PrepareRequest.SerializeToString,
             twopc__pb_dot_participant__pb2.PrepareResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PrepareStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/twopc.v1.Participant/PrepareStream',
+            twopc__pb_dot_participant__pb2.PrepareBatch.SerializeToString,
+            twopc__pb_dot_participant__pb2.VoteBatch.FromString,
             options,
             channel_credentials,
             insecure,
