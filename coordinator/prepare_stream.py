@@ -70,7 +70,7 @@ class PrepareStream:
         self._writer: asyncio.Task[None] | None = None
         self._readers: set[asyncio.Task[None]] = set()
         self.stats = collections.Counter[str]() if stats is None else stats
-        """prepare_messages written, prepare_items they carried."""
+        """prepare_streams opened, prepare_messages written, prepare_items they carried."""
 
     async def prepare(self, request: pb.PrepareRequest) -> pb.VoteItem:
         """The agent's answer to `request`; raises `CallBroken` if the call broke first."""
@@ -111,6 +111,7 @@ class PrepareStream:
 
     def _current(self) -> Any:
         if self._call is None:
+            self.stats["prepare_streams"] += 1
             self._call = self._open_call()
             self._spawn(self._read(self._call))
         return self._call

@@ -17,8 +17,11 @@ import grpc
 import pytest
 
 from coordinator.client import Outcome
+from coordinator.participants import ParticipantClient
 from coordinator.prepare_stream import CallBroken, PrepareStream
+from coordinator.protocol import Vote
 from tests.conftest import SystemFactory, create_tagged_rows, rows, tagged_inserts
+from twopc_common.tls import TlsConfig
 from twopc_harness.daemons import wait_until
 from twopc_harness.postgres import free_port
 from twopc_pb import participant_pb2 as pb
@@ -114,7 +117,7 @@ def test_answers_reach_their_own_callers_in_any_order() -> None:
     run(test)
 
 
-def test_a_prepare_given_up_is_not_written_and_its_late_answer_is_dropped() -> None:
+def test_a_prepare_given_up_leaves_nothing_behind_and_its_late_answer_is_dropped() -> None:
     async def test() -> None:
         servicer = HeldAnswers()
         server, address = await _serve(servicer)
@@ -271,3 +274,61 @@ def test_unary_prepares_still_work_and_use_no_stream(make_system: SystemFactory)
         assert client.run(tagged_inserts("streamed", ("shard1", "shard2"))).committed
         counters = client.status().counters
     assert counters.get("prepare_items.shard1") == 1, counters
+
+
+def test_a_prepare_given_up_before_it_was_written_is_never_written() -> None:
+    """While the agent cannot be reached the first write waits (wait_for_ready); a
+    Prepare queued behind it and given up is dropped, not sent once the agent is up."""
+
+    async def test() -> None:
+        servicer = HeldAnswers()
+        address = f"127.0.0.1:{free_port()}"
+        channel = grpc.aio.insecure_channel(address)
+        stream = PrepareStream(
+            lambda: pgrpc.ParticipantStub(channel).PrepareStream(wait_for_ready=True), 100, 1 << 20
+        )
+        server = None
+        try:
+            for txid in ("first", "given-up"):
+                with pytest.raises(TimeoutError):
+                    await asyncio.wait_for(stream.prepare(_request(txid)), 0.3)
+            server, _ = await _restart(servicer, address)
+            servicer.gate("later").set()
+            assert (await stream.prepare(_request("later"))).response.reason == "later"
+            sent = {t for m in servicer.messages for t in m}
+            assert "given-up" not in sent and "later" in sent, servicer.messages
+        finally:
+            await stream.close()
+            await channel.close()
+            if server is not None:
+                await server.stop(None)
+
+    run(test)
+
+
+class UnaryOnly(pgrpc.ParticipantServicer):
+    """An agent from before PrepareStream: the generated base answers UNIMPLEMENTED."""
+
+    async def Prepare(self, request: pb.PrepareRequest, context: Any) -> pb.PrepareResponse:
+        return pb.PrepareResponse(vote=pb.YES, reason=f"unary {request.transaction_id}")
+
+
+def test_an_agent_without_prepare_stream_gets_unary_prepares() -> None:
+    async def test() -> None:
+        server = grpc.aio.server()
+        pgrpc.add_ParticipantServicer_to_server(UnaryOnly(), server)
+        address = f"127.0.0.1:{free_port()}"
+        server.add_insecure_port(address)
+        await server.start()
+        client = ParticipantClient("old", address, 5.0, 1 << 20, tls=TlsConfig())
+        try:
+            for txid in ("t1", "t2"):
+                reply = await client.prepare(txid, (), False, 5.0)
+                assert reply.ballot.vote is Vote.YES, reply
+                assert reply.ballot.reason == f"unary {txid}"
+            assert client.stats["prepare_streams"] == 1  # tried once, then unary for good
+        finally:
+            await client.close()
+            await server.stop(None)
+
+    run(test)
