@@ -117,10 +117,11 @@ class CoordinatorConfig:
     client_participants: dict[str, frozenset[str]] = field(default_factory=dict)
     """Client identity -> the participants its transactions may touch
     (--client-participants); an identity not named here, or an admin, may touch all."""
-    owners_remembered: int = 200_000
-    """Finished transactions whose owning client is remembered in memory. Beyond them
-    (and after a restart) the owner comes from the transaction's log record; one
-    without a record is then NOT_FOUND to every client but an admin."""
+    owners_remembered: int = 20_000
+    """Finished transactions whose owning client is remembered in memory (about 200
+    bytes each; twice `recent_outcomes`, whose answers need it). Beyond them (and after
+    a restart) the owner comes from the transaction's log record; one without a record
+    is then NOT_FOUND to every client but an admin."""
     limits: Limits = field(default_factory=Limits)
     """Request limits."""
 
