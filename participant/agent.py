@@ -45,6 +45,7 @@ from twopc_common.errors import (
 from twopc_common.ids import FORMAT_ID, TransactionId
 from twopc_common.isolation import Isolation
 from twopc_common.log import EventLogger
+from twopc_common.phase2_outcome import Phase2Outcome, finished
 from twopc_common.ports import SYSTEM_CLOCK, Clock, Random, system_random
 from twopc_common.values import Statement, StatementResult
 
@@ -124,7 +125,7 @@ def _repeated_vote(state: BranchState, one_phase: bool, txid: str) -> VoteResult
     return None
 
 
-def _unwrap(answer: bool | Exception) -> bool:
+def _unwrap(answer: Phase2Outcome | Exception) -> Phase2Outcome:
     if isinstance(answer, Exception):
         raise answer
     return answer
@@ -338,24 +339,24 @@ class Agent:
             await failpoints.hit("participant.after_prepare_before_vote")
             return VoteResult(Vote.YES, results=results)
 
-    async def commit(self, txid: str) -> bool:
+    async def commit(self, txid: str) -> Phase2Outcome:
         return _unwrap((await self.finish([(txid, True)]))[0])
 
-    async def abort(self, txid: str, reason: str = "coordinator abort") -> bool:
+    async def abort(self, txid: str, reason: str = "coordinator abort") -> Phase2Outcome:
         return _unwrap((await self.finish([(txid, False)], reason))[0])
 
     async def finish(
         self, decisions: Sequence[tuple[str, bool]], reason: str = "coordinator abort"
-    ) -> list[bool | Exception]:
+    ) -> list[Phase2Outcome | Exception]:
         """Phase 2 for a batch of (txid, commit) decisions, each answered on its own:
-        True if it changed the branch, False for a repeat, or the error Commit or
+        the branch's outcome (the other final state included), or the error Commit or
         Abort alone would have raised. Prepared branches are finished together, in
         one round trip on a single pooled connection, taken only if one needs it (an
         Abort of open branches must not wait for a connection they may all be
         holding); open branches are rolled back meanwhile, each on its own (one may
         first have to interrupt a statement waiting on a lock)."""
         plan = plan_phase2(decisions, {t: b.state for t, b in self._branches.items()})
-        answers: dict[int, bool | Exception] = dict(plan.refused)
+        answers: dict[int, Phase2Outcome | Exception] = dict(plan.refused)
         still_open = [(i, self._branches[decisions[i][0]]) for i in plan.still_open]
         prepared = list(plan.prepared)
 
@@ -370,15 +371,15 @@ class Agent:
 
         async def abort_open(i: int, branch: _Branch) -> None:
             try:
-                changed = await self._abort_open(branch, reason)
+                outcome = await self._abort_open(branch, reason)
             except Exception as exc:
                 self.log.error("abort_failed", txid=branch.transaction_id, error=repr(exc))
                 answers[i] = exc
                 return
-            if changed is None:  # it got prepared while the Abort waited
+            if outcome is None:  # it got prepared while the Abort waited
                 await finish_prepared([i])
             else:
-                answers[i] = changed
+                answers[i] = outcome
 
         await asyncio.gather(
             *([finish_prepared(prepared)] if prepared else []),
@@ -386,7 +387,7 @@ class Agent:
         )
         return [answers[i] for i in range(len(decisions))]
 
-    async def _abort_open(self, branch: _Branch, reason: str) -> bool | None:
+    async def _abort_open(self, branch: _Branch, reason: str) -> Phase2Outcome | None:
         """Roll back a branch that is still open; None if it is prepared by now."""
         branch.abort_reason = reason
         if branch.lock.locked() and branch.conn is not None:
@@ -398,14 +399,14 @@ class Agent:
             await self._close(branch, BranchState.ABORTED, reason)
         self.counters["aborted_active"] += 1
         self.log.info("aborted", txid=branch.transaction_id, prepared=False, reason=reason)
-        return True
+        return Phase2Outcome.ROLLED_BACK
 
     async def _finish_on(
         self, conn: BranchConn, batch: dict[int, tuple[str, bool]], reason: str
-    ) -> dict[int, bool | Exception]:
+    ) -> dict[int, Phase2Outcome | Exception]:
         """Prepared branches: all in one round trip; what PostgreSQL skipped after a
         failure goes again one by one. Unavailable if the connection breaks."""
-        answers: dict[int, bool | Exception] = {}
+        answers: dict[int, Phase2Outcome | Exception] = {}
         ready: dict[int, tuple[str, bool]] = {}
         for i, (txid, commit) in batch.items():
             try:
@@ -417,9 +418,19 @@ class Agent:
         ran = await self.store.finish_many(conn, list(ready.values()), self.config.id)
         for (i, (txid, commit)), done in zip(ready.items(), ran, strict=True):
             try:
-                changed = done or await self.store.finish_prepared(
-                    conn, txid, self.config.id, commit
+                outcome = (
+                    finished(commit)
+                    if done
+                    else await self.store.finish_prepared(conn, txid, self.config.id, commit)
                 )
+                if outcome.committed is not commit:
+                    # The other final state (or, for a Commit, nothing to commit): the
+                    # answer, and nothing for this agent to remember or count.
+                    self.log.info(
+                        "phase2_other_state", txid=txid, commit=commit, outcome=outcome.value
+                    )
+                    answers[i] = outcome
+                    continue
                 await failpoints.hit(_PHASE2_FAILPOINTS[commit][1])
             except TwoPCError as exc:
                 answers[i] = exc
@@ -429,15 +440,15 @@ class Agent:
                 await self.store.rollback(conn)  # leave the connection usable for the rest
                 answers[i] = exc
                 continue
-            answers[i] = changed
+            answers[i] = outcome
             if commit:
                 self._remember(txid, BranchState.COMMITTED)
-                self.counters["committed" if changed else "commit_repeats"] += 1
-                self.log.debug("committed", txid=txid, changed=changed)
+                self.counters["committed" if outcome.changed else "commit_repeats"] += 1
+                self.log.debug("committed", txid=txid, changed=outcome.changed)
             else:
                 self._remember(txid, BranchState.ABORTED, reason)
-                self.counters["aborted" if changed else "abort_repeats"] += 1
-                self.log.info("aborted", txid=txid, prepared=changed, reason=reason)
+                self.counters["aborted" if outcome.changed else "abort_repeats"] += 1
+                self.log.info("aborted", txid=txid, prepared=outcome.changed, reason=reason)
         return answers
 
     async def list_prepared(self, coordinator_id: str) -> list[PreparedBranch]:

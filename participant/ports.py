@@ -11,9 +11,10 @@ The contracts the agent relies on, beyond the signatures (see `participant.store
   branch (the silent ROLLBACK of PREPARE TRANSACTION), a broken expectation, a lock
   timeout, a marker or fence already there raise `BranchFailed`; a connection lost
   while the settling statement ran raises `OutcomeUnknown`;
-- `finish_prepared` answers True (changed), False (already in the asked state) or
-  raises `FailedPrecondition` (the other state); an abort of a branch that is not
-  prepared first fences its gid, so that it can never commit afterwards;
+- `finish_many` answers which of its COMMIT/ROLLBACK PREPARED ran; `finish_prepared`
+  answers the branch's `Phase2Outcome`, the other final state included (it raises only
+  for errors: `Unavailable`); an abort of a branch that is not prepared first fences
+  its gid, so that it can never commit afterwards;
 - an agent restart loses every open transaction and keeps prepared ones, committed
   rows, markers, fences and epochs.
 """
@@ -26,6 +27,7 @@ from typing import Protocol, TypeVar
 
 from participant.store import LockWait, PreparedScan
 from twopc_common.isolation import Isolation
+from twopc_common.phase2_outcome import Phase2Outcome
 from twopc_common.values import Statement, StatementResult
 
 
@@ -86,7 +88,7 @@ class AgentStore(Protocol[Conn]):
 
     async def finish_prepared(
         self, conn: Conn, transaction_id: str, participant_id: str, commit: bool
-    ) -> bool: ...
+    ) -> Phase2Outcome: ...
 
     async def prepared_branches(self, participant_id: str) -> PreparedScan: ...
 

@@ -197,20 +197,26 @@ class Recovery:
                         code=exc.code,
                     )
                 continue
+            if committed is None:
+                waiting += 1
+                log.info("in_doubt_in_progress", txid=txid, age=round(age, 1))
+                continue
             try:
-                if committed is True:
-                    await self._agent.commit(txid)
-                    self._agent.counters["recovered_commits"] += 1
-                elif committed is False:
-                    await self._agent.abort(txid, "recovery: coordinator says aborted")
-                    self._agent.counters["recovered_aborts"] += 1
+                if committed:
+                    outcome = await self._agent.commit(txid)
                 else:
-                    waiting += 1
-                    log.info("in_doubt_in_progress", txid=txid, age=round(age, 1))
+                    outcome = await self._agent.abort(txid, "recovery: coordinator says aborted")
             except TwoPCError as exc:
                 waiting += 1
                 if self._warn.due(f"resolve_failed {txid}"):
                     log.warning("in_doubt_resolve_failed", txid=txid, error=str(exc))
+                continue
+            if outcome.committed is not committed:
+                # Finished the other way since the scan (an operator's heuristic
+                # decision): nothing left to wait for, and nothing to undo it with.
+                log.warning("in_doubt_other_state", txid=txid, outcome=outcome.value)
+                continue
+            self._agent.counters["recovered_commits" if committed else "recovered_aborts"] += 1
         self.prepared, self.waiting = len(branches), waiting
 
     def _report_foreign(self, foreign: tuple[ForeignPrepared, ...]) -> None:

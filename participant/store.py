@@ -30,8 +30,9 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from participant import containment
 from participant.config import ParticipantConfig
 from twopc_common import ids, settings
-from twopc_common.errors import FailedPrecondition, TwoPCError, Unavailable
+from twopc_common.errors import TwoPCError, Unavailable
 from twopc_common.isolation import Isolation
+from twopc_common.phase2_outcome import Phase2Outcome, finished
 from twopc_common.statements import AGENT_SCHEMA, LEGACY_TABLES, session_safe, writes
 from twopc_common.values import RESULT_OVERHEAD_BYTES, Statement, StatementResult, row_bytes
 
@@ -513,10 +514,9 @@ class Store:
 
     async def finish_prepared(
         self, conn: AsyncConn, transaction_id: str, participant_id: str, commit: bool
-    ) -> bool:
-        """COMMIT or ROLLBACK PREPARED on `conn` (idle, from `phase2_connection`). True
-        if this call changed the branch, False if it was already in the asked state;
-        FailedPrecondition if it is in the other one."""
+    ) -> Phase2Outcome:
+        """COMMIT or ROLLBACK PREPARED on `conn` (idle, from `phase2_connection`); if
+        the branch is not prepared (any more), the marker says what happened to it."""
         xid = ids.branch_xid(transaction_id, participant_id)
         try:
             try:
@@ -524,23 +524,16 @@ class Store:
                     await conn.tpc_commit(xid)
                 else:
                     await conn.tpc_rollback(xid)
-                return True
+                return finished(commit)
             except psycopg.errors.UndefinedObject:
-                # Not prepared (any more): the marker says what happened. An
-                # abort first fences the gid, so the answer cannot change later.
+                # An abort first fences the gid, so that the answer cannot change later.
                 if not commit:
                     await self._fence(conn, str(xid), transaction_id)
-                committed = await self._marker_state(conn, str(xid)) == "committed"
+                marker = await self._marker_state(conn, str(xid))
         except psycopg.OperationalError as exc:
             self._purge_broken()
             raise Unavailable(f"database unavailable: {exc}") from exc
-        if commit and not committed:
-            raise FailedPrecondition(
-                f"branch of {transaction_id} is not prepared and did not commit"
-            )
-        if not commit and committed:
-            raise FailedPrecondition(f"branch of {transaction_id} has committed")
-        return False
+        return _NOT_PREPARED[marker]
 
     @staticmethod
     async def _fence(conn: AsyncConn, gid: str, transaction_id: str) -> None:
@@ -636,6 +629,13 @@ class Store:
 
 
 _FINISH = {True: sql.SQL("COMMIT PREPARED {}"), False: sql.SQL("ROLLBACK PREPARED {}")}
+# What a Commit or Abort that found no prepared branch answers, by its marker row (an
+# Abort has fenced it first, so for an Abort there is always one).
+_NOT_PREPARED = {
+    "committed": Phase2Outcome.ALREADY_COMMITTED,
+    "aborted": Phase2Outcome.ALREADY_ROLLED_BACK,
+    None: Phase2Outcome.NOT_PREPARED,
+}
 _FINISHED = {True: "COMMIT PREPARED", False: "ROLLBACK PREPARED"}
 
 T = TypeVar("T")

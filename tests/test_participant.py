@@ -98,9 +98,6 @@ def test_commit_and_abort_are_idempotent_and_exact(system: LocalSystem) -> None:
         assert [b.transaction_id for b in listed.branches] == [txid]
         assert agent.Commit(ppb.BranchRef(transaction_id=txid)).changed
         assert not agent.Commit(ppb.BranchRef(transaction_id=txid)).changed  # a retry
-        with pytest.raises(grpc.RpcError) as caught:
-            agent.Abort(ppb.BranchRef(transaction_id=txid))
-        assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         # A second transaction aborted before its Prepare arrived: the late Prepare
         # must vote NO instead of preparing a branch nobody will finish.
         late = "agenttest.999.2"
@@ -110,6 +107,63 @@ def test_commit_and_abort_are_idempotent_and_exact(system: LocalSystem) -> None:
     with system.connect("shard1") as conn:
         rows = conn.execute("SELECT count(*) FROM ledger WHERE transfer_id = 'idem'").fetchone()
     assert rows == (1,)
+    assert not any(system.prepared_transactions().values())
+
+
+def test_commit_and_abort_answer_the_state_they_left_the_branch_in(system: LocalSystem) -> None:
+    """Each phase-2 answer is an outcome, the other final state included (status OK);
+    only real errors are status codes."""
+    committed, rolled_back, open_branch, never = (f"agenttest.999.{i}" for i in (3, 4, 5, 6))
+
+    def row(tag: str) -> tpb.Statement:
+        return tpb.Statement(sql=f"INSERT INTO ledger VALUES ('{tag}', 'debit', 1, 1)")
+
+    with system.participant_channel("shard1") as channel:
+        agent = pgrpc.ParticipantStub(channel)
+
+        def commit(txid: str) -> ppb.Ack:
+            answer: ppb.Ack = agent.Commit(ppb.BranchRef(transaction_id=txid))
+            return answer
+
+        def abort(txid: str) -> ppb.Ack:
+            answer: ppb.Ack = agent.Abort(ppb.BranchRef(transaction_id=txid))
+            return answer
+
+        for txid, tag in ((committed, "answer-c"), (rolled_back, "answer-r")):
+            vote = agent.Prepare(ppb.PrepareRequest(transaction_id=txid, statements=[row(tag)]))
+            assert vote.vote == ppb.YES
+        agent.Execute(
+            ppb.BranchExecuteRequest(transaction_id=open_branch, statements=[row("answer-o")])
+        )
+        assert [commit(committed).outcome, commit(committed).outcome, abort(committed).outcome] == [
+            ppb.PHASE2_COMMITTED,
+            ppb.PHASE2_ALREADY_COMMITTED,
+            ppb.PHASE2_ALREADY_COMMITTED,  # the other final state: an answer, not an error
+        ]
+        assert [abort(rolled_back).outcome, abort(rolled_back).outcome] == [
+            ppb.PHASE2_ROLLED_BACK,
+            ppb.PHASE2_ALREADY_ROLLED_BACK,
+        ]
+        assert commit(rolled_back).outcome == ppb.PHASE2_ALREADY_ROLLED_BACK  # fenced by the repeat
+        assert commit(never).outcome == ppb.PHASE2_NOT_PREPARED  # no trace: no fence written
+        assert commit(never).outcome == ppb.PHASE2_NOT_PREPARED
+        assert abort(never).outcome == ppb.PHASE2_ALREADY_ROLLED_BACK  # fenced now
+        assert commit(never).outcome == ppb.PHASE2_ALREADY_ROLLED_BACK
+        # `changed` stays for older coordinators: true only where this call did it.
+        assert [commit(committed).changed, abort(never).changed] == [False, False]
+        # A Commit of a branch still open is refused (an error, nothing ran); an Abort
+        # rolls it back.
+        with pytest.raises(grpc.RpcError) as caught:
+            commit(open_branch)
+        assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "not prepared" in (caught.value.details() or "")
+        rolled = abort(open_branch)
+        assert (rolled.outcome, rolled.changed) == (ppb.PHASE2_ROLLED_BACK, True)
+    with system.connect("shard1") as conn:
+        tags = conn.execute(
+            "SELECT transfer_id FROM ledger WHERE transfer_id LIKE 'answer-%'"
+        ).fetchall()
+    assert tags == [("answer-c",)]
     assert not any(system.prepared_transactions().values())
 
 
@@ -171,7 +225,5 @@ def test_a_prepare_whose_caller_gave_up_still_finishes_and_abort_tells_the_truth
                 return conn.execute("SELECT v FROM shield_rows WHERE id = 1").fetchone() == (1,)
 
         wait_until(committed, 15, "the abandoned one-phase branch to commit")
-        with pytest.raises(grpc.RpcError) as caught:
-            agent.Abort(ppb.BranchRef(transaction_id=txid))
-        assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-        assert "has committed" in (caught.value.details() or "")
+        answer = agent.Abort(ppb.BranchRef(transaction_id=txid))
+        assert answer.outcome == ppb.PHASE2_ALREADY_COMMITTED

@@ -42,8 +42,9 @@ from participant.store import BranchFailed, LockWait, OutcomeUnknown, PreparedBr
 from tests.sim.loop import Process, SimClock
 from tests.sim.trace import Trace
 from twopc_common import ids
-from twopc_common.errors import FailedPrecondition, Unavailable
+from twopc_common.errors import Unavailable
 from twopc_common.isolation import Isolation
+from twopc_common.phase2_outcome import Phase2Outcome, finished
 from twopc_common.values import Statement, StatementResult
 
 
@@ -484,25 +485,22 @@ class SimStore:
 
     async def finish_prepared(
         self, conn: SimConn, transaction_id: str, participant_id: str, commit: bool
-    ) -> bool:
+    ) -> Phase2Outcome:
         gid = str(ids.branch_xid(transaction_id, participant_id))
         await self._round_trip()
         self._check_up(conn)
         if gid in self._db.prepared:
             self._db.finish_prepared(gid, commit)
-            return True
+            return finished(commit)
         if not commit and gid not in self._db.markers:
             self._db.markers[gid] = (transaction_id, "aborted", _now())
             self._trace_add("fence (aborted marker)", transaction_id)
         marker = self._db.markers.get(gid)
-        committed = marker is not None and marker[1] == "committed"
-        if commit and not committed:
-            raise FailedPrecondition(
-                f"branch of {transaction_id} is not prepared and did not commit"
-            )
-        if not commit and committed:
-            raise FailedPrecondition(f"branch of {transaction_id} has committed")
-        return False
+        if marker is None:
+            return Phase2Outcome.NOT_PREPARED
+        if marker[1] == "committed":
+            return Phase2Outcome.ALREADY_COMMITTED
+        return Phase2Outcome.ALREADY_ROLLED_BACK
 
     # -- recovery, deadlocks, epochs --------------------------------------------------
 
