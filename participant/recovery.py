@@ -20,8 +20,8 @@ import grpc
 
 from participant.agent import Agent
 from participant.config import ParticipantConfig
+from participant.control_sql import ForeignPrepared
 from participant.ports import Coordinators, CoordinatorUnreachable
-from participant.store import ForeignPrepared
 from twopc_common.errors import TwoPCError
 from twopc_common.grpc_errors import active_hint
 from twopc_common.ids import TransactionId
@@ -151,7 +151,7 @@ class Recovery:
             try:
                 await self.scan()
                 if self._agent.clock.monotonic() >= next_prune:
-                    pruned = await self._agent.store.prune_markers()
+                    pruned = await self._agent.store.control.prune_markers()
                     self._agent.log.info("markers_pruned", count=pruned)
                     next_prune = self._agent.clock.monotonic() + self._config.marker_prune_interval
             except Exception as exc:  # the database may be down: try again next period
@@ -160,7 +160,7 @@ class Recovery:
 
     async def scan(self) -> None:
         log = self._agent.log
-        scan = await self._agent.store.prepared_branches(self._config.id)
+        scan = await self._agent.store.control.prepared_branches(self._config.id)
         self._report_foreign(scan.foreign)
         branches = scan.ours
         now = dt.datetime.fromtimestamp(self._agent.clock.time(), dt.UTC)

@@ -15,7 +15,8 @@ from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 from participant import heuristic
-from participant.agent import Agent, Vote
+from participant.agent import Agent
+from participant.prepare_path import Vote
 from participant.recovery import Recovery
 from participant.store import Store
 from twopc_common import failpoints

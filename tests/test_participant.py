@@ -11,8 +11,10 @@ import grpc
 import psycopg
 import pytest
 
+from participant.branch_sql import BranchFailed
 from participant.config import ParticipantConfig
-from participant.store import MARKER_TABLE, BranchFailed, Store
+from participant.schema import MARKER_TABLE
+from participant.store import Store
 from tests.conftest import SystemFactory
 from twopc_common.isolation import Isolation
 from twopc_harness.daemons import wait_until
@@ -73,14 +75,14 @@ def test_prepare_of_a_failed_transaction_is_refused_not_silently_rolled_back(
         store = Store(ParticipantConfig(id="trap", dsn=system.dsn("shard1"), pool_min_size=1))
         await store.open()
         try:
-            conn = await store.connect_branch(Isolation.READ_COMMITTED)
+            conn = await store.branches.connect_branch(Isolation.READ_COMMITTED)
             with pytest.raises(psycopg.errors.DivisionByZero):
                 await conn.execute("SELECT 1 / 0")
             with pytest.raises(BranchFailed, match="already failed"):
-                await store.prepare(conn, [], "trap.1.1", "trap")
-            await store.rollback(conn)
-            await store.release(conn)
-            assert (await store.prepared_branches("trap")).ours == ()
+                await store.branches.prepare(conn, [], "trap.1.1", "trap")
+            await store.branches.rollback(conn)
+            await store.branches.release(conn)
+            assert (await store.control.prepared_branches("trap")).ours == ()
         finally:
             await store.close()
 
@@ -179,12 +181,12 @@ def test_an_abort_fences_a_branch_still_in_flight(system: LocalSystem) -> None:
         store = Store(ParticipantConfig(id="shard1", dsn=system.dsn("shard1"), pool_min_size=1))
         await store.open()
         try:
-            conn = await store.connect_branch(Isolation.READ_COMMITTED)
+            conn = await store.branches.connect_branch(Isolation.READ_COMMITTED)
             await conn.execute("INSERT INTO ledger VALUES ('orphan', 'debit', 1, 1)")
             with pytest.raises(BranchFailed, match="branch_marker_pkey"):
-                await store.commit_one_phase(conn, [], txid, "shard1")
-            await store.rollback(conn)
-            await store.release(conn)
+                await store.branches.commit_one_phase(conn, [], txid, "shard1")
+            await store.branches.rollback(conn)
+            await store.branches.release(conn)
         finally:
             await store.close()
 

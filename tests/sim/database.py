@@ -6,7 +6,7 @@ What it models is what the protocol depends on, with PostgreSQL's semantics:
   session and survive, holding their locks, until COMMIT/ROLLBACK PREPARED;
 - a statement that fails puts its transaction in the failed state, and PREPARE
   TRANSACTION on a failed transaction silently rolls it back (command tag ROLLBACK),
-  which the store checks, as `participant.store` does;
+  which the store checks, as `participant.branch_sql` does;
 - the branch marker is written inside the branch, so it exists exactly when the
   branch committed; an Abort that finds no prepared branch fences the gid ('aborted'
   marker), and a branch whose marker insert meets a fence fails (unique violation);
@@ -38,7 +38,8 @@ from dataclasses import dataclass, field
 
 from psycopg import Xid
 
-from participant.store import BranchFailed, LockWait, OutcomeUnknown, PreparedBranch, PreparedScan
+from participant.branch_sql import BranchFailed, OutcomeUnknown
+from participant.control_sql import LockWait, PreparedBranch, PreparedScan
 from tests.sim.loop import Process, SimClock
 from tests.sim.trace import Trace
 from twopc_common import ids
@@ -269,7 +270,9 @@ class StoreFaults:
 
 
 class SimStore:
-    """`participant.ports.AgentStore` on a `SimDatabase`, for one agent process."""
+    """`participant.ports.AgentStore` on a `SimDatabase`, for one agent process: one
+    object plays the three parts (`branches`, `phase2`, `control`) that
+    `participant.store.Store` has as three."""
 
     def __init__(
         self,
@@ -288,6 +291,18 @@ class SimStore:
         self._lock_timeout = lock_timeout
         self._marker_retention = marker_retention
         self._faults = faults
+
+    @property
+    def branches(self) -> SimStore:
+        return self
+
+    @property
+    def phase2(self) -> SimStore:
+        return self
+
+    @property
+    def control(self) -> SimStore:
+        return self
 
     async def _round_trip(self) -> None:
         if not self._owner.alive:
