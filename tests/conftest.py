@@ -111,14 +111,14 @@ def settle(system: LocalSystem) -> None:
     left broken (a daemon down) is stopped as it is."""
     if not system.daemons() or not all(d.running for d in system.daemons()):
         return
-    prefix = f"{system.coordinator_id}."
+    prefixes = tuple(f"{c}." for c in system.group_members())
 
     def ours() -> list[str]:
         found = []
         for gids in system.prepared_transactions().values():
             for gid in gids:
                 with contextlib.suppress(ValueError):
-                    if str(psycopg.Xid.from_string(gid).gtrid).startswith(prefix):
+                    if str(psycopg.Xid.from_string(gid).gtrid).startswith(prefixes):
                         found.append(gid)
         return found
 

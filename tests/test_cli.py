@@ -129,7 +129,7 @@ def test_coordinator_on_a_port_in_use_fails_before_touching_its_log(
 def test_coordinator_on_an_address_it_does_not_own_fails_in_one_line(tmp_path: Path) -> None:
     # 192.0.2.0/24 is TEST-NET-1: never assigned to this machine. Not loopback, so
     # with TLS (--insecure is refused there).
-    own = issue_credentials(tmp_path / "certs", "c1", [])["c1"]
+    own = issue_credentials(tmp_path / "certs", ["c1"], [])["c1"]
     done = cli(
         "twopc-coordinator",
         *["--id", "c1", "--log", str(tmp_path / "d.sqlite"), "--listen", "192.0.2.1:7000"],

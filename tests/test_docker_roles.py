@@ -79,7 +79,7 @@ def test_the_deployments_roles_run_the_agents_and_the_demo_without_a_superuser(
             "('twopc_agent', 'bank_app', 'bank_demo') ORDER BY rolname"
         ).fetchall()
     assert logins == [("bank_app", False), ("bank_demo", False), ("twopc_agent", False)]
-    credentials = issue_credentials(tmp_path / "certs", "coord1", list(shards))
+    credentials = issue_credentials(tmp_path / "certs", ["coord1"], list(shards))
     admin = credentials[ADMIN]
     coordinator_address = f"127.0.0.1:{free_port()}"
     agents = {}

@@ -22,6 +22,7 @@ import grpc
 import psycopg
 
 from coordinator.client import AsyncCoordinatorClient, CoordinatorClient
+from coordinator.group import AsyncCoordinatorGroup
 from twopc_common import certs
 from twopc_common.tls import TlsConfig, channel
 from twopc_harness.daemons import (
@@ -62,6 +63,9 @@ class LocalSystem:
     coordinator_id: str = COORDINATOR_ID
     standbys: list[CoordinatorDaemon] = field(default_factory=list)
     """Further coordinator processes of the same id on a shared PostgreSQL log."""
+    workers: list[CoordinatorDaemon] = field(default_factory=list)
+    """Further coordinators of ids of their own, each with its own log, over the same
+    agents (`start_system(workers=N)`; `coordinator.group`)."""
 
     @property
     def shard_names(self) -> list[str]:
@@ -94,7 +98,16 @@ class LocalSystem:
         )
 
     def coordinators(self) -> list[CoordinatorDaemon]:
-        return [*([self.coordinator] if self.coordinator else []), *self.standbys]
+        return [*([self.coordinator] if self.coordinator else []), *self.standbys, *self.workers]
+
+    def group_members(self) -> dict[str, list[str]]:
+        """Coordinator id -> its addresses: the first coordinator and the workers."""
+        members = {self.coordinator_id: self.client_addresses}
+        members.update({w.name: [w.address] for w in self.workers})
+        return members
+
+    def group_client(self, timeout: float = 30.0, identity: str = "app") -> AsyncCoordinatorGroup:
+        return AsyncCoordinatorGroup(self.group_members(), timeout=timeout, tls=self.tls(identity))
 
     def active_coordinator(self) -> CoordinatorDaemon | None:
         """The coordinator process whose health says SERVING, if one does."""
@@ -161,11 +174,14 @@ def start_system(
     secure: bool = True,
     log: str | None = None,
     standbys: int = 0,
+    workers: int = 1,
 ) -> LocalSystem:
     """Start clusters (unless given), agents and the coordinator; wait until all serve.
     With `faults`, every network path goes through its own Toxiproxy proxy. `log` is
     the coordinator's `--log` (default: a SQLite file in `workdir`); with a PostgreSQL
-    log, `standbys` more coordinator processes of the same id share it."""
+    log, `standbys` more coordinator processes of the same id share it. `workers` > 1
+    starts that many coordinators in all, the others of ids `<coordinator_id>-2` ...,
+    each with its own SQLite log, known to every agent."""
     if standbys and log is None:
         raise ValueError("standby coordinators need a shared PostgreSQL log")
     workdir = Path(workdir or tempfile.mkdtemp(prefix="twopc-"))
@@ -174,8 +190,11 @@ def start_system(
         clusters = start_clusters(shards, workdir / "pg")
     system = LocalSystem(workdir, clusters, owns_clusters=owns, coordinator_id=coordinator_id)
     shard_names = [f"shard{i}" for i in range(1, len(clusters) + 1)]
+    worker_ids = [f"{coordinator_id}-{i}" for i in range(2, workers + 1)]
     if secure:
-        system.credentials = issue_credentials(workdir / "certs", coordinator_id, shard_names)
+        system.credentials = issue_credentials(
+            workdir / "certs", [coordinator_id, *worker_ids], shard_names
+        )
 
     def tls(name: str) -> DaemonTls | None:
         if not secure:
@@ -190,6 +209,7 @@ def start_system(
 
         coord_address = f"127.0.0.1:{free_port()}"
         standby_addresses = [f"127.0.0.1:{free_port()}" for _ in range(standbys)]
+        worker_addresses = {w: f"127.0.0.1:{free_port()}" for w in worker_ids}
         agent_routes = {}
         for i, cluster in enumerate(clusters, 1):
             cluster.create_branch_role()
@@ -203,7 +223,8 @@ def start_system(
                 {
                     coordinator_id: ",".join(
                         [route(f"{name}_coordinator", coord_address), *standby_addresses]
-                    )
+                    ),
+                    **worker_addresses,
                 },
                 workdir / "logs" / f"{name}.log",
                 # Branch statements as a least-privilege role, never the superuser.
@@ -233,6 +254,18 @@ def start_system(
                     tls(coordinator_id),
                 )
             )
+        for worker, address in worker_addresses.items():
+            system.workers.append(
+                coordinator_daemon(
+                    worker,
+                    address,
+                    workdir / f"decisions-{worker}.sqlite",
+                    agent_routes,
+                    workdir / "logs" / f"coordinator-{worker}.log",
+                    coordinator_args,
+                    tls(worker),
+                )
+            )
         if start_daemons:
             start_all(system)
     except BaseException:
@@ -241,10 +274,12 @@ def start_system(
     return system
 
 
-def issue_credentials(out: Path, coordinator_id: str, shards: list[str]) -> dict[str, TlsConfig]:
-    """A fresh CA and a certificate for the coordinator, each agent and each client."""
+def issue_credentials(
+    out: Path, coordinator_ids: list[str], shards: list[str]
+) -> dict[str, TlsConfig]:
+    """A fresh CA and a certificate for each coordinator, each agent and each client."""
     identities = [
-        certs.Identity("coordinator", coordinator_id),
+        *(certs.Identity("coordinator", c) for c in coordinator_ids),
         *(certs.Identity("participant", s) for s in shards),
         *(certs.Identity("client", c) for c in CLIENTS),
     ]
@@ -262,3 +297,5 @@ def start_all(system: LocalSystem) -> None:
     for standby in system.standbys:
         standby.start(wait=False)
         standby.wait_ready(serving=False)
+    for worker in system.workers:
+        worker.start()
