@@ -25,7 +25,10 @@ def test_a_group_spreads_work_and_routes_by_transaction_id(make_system: SystemFa
     async def scenario() -> None:
         async with system.group_client(timeout=60) as group:
             outcomes = await asyncio.gather(
-                *(group.run(tagged_inserts(f"group-{i}", PAIR)) for i in range(12))
+                *(
+                    group.run(tagged_inserts(f"group-{i}", PAIR), wait_for_completion=True)
+                    for i in range(12)
+                )
             )
             assert all(o.committed for o in outcomes)
             by_member = {m: 0 for m in members}
@@ -38,7 +41,7 @@ def test_a_group_spreads_work_and_routes_by_transaction_id(make_system: SystemFa
             tx = await group.begin()
             await tx.execute("shard3", "INSERT INTO twopc_test_rows VALUES ('group-interactive')")
             await tx.execute("shard1", "INSERT INTO twopc_test_rows VALUES ('group-interactive')")
-            assert (await tx.commit()).committed
+            assert (await tx.commit(wait_for_completion=True)).committed
             statuses = await group.status()
             assert set(statuses) == set(members)
             with pytest.raises(NotFound):
@@ -61,7 +64,9 @@ def test_a_keyed_run_goes_to_one_member_and_is_applied_once(make_system: SystemF
         async with system.group_client(timeout=60) as group:
             for i in range(8):
                 key = f"order-{i}"
-                first = await group.run(tagged_inserts(key, PAIR), idempotency_key=key)
+                first = await group.run(
+                    tagged_inserts(key, PAIR), idempotency_key=key, wait_for_completion=True
+                )
                 again = await group.run(tagged_inserts(key, PAIR), idempotency_key=key)
                 assert first.committed and again.transaction_id == first.transaction_id
                 owner = first.transaction_id.split(".")[0]

@@ -255,7 +255,9 @@ def test_an_agent_killed_with_prepares_in_flight_on_its_call(make_system: System
         for outcome in outcomes:
             if isinstance(outcome, Outcome):
                 assert not outcome.committed  # the vote never came
-        after = client.run(tagged_inserts("after-kill", ("shard1", "shard2")))
+        after = client.run(
+            tagged_inserts("after-kill", ("shard1", "shard2")), wait_for_completion=True
+        )
         assert after.committed
     assert rows(system, "after-kill") == {"shard1": 1, "shard2": 1, "shard3": 0}
 
