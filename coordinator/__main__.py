@@ -104,7 +104,7 @@ async def serve(config: CoordinatorConfig) -> None:
             config.limits.max_phase2_batch,
             config.connect_probe_timeout,
             prepare_stream=config.prepare_stream,
-            prepare_batch=config.limits.max_prepare_batch,
+            prepare_batch=config.limits.max_stream_batch,
             tls=config.tls,
             tls_reload_interval=config.tls_reload_interval,
             # Calls on a replaced channel finish first: none waits longer than this.
@@ -126,7 +126,9 @@ async def serve(config: CoordinatorConfig) -> None:
                 guard(
                     gated(
                         CoordinatorService(
-                            engine, access.Owners(config.owners_remembered, engine.owner_of)
+                            engine,
+                            access.Owners(config.owners_remembered, engine.owner_of),
+                            gate,
                         ),
                         pb.DESCRIPTOR.services_by_name["Coordinator"],
                         gate,

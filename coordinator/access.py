@@ -1,7 +1,7 @@
 """Who may call what on the coordinator, and whose transactions are whose.
 
 Rules (per RPC, enforced by `twopc_common.auth.guard` before the servicer runs):
-- Run, Begin, Execute, Commit, Rollback: clients.
+- Run, RunStream, Begin, Execute, Commit, Rollback: clients.
 - ListTransactions: clients, and this coordinator's own identity (`inspect` runs with
   the coordinator's certificate).
 - GetTransaction: clients, this coordinator's own identity, and the configured
@@ -55,6 +55,7 @@ def rules(config: CoordinatorConfig) -> dict[str, Rule]:
 
     return {
         "Run": client,
+        "RunStream": client,
         "Begin": client,
         "Execute": client,
         "Commit": client,

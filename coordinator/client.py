@@ -59,9 +59,11 @@ import grpc
 
 from coordinator.failover import Endpoints, addresses_of, backoff, channel_options
 from coordinator.protocol import RetryPolicy
+from coordinator.run_sharing import SharedRuns
 from twopc_common.errors import Aborted, ResourceExhausted, TwoPCError
 from twopc_common.grpc_errors import ABORT_CAUSE, RETRY_AFTER_MS, error_for
 from twopc_common.isolation import Isolation, isolation_to_pb, parse_isolation
+from twopc_common.limits import Limits
 from twopc_common.tls import TlsConfig, aio_channel, channel
 from twopc_common.values import (
     Expectation,
@@ -285,6 +287,10 @@ def _retry_after(exc: grpc.RpcError) -> float | None:
         return None
 
 
+# A Run larger than this goes as a unary call: a RunStream message is held to the
+# default server message limit, and a coordinator may be configured to accept more.
+_SHARED_MAX = Limits().max_message_bytes - 64 * 1024
+
 _CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
     ("grpc.max_send_message_length", 64 * 1024 * 1024),
@@ -311,6 +317,15 @@ class _AsyncConnection:
     @functools.cached_property
     def stub(self) -> cgrpc.CoordinatorStub:
         return cgrpc.CoordinatorStub(self.channel)
+
+    @functools.cached_property
+    def runs(self) -> SharedRuns:
+        return SharedRuns(self.stub)
+
+    async def close(self) -> None:
+        if "runs" in self.__dict__:
+            await self.runs.close()
+        await self.channel.close()
 
 
 # -- blocking client -----------------------------------------------------------------
@@ -469,8 +484,13 @@ class AsyncCoordinatorClient:
         tls: TlsConfig | None = None,
         token: str | None = None,
         server_name: str | None = None,
+        share_calls: bool = True,
     ) -> None:
+        """`share_calls`: Runs go over one long-lived RunStream call per coordinator
+        process, several in a message when they queue (`coordinator.run_sharing`);
+        False: one unary Run call each."""
         self.timeout = timeout
+        self._share_calls = share_calls
         addresses = addresses_of(address)
         options = _CHANNEL_OPTIONS + channel_options(addresses)
         self._endpoints = Endpoints(
@@ -490,16 +510,20 @@ class AsyncCoordinatorClient:
 
     async def close(self) -> None:
         for connection in self._endpoints.connections():
-            await connection.channel.close()
+            await connection.close()
 
     async def _call(self, method: str, request: Any, timeout: float | None) -> Any:
         """`CoordinatorClient._call` for asyncio."""
         deadline = time.monotonic() + (timeout or self.timeout)
         keyed = method == "Run" and bool(request.idempotency_key)
+        shared = method == "Run" and self._share_calls and request.ByteSize() < _SHARED_MAX
         for attempt in itertools.count():
-            stub = self._endpoints.connection().stub
+            connection = self._endpoints.connection()
             try:
-                return await getattr(stub, method)(request, timeout=deadline - time.monotonic())
+                if shared:
+                    return await connection.runs.run(request, deadline - time.monotonic())
+                call = getattr(connection.stub, method)
+                return await call(request, timeout=deadline - time.monotonic())
             except grpc.aio.AioRpcError as exc:
                 pause = backoff(attempt)
                 if (

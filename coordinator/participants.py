@@ -190,7 +190,7 @@ class ParticipantClient:
         probe_timeout: float = 1.0,
         *,
         prepare_stream: bool = True,
-        prepare_batch: int = Limits().max_prepare_batch,
+        prepare_batch: int = Limits().max_stream_batch,
         tls: TlsConfig,
         tls_reload_interval: float = 5.0,
         drain: float = 10.0,

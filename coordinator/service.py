@@ -9,16 +9,20 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import Awaitable
+import logging
+from collections.abc import AsyncIterator, Awaitable
 from typing import TypeVar
+
+import grpc
 
 from coordinator.access import Owners, may_touch, owner_name, scoped_key
 from coordinator.engine import Coordinator, Outcome, TransactionInfo
 from coordinator.protocol import AbortCause, Reported, TxState
-from twopc_common import failpoints
+from coordinator.standby import StandbyGate
+from twopc_common import failpoints, multiplex
 from twopc_common.auth import caller
-from twopc_common.errors import Aborted
-from twopc_common.grpc_errors import Context, translate_errors
+from twopc_common.errors import Aborted, TwoPCError
+from twopc_common.grpc_errors import ACTIVE_ADDRESS, Context, answer_for, translate_errors
 from twopc_common.isolation import Isolation, isolation_from_pb
 from twopc_common.statements import StatementPolicy
 from twopc_common.values import results_to_pb, statements_from_pb
@@ -90,8 +94,11 @@ async def _shielded(call: Awaitable[T]) -> T:
 
 
 class CoordinatorService(cgrpc.CoordinatorServicer):
-    def __init__(self, engine: Coordinator, owners: Owners) -> None:
+    def __init__(
+        self, engine: Coordinator, owners: Owners, gate: StandbyGate | None = None
+    ) -> None:
         self._engine = engine
+        self._gate = gate
         self._limits = engine.config.limits
         self._owners = owners
         # The agents check the same policy; checking here too refuses a bad Run
@@ -100,6 +107,48 @@ class CoordinatorService(cgrpc.CoordinatorServicer):
 
     @translate_errors
     async def Run(self, request: pb.RunRequest, context: Context) -> pb.TransactionOutcome:
+        return await self._run(request)
+
+    @translate_errors
+    async def RunStream(self, requests: AsyncIterator[pb.RunBatch], context: Context) -> None:
+        # Each item runs in a task of its own (twopc_common.multiplex), which inherits
+        # the caller's identity from this call's context.
+        await multiplex.serve(
+            requests,
+            context,
+            self._run_item,
+            lambda answers: pb.OutcomeBatch(items=answers),
+            self._limits.max_stream_batch,
+            self._limits.max_message_bytes,
+        )
+
+    async def _run_item(self, item: pb.RunItem) -> pb.OutcomeItem:
+        """One RunStream item, answered as Run would be (a standby's refusal too: the
+        process may have stepped down since the call began)."""
+        if self._gate is not None and not (self._gate.active and self._gate.stepped_down is None):
+            message, address = self._gate.refusal()
+            return pb.OutcomeItem(
+                ref=item.ref,
+                code=grpc.StatusCode.UNAVAILABLE.value[0],
+                message=message,
+                trailers={ACTIVE_ADDRESS: address or ""},
+            )
+        try:
+            return pb.OutcomeItem(ref=item.ref, outcome=await self._run(item.request))
+        except TwoPCError as exc:
+            code, message, trailers = answer_for(exc)
+            return pb.OutcomeItem(
+                ref=item.ref, code=code.value[0], message=message, trailers=trailers
+            )
+        except Exception as exc:
+            logging.getLogger("twopc").exception("internal error in RunStream")
+            return pb.OutcomeItem(
+                ref=item.ref,
+                code=grpc.StatusCode.INTERNAL.value[0],
+                message=f"internal error: {exc!r}",
+            )
+
+    async def _run(self, request: pb.RunRequest) -> pb.TransactionOutcome:
         branches = [
             (
                 b.participant,

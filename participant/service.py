@@ -113,7 +113,7 @@ class ParticipantService(pgrpc.ParticipantServicer):
             requests,
             context,
             self._prepare,
-            self._limits.max_prepare_batch,
+            self._limits.max_stream_batch,
             self._limits.max_message_bytes,
         )
 

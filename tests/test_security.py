@@ -57,6 +57,23 @@ COORDINATOR_CALLS: dict[str, object] = {
             )
         ]
     ),
+    "RunStream": cpb.RunBatch(
+        items=[
+            cpb.RunItem(
+                ref=1,
+                request=cpb.RunRequest(
+                    branches=[
+                        cpb.Branch(
+                            participant="shard1",
+                            statements=[
+                                tpb.Statement(sql="INSERT INTO twopc_test_rows VALUES ('intruder')")
+                            ],
+                        )
+                    ]
+                ),
+            )
+        ]
+    ),
     "Begin": cpb.BeginRequest(),
     "Execute": cpb.ExecuteRequest(transaction_id="x.1.1", participant="shard1"),
     "Commit": cpb.CommitRequest(transaction_id="x.1.1"),
@@ -122,7 +139,8 @@ def calls(ch: grpc.Channel, service: str) -> dict[str, Callable[[], object]]:
         table = PARTICIPANT_CALLS
 
     def call(method: Callable[..., Any], request: object) -> Callable[[], object]:
-        if method is getattr(stub, "PrepareStream", None):  # a stream: read it to its end
+        if method in (getattr(stub, "PrepareStream", None), getattr(stub, "RunStream", None)):
+            # a stream: read it to its end
             return lambda: list(method(iter([request]), timeout=5))
         return lambda: method(request, timeout=5)
 

@@ -81,6 +81,12 @@ def error_for(
     return cls(message)
 
 
+def answer_for(exc: errors.TwoPCError) -> tuple[grpc.StatusCode, str, dict[str, str]]:
+    """What a call failing with `exc` answers: its status code, message and trailing
+    metadata (for one item of a multiplexed stream, `twopc_common.multiplex`)."""
+    return status_for(exc), str(exc), dict(_trailers(exc))
+
+
 def _trailers(exc: errors.TwoPCError) -> tuple[tuple[str, str], ...]:
     if isinstance(exc, errors.ResourceExhausted) and exc.retry_after is not None:
         return ((RETRY_AFTER_MS, str(max(1, round(exc.retry_after * 1000)))),)

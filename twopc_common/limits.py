@@ -25,8 +25,8 @@ class Limits:
     """Length of an idempotency key."""
     max_phase2_batch: int = 1000
     """Decisions one Finish call (the coordinator's batched phase 2) may carry."""
-    max_prepare_batch: int = 1000
-    """Prepares one PrepareStream message (the coordinator's batched phase 1) may carry."""
+    max_stream_batch: int = 1000
+    """Requests one message of a multiplexed stream (PrepareStream, RunStream) may carry."""
 
     @property
     def max_result_bytes(self) -> int:

@@ -25,53 +25,65 @@ _sym_db = _symbol_database.Default()
 from twopc_pb import types_pb2 as twopc__pb_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1atwopc_pb/coordinator.proto\x12\x08twopc.v1\x1a\x14twopc_pb/types.proto\"F\n\x06\x42ranch\x12\x13\n\x0bparticipant\x18\x01 \x01(\t\x12\'\n\nstatements\x18\x02 \x03(\x0b\x32\x13.twopc.v1.Statement\"\x93\x01\n\nRunRequest\x12\"\n\x08\x62ranches\x18\x01 \x03(\x0b\x32\x10.twopc.v1.Branch\x12\x17\n\x0fidempotency_key\x18\x02 \x01(\t\x12\x1b\n\x13wait_for_completion\x18\x03 \x01(\x08\x12+\n\tisolation\x18\x04 \x01(\x0e\x32\x18.twopc.v1.IsolationLevel\"\xfc\x01\n\x12TransactionOutcome\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\x12\"\n\x07outcome\x18\x02 \x01(\x0e\x32\x11.twopc.v1.Outcome\x12)\n\x0b\x61\x62ort_cause\x18\x03 \x01(\x0e\x32\x14.twopc.v1.AbortCause\x12\x19\n\x11\x61\x62ort_participant\x18\x04 \x01(\t\x12\x14\n\x0c\x61\x62ort_reason\x18\x05 \x01(\t\x12(\n\x07results\x18\x06 \x03(\x0b\x32\x17.twopc.v1.BranchResults\x12\x11\n\tone_phase\x18\x07 \x01(\x08\x12\x11\n\tcompleted\x18\x08 \x01(\x08\";\n\x0c\x42\x65ginRequest\x12+\n\tisolation\x18\x01 \x01(\x0e\x32\x18.twopc.v1.IsolationLevel\"\'\n\rBeginResponse\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\"f\n\x0e\x45xecuteRequest\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\x12\x13\n\x0bparticipant\x18\x02 \x01(\t\x12\'\n\nstatements\x18\x03 \x03(\x0b\x32\x13.twopc.v1.Statement\"=\n\x0f\x45xecuteResponse\x12*\n\x07results\x18\x01 \x03(\x0b\x32\x19.twopc.v1.StatementResult\"D\n\rCommitRequest\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\x12\x1b\n\x13wait_for_completion\x18\x02 \x01(\x08\")\n\x0fRollbackRequest\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\"/\n\x15GetTransactionRequest\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\"\xbb\x01\n\x11TransactionStatus\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\x12\"\n\x07outcome\x18\x02 \x01(\x0e\x32\x11.twopc.v1.Outcome\x12)\n\x05state\x18\x03 \x01(\x0e\x32\x1a.twopc.v1.TransactionState\x12\x14\n\x0cparticipants\x18\x04 \x03(\t\x12\x13\n\x0b\x61ge_seconds\x18\x05 \x01(\x01\x12\x14\n\x0cpending_acks\x18\x06 \x03(\t\"\x19\n\x17ListTransactionsRequest\"M\n\x18ListTransactionsResponse\x12\x31\n\x0ctransactions\x18\x01 \x03(\x0b\x32\x1b.twopc.v1.TransactionStatus\"\x0f\n\rStatusRequest\"\xbb\x01\n\x11\x43oordinatorStatus\x12\x16\n\x0e\x63oordinator_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x11\n\trecovered\x18\x03 \x01(\x08\x12;\n\x08\x63ounters\x18\x04 \x03(\x0b\x32).twopc.v1.CoordinatorStatus.CountersEntry\x1a/\n\rCountersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01*k\n\x07Outcome\x12\x17\n\x13OUTCOME_UNSPECIFIED\x10\x00\x12\r\n\tCOMMITTED\x10\x01\x12\x0b\n\x07\x41\x42ORTED\x10\x02\x12\x0f\n\x0bIN_PROGRESS\x10\x03\x12\x0b\n\x07UNKNOWN\x10\x04\x12\r\n\tFORGOTTEN\x10\x05*\xfe\x01\n\nAbortCause\x12\x1b\n\x17\x41\x42ORT_CAUSE_UNSPECIFIED\x10\x00\x12\x0b\n\x07VOTE_NO\x10\x01\x12\x13\n\x0fPREPARE_TIMEOUT\x10\x02\x12\x1b\n\x17PARTICIPANT_UNAVAILABLE\x10\x03\x12\x13\n\x0f\x43LIENT_ROLLBACK\x10\x04\x12\x12\n\x0e\x45XECUTE_FAILED\x10\x05\x12\x17\n\x13\x43OORDINATOR_RESTART\x10\x06\x12\x17\n\x13TRANSACTION_TIMEOUT\x10\x07\x12\x0c\n\x08\x44\x45\x41\x44LOCK\x10\x08\x12\x19\n\x15SERIALIZATION_FAILURE\x10\t\x12\x10\n\x0cLOCK_TIMEOUT\x10\n*\x9d\x01\n\x10TransactionState\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\n\n\x06\x41\x43TIVE\x10\x01\x12\r\n\tPREPARING\x10\x02\x12\x0e\n\nCOMMITTING\x10\x03\x12\x0c\n\x08\x41\x42ORTING\x10\x04\x12\x13\n\x0fSTATE_COMMITTED\x10\x05\x12\x11\n\rSTATE_ABORTED\x10\x06\x12\x11\n\rSTATE_UNKNOWN\x10\x07\x32\xff\x04\n\x0b\x43oordinator\x12\x39\n\x03Run\x12\x14.twopc.v1.RunRequest\x1a\x1c.twopc.v1.TransactionOutcome\x12\x38\n\x05\x42\x65gin\x12\x16.twopc.v1.BeginRequest\x1a\x17.twopc.v1.BeginResponse\x12>\n\x07\x45xecute\x12\x18.twopc.v1.ExecuteRequest\x1a\x19.twopc.v1.ExecuteResponse\x12?\n\x06\x43ommit\x12\x17.twopc.v1.CommitRequest\x1a\x1c.twopc.v1.TransactionOutcome\x12\x43\n\x08Rollback\x12\x19.twopc.v1.RollbackRequest\x1a\x1c.twopc.v1.TransactionOutcome\x12N\n\x0eGetTransaction\x12\x1f.twopc.v1.GetTransactionRequest\x1a\x1b.twopc.v1.TransactionStatus\x12Y\n\x10ListTransactions\x12!.twopc.v1.ListTransactionsRequest\x1a\".twopc.v1.ListTransactionsResponse\x12>\n\x06Status\x12\x17.twopc.v1.StatusRequest\x1a\x1b.twopc.v1.CoordinatorStatus\x12J\n\rSetFailpoints\x12\x1b.twopc.v1.FailpointsRequest\x1a\x1c.twopc.v1.FailpointsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1atwopc_pb/coordinator.proto\x12\x08twopc.v1\x1a\x14twopc_pb/types.proto\"F\n\x06\x42ranch\x12\x13\n\x0bparticipant\x18\x01 \x01(\t\x12\'\n\nstatements\x18\x02 \x03(\x0b\x32\x13.twopc.v1.Statement\"\x93\x01\n\nRunRequest\x12\"\n\x08\x62ranches\x18\x01 \x03(\x0b\x32\x10.twopc.v1.Branch\x12\x17\n\x0fidempotency_key\x18\x02 \x01(\t\x12\x1b\n\x13wait_for_completion\x18\x03 \x01(\x08\x12+\n\tisolation\x18\x04 \x01(\x0e\x32\x18.twopc.v1.IsolationLevel\"=\n\x07RunItem\x12\x0b\n\x03ref\x18\x01 \x01(\x04\x12%\n\x07request\x18\x02 \x01(\x0b\x32\x14.twopc.v1.RunRequest\",\n\x08RunBatch\x12 \n\x05items\x18\x01 \x03(\x0b\x32\x11.twopc.v1.RunItem\"\xd0\x01\n\x0bOutcomeItem\x12\x0b\n\x03ref\x18\x01 \x01(\x04\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\x12\x0f\n\x07message\x18\x03 \x01(\t\x12-\n\x07outcome\x18\x04 \x01(\x0b\x32\x1c.twopc.v1.TransactionOutcome\x12\x35\n\x08trailers\x18\x05 \x03(\x0b\x32#.twopc.v1.OutcomeItem.TrailersEntry\x1a/\n\rTrailersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"4\n\x0cOutcomeBatch\x12$\n\x05items\x18\x01 \x03(\x0b\x32\x15.twopc.v1.OutcomeItem\"\xfc\x01\n\x12TransactionOutcome\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\x12\"\n\x07outcome\x18\x02 \x01(\x0e\x32\x11.twopc.v1.Outcome\x12)\n\x0b\x61\x62ort_cause\x18\x03 \x01(\x0e\x32\x14.twopc.v1.AbortCause\x12\x19\n\x11\x61\x62ort_participant\x18\x04 \x01(\t\x12\x14\n\x0c\x61\x62ort_reason\x18\x05 \x01(\t\x12(\n\x07results\x18\x06 \x03(\x0b\x32\x17.twopc.v1.BranchResults\x12\x11\n\tone_phase\x18\x07 \x01(\x08\x12\x11\n\tcompleted\x18\x08 \x01(\x08\";\n\x0c\x42\x65ginRequest\x12+\n\tisolation\x18\x01 \x01(\x0e\x32\x18.twopc.v1.IsolationLevel\"\'\n\rBeginResponse\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\"f\n\x0e\x45xecuteRequest\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\x12\x13\n\x0bparticipant\x18\x02 \x01(\t\x12\'\n\nstatements\x18\x03 \x03(\x0b\x32\x13.twopc.v1.Statement\"=\n\x0f\x45xecuteResponse\x12*\n\x07results\x18\x01 \x03(\x0b\x32\x19.twopc.v1.StatementResult\"D\n\rCommitRequest\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\x12\x1b\n\x13wait_for_completion\x18\x02 \x01(\x08\")\n\x0fRollbackRequest\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\"/\n\x15GetTransactionRequest\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\"\xbb\x01\n\x11TransactionStatus\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\x12\"\n\x07outcome\x18\x02 \x01(\x0e\x32\x11.twopc.v1.Outcome\x12)\n\x05state\x18\x03 \x01(\x0e\x32\x1a.twopc.v1.TransactionState\x12\x14\n\x0cparticipants\x18\x04 \x03(\t\x12\x13\n\x0b\x61ge_seconds\x18\x05 \x01(\x01\x12\x14\n\x0cpending_acks\x18\x06 \x03(\t\"\x19\n\x17ListTransactionsRequest\"M\n\x18ListTransactionsResponse\x12\x31\n\x0ctransactions\x18\x01 \x03(\x0b\x32\x1b.twopc.v1.TransactionStatus\"\x0f\n\rStatusRequest\"\xbb\x01\n\x11\x43oordinatorStatus\x12\x16\n\x0e\x63oordinator_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x11\n\trecovered\x18\x03 \x01(\x08\x12;\n\x08\x63ounters\x18\x04 \x03(\x0b\x32).twopc.v1.CoordinatorStatus.CountersEntry\x1a/\n\rCountersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01*k\n\x07Outcome\x12\x17\n\x13OUTCOME_UNSPECIFIED\x10\x00\x12\r\n\tCOMMITTED\x10\x01\x12\x0b\n\x07\x41\x42ORTED\x10\x02\x12\x0f\n\x0bIN_PROGRESS\x10\x03\x12\x0b\n\x07UNKNOWN\x10\x04\x12\r\n\tFORGOTTEN\x10\x05*\xfe\x01\n\nAbortCause\x12\x1b\n\x17\x41\x42ORT_CAUSE_UNSPECIFIED\x10\x00\x12\x0b\n\x07VOTE_NO\x10\x01\x12\x13\n\x0fPREPARE_TIMEOUT\x10\x02\x12\x1b\n\x17PARTICIPANT_UNAVAILABLE\x10\x03\x12\x13\n\x0f\x43LIENT_ROLLBACK\x10\x04\x12\x12\n\x0e\x45XECUTE_FAILED\x10\x05\x12\x17\n\x13\x43OORDINATOR_RESTART\x10\x06\x12\x17\n\x13TRANSACTION_TIMEOUT\x10\x07\x12\x0c\n\x08\x44\x45\x41\x44LOCK\x10\x08\x12\x19\n\x15SERIALIZATION_FAILURE\x10\t\x12\x10\n\x0cLOCK_TIMEOUT\x10\n*\x9d\x01\n\x10TransactionState\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\n\n\x06\x41\x43TIVE\x10\x01\x12\r\n\tPREPARING\x10\x02\x12\x0e\n\nCOMMITTING\x10\x03\x12\x0c\n\x08\x41\x42ORTING\x10\x04\x12\x13\n\x0fSTATE_COMMITTED\x10\x05\x12\x11\n\rSTATE_ABORTED\x10\x06\x12\x11\n\rSTATE_UNKNOWN\x10\x07\x32\xbc\x05\n\x0b\x43oordinator\x12\x39\n\x03Run\x12\x14.twopc.v1.RunRequest\x1a\x1c.twopc.v1.TransactionOutcome\x12;\n\tRunStream\x12\x12.twopc.v1.RunBatch\x1a\x16.twopc.v1.OutcomeBatch(\x01\x30\x01\x12\x38\n\x05\x42\x65gin\x12\x16.twopc.v1.BeginRequest\x1a\x17.twopc.v1.BeginResponse\x12>\n\x07\x45xecute\x12\x18.twopc.v1.ExecuteRequest\x1a\x19.twopc.v1.ExecuteResponse\x12?\n\x06\x43ommit\x12\x17.twopc.v1.CommitRequest\x1a\x1c.twopc.v1.TransactionOutcome\x12\x43\n\x08Rollback\x12\x19.twopc.v1.RollbackRequest\x1a\x1c.twopc.v1.TransactionOutcome\x12N\n\x0eGetTransaction\x12\x1f.twopc.v1.GetTransactionRequest\x1a\x1b.twopc.v1.TransactionStatus\x12Y\n\x10ListTransactions\x12!.twopc.v1.ListTransactionsRequest\x1a\".twopc.v1.ListTransactionsResponse\x12>\n\x06Status\x12\x17.twopc.v1.StatusRequest\x1a\x1b.twopc.v1.CoordinatorStatus\x12J\n\rSetFailpoints\x12\x1b.twopc.v1.FailpointsRequest\x1a\x1c.twopc.v1.FailpointsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'twopc_pb.coordinator_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_OUTCOMEITEM_TRAILERSENTRY']._loaded_options = None
+  _globals['_OUTCOMEITEM_TRAILERSENTRY']._serialized_options = b'8\001'
   _globals['_COORDINATORSTATUS_COUNTERSENTRY']._loaded_options = None
   _globals['_COORDINATORSTATUS_COUNTERSENTRY']._serialized_options = b'8\001'
-  _globals['_OUTCOME']._serialized_start=1473
-  _globals['_OUTCOME']._serialized_end=1580
-  _globals['_ABORTCAUSE']._serialized_start=1583
-  _globals['_ABORTCAUSE']._serialized_end=1837
-  _globals['_TRANSACTIONSTATE']._serialized_start=1840
-  _globals['_TRANSACTIONSTATE']._serialized_end=1997
+  _globals['_OUTCOME']._serialized_start=1847
+  _globals['_OUTCOME']._serialized_end=1954
+  _globals['_ABORTCAUSE']._serialized_start=1957
+  _globals['_ABORTCAUSE']._serialized_end=2211
+  _globals['_TRANSACTIONSTATE']._serialized_start=2214
+  _globals['_TRANSACTIONSTATE']._serialized_end=2371
   _globals['_BRANCH']._serialized_start=62
   _globals['_BRANCH']._serialized_end=132
   _globals['_RUNREQUEST']._serialized_start=135
   _globals['_RUNREQUEST']._serialized_end=282
-  _globals['_TRANSACTIONOUTCOME']._serialized_start=285
-  _globals['_TRANSACTIONOUTCOME']._serialized_end=537
-  _globals['_BEGINREQUEST']._serialized_start=539
-  _globals['_BEGINREQUEST']._serialized_end=598
-  _globals['_BEGINRESPONSE']._serialized_start=600
-  _globals['_BEGINRESPONSE']._serialized_end=639
-  _globals['_EXECUTEREQUEST']._serialized_start=641
-  _globals['_EXECUTEREQUEST']._serialized_end=743
-  _globals['_EXECUTERESPONSE']._serialized_start=745
-  _globals['_EXECUTERESPONSE']._serialized_end=806
-  _globals['_COMMITREQUEST']._serialized_start=808
-  _globals['_COMMITREQUEST']._serialized_end=876
-  _globals['_ROLLBACKREQUEST']._serialized_start=878
-  _globals['_ROLLBACKREQUEST']._serialized_end=919
-  _globals['_GETTRANSACTIONREQUEST']._serialized_start=921
-  _globals['_GETTRANSACTIONREQUEST']._serialized_end=968
-  _globals['_TRANSACTIONSTATUS']._serialized_start=971
-  _globals['_TRANSACTIONSTATUS']._serialized_end=1158
-  _globals['_LISTTRANSACTIONSREQUEST']._serialized_start=1160
-  _globals['_LISTTRANSACTIONSREQUEST']._serialized_end=1185
-  _globals['_LISTTRANSACTIONSRESPONSE']._serialized_start=1187
-  _globals['_LISTTRANSACTIONSRESPONSE']._serialized_end=1264
-  _globals['_STATUSREQUEST']._serialized_start=1266
-  _globals['_STATUSREQUEST']._serialized_end=1281
-  _globals['_COORDINATORSTATUS']._serialized_start=1284
-  _globals['_COORDINATORSTATUS']._serialized_end=1471
-  _globals['_COORDINATORSTATUS_COUNTERSENTRY']._serialized_start=1424
-  _globals['_COORDINATORSTATUS_COUNTERSENTRY']._serialized_end=1471
-  _globals['_COORDINATOR']._serialized_start=2000
-  _globals['_COORDINATOR']._serialized_end=2639
+  _globals['_RUNITEM']._serialized_start=284
+  _globals['_RUNITEM']._serialized_end=345
+  _globals['_RUNBATCH']._serialized_start=347
+  _globals['_RUNBATCH']._serialized_end=391
+  _globals['_OUTCOMEITEM']._serialized_start=394
+  _globals['_OUTCOMEITEM']._serialized_end=602
+  _globals['_OUTCOMEITEM_TRAILERSENTRY']._serialized_start=555
+  _globals['_OUTCOMEITEM_TRAILERSENTRY']._serialized_end=602
+  _globals['_OUTCOMEBATCH']._serialized_start=604
+  _globals['_OUTCOMEBATCH']._serialized_end=656
+  _globals['_TRANSACTIONOUTCOME']._serialized_start=659
+  _globals['_TRANSACTIONOUTCOME']._serialized_end=911
+  _globals['_BEGINREQUEST']._serialized_start=913
+  _globals['_BEGINREQUEST']._serialized_end=972
+  _globals['_BEGINRESPONSE']._serialized_start=974
+  _globals['_BEGINRESPONSE']._serialized_end=1013
+  _globals['_EXECUTEREQUEST']._serialized_start=1015
+  _globals['_EXECUTEREQUEST']._serialized_end=1117
+  _globals['_EXECUTERESPONSE']._serialized_start=1119
+  _globals['_EXECUTERESPONSE']._serialized_end=1180
+  _globals['_COMMITREQUEST']._serialized_start=1182
+  _globals['_COMMITREQUEST']._serialized_end=1250
+  _globals['_ROLLBACKREQUEST']._serialized_start=1252
+  _globals['_ROLLBACKREQUEST']._serialized_end=1293
+  _globals['_GETTRANSACTIONREQUEST']._serialized_start=1295
+  _globals['_GETTRANSACTIONREQUEST']._serialized_end=1342
+  _globals['_TRANSACTIONSTATUS']._serialized_start=1345
+  _globals['_TRANSACTIONSTATUS']._serialized_end=1532
+  _globals['_LISTTRANSACTIONSREQUEST']._serialized_start=1534
+  _globals['_LISTTRANSACTIONSREQUEST']._serialized_end=1559
+  _globals['_LISTTRANSACTIONSRESPONSE']._serialized_start=1561
+  _globals['_LISTTRANSACTIONSRESPONSE']._serialized_end=1638
+  _globals['_STATUSREQUEST']._serialized_start=1640
+  _globals['_STATUSREQUEST']._serialized_end=1655
+  _globals['_COORDINATORSTATUS']._serialized_start=1658
+  _globals['_COORDINATORSTATUS']._serialized_end=1845
+  _globals['_COORDINATORSTATUS_COUNTERSENTRY']._serialized_start=1798
+  _globals['_COORDINATORSTATUS_COUNTERSENTRY']._serialized_end=1845
+  _globals['_COORDINATOR']._serialized_start=2374
+  _globals['_COORDINATOR']._serialized_end=3074
 # @@protoc_insertion_point(module_scope)

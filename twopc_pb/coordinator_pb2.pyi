@@ -87,6 +87,47 @@ class RunRequest(_message.Message):
     isolation: _types_pb2.IsolationLevel
     def __init__(self, branches: _Optional[_Iterable[_Union[Branch, _Mapping]]] = ..., idempotency_key: _Optional[str] = ..., wait_for_completion: _Optional[bool] = ..., isolation: _Optional[_Union[_types_pb2.IsolationLevel, str]] = ...) -> None: ...
 
+class RunItem(_message.Message):
+    __slots__ = ("ref", "request")
+    REF_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    ref: int
+    request: RunRequest
+    def __init__(self, ref: _Optional[int] = ..., request: _Optional[_Union[RunRequest, _Mapping]] = ...) -> None: ...
+
+class RunBatch(_message.Message):
+    __slots__ = ("items",)
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[RunItem]
+    def __init__(self, items: _Optional[_Iterable[_Union[RunItem, _Mapping]]] = ...) -> None: ...
+
+class OutcomeItem(_message.Message):
+    __slots__ = ("ref", "code", "message", "outcome", "trailers")
+    class TrailersEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    REF_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    TRAILERS_FIELD_NUMBER: _ClassVar[int]
+    ref: int
+    code: int
+    message: str
+    outcome: TransactionOutcome
+    trailers: _containers.ScalarMap[str, str]
+    def __init__(self, ref: _Optional[int] = ..., code: _Optional[int] = ..., message: _Optional[str] = ..., outcome: _Optional[_Union[TransactionOutcome, _Mapping]] = ..., trailers: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class OutcomeBatch(_message.Message):
+    __slots__ = ("items",)
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[OutcomeItem]
+    def __init__(self, items: _Optional[_Iterable[_Union[OutcomeItem, _Mapping]]] = ...) -> None: ...
+
 class TransactionOutcome(_message.Message):
     __slots__ = ("transaction_id", "outcome", "abort_cause", "abort_participant", "abort_reason", "results", "one_phase", "completed")
     TRANSACTION_ID_FIELD_NUMBER: _ClassVar[int]

@@ -40,6 +40,11 @@ class CoordinatorStub:
                 request_serializer=twopc__pb_dot_coordinator__pb2.RunRequest.SerializeToString,
                 response_deserializer=twopc__pb_dot_coordinator__pb2.TransactionOutcome.FromString,
                 _registered_method=True)
+        self.RunStream = channel.stream_stream(
+                '/twopc.v1.Coordinator/RunStream',
+                request_serializer=twopc__pb_dot_coordinator__pb2.RunBatch.SerializeToString,
+                response_deserializer=twopc__pb_dot_coordinator__pb2.OutcomeBatch.FromString,
+                _registered_method=True)
         self.Begin = channel.unary_unary(
                 '/twopc.v1.Coordinator/Begin',
                 request_serializer=twopc__pb_dot_coordinator__pb2.BeginRequest.SerializeToString,
@@ -87,6 +92,16 @@ class CoordinatorServicer:
 
     def Run(self, request, context):
         """One-shot transaction: every branch's statements at once, then commit.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RunStream(self, request_iterator, context):
+        """Run over one long-lived call: a client library with several transactions in
+        flight writes each as it comes (several in a message when they queue behind a
+        write) and gets each outcome as soon as it is known. Each item is carried out and
+        answered exactly as Run would be; one failing does not fail the rest.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -153,6 +168,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.Run,
                     request_deserializer=twopc__pb_dot_coordinator__pb2.RunRequest.FromString,
                     response_serializer=twopc__pb_dot_coordinator__pb2.TransactionOutcome.SerializeToString,
+            ),
+            'RunStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.RunStream,
+                    request_deserializer=twopc__pb_dot_coordinator__pb2.RunBatch.FromString,
+                    response_serializer=twopc__pb_dot_coordinator__pb2.OutcomeBatch.SerializeToString,
             ),
             'Begin': grpc.unary_unary_rpc_method_handler(
                     servicer.Begin,
@@ -222,6 +242,33 @@ class Coordinator:
             '/twopc.v1.Coordinator/Run',
             twopc__pb_dot_coordinator__pb2.RunRequest.SerializeToString,
             twopc__pb_dot_coordinator__pb2.TransactionOutcome.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RunStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/twopc.v1.Coordinator/RunStream',
+            twopc__pb_dot_coordinator__pb2.RunBatch.SerializeToString,
+            twopc__pb_dot_coordinator__pb2.OutcomeBatch.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,59 @@
+"""The client library's Runs over one long-lived RunStream call per coordinator
+process (`twopc_common.multiplex`): an application with many transactions in flight
+(an async server, say) sends them all on one call, several in a message when they
+queue behind a write, instead of one unary call each.
+
+An answer, or the failure of the call it travelled on, comes back as the
+`grpc.aio.AioRpcError` the unary Run would have raised (the same code, message and
+trailing metadata), so that failover, retries and error mapping are the unary path's,
+unchanged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+
+from twopc_common.limits import Limits
+from twopc_common.multiplex import CallBroken, Multiplexer
+from twopc_pb import coordinator_pb2 as pb
+from twopc_pb import coordinator_pb2_grpc as cgrpc
+
+_STATUS = {code.value[0]: code for code in grpc.StatusCode}
+
+
+class SharedRuns(Multiplexer[pb.RunRequest, pb.RunItem, pb.OutcomeItem]):
+    """Runs to one coordinator process over one RunStream call."""
+
+    def __init__(self, stub: cgrpc.CoordinatorStub, limits: Limits | None = None) -> None:
+        limits = limits or Limits()
+        super().__init__(
+            lambda: stub.RunStream(),
+            lambda ref, request: pb.RunItem(ref=ref, request=request),
+            lambda items: pb.RunBatch(items=items),
+            limits.max_stream_batch,
+            limits.max_message_bytes,
+            name="run",
+        )
+
+    async def run(self, request: pb.RunRequest, timeout: float) -> pb.TransactionOutcome:
+        """Run's answer, or the AioRpcError Run would have raised."""
+        try:
+            answer = await asyncio.wait_for(self.call(request), timeout)
+        except TimeoutError:
+            raise _error(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded") from None
+        except CallBroken as exc:
+            raise _error(exc.code, exc.details) from None
+        if answer.code:
+            code = _STATUS.get(answer.code, grpc.StatusCode.UNKNOWN)
+            raise _error(code, answer.message, tuple(answer.trailers.items()))
+        return answer.outcome
+
+
+def _error(
+    code: grpc.StatusCode, details: str, trailers: tuple[tuple[str, str], ...] = ()
+) -> grpc.aio.AioRpcError:
+    return grpc.aio.AioRpcError(
+        code, grpc.aio.Metadata(), grpc.aio.Metadata(*trailers), details=details
+    )
