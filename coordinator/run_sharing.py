@@ -44,7 +44,7 @@ class SharedRuns(Multiplexer[pb.RunRequest, pb.RunItem, pb.OutcomeItem]):
         except TimeoutError:
             raise _error(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded") from None
         except CallBroken as exc:
-            raise _error(exc.code, exc.details) from None
+            raise _error(exc.code, exc.details, exc.trailers) from None
         if answer.code:
             code = _STATUS.get(answer.code, grpc.StatusCode.UNKNOWN)
             raise _error(code, answer.message, tuple(answer.trailers.items()))

@@ -63,12 +63,16 @@ Ans = TypeVar("Ans", bound=Answer)
 
 
 class CallBroken(Exception):
-    """The call a request travelled on ended before its answer came."""
+    """The call a request travelled on ended before its answer came: its status code,
+    details and trailing metadata (a standby's refusal names the active process)."""
 
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+    def __init__(
+        self, code: grpc.StatusCode, details: str, trailers: tuple[tuple[str, str], ...] = ()
+    ) -> None:
         super().__init__(f"{code.name}: {details}")
         self.code = code
         self.details = details
+        self.trailers = trailers
 
 
 class Multiplexer(Generic[Req, Item, Ans]):
@@ -206,16 +210,27 @@ class Multiplexer(Generic[Req, Item, Ans]):
 
 
 async def _why(call: Any, exc: BaseException) -> CallBroken:
-    if isinstance(exc, grpc.aio.AioRpcError):
-        return CallBroken(exc.code(), exc.details() or "")
-    if not call.done():
-        return CallBroken(grpc.StatusCode.UNAVAILABLE, repr(exc))
+    """What broke `call`: its own final status when it has one (a write to a call
+    that ended fails with gRPC's INTERNAL "Internal error from Core", which says
+    nothing), else UNAVAILABLE: the connection failed and the requests' fate is
+    unknown, as for a unary call cut off."""
     try:
-        code = await call.code()
-        details = await call.details()
-    except Exception:
-        return CallBroken(grpc.StatusCode.UNAVAILABLE, repr(exc))
-    return CallBroken(code, details or repr(exc))
+        code = await asyncio.wait_for(call.code(), _STATUS_WAIT)
+        if code != grpc.StatusCode.OK:
+            trailers = tuple((str(k), str(v)) for k, v in await call.trailing_metadata() or ())
+            return CallBroken(code, await call.details() or "", trailers)
+    except asyncio.CancelledError:
+        raise
+    except Exception:  # no status within the wait (TimeoutError), or none to read
+        pass
+    if isinstance(exc, grpc.aio.AioRpcError) and exc.code() != grpc.StatusCode.INTERNAL:
+        trailers = tuple((str(k), str(v)) for k, v in exc.trailing_metadata() or ())
+        return CallBroken(exc.code(), exc.details() or "", trailers)
+    return CallBroken(grpc.StatusCode.UNAVAILABLE, f"the call broke: {exc!r}")
+
+
+# How long a broken call gets to report its final status.
+_STATUS_WAIT = 2.0
 
 
 async def serve(
