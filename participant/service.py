@@ -9,24 +9,21 @@ branch as rolled back. Shielded, the operation finishes and its result stands.
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
-from collections.abc import Coroutine
-from typing import Any, TypeVar
 
 from participant import heuristic
 from participant.agent import Agent, Vote
 from participant.recovery import Recovery
 from participant.store import Store
-from twopc_common import failpoints
 from twopc_common.errors import InvalidArgument
+from twopc_common.failpoints_rpc import FailpointsAdmin
 from twopc_common.grpc_errors import Context, status_for, translate_errors
 from twopc_common.isolation import isolation_from_pb
+from twopc_common.shielding import shielded
 from twopc_common.statements import StatementPolicy
 from twopc_common.values import results_to_pb, statements_from_pb
 from twopc_pb import participant_pb2 as pb
 from twopc_pb import participant_pb2_grpc as pgrpc
-from twopc_pb import types_pb2
 
 _VOTES = {
     Vote.YES: pb.YES,
@@ -36,21 +33,15 @@ _VOTES = {
 }
 
 
-T = TypeVar("T")
-
-
 def _finished(answer: bool | Exception) -> pb.Finished:
     if isinstance(answer, Exception):
         return pb.Finished(code=status_for(answer).value[0], message=str(answer))
     return pb.Finished(changed=answer)
 
 
-async def _shielded(call: Coroutine[Any, Any, T]) -> T:
-    return await asyncio.shield(asyncio.ensure_future(call))
-
-
-class ParticipantService(pgrpc.ParticipantServicer):
+class ParticipantService(FailpointsAdmin, pgrpc.ParticipantServicer):
     def __init__(self, agent: Agent, recovery: Recovery, store: Store) -> None:
+        self._allow_failpoints = agent.config.allow_failpoints
         self._agent = agent
         self._store = store
         self._recovery = recovery
@@ -64,7 +55,7 @@ class ParticipantService(pgrpc.ParticipantServicer):
         statements = statements_from_pb(request.statements, self._limits, "Execute")
         self._policy.check(statements, "Execute")
         isolation = isolation_from_pb(request.isolation)
-        results = await _shielded(
+        results = await shielded(
             self._agent.execute(request.transaction_id, statements, request.incarnation, isolation)
         )
         return pb.BranchExecuteResponse(
@@ -76,7 +67,7 @@ class ParticipantService(pgrpc.ParticipantServicer):
         statements = statements_from_pb(request.statements, self._limits, "Prepare")
         self._policy.check(statements, "Prepare")
         isolation = isolation_from_pb(request.isolation)
-        vote = await _shielded(
+        vote = await shielded(
             self._agent.prepare(
                 request.transaction_id,
                 statements,
@@ -94,11 +85,11 @@ class ParticipantService(pgrpc.ParticipantServicer):
 
     @translate_errors
     async def Commit(self, request: pb.BranchRef, context: Context) -> pb.Ack:
-        return pb.Ack(changed=await _shielded(self._agent.commit(request.transaction_id)))
+        return pb.Ack(changed=await shielded(self._agent.commit(request.transaction_id)))
 
     @translate_errors
     async def Abort(self, request: pb.BranchRef, context: Context) -> pb.Ack:
-        return pb.Ack(changed=await _shielded(self._agent.abort(request.transaction_id)))
+        return pb.Ack(changed=await shielded(self._agent.abort(request.transaction_id)))
 
     @translate_errors
     async def Finish(self, request: pb.FinishRequest, context: Context) -> pb.FinishResponse:
@@ -106,7 +97,7 @@ class ParticipantService(pgrpc.ParticipantServicer):
             raise InvalidArgument(
                 f"{len(request.decisions)} decisions, the limit is {self._limits.max_phase2_batch}"
             )
-        answers = await _shielded(
+        answers = await shielded(
             self._agent.finish([(d.transaction_id, d.commit) for d in request.decisions])
         )
         return pb.FinishResponse(finished=[_finished(a) for a in answers])
@@ -187,13 +178,4 @@ class ParticipantService(pgrpc.ParticipantServicer):
                 )
                 for e in await self._agent.waits_for()
             ]
-        )
-
-    @translate_errors
-    async def SetFailpoints(
-        self, request: types_pb2.FailpointsRequest, context: Context
-    ) -> types_pb2.FailpointsResponse:
-        allowed = self._agent.config.allow_failpoints
-        return types_pb2.FailpointsResponse(
-            active=failpoints.configure_remotely(allowed, request.spec)
         )
