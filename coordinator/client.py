@@ -311,24 +311,17 @@ class _Connection:
         return cgrpc.CoordinatorStub(self.channel)
 
 
-# -- asyncio client: the one implementation -------------------------------------------
-
-
-class AsyncCoordinatorClient:
-    """A client for asyncio programs. Every call fails over between the coordinator's
-    processes (`coordinator.failover`) within its deadline, and maps gRPC errors to
-    the library's exceptions here, once; `CoordinatorClient` runs these calls."""
+class _Calls:
+    """Every call of the client: failed over between the coordinator's processes
+    (`coordinator.failover`) within its deadline, its gRPC error mapped (`_raise`)."""
 
     def __init__(
         self,
         address: str | Sequence[str],
-        timeout: float = 30.0,
-        *,
-        tls: TlsConfig | None = None,
-        token: str | None = None,
-        server_name: str | None = None,
+        tls: TlsConfig | None,
+        token: str | None,
+        server_name: str | None,
     ) -> None:
-        self.timeout = timeout
         addresses = addresses_of(address)
         options = _CHANNEL_OPTIONS + channel_options(addresses)
         self._endpoints = Endpoints(
@@ -336,22 +329,8 @@ class AsyncCoordinatorClient:
             lambda a: _Connection(aio_channel(a, tls or TlsConfig(), options, server_name, token)),
         )
 
-    async def __aenter__(self) -> AsyncCoordinatorClient:
-        return self
-
-    async def __aexit__(
-        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.close()
-
-    async def close(self) -> None:
-        for connection in self._endpoints.connections():
-            await connection.channel.close()
-
-    async def _call(self, method: str, request: Any, timeout: float | None) -> Any:
-        """The call, failed over between the coordinator's processes (see
-        `coordinator.failover`) within its deadline."""
-        deadline = time.monotonic() + (timeout or self.timeout)
+    async def call(self, method: str, request: Any, timeout: float) -> Any:
+        deadline = time.monotonic() + timeout
         keyed = method == "Run" and bool(request.idempotency_key)
         for attempt in itertools.count():
             stub = self._endpoints.connection().stub
@@ -366,6 +345,44 @@ class AsyncCoordinatorClient:
                     raise _raise(exc) from None
                 await asyncio.sleep(pause)
         raise AssertionError("unreachable")
+
+    async def close(self) -> None:
+        for connection in self._endpoints.connections():
+            await connection.channel.close()
+
+
+# -- asyncio client: the one implementation -------------------------------------------
+
+
+class AsyncCoordinatorClient:
+    """A client for asyncio programs; `CoordinatorClient` runs its calls."""
+
+    def __init__(
+        self,
+        address: str | Sequence[str],
+        timeout: float = 30.0,
+        *,
+        tls: TlsConfig | None = None,
+        token: str | None = None,
+        server_name: str | None = None,
+    ) -> None:
+        self.timeout = timeout
+        """Seconds a call may take, its failover attempts included."""
+        self._calls = _Calls(address, tls, token, server_name)
+
+    async def __aenter__(self) -> AsyncCoordinatorClient:
+        return self
+
+    async def __aexit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._calls.close()
+
+    async def _call(self, method: str, request: Any, timeout: float | None) -> Any:
+        return await self._calls.call(method, request, timeout or self.timeout)
 
     async def run(
         self,
