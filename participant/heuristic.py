@@ -42,7 +42,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from psycopg import Xid
 from psycopg_pool import PoolTimeout
 
-from participant.store import AsyncConn, Store
+from participant.schema import AsyncConn
+from participant.store import Store
 from twopc_common import ids
 from twopc_common.cli import named_address_lists
 from twopc_common.errors import TwoPCError, Unavailable
@@ -161,6 +162,57 @@ def _find_branch(
     return found[0]
 
 
+def _record(
+    conn: psycopg.Connection[tuple[object, ...]],
+    xid: Xid,
+    coordinator: str,
+    commit: bool,
+    reason: str,
+    operator: str,
+    check: str,
+) -> int:
+    """The audit row of a decision about to be applied (committed before it is)."""
+    conn.execute(_CREATE_AUDIT)
+    row = conn.execute(
+        f"INSERT INTO {AUDIT_TABLE} (gid, transaction_id, coordinator_id, participant_id, "
+        "decision, reason, operator, coordinator_check) "
+        "VALUES (%s, %s, %s, %s, %s, %s, %s, %s) RETURNING id",
+        (
+            str(xid),
+            xid.gtrid,
+            coordinator,
+            str(xid.bqual),
+            "commit" if commit else "abort",
+            reason,
+            operator,
+            check,
+        ),
+    ).fetchone()
+    assert row is not None
+    return int(str(row[0]))
+
+
+def _apply(
+    conn: psycopg.Connection[tuple[object, ...]], xid: Xid, commit: bool, audit_id: int
+) -> None:
+    """COMMIT or ROLLBACK PREPARED, and whether it was applied, in the audit row."""
+    try:
+        if commit:
+            conn.tpc_commit(xid)
+        else:
+            conn.tpc_rollback(xid)
+    except psycopg.Error as exc:
+        conn.execute(
+            f"UPDATE {AUDIT_TABLE} SET state = 'failed', error = %s WHERE id = %s",
+            (str(exc).strip(), audit_id),
+        )
+        raise TwoPCError(f"the heuristic decision was recorded but failed: {exc}") from exc
+    conn.execute(
+        f"UPDATE {AUDIT_TABLE} SET state = 'applied', applied_at = now() WHERE id = %s",
+        (audit_id,),
+    )
+
+
 def resolve(
     dsn: str,
     transaction_id: str,
@@ -192,38 +244,8 @@ def resolve(
             check_coordinator(address, transaction_id, timeout, tls, coordinator)
             for address in addresses
         )
-        conn.execute(_CREATE_AUDIT)
-        row = conn.execute(
-            f"INSERT INTO {AUDIT_TABLE} (gid, transaction_id, coordinator_id, participant_id, "
-            "decision, reason, operator, coordinator_check) "
-            "VALUES (%s, %s, %s, %s, %s, %s, %s, %s) RETURNING id",
-            (
-                str(xid),
-                transaction_id,
-                coordinator,
-                str(xid.bqual),
-                "commit" if commit else "abort",
-                reason,
-                operator,
-                check,
-            ),
-        ).fetchone()
-        assert row is not None
-        try:
-            if commit:
-                conn.tpc_commit(xid)
-            else:
-                conn.tpc_rollback(xid)
-        except psycopg.Error as exc:
-            conn.execute(
-                f"UPDATE {AUDIT_TABLE} SET state = 'failed', error = %s WHERE id = %s",
-                (str(exc).strip(), row[0]),
-            )
-            raise TwoPCError(f"the heuristic decision was recorded but failed: {exc}") from exc
-        conn.execute(
-            f"UPDATE {AUDIT_TABLE} SET state = 'applied', applied_at = now() WHERE id = %s",
-            (row[0],),
-        )
+        audit_id = _record(conn, xid, coordinator, commit, reason, operator, check)
+        _apply(conn, xid, commit, audit_id)
     done = "committed" if commit else "rolled back"
     return f"{transaction_id} on {xid.bqual} {done} heuristically ({check})"
 

@@ -12,13 +12,15 @@ from __future__ import annotations
 import datetime as dt
 
 from participant import heuristic
-from participant.agent import Agent, Vote
+from participant.agent import Agent
+from participant.prepare_path import Vote
 from participant.recovery import Recovery
 from participant.store import Store
 from twopc_common.errors import InvalidArgument
 from twopc_common.failpoints_rpc import FailpointsAdmin
 from twopc_common.grpc_errors import Context, status_for, translate_errors
 from twopc_common.isolation import isolation_from_pb
+from twopc_common.phase2_outcome import Phase2Outcome
 from twopc_common.shielding import shielded
 from twopc_common.statements import StatementPolicy
 from twopc_common.values import results_to_pb, statements_from_pb
@@ -33,10 +35,23 @@ _VOTES = {
 }
 
 
-def _finished(answer: bool | Exception) -> pb.Finished:
+_OUTCOMES = {
+    Phase2Outcome.COMMITTED: pb.PHASE2_COMMITTED,
+    Phase2Outcome.ALREADY_COMMITTED: pb.PHASE2_ALREADY_COMMITTED,
+    Phase2Outcome.ROLLED_BACK: pb.PHASE2_ROLLED_BACK,
+    Phase2Outcome.ALREADY_ROLLED_BACK: pb.PHASE2_ALREADY_ROLLED_BACK,
+    Phase2Outcome.NOT_PREPARED: pb.PHASE2_NOT_PREPARED,
+}
+
+
+def _ack(outcome: Phase2Outcome) -> pb.Ack:
+    return pb.Ack(outcome=_OUTCOMES[outcome], changed=outcome.changed)
+
+
+def _finished(answer: Phase2Outcome | Exception) -> pb.Finished:
     if isinstance(answer, Exception):
         return pb.Finished(code=status_for(answer).value[0], message=str(answer))
-    return pb.Finished(changed=answer)
+    return pb.Finished(outcome=_OUTCOMES[answer], changed=answer.changed)
 
 
 class ParticipantService(FailpointsAdmin, pgrpc.ParticipantServicer):
@@ -85,11 +100,11 @@ class ParticipantService(FailpointsAdmin, pgrpc.ParticipantServicer):
 
     @translate_errors
     async def Commit(self, request: pb.BranchRef, context: Context) -> pb.Ack:
-        return pb.Ack(changed=await shielded(self._agent.commit(request.transaction_id)))
+        return _ack(await shielded(self._agent.commit(request.transaction_id)))
 
     @translate_errors
     async def Abort(self, request: pb.BranchRef, context: Context) -> pb.Ack:
-        return pb.Ack(changed=await shielded(self._agent.abort(request.transaction_id)))
+        return _ack(await shielded(self._agent.abort(request.transaction_id)))
 
     @translate_errors
     async def Finish(self, request: pb.FinishRequest, context: Context) -> pb.FinishResponse:
