@@ -147,6 +147,8 @@ class CoordinatorConfig:
             "connect_probe_timeout",
             "log_reconnect_timeout",
             "tls_reload_interval",
+            "health_interval",
+            "health_timeout",
         ):
             settings.seconds(name, getattr(self, name))
         settings.seconds("shutdown_grace", self.shutdown_grace, zero_ok=True)
@@ -155,6 +157,15 @@ class CoordinatorConfig:
         settings.count("abort_attempts", self.abort_attempts)
         settings.count("recent_outcomes", self.recent_outcomes)
         settings.count("log_batch_max", self.log_batch_max)
+        settings.count("max_in_flight", self.max_in_flight)
+        settings.count("deadlock_retries", self.deadlock_retries, least=0)
+        settings.count("owners_remembered", self.owners_remembered)
+        if self.phase2_backoff_initial > self.phase2_backoff_max:
+            raise settings.InvalidSetting(
+                "phase2_backoff_max",
+                f"({self.phase2_backoff_max}s) is below phase2_backoff_initial "
+                f"({self.phase2_backoff_initial}s), the first delay it caps",
+            )
         for client, allowed in self.client_participants.items():
             if unknown := sorted(allowed - set(self.participants)):
                 raise InvalidArgument(

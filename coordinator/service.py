@@ -7,26 +7,22 @@ its log record; the transaction finishes either way and a retry learns its outco
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
-from collections.abc import Awaitable
-from typing import TypeVar
 
 from coordinator.access import Owners, may_touch, owner_name, scoped_key
 from coordinator.engine import Coordinator, Outcome, TransactionInfo
 from coordinator.protocol import AbortCause, Reported, TxState
-from twopc_common import failpoints
 from twopc_common.auth import caller
 from twopc_common.errors import Aborted
+from twopc_common.failpoints_rpc import FailpointsAdmin
 from twopc_common.grpc_errors import Context, translate_errors
 from twopc_common.isolation import Isolation, isolation_from_pb
+from twopc_common.shielding import shielded
 from twopc_common.statements import StatementPolicy
 from twopc_common.values import results_to_pb, statements_from_pb
 from twopc_pb import coordinator_pb2 as pb
 from twopc_pb import coordinator_pb2_grpc as cgrpc
 from twopc_pb import types_pb2
-
-T = TypeVar("T")
 
 _CAUSES = {
     AbortCause.VOTE_NO: pb.VOTE_NO,
@@ -85,12 +81,9 @@ def info_to_pb(info: TransactionInfo) -> pb.TransactionStatus:
     )
 
 
-async def _shielded(call: Awaitable[T]) -> T:
-    return await asyncio.shield(asyncio.ensure_future(call))
-
-
-class CoordinatorService(cgrpc.CoordinatorServicer):
+class CoordinatorService(FailpointsAdmin, cgrpc.CoordinatorServicer):
     def __init__(self, engine: Coordinator, owners: Owners) -> None:
+        self._allow_failpoints = engine.config.allow_failpoints
         self._engine = engine
         self._limits = engine.config.limits
         self._owners = owners
@@ -123,7 +116,7 @@ class CoordinatorService(cgrpc.CoordinatorServicer):
             request_hash = hashlib.sha256(
                 canonical.SerializeToString(deterministic=True)
             ).hexdigest()
-        outcome = await _shielded(
+        outcome = await shielded(
             self._engine.run(
                 branches,
                 key,
@@ -150,7 +143,7 @@ class CoordinatorService(cgrpc.CoordinatorServicer):
         statements = statements_from_pb(request.statements, self._limits, "Execute")
         self._policy.check(statements, "Execute")
         try:
-            results = await _shielded(
+            results = await shielded(
                 self._engine.execute(request.transaction_id, request.participant, statements)
             )
         except Aborted as exc:
@@ -162,7 +155,7 @@ class CoordinatorService(cgrpc.CoordinatorServicer):
     @translate_errors
     async def Commit(self, request: pb.CommitRequest, context: Context) -> pb.TransactionOutcome:
         await self._owners.check(request.transaction_id, caller())
-        outcome = await _shielded(
+        outcome = await shielded(
             self._engine.commit(request.transaction_id, request.wait_for_completion)
         )
         return outcome_to_pb(outcome)
@@ -172,7 +165,7 @@ class CoordinatorService(cgrpc.CoordinatorServicer):
         self, request: pb.RollbackRequest, context: Context
     ) -> pb.TransactionOutcome:
         await self._owners.check(request.transaction_id, caller())
-        return outcome_to_pb(await _shielded(self._engine.rollback(request.transaction_id)))
+        return outcome_to_pb(await shielded(self._engine.rollback(request.transaction_id)))
 
     @translate_errors
     async def GetTransaction(
@@ -207,13 +200,4 @@ class CoordinatorService(cgrpc.CoordinatorServicer):
             epoch=self._engine.decision_log.epoch,
             recovered=self._engine.recovered,
             counters=counters,
-        )
-
-    @translate_errors
-    async def SetFailpoints(
-        self, request: types_pb2.FailpointsRequest, context: Context
-    ) -> types_pb2.FailpointsResponse:
-        allowed = self._engine.config.allow_failpoints
-        return types_pb2.FailpointsResponse(
-            active=failpoints.configure_remotely(allowed, request.spec)
         )
