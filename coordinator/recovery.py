@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
-from coordinator.decision_log import LogRecord, LogState
+from coordinator.log_records import LogRecord, LogState
 from coordinator.memory import Memory, Outcome, Part
 from coordinator.phase2 import Phase2
 from coordinator.protocol import AbortCause, TxState

@@ -18,7 +18,7 @@ import asyncio
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 
-from coordinator.decision_log import LogFailed, LogState
+from coordinator.log_records import LogFailed, LogState
 from coordinator.memory import Memory, Outcome, Part, Tx
 from coordinator.phase2 import Phase2
 from coordinator.protocol import AbortCause, TxEvent, TxState, transition
