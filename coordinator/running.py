@@ -18,7 +18,7 @@ import asyncio
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 
-from coordinator.log_records import LogFailed, LogState
+from coordinator.log_records import LogFailed, LogRecord, LogState
 from coordinator.memory import Memory, Outcome, Part, Tx
 from coordinator.phase2 import Phase2
 from coordinator.protocol import AbortCause, TxEvent, TxState, transition
@@ -54,40 +54,10 @@ class Runner(Part):
             tx = self.memory.new_tx()
             tx.owner = owner
         else:
-            if len(key.encode()) > self.config.limits.max_idempotency_key_bytes:
-                raise InvalidArgument(
-                    f"idempotency key longer than "
-                    f"{self.config.limits.max_idempotency_key_bytes} bytes"
-                )
-            joined = self.memory.keys.get(key)
-            if joined is not None:
-                if joined.request_hash != request_hash:
-                    raise AlreadyExists(f"idempotency key {key!r} was used for another request")
-                self.counters["idempotent_replays"] += 1
-                return await self.answer(joined, wait)
-            tx = self.memory.new_tx()
-            tx.key, tx.request_hash, tx.owner = key, request_hash, owner
-            self.memory.keys[key] = tx
-            record = await self.decision_log.by_key(key)
-            if record is not None:
-                self.memory.forget(tx)
-                if record.request_hash != request_hash:
-                    error = AlreadyExists(f"idempotency key {key!r} was used for another request")
-                    tx.outcome.set_exception(error)
-                    tx.outcome.exception()  # retrieved: waiters re-raise it themselves
-                    raise error
-                if record.state is LogState.ONE_PHASE:
-                    unresolved = Unavailable(
-                        f"the outcome of {record.transaction_id} (key {key!r}) is being "
-                        "resolved after a restart; retry"
-                    )
-                    tx.outcome.set_exception(unresolved)
-                    tx.outcome.exception()
-                    raise unresolved
-                outcome = Outcome.from_record(record)
-                tx.outcome.set_result(outcome)
-                self.counters["idempotent_replays"] += 1
-                return outcome
+            joined = await self._join(key, request_hash, owner, wait)
+            if isinstance(joined, Outcome):
+                return joined
+            tx = joined
         work = {p: tuple(s) for p, s in branches}
         tx.isolation = isolation
         # Only a two-phase victim is run again here: a one-phase branch's intent is
@@ -102,6 +72,52 @@ class Runner(Part):
             tx = tx.successor
             await self.clock.sleep(self.memory.rng.uniform(0, self.config.deadlock_interval))
             outcome = await self.finish(tx, work, wait)
+        return outcome
+
+    async def _join(
+        self, key: str, request_hash: str | None, owner: str | None, wait: bool
+    ) -> Tx | Outcome:
+        """A new transaction under `key`, or the outcome of the one that already ran
+        under it (still in memory, or in the log)."""
+        if len(key.encode()) > self.config.limits.max_idempotency_key_bytes:
+            raise InvalidArgument(
+                f"idempotency key longer than {self.config.limits.max_idempotency_key_bytes} bytes"
+            )
+        joined = self.memory.keys.get(key)
+        if joined is not None:
+            if joined.request_hash != request_hash:
+                raise AlreadyExists(f"idempotency key {key!r} was used for another request")
+            self.counters["idempotent_replays"] += 1
+            return await self.answer(joined, wait)
+        tx = self.memory.new_tx()
+        tx.key, tx.request_hash, tx.owner = key, request_hash, owner
+        self.memory.keys[key] = tx
+        record = await self.decision_log.by_key(key)
+        if record is None:
+            return tx
+        return self._replay(tx, key, request_hash, record)
+
+    def _replay(self, tx: Tx, key: str, request_hash: str | None, record: LogRecord) -> Outcome:
+        """The logged outcome of `key`'s transaction, for a retry that found it in the
+        log. `tx`, registered under the key meanwhile (later retries may be waiting
+        on it), is forgotten and answers the same."""
+        self.memory.forget(tx)
+        if record.request_hash != request_hash:
+            error = AlreadyExists(f"idempotency key {key!r} was used for another request")
+            tx.outcome.set_exception(error)
+            tx.outcome.exception()  # retrieved: waiters re-raise it themselves
+            raise error
+        if record.state is LogState.ONE_PHASE:
+            unresolved = Unavailable(
+                f"the outcome of {record.transaction_id} (key {key!r}) is being "
+                "resolved after a restart; retry"
+            )
+            tx.outcome.set_exception(unresolved)
+            tx.outcome.exception()
+            raise unresolved
+        outcome = Outcome.from_record(record)
+        tx.outcome.set_result(outcome)
+        self.counters["idempotent_replays"] += 1
         return outcome
 
     async def answer(self, tx: Tx, wait: bool, follow: bool = True) -> Outcome:

@@ -161,6 +161,41 @@ def _find_branch(
     return found[0]
 
 
+def _addresses(
+    transaction_id: str, coordinator: str, coordinators: dict[str, tuple[str, ...]]
+) -> tuple[str, ...]:
+    """Where `coordinator` was (every process of it), which the operator must give."""
+    addresses = coordinators.get(coordinator)
+    if not addresses:
+        raise Refused(
+            f"{transaction_id} belongs to coordinator {coordinator}: give its (last known) "
+            f"addresses with --coordinator {coordinator}=HOST:PORT[,HOST:PORT...], so that "
+            "resolve can check that it is really gone"
+        )
+    return addresses
+
+
+def _apply(
+    conn: psycopg.Connection[tuple[object, ...]], xid: Xid, commit: bool, audit_id: int
+) -> None:
+    """Commit or roll back the branch, and say in its audit row whether that worked."""
+    try:
+        if commit:
+            conn.tpc_commit(xid)
+        else:
+            conn.tpc_rollback(xid)
+    except psycopg.Error as exc:
+        conn.execute(
+            f"UPDATE {AUDIT_TABLE} SET state = 'failed', error = %s WHERE id = %s",
+            (str(exc).strip(), audit_id),
+        )
+        raise TwoPCError(f"the heuristic decision was recorded but failed: {exc}") from exc
+    conn.execute(
+        f"UPDATE {AUDIT_TABLE} SET state = 'applied', applied_at = now() WHERE id = %s",
+        (audit_id,),
+    )
+
+
 def resolve(
     dsn: str,
     transaction_id: str,
@@ -177,13 +212,7 @@ def resolve(
     if not reason.strip():
         raise Refused("--reason must say why")
     coordinator = ids.TransactionId.parse(transaction_id).coordinator
-    addresses = coordinators.get(coordinator)
-    if not addresses:
-        raise Refused(
-            f"{transaction_id} belongs to coordinator {coordinator}: give its (last known) "
-            f"addresses with --coordinator {coordinator}=HOST:PORT[,HOST:PORT...], so that "
-            "resolve can check that it is really gone"
-        )
+    addresses = _addresses(transaction_id, coordinator, coordinators)
     with psycopg.connect(dsn, autocommit=True) as conn:
         xid = _find_branch(conn, transaction_id, participant)
         # Every process of the coordinator (an active one and its standbys) must be gone:
@@ -209,21 +238,7 @@ def resolve(
             ),
         ).fetchone()
         assert row is not None
-        try:
-            if commit:
-                conn.tpc_commit(xid)
-            else:
-                conn.tpc_rollback(xid)
-        except psycopg.Error as exc:
-            conn.execute(
-                f"UPDATE {AUDIT_TABLE} SET state = 'failed', error = %s WHERE id = %s",
-                (str(exc).strip(), row[0]),
-            )
-            raise TwoPCError(f"the heuristic decision was recorded but failed: {exc}") from exc
-        conn.execute(
-            f"UPDATE {AUDIT_TABLE} SET state = 'applied', applied_at = now() WHERE id = %s",
-            (row[0],),
-        )
+        _apply(conn, xid, commit, row[0])
     done = "committed" if commit else "rolled back"
     return f"{transaction_id} on {xid.bqual} {done} heuristically ({check})"
 
