@@ -35,6 +35,7 @@ from transfers import ACCOUNTS, prepare_bank, start_bench_system
 
 from bank_demo import bank
 from coordinator.client import AsyncCoordinatorClient
+from twopc_common.tls import TlsConfig
 from twopc_common.values import Statement, exactly
 
 Transfer = Callable[[str, int, int], Awaitable[bool]]
@@ -145,8 +146,10 @@ async def drive(
     return len(latencies), latencies
 
 
-def _process(args: tuple[str, dict[str, str], str, str, int, float, str, int]) -> list[float]:
-    mode, dsns, address, workload, concurrency, seconds, tag, seed = args
+def _process(
+    args: tuple[str, dict[str, str], str, TlsConfig, str, int, float, str, int],
+) -> list[float]:
+    mode, dsns, address, tls, workload, concurrency, seconds, tag, seed = args
     shards = list(dsns)
 
     async def run() -> list[float]:
@@ -170,7 +173,7 @@ def _process(args: tuple[str, dict[str, str], str, str, int, float, str, int]) -
             finally:
                 for pool in pools.values():
                     await pool.close()
-        async with AsyncCoordinatorClient(address, timeout=60) as client:
+        async with AsyncCoordinatorClient(address, timeout=60, tls=tls) as client:
             transfer = through_system(client, shards, WORKLOADS[workload])
             await drive(transfer, shards, concurrency, 1.0, f"w{tag}", seed)
             return (await drive(transfer, shards, concurrency, seconds, tag, seed))[1]
@@ -182,6 +185,7 @@ def measure(
     mode: str,
     dsns: dict[str, str],
     address: str,
+    tls: TlsConfig,
     workload: str,
     concurrency: int,
     seconds: float,
@@ -193,7 +197,7 @@ def measure(
         per = [concurrency // processes + (i < concurrency % processes) for i in range(processes)]
         tag = f"{mode}{concurrency}p{processes}{random.randrange(10**9)}"
         jobs = [
-            (mode, dsns, address, workload, n, seconds, f"{tag}x{i}", seed + i)
+            (mode, dsns, address, tls, workload, n, seconds, f"{tag}x{i}", seed + i)
             for i, n in enumerate(per)
         ]
         with multiprocessing.get_context("spawn").Pool(processes) as pool:
@@ -224,9 +228,16 @@ def main() -> None:
         for workload in WORKLOADS:
             prepare_bank(system, shards)
             for c in a.concurrency:
-                raw = measure("raw", dsns, "", workload, c, a.duration, a.seed)
+                raw = measure("raw", dsns, "", TlsConfig(), workload, c, a.duration, a.seed)
                 ours = measure(
-                    "system", dsns, system.client_address, workload, c, a.duration, a.seed
+                    "system",
+                    dsns,
+                    system.client_address,
+                    system.tls("app"),
+                    workload,
+                    c,
+                    a.duration,
+                    a.seed,
                 )
                 row = {
                     "workload": workload,

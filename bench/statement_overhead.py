@@ -44,9 +44,10 @@ from psycopg import sql
 from transfers import ACCOUNTS, Picker, drive, prepare_bank, start_bench_system, through_system
 
 from bank_demo import bank
-from participant import store as store_module
+from participant import branch_sql as store_module
 from participant.config import ParticipantConfig
-from participant.store import MARKER_TABLE, Store
+from participant.schema import MARKER_TABLE
+from participant.store import Store
 from twopc_common import ids
 from twopc_common.isolation import Isolation
 from twopc_common.statements import StatementPolicy, classify, policy_kinds, session_safe
@@ -111,7 +112,7 @@ async def containment_costs(system: LocalSystem, shard: str, branches: int) -> d
     blocks: dict[str, list[float]] = {"agent": [], "bare": []}
 
     async def agent_branch(conn: Any, txid: str, statements: list[Statement]) -> None:
-        _, wrote = await store.prepare(conn, statements, txid, config.id)
+        _, wrote = await store.branches.prepare(conn, statements, txid, config.id)
         assert wrote
 
     async def bare_branch(conn: Any, txid: str, statements: list[Statement]) -> None:
@@ -132,7 +133,7 @@ async def containment_costs(system: LocalSystem, shard: str, branches: int) -> d
         assert tails[-1].statusmessage == "PREPARE TRANSACTION"
         await store_module._results(statements, cursors, config.limits.max_result_bytes)
 
-    variants = {"agent": (store, agent_branch), "bare": (bare_pool, bare_branch)}
+    variants = {"agent": (store.branches, agent_branch), "bare": (bare_pool.branches, bare_branch)}
     try:
         for block in range(2 * (branches // BLOCK)):
             name = ("agent", "bare")[block % 2]
@@ -156,9 +157,9 @@ async def containment_costs(system: LocalSystem, shard: str, branches: int) -> d
             totals[name][1] += db1 - db0
             totals[name][2] += BLOCK
             blocks[name].append(1e6 * (cpu1 - cpu0 + db1 - db0) / BLOCK)
-            async with store.phase2_connection() as phase2:
+            async with store.phase2.phase2_connection() as phase2:
                 for i in range(0, len(prepared), 50):
-                    await store.finish_many(phase2, prepared[i : i + 50], config.id)
+                    await store.phase2.finish_many(phase2, prepared[i : i + 50], config.id)
     finally:
         await store.close()
         await bare_pool.close()

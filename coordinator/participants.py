@@ -40,6 +40,7 @@ from twopc_common.grpc_errors import error_for
 from twopc_common.isolation import Isolation, isolation_to_pb
 from twopc_common.limits import Limits
 from twopc_common.log import EventLogger
+from twopc_common.phase2_outcome import Phase2Outcome, finished
 from twopc_common.tls import ReloadingChannel, TlsConfig
 from twopc_common.values import Statement, StatementResult, result_from_pb, statement_to_pb
 from twopc_pb import participant_pb2 as pb
@@ -73,6 +74,26 @@ _REFUSED = (
 
 _STATUS = {code.value[0]: code for code in grpc.StatusCode}
 
+_OUTCOMES: dict[int, Phase2Outcome] = {
+    pb.PHASE2_COMMITTED: Phase2Outcome.COMMITTED,
+    pb.PHASE2_ALREADY_COMMITTED: Phase2Outcome.ALREADY_COMMITTED,
+    pb.PHASE2_ROLLED_BACK: Phase2Outcome.ROLLED_BACK,
+    pb.PHASE2_ALREADY_ROLLED_BACK: Phase2Outcome.ALREADY_ROLLED_BACK,
+    pb.PHASE2_NOT_PREPARED: Phase2Outcome.NOT_PREPARED,
+}
+
+
+def _outcome(value: int, changed: bool, commit: bool) -> Phase2Outcome | None:
+    """A phase-2 answer with status OK (None: a value this coordinator does not know).
+    An agent older than the outcome field answers only `changed`: it said the other
+    final state with FAILED_PRECONDITION, which is an error here (retried), so its OK
+    answers are the asked state."""
+    if value == pb.PHASE2_OUTCOME_UNSPECIFIED:
+        if changed:
+            return finished(commit)
+        return Phase2Outcome.ALREADY_COMMITTED if commit else Phase2Outcome.ALREADY_ROLLED_BACK
+    return _OUTCOMES.get(value)
+
 
 @dataclass(frozen=True, slots=True)
 class PrepareReply:
@@ -104,6 +125,12 @@ class InDoubtList:
     """The highest epoch of the asking coordinator the participant has seen."""
 
 
+def _unwrap(answer: Phase2Outcome | Exception) -> Phase2Outcome:
+    if isinstance(answer, Exception):
+        raise answer
+    return answer
+
+
 async def why_unreachable(address: str, timeout: float) -> str:
     """Why `address` cannot be reached, from one TCP connect (closed at once)."""
     host, _, port = address.rpartition(":")
@@ -121,7 +148,7 @@ async def why_unreachable(address: str, timeout: float) -> str:
     return f"{address} accepts TCP connections but does not speak gRPC (is it the agent?)"
 
 
-_Decision = tuple[str, bool, "asyncio.Future[bool]"]
+_Decision = tuple[str, bool, "asyncio.Future[Phase2Outcome]"]
 
 
 class _Answered:
@@ -336,11 +363,11 @@ class ParticipantClient:
             raise self._error(exc) from exc
         return [result_from_pb(r) for r in reply.results], reply.incarnation
 
-    async def finish(self, txid: str, commit: bool) -> bool:
+    async def finish(self, txid: str, commit: bool) -> Phase2Outcome:
         """Commit or abort the branch in the next batched Finish call. Answers as
-        `commit` / `abort` do: changed, or raises the branch's own error."""
+        `commit` / `abort` do: the branch's outcome, or raises the branch's own error."""
         self._watch()
-        answer: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        answer: asyncio.Future[Phase2Outcome] = asyncio.get_running_loop().create_future()
         self._decisions.append((txid, commit, answer))
         if self._sender is None or self._sender.done():
             self._sender = asyncio.create_task(self._send_decisions())
@@ -366,7 +393,9 @@ class ParticipantClient:
                 else:
                     answer.set_result(outcome)
 
-    async def _finish_call(self, decisions: list[tuple[str, bool]]) -> list[bool | Exception]:
+    async def _finish_call(
+        self, decisions: list[tuple[str, bool]]
+    ) -> list[Phase2Outcome | Exception]:
         reply = await self._stub.Finish(
             pb.FinishRequest(
                 decisions=[pb.Decision(transaction_id=t, commit=c) for t, c in decisions]
@@ -380,16 +409,26 @@ class ParticipantClient:
                 f"to {len(decisions)} decisions"
             )
         return [
-            f.changed
-            if f.code == 0
-            else error_for(
-                _STATUS.get(f.code, grpc.StatusCode.UNKNOWN),
-                f"participant {self.name}: {f.message}",
-            )
-            for f in reply.finished
+            self._answer(f, commit)
+            for f, (_, commit) in zip(reply.finished, decisions, strict=True)
         ]
 
-    async def commit(self, txid: str) -> bool:
+    def _answer(self, answer: pb.Finished, commit: bool) -> Phase2Outcome | Exception:
+        """One decision's answer in a FinishResponse: its outcome, or its error."""
+        if answer.code != 0:
+            return error_for(
+                _STATUS.get(answer.code, grpc.StatusCode.UNKNOWN),
+                f"participant {self.name}: {answer.message}",
+            )
+        return self._decoded(answer.outcome, answer.changed, commit)
+
+    def _decoded(self, value: int, changed: bool, commit: bool) -> Phase2Outcome | Exception:
+        outcome = _outcome(value, changed, commit)
+        if outcome is None:
+            return Unavailable(f"participant {self.name}: unknown phase-2 outcome {value}")
+        return outcome
+
+    async def commit(self, txid: str) -> Phase2Outcome:
         self._watch()
         try:
             ack = await self._stub.Commit(
@@ -397,9 +436,9 @@ class ParticipantClient:
             )
         except grpc.aio.AioRpcError as exc:
             raise self._error(exc) from exc
-        return bool(ack.changed)
+        return _unwrap(self._decoded(ack.outcome, ack.changed, True))
 
-    async def abort(self, txid: str) -> bool:
+    async def abort(self, txid: str) -> Phase2Outcome:
         self._watch()
         try:
             ack = await self._stub.Abort(
@@ -407,7 +446,7 @@ class ParticipantClient:
             )
         except grpc.aio.AioRpcError as exc:
             raise self._error(exc) from exc
-        return bool(ack.changed)
+        return _unwrap(self._decoded(ack.outcome, ack.changed, False))
 
     async def waits_for(self, timeout: float) -> list[Wait]:
         """The agent's lock waits between open branches (see coordinator.deadlock)."""

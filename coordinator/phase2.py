@@ -1,9 +1,10 @@
 """Phase 2 of the coordinator's engine: announcing a decision and delivering it.
 
 Guarantees:
-- a COMMIT is delivered to each of its participants until it acknowledges (or answers
-  that an operator's heuristic decision put the branch in the other final state), and
-  only then is it marked complete in the log and the transaction forgotten;
+- a COMMIT is delivered to each of its participants until it answers (an error is
+  retried): acknowledged, or the other final state that an operator's heuristic
+  decision put the branch in (`coordinator.protocol.delivered`: a heuristic hazard,
+  reported); only then is it marked complete in the log and the transaction forgotten;
 - an ABORT is delivered best effort, `abort_attempts` times at most: under presumed
   abort the participants' own recovery and the in-doubt scan end what it does not;
 - every wait between attempts, and every log write that must happen after a decision,
@@ -19,9 +20,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import replace
 
 from coordinator.memory import BranchResults, Outcome, Part, Tx
-from coordinator.protocol import AbortCause, TxEvent, transition
+from coordinator.protocol import AbortCause, TxEvent, delivered, fence_found_commit, transition
 from twopc_common import failpoints
-from twopc_common.errors import FailedPrecondition
+from twopc_common.phase2_outcome import Phase2Outcome
 
 
 class Phase2(Part):
@@ -37,12 +38,10 @@ class Phase2(Part):
         )
 
     async def fence_one_phase(self, tx: Tx, participant: str) -> bool:
+        """The Abort fence of a one-phase branch: True if it had committed."""
         for attempt in itertools.count():
             try:
-                await self.clients[participant].abort(tx.id)
-                return False
-            except FailedPrecondition:
-                return True
+                return fence_found_commit(await self.clients[participant].abort(tx.id))
             except Exception as exc:
                 self.log.warning(
                     "one_phase_fence_retry", txid=tx.id, participant=participant, error=str(exc)
@@ -151,15 +150,12 @@ class Phase2(Part):
             try:
                 # Batched with the agent's other commits: COMMIT PREPARED never
                 # waits for a lock, so one batch cannot hold up the next.
-                await client.finish(tx.id, True)
-            except FailedPrecondition as exc:
-                # The branch is in the other final state: only an operator's heuristic
-                # decision can do that, and retrying cannot undo it.
-                self._heuristic_hazard(tx, participant, exc)
-                break
+                outcome = await client.finish(tx.id, True)
             except Exception as exc:
                 await self._phase2_retry_wait(tx, participant, attempt, exc)
                 continue
+            if not delivered(True, outcome):
+                self._heuristic_hazard(tx, participant, outcome)
             break
         tx.pending.discard(participant)
         if tx.pending:
@@ -177,10 +173,7 @@ class Phase2(Part):
             try:
                 # Alone: the branch may still be open and waiting on a lock, and the
                 # agent must interrupt it first.
-                await client.abort(tx.id)
-            except FailedPrecondition as exc:
-                self._heuristic_hazard(tx, participant, exc)
-                break
+                outcome = await client.abort(tx.id)
             except Exception as exc:
                 if attempt + 1 < self.config.abort_attempts:
                     await self._phase2_retry_wait(tx, participant, attempt, exc)
@@ -189,12 +182,19 @@ class Phase2(Part):
                 self.log.warning(
                     "abort_left_to_recovery", txid=tx.id, participant=participant, error=str(exc)
                 )
+                break
+            if not delivered(False, outcome):
+                self._heuristic_hazard(tx, participant, outcome)
             break
         tx.pending.discard(participant)
 
-    def _heuristic_hazard(self, tx: Tx, participant: str, exc: Exception) -> None:
+    def _heuristic_hazard(self, tx: Tx, participant: str, outcome: Phase2Outcome) -> None:
+        """The branch is in the other final state: only an operator's heuristic decision
+        can do that, and retrying cannot undo it."""
         self.counters["heuristic_hazards"] += 1
-        self.log.error("heuristic_hazard", txid=tx.id, participant=participant, error=str(exc))
+        self.log.error(
+            "heuristic_hazard", txid=tx.id, participant=participant, outcome=outcome.value
+        )
 
     async def _phase2_retry_wait(
         self, tx: Tx, participant: str, attempt: int, exc: Exception

@@ -9,10 +9,11 @@ port wherever it is handed to the engine.
 
 The contracts the engine relies on, beyond the signatures:
 - transport: a Prepare answers with a ballot, never raises for transport trouble (a
-  missing vote is a ballot); every other call raises a `TwoPCError` subclass:
-  `Unavailable` when the agent could not be reached or did not answer in time,
-  `FailedPrecondition` from Commit/Abort when the branch is in the other final state
-  (or, for the one-phase fence's Abort, has committed);
+  missing vote is a ballot); Commit, Abort and Finish answer the branch's
+  `Phase2Outcome`, the other final state included; every call raises only for an
+  error, a `TwoPCError` subclass: `Unavailable` when the agent could not be reached or
+  did not answer in time, others when it refused the call (a Commit of a branch still
+  open there is `FailedPrecondition`);
 - log: `record_commit`, `record_abort` and `record_one_phase_intent` return only once
   the record is durable (unless `forced=False`); `resolve_one_phase`, `mark_complete`
   and `prune` need not be; a failed log sets `failure` and fails every later write.
@@ -28,6 +29,7 @@ from coordinator.deadlock import Wait
 from coordinator.participants import HeuristicDecision, InDoubtList, PrepareReply
 from coordinator.protocol import Ballot
 from twopc_common.isolation import Isolation
+from twopc_common.phase2_outcome import Phase2Outcome
 from twopc_common.values import Statement, StatementResult
 
 
@@ -66,11 +68,11 @@ class ParticipantTransport(Protocol):
         isolation: Isolation = Isolation.READ_COMMITTED,
     ) -> tuple[list[StatementResult], str]: ...
 
-    async def finish(self, txid: str, commit: bool) -> bool: ...
+    async def finish(self, txid: str, commit: bool) -> Phase2Outcome: ...
 
-    async def commit(self, txid: str) -> bool: ...
+    async def commit(self, txid: str) -> Phase2Outcome: ...
 
-    async def abort(self, txid: str) -> bool: ...
+    async def abort(self, txid: str) -> Phase2Outcome: ...
 
     async def waits_for(self, timeout: float) -> list[Wait]: ...
 

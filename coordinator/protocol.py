@@ -13,6 +13,9 @@ the engine says what happened (`TxEvent`) and `transition` answers the next stat
 or raises IllegalTransition for an event the protocol does not allow there (a bug
 of the engine, never a peer's fault), leaving the state unchanged.
 
+Phase 2 decides on the participants' typed answers (`delivered`): a branch found in
+the other final state is an answer, never an error code read as one.
+
 This module imports no gRPC, SQLite or PostgreSQL: it is what the tests can drive
 exhaustively.
 """
@@ -22,6 +25,8 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping
 from dataclasses import dataclass
+
+from twopc_common.phase2_outcome import Phase2Outcome
 
 
 class TxState(enum.Enum):
@@ -185,6 +190,31 @@ def one_phase_committed(vote: Vote) -> bool | None:
     if vote is Vote.NO:
         return False
     return None
+
+
+def delivered(commit: bool, outcome: Phase2Outcome) -> bool:
+    """Whether a participant's answer to a Commit (`commit`) or an Abort acknowledges
+    it: the branch is in the decided state, put there by this call or an earlier one.
+    Otherwise it is in the other final state, which in two-phase commit only an
+    operator's heuristic decision brings about (answering a Commit: a branch rolled
+    back by hand, or with no trace left at all): retrying cannot change it, and
+    phase 2 reports a heuristic hazard."""
+    match outcome:
+        case Phase2Outcome.COMMITTED | Phase2Outcome.ALREADY_COMMITTED:
+            return commit
+        case (
+            Phase2Outcome.ROLLED_BACK
+            | Phase2Outcome.ALREADY_ROLLED_BACK
+            | Phase2Outcome.NOT_PREPARED
+        ):
+            return not commit
+
+
+def fence_found_commit(outcome: Phase2Outcome) -> bool:
+    """What the Abort fence of a one-phase branch whose vote was lost proves: True if
+    the branch had committed (the Abort is not acknowledged), False if it is rolled
+    back, or fenced so that its commit can never land."""
+    return not delivered(False, outcome)
 
 
 def abort_cause(vote: Vote) -> AbortCause:

@@ -18,7 +18,7 @@ import contextlib
 from coordinator.log_records import LogRecord, LogState
 from coordinator.memory import Memory, Outcome, Part
 from coordinator.phase2 import Phase2
-from coordinator.protocol import AbortCause, TxState
+from coordinator.protocol import AbortCause, TxState, delivered
 from twopc_common.errors import TwoPCError
 from twopc_common.ids import TransactionId
 
@@ -151,13 +151,20 @@ class Recovery(Part):
                 LogState.COMMITTED,
             )
             try:
-                if commit:
-                    await client.commit(txid)
-                else:
-                    await client.abort(txid)
+                outcome = await (client.commit(txid) if commit else client.abort(txid))
             except TwoPCError as exc:
                 self.log.warning(
                     "in_doubt_resolve_failed", txid=txid, participant=participant, error=str(exc)
+                )
+                continue
+            if not delivered(commit, outcome):
+                # Finished the other way since the listing (an operator's heuristic
+                # decision, which coordinator.heuristics reports).
+                self.log.warning(
+                    "in_doubt_other_state",
+                    txid=txid,
+                    participant=participant,
+                    outcome=outcome.value,
                 )
                 continue
             self.counters["in_doubt_committed" if commit else "in_doubt_aborted"] += 1

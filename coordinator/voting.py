@@ -166,9 +166,9 @@ class Voting(Part):
         """A single branch commits without PREPARE. Its intent is forced first, so that
         no transaction can commit without a record (GetTransaction never has to guess,
         and a keyed retry after a crash finds it); recovery settles an intent whose
-        answer was lost. If the answer is lost, an Abort fences the branch:
-        acknowledged means it did not commit (and never will), FAILED_PRECONDITION
-        means it had committed."""
+        answer was lost. If the answer is lost, an Abort fences the branch: rolled
+        back means it did not commit (and never will), ALREADY_COMMITTED means it had
+        committed (`coordinator.protocol.fence_found_commit`)."""
         await self.decision_log.record_one_phase_intent(
             tx.id, participant, tx.created, tx.key, tx.request_hash, owner=tx.owner
         )

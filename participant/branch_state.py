@@ -9,7 +9,7 @@
 A prepared branch only ever leaves PREPARED on the coordinator's word (or recovery
 asking the coordinator): nothing here times it out. An illegal transition raises and
 leaves the state unchanged. `plan_phase2` is the pure classification of a batch of
-phase-2 decisions that `Agent.finish` then carries out.
+phase-2 decisions that `participant.phase2.Phase2.finish` then carries out.
 """
 
 from __future__ import annotations

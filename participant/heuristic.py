@@ -42,7 +42,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from psycopg import Xid
 from psycopg_pool import PoolTimeout
 
-from participant.store import AsyncConn, Store
+from participant.schema import AsyncConn
+from participant.store import Store
 from twopc_common import ids
 from twopc_common.cli import named_address_lists
 from twopc_common.errors import TwoPCError, Unavailable
@@ -161,24 +162,40 @@ def _find_branch(
     return found[0]
 
 
-def _addresses(
-    transaction_id: str, coordinator: str, coordinators: dict[str, tuple[str, ...]]
-) -> tuple[str, ...]:
-    """Where `coordinator` was (every process of it), which the operator must give."""
-    addresses = coordinators.get(coordinator)
-    if not addresses:
-        raise Refused(
-            f"{transaction_id} belongs to coordinator {coordinator}: give its (last known) "
-            f"addresses with --coordinator {coordinator}=HOST:PORT[,HOST:PORT...], so that "
-            "resolve can check that it is really gone"
-        )
-    return addresses
+def _record(
+    conn: psycopg.Connection[tuple[object, ...]],
+    xid: Xid,
+    coordinator: str,
+    commit: bool,
+    reason: str,
+    operator: str,
+    check: str,
+) -> int:
+    """The audit row of a decision about to be applied (committed before it is)."""
+    conn.execute(_CREATE_AUDIT)
+    row = conn.execute(
+        f"INSERT INTO {AUDIT_TABLE} (gid, transaction_id, coordinator_id, participant_id, "
+        "decision, reason, operator, coordinator_check) "
+        "VALUES (%s, %s, %s, %s, %s, %s, %s, %s) RETURNING id",
+        (
+            str(xid),
+            xid.gtrid,
+            coordinator,
+            str(xid.bqual),
+            "commit" if commit else "abort",
+            reason,
+            operator,
+            check,
+        ),
+    ).fetchone()
+    assert row is not None
+    return int(str(row[0]))
 
 
 def _apply(
     conn: psycopg.Connection[tuple[object, ...]], xid: Xid, commit: bool, audit_id: int
 ) -> None:
-    """Commit or roll back the branch, and say in its audit row whether that worked."""
+    """COMMIT or ROLLBACK PREPARED, and whether it was applied, in the audit row."""
     try:
         if commit:
             conn.tpc_commit(xid)
@@ -212,7 +229,13 @@ def resolve(
     if not reason.strip():
         raise Refused("--reason must say why")
     coordinator = ids.TransactionId.parse(transaction_id).coordinator
-    addresses = _addresses(transaction_id, coordinator, coordinators)
+    addresses = coordinators.get(coordinator)
+    if not addresses:
+        raise Refused(
+            f"{transaction_id} belongs to coordinator {coordinator}: give its (last known) "
+            f"addresses with --coordinator {coordinator}=HOST:PORT[,HOST:PORT...], so that "
+            "resolve can check that it is really gone"
+        )
     with psycopg.connect(dsn, autocommit=True) as conn:
         xid = _find_branch(conn, transaction_id, participant)
         # Every process of the coordinator (an active one and its standbys) must be gone:
@@ -221,24 +244,8 @@ def resolve(
             check_coordinator(address, transaction_id, timeout, tls, coordinator)
             for address in addresses
         )
-        conn.execute(_CREATE_AUDIT)
-        row = conn.execute(
-            f"INSERT INTO {AUDIT_TABLE} (gid, transaction_id, coordinator_id, participant_id, "
-            "decision, reason, operator, coordinator_check) "
-            "VALUES (%s, %s, %s, %s, %s, %s, %s, %s) RETURNING id",
-            (
-                str(xid),
-                transaction_id,
-                coordinator,
-                str(xid.bqual),
-                "commit" if commit else "abort",
-                reason,
-                operator,
-                check,
-            ),
-        ).fetchone()
-        assert row is not None
-        _apply(conn, xid, commit, row[0])
+        audit_id = _record(conn, xid, coordinator, commit, reason, operator, check)
+        _apply(conn, xid, commit, audit_id)
     done = "committed" if commit else "rolled back"
     return f"{transaction_id} on {xid.bqual} {done} heuristically ({check})"
 

@@ -17,9 +17,10 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from participant.agent import Agent
+from participant.control_sql import ForeignPrepared
 from participant.probe import DatabaseProbe
 from participant.recovery import Recovery
-from participant.store import ForeignPrepared, Store
+from participant.store import Store
 from twopc_common.health import Health
 
 _VOTES = {

@@ -1,19 +1,22 @@
 """The agent's ports: what `participant.agent.Agent` and `participant.recovery.Recovery`
 need from the database and from the coordinators, as `typing.Protocol`s.
 
-In the daemon they are `participant.store.Store` (psycopg, PostgreSQL) and
-`participant.recovery.GrpcCoordinators`; in the simulator (`tests/sim`) a model of
-PostgreSQL's open and prepared transactions, markers, fences, epochs and row locks,
-and a seeded network to the simulated coordinators.
+In the daemon they are `participant.store.Store` (psycopg, PostgreSQL; its three
+parts `branches`, `phase2` and `control`) and `participant.recovery.GrpcCoordinators`;
+in the simulator (`tests/sim`) a model of PostgreSQL's open and prepared transactions,
+markers, fences, epochs and row locks, and a seeded network to the simulated
+coordinators.
 
-The contracts the agent relies on, beyond the signatures (see `participant.store`):
+The contracts the agent relies on, beyond the signatures (see `participant.branch_sql`
+and `participant.phase2_sql`):
 - `prepare` votes YES only for a branch the database confirmed prepared: a failed
   branch (the silent ROLLBACK of PREPARE TRANSACTION), a broken expectation, a lock
   timeout, a marker or fence already there raise `BranchFailed`; a connection lost
   while the settling statement ran raises `OutcomeUnknown`;
-- `finish_prepared` answers True (changed), False (already in the asked state) or
-  raises `FailedPrecondition` (the other state); an abort of a branch that is not
-  prepared first fences its gid, so that it can never commit afterwards;
+- `finish_many` answers which of its COMMIT/ROLLBACK PREPARED ran; `finish_prepared`
+  answers the branch's `Phase2Outcome`, the other final state included (it raises only
+  for errors: `Unavailable`); an abort of a branch that is not prepared first fences
+  its gid, so that it can never commit afterwards;
 - an agent restart loses every open transaction and keeps prepared ones, committed
   rows, markers, fences and epochs.
 """
@@ -24,8 +27,9 @@ import contextlib
 from collections.abc import Sequence
 from typing import Protocol, TypeVar
 
-from participant.store import LockWait, PreparedScan
+from participant.control_sql import LockWait, PreparedScan
 from twopc_common.isolation import Isolation
+from twopc_common.phase2_outcome import Phase2Outcome
 from twopc_common.values import Statement, StatementResult
 
 
@@ -51,7 +55,9 @@ class BranchConn(Protocol):
 Conn = TypeVar("Conn", bound=BranchConn)
 
 
-class AgentStore(Protocol[Conn]):
+class BranchStore(Protocol[Conn]):
+    """Open branches: their connections and what runs in them."""
+
     async def connect_branch(self, isolation: Isolation) -> Conn: ...
 
     async def release(self, conn: Conn) -> None: ...
@@ -78,7 +84,13 @@ class AgentStore(Protocol[Conn]):
         participant_id: str,
     ) -> list[StatementResult]: ...
 
+
+class Phase2Store(Protocol[Conn]):
+    """Prepared (or settled) branches: COMMIT/ROLLBACK PREPARED and the marker check."""
+
     def phase2_connection(self) -> contextlib.AbstractAsyncContextManager[Conn]: ...
+
+    async def rollback(self, conn: Conn) -> None: ...
 
     async def finish_many(
         self, conn: Conn, branches: Sequence[tuple[str, bool]], participant_id: str
@@ -86,7 +98,11 @@ class AgentStore(Protocol[Conn]):
 
     async def finish_prepared(
         self, conn: Conn, transaction_id: str, participant_id: str, commit: bool
-    ) -> bool: ...
+    ) -> Phase2Outcome: ...
+
+
+class ControlStore(Protocol):
+    """Scans, lock waits, coordinator epochs and marker pruning."""
 
     async def prepared_branches(self, participant_id: str) -> PreparedScan: ...
 
@@ -97,6 +113,19 @@ class AgentStore(Protocol[Conn]):
     async def raise_epoch(self, coordinator_id: str, epoch: int) -> None: ...
 
     async def prune_markers(self) -> int: ...
+
+
+class AgentStore(Protocol[Conn]):
+    """The database, in the three parts the agent's own parts use."""
+
+    @property
+    def branches(self) -> BranchStore[Conn]: ...
+
+    @property
+    def phase2(self) -> Phase2Store[Conn]: ...
+
+    @property
+    def control(self) -> ControlStore: ...
 
 
 class CoordinatorUnreachable(Exception):

@@ -20,8 +20,8 @@ import grpc
 
 from participant.agent import Agent
 from participant.config import ParticipantConfig
+from participant.control_sql import ForeignPrepared
 from participant.ports import Coordinators, CoordinatorUnreachable
-from participant.store import ForeignPrepared
 from twopc_common.errors import TwoPCError
 from twopc_common.grpc_errors import active_hint
 from twopc_common.ids import TransactionId
@@ -151,7 +151,7 @@ class Recovery:
             try:
                 await self.scan()
                 if self._agent.clock.monotonic() >= next_prune:
-                    pruned = await self._agent.store.prune_markers()
+                    pruned = await self._agent.store.control.prune_markers()
                     self._agent.log.info("markers_pruned", count=pruned)
                     next_prune = self._agent.clock.monotonic() + self._config.marker_prune_interval
             except Exception as exc:  # the database may be down: try again next period
@@ -160,7 +160,7 @@ class Recovery:
 
     async def scan(self) -> None:
         log = self._agent.log
-        scan = await self._agent.store.prepared_branches(self._config.id)
+        scan = await self._agent.store.control.prepared_branches(self._config.id)
         self._report_foreign(scan.foreign)
         branches = scan.ours
         now = dt.datetime.fromtimestamp(self._agent.clock.time(), dt.UTC)
@@ -197,20 +197,26 @@ class Recovery:
                         code=exc.code,
                     )
                 continue
+            if committed is None:
+                waiting += 1
+                log.info("in_doubt_in_progress", txid=txid, age=round(age, 1))
+                continue
             try:
-                if committed is True:
-                    await self._agent.commit(txid)
-                    self._agent.counters["recovered_commits"] += 1
-                elif committed is False:
-                    await self._agent.abort(txid, "recovery: coordinator says aborted")
-                    self._agent.counters["recovered_aborts"] += 1
+                if committed:
+                    outcome = await self._agent.commit(txid)
                 else:
-                    waiting += 1
-                    log.info("in_doubt_in_progress", txid=txid, age=round(age, 1))
+                    outcome = await self._agent.abort(txid, "recovery: coordinator says aborted")
             except TwoPCError as exc:
                 waiting += 1
                 if self._warn.due(f"resolve_failed {txid}"):
                     log.warning("in_doubt_resolve_failed", txid=txid, error=str(exc))
+                continue
+            if outcome.committed is not committed:
+                # Finished the other way since the scan (an operator's heuristic
+                # decision): nothing left to wait for, and nothing to undo it with.
+                log.warning("in_doubt_other_state", txid=txid, outcome=outcome.value)
+                continue
+            self._agent.counters["recovered_commits" if committed else "recovered_aborts"] += 1
         self.prepared, self.waiting = len(branches), waiting
 
     def _report_foreign(self, foreign: tuple[ForeignPrepared, ...]) -> None:

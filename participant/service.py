@@ -15,13 +15,15 @@ from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 from participant import heuristic
-from participant.agent import Agent, Vote
+from participant.agent import Agent
+from participant.prepare_path import Vote
 from participant.recovery import Recovery
 from participant.store import Store
 from twopc_common import failpoints
 from twopc_common.errors import InvalidArgument
 from twopc_common.grpc_errors import Context, status_for, translate_errors
 from twopc_common.isolation import isolation_from_pb
+from twopc_common.phase2_outcome import Phase2Outcome
 from twopc_common.statements import StatementPolicy
 from twopc_common.values import results_to_pb, statements_from_pb
 from twopc_pb import participant_pb2 as pb
@@ -39,10 +41,23 @@ _VOTES = {
 T = TypeVar("T")
 
 
-def _finished(answer: bool | Exception) -> pb.Finished:
+_OUTCOMES = {
+    Phase2Outcome.COMMITTED: pb.PHASE2_COMMITTED,
+    Phase2Outcome.ALREADY_COMMITTED: pb.PHASE2_ALREADY_COMMITTED,
+    Phase2Outcome.ROLLED_BACK: pb.PHASE2_ROLLED_BACK,
+    Phase2Outcome.ALREADY_ROLLED_BACK: pb.PHASE2_ALREADY_ROLLED_BACK,
+    Phase2Outcome.NOT_PREPARED: pb.PHASE2_NOT_PREPARED,
+}
+
+
+def _ack(outcome: Phase2Outcome) -> pb.Ack:
+    return pb.Ack(outcome=_OUTCOMES[outcome], changed=outcome.changed)
+
+
+def _finished(answer: Phase2Outcome | Exception) -> pb.Finished:
     if isinstance(answer, Exception):
         return pb.Finished(code=status_for(answer).value[0], message=str(answer))
-    return pb.Finished(changed=answer)
+    return pb.Finished(outcome=_OUTCOMES[answer], changed=answer.changed)
 
 
 async def _shielded(call: Coroutine[Any, Any, T]) -> T:
@@ -94,11 +109,11 @@ class ParticipantService(pgrpc.ParticipantServicer):
 
     @translate_errors
     async def Commit(self, request: pb.BranchRef, context: Context) -> pb.Ack:
-        return pb.Ack(changed=await _shielded(self._agent.commit(request.transaction_id)))
+        return _ack(await _shielded(self._agent.commit(request.transaction_id)))
 
     @translate_errors
     async def Abort(self, request: pb.BranchRef, context: Context) -> pb.Ack:
-        return pb.Ack(changed=await _shielded(self._agent.abort(request.transaction_id)))
+        return _ack(await _shielded(self._agent.abort(request.transaction_id)))
 
     @translate_errors
     async def Finish(self, request: pb.FinishRequest, context: Context) -> pb.FinishResponse:

@@ -192,16 +192,15 @@ def test_client_refuses_unsupported_parameter_types(system: LocalSystem) -> None
         client.run({"shard1": [Statement("SELECT %s", (dt.datetime.now(),))]})  # type: ignore[arg-type]
 
 
-def test_participant_refuses_commit_of_a_branch_never_prepared(system: LocalSystem) -> None:
+def test_participant_answers_not_prepared_to_a_commit_of_a_branch_never_prepared(
+    system: LocalSystem,
+) -> None:
     with system.participant_channel("shard1") as channel:
         participant = pgrpc.ParticipantStub(channel)
-        code, details = status_of(
-            lambda: participant.Commit(ppb.BranchRef(transaction_id="shared.1.424242"))
-        )
-        assert code == grpc.StatusCode.FAILED_PRECONDITION
-        assert "not prepared" in details
-        code, _ = status_of(lambda: participant.Commit(ppb.BranchRef(transaction_id="x")))
-        assert code == grpc.StatusCode.INVALID_ARGUMENT
+        answer = participant.Commit(ppb.BranchRef(transaction_id="shared.1.424242"))
+        assert answer.outcome == ppb.PHASE2_NOT_PREPARED and not answer.changed
+        code, details = status_of(lambda: participant.Commit(ppb.BranchRef(transaction_id="x")))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "'x'" in details
 
 
 MALFORMED_TXIDS = [

@@ -13,7 +13,8 @@ import pytest
 
 from coordinator.client import Statement
 from participant.config import ParticipantConfig
-from participant.store import EPOCH_TABLE, MARKER_TABLE, ConfigurationError, Store
+from participant.schema import EPOCH_TABLE, MARKER_TABLE
+from participant.store import ConfigurationError, Store
 from twopc_common.ids import FORMAT_ID
 from twopc_common.statements import AGENT_SCHEMA, LEGACY_TABLES
 from twopc_harness.postgres import BRANCH_ROLE, PostgresCluster

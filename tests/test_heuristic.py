@@ -174,3 +174,41 @@ def test_heuristic_commit_after_the_log_was_lost_is_audited_and_reported(
     assert shown["decision"] == "commit" and shown["hazard"] is True
     assert shown["operator"] == "alice" and shown["reason"] == "customer was charged"
     assert shown["logged"] == "unknown"
+
+
+def test_a_commit_that_finds_its_branch_rolled_back_by_hand_is_a_heuristic_hazard(
+    make_system: SystemFactory,
+) -> None:
+    """Phase 2 answers are typed: a Commit that finds its branch neither prepared nor
+    committed is answered NOT_PREPARED, which the coordinator must report as a hazard
+    (and stop retrying), never take for an acknowledgement."""
+    system = make_system(coordinator_args=["--allow-failpoints"])
+    coordinator = system.coordinator
+    assert coordinator is not None
+    create_tagged_rows(system)
+    # COMMIT is logged, then the coordinator dies before phase 2.
+    coordinator.stop()
+    coordinator.start(env={"TWOPC_FAILPOINTS": "coordinator.after_decision_logged=crash"})
+    with system.client() as client, pytest.raises(TransportError):
+        client.run(tagged_inserts("by-hand", ("shard1", "shard2")))
+    assert coordinator.wait_exit(30) == FAILPOINT_EXIT_CODE
+    (txid,) = prepared_txids(system, "shard1")
+    # Someone rolls shard1's branch back by hand, outside twopc (no audit row, no fence).
+    with system.connect("shard1") as conn:
+        (gid,) = [x for x in conn.tpc_recover() if x.gtrid == txid]
+        conn.tpc_rollback(gid)
+    coordinator.start()
+
+    hazard = f"event=heuristic_hazard txid={txid} participant=shard1 outcome=not_prepared"
+    wait_until(lambda: hazard in coordinator.log_tail(20000), 30, "the hazard in the log")
+    wait_until(lambda: rows(system, "by-hand")["shard2"] == 1, 30, "shard2's commit")
+    assert rows(system, "by-hand") == {"shard1": 0, "shard2": 1, "shard3": 0}
+    assert prepared_txids(system, "shard1") == [] and prepared_txids(system, "shard2") == []
+    with system.client() as client:
+
+        def completed() -> bool:
+            status = client.get_transaction(txid)
+            return status.outcome == "committed" and status.pending_acks == ()
+
+        # Complete: the hazard ends the Commit's delivery, it is not retried forever.
+        wait_until(completed, 30, "the transaction to complete")

@@ -11,8 +11,10 @@ import grpc
 import psycopg
 import pytest
 
+from participant.branch_sql import BranchFailed
 from participant.config import ParticipantConfig
-from participant.store import MARKER_TABLE, BranchFailed, Store
+from participant.schema import MARKER_TABLE
+from participant.store import Store
 from tests.conftest import SystemFactory
 from twopc_common.isolation import Isolation
 from twopc_harness.daemons import wait_until
@@ -73,14 +75,14 @@ def test_prepare_of_a_failed_transaction_is_refused_not_silently_rolled_back(
         store = Store(ParticipantConfig(id="trap", dsn=system.dsn("shard1"), pool_min_size=1))
         await store.open()
         try:
-            conn = await store.connect_branch(Isolation.READ_COMMITTED)
+            conn = await store.branches.connect_branch(Isolation.READ_COMMITTED)
             with pytest.raises(psycopg.errors.DivisionByZero):
                 await conn.execute("SELECT 1 / 0")
             with pytest.raises(BranchFailed, match="already failed"):
-                await store.prepare(conn, [], "trap.1.1", "trap")
-            await store.rollback(conn)
-            await store.release(conn)
-            assert (await store.prepared_branches("trap")).ours == ()
+                await store.branches.prepare(conn, [], "trap.1.1", "trap")
+            await store.branches.rollback(conn)
+            await store.branches.release(conn)
+            assert (await store.control.prepared_branches("trap")).ours == ()
         finally:
             await store.close()
 
@@ -98,9 +100,6 @@ def test_commit_and_abort_are_idempotent_and_exact(system: LocalSystem) -> None:
         assert [b.transaction_id for b in listed.branches] == [txid]
         assert agent.Commit(ppb.BranchRef(transaction_id=txid)).changed
         assert not agent.Commit(ppb.BranchRef(transaction_id=txid)).changed  # a retry
-        with pytest.raises(grpc.RpcError) as caught:
-            agent.Abort(ppb.BranchRef(transaction_id=txid))
-        assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         # A second transaction aborted before its Prepare arrived: the late Prepare
         # must vote NO instead of preparing a branch nobody will finish.
         late = "agenttest.999.2"
@@ -110,6 +109,63 @@ def test_commit_and_abort_are_idempotent_and_exact(system: LocalSystem) -> None:
     with system.connect("shard1") as conn:
         rows = conn.execute("SELECT count(*) FROM ledger WHERE transfer_id = 'idem'").fetchone()
     assert rows == (1,)
+    assert not any(system.prepared_transactions().values())
+
+
+def test_commit_and_abort_answer_the_state_they_left_the_branch_in(system: LocalSystem) -> None:
+    """Each phase-2 answer is an outcome, the other final state included (status OK);
+    only real errors are status codes."""
+    committed, rolled_back, open_branch, never = (f"agenttest.999.{i}" for i in (3, 4, 5, 6))
+
+    def row(tag: str) -> tpb.Statement:
+        return tpb.Statement(sql=f"INSERT INTO ledger VALUES ('{tag}', 'debit', 1, 1)")
+
+    with system.participant_channel("shard1") as channel:
+        agent = pgrpc.ParticipantStub(channel)
+
+        def commit(txid: str) -> ppb.Ack:
+            answer: ppb.Ack = agent.Commit(ppb.BranchRef(transaction_id=txid))
+            return answer
+
+        def abort(txid: str) -> ppb.Ack:
+            answer: ppb.Ack = agent.Abort(ppb.BranchRef(transaction_id=txid))
+            return answer
+
+        for txid, tag in ((committed, "answer-c"), (rolled_back, "answer-r")):
+            vote = agent.Prepare(ppb.PrepareRequest(transaction_id=txid, statements=[row(tag)]))
+            assert vote.vote == ppb.YES
+        agent.Execute(
+            ppb.BranchExecuteRequest(transaction_id=open_branch, statements=[row("answer-o")])
+        )
+        assert [commit(committed).outcome, commit(committed).outcome, abort(committed).outcome] == [
+            ppb.PHASE2_COMMITTED,
+            ppb.PHASE2_ALREADY_COMMITTED,
+            ppb.PHASE2_ALREADY_COMMITTED,  # the other final state: an answer, not an error
+        ]
+        assert [abort(rolled_back).outcome, abort(rolled_back).outcome] == [
+            ppb.PHASE2_ROLLED_BACK,
+            ppb.PHASE2_ALREADY_ROLLED_BACK,
+        ]
+        assert commit(rolled_back).outcome == ppb.PHASE2_ALREADY_ROLLED_BACK  # fenced by the repeat
+        assert commit(never).outcome == ppb.PHASE2_NOT_PREPARED  # no trace: no fence written
+        assert commit(never).outcome == ppb.PHASE2_NOT_PREPARED
+        assert abort(never).outcome == ppb.PHASE2_ALREADY_ROLLED_BACK  # fenced now
+        assert commit(never).outcome == ppb.PHASE2_ALREADY_ROLLED_BACK
+        # `changed` stays for older coordinators: true only where this call did it.
+        assert [commit(committed).changed, abort(never).changed] == [False, False]
+        # A Commit of a branch still open is refused (an error, nothing ran); an Abort
+        # rolls it back.
+        with pytest.raises(grpc.RpcError) as caught:
+            commit(open_branch)
+        assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "not prepared" in (caught.value.details() or "")
+        rolled = abort(open_branch)
+        assert (rolled.outcome, rolled.changed) == (ppb.PHASE2_ROLLED_BACK, True)
+    with system.connect("shard1") as conn:
+        tags = conn.execute(
+            "SELECT transfer_id FROM ledger WHERE transfer_id LIKE 'answer-%'"
+        ).fetchall()
+    assert tags == [("answer-c",)]
     assert not any(system.prepared_transactions().values())
 
 
@@ -125,12 +181,12 @@ def test_an_abort_fences_a_branch_still_in_flight(system: LocalSystem) -> None:
         store = Store(ParticipantConfig(id="shard1", dsn=system.dsn("shard1"), pool_min_size=1))
         await store.open()
         try:
-            conn = await store.connect_branch(Isolation.READ_COMMITTED)
+            conn = await store.branches.connect_branch(Isolation.READ_COMMITTED)
             await conn.execute("INSERT INTO ledger VALUES ('orphan', 'debit', 1, 1)")
             with pytest.raises(BranchFailed, match="branch_marker_pkey"):
-                await store.commit_one_phase(conn, [], txid, "shard1")
-            await store.rollback(conn)
-            await store.release(conn)
+                await store.branches.commit_one_phase(conn, [], txid, "shard1")
+            await store.branches.rollback(conn)
+            await store.branches.release(conn)
         finally:
             await store.close()
 
@@ -171,7 +227,5 @@ def test_a_prepare_whose_caller_gave_up_still_finishes_and_abort_tells_the_truth
                 return conn.execute("SELECT v FROM shield_rows WHERE id = 1").fetchone() == (1,)
 
         wait_until(committed, 15, "the abandoned one-phase branch to commit")
-        with pytest.raises(grpc.RpcError) as caught:
-            agent.Abort(ppb.BranchRef(transaction_id=txid))
-        assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-        assert "has committed" in (caught.value.details() or "")
+        answer = agent.Abort(ppb.BranchRef(transaction_id=txid))
+        assert answer.outcome == ppb.PHASE2_ALREADY_COMMITTED

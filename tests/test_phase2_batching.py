@@ -14,7 +14,8 @@ import grpc
 import pytest
 
 from coordinator.participants import ParticipantClient
-from twopc_common.errors import FailedPrecondition, Unavailable
+from twopc_common.errors import InvalidArgument, Unavailable
+from twopc_common.phase2_outcome import Phase2Outcome
 from twopc_common.values import Statement
 from twopc_harness.postgres import free_port
 from twopc_harness.system import LocalSystem
@@ -41,7 +42,7 @@ def ledger_ids(system: LocalSystem, prefix: str) -> set[str]:
 
 def test_finish_answers_every_decision_on_its_own(system: LocalSystem) -> None:
     prepared = {name: f"batching8.1.{i}" for i, name in enumerate("abc", 1)}
-    open_branch, never_seen = "batching8.1.4", "batching8.1.5"
+    open_branch, never_seen, still_open = "batching8.1.4", "batching8.1.5", "batching8.1.6"
     with system.participant_channel("shard1") as channel:
         agent = pgrpc.ParticipantStub(channel)
         for name, txid in prepared.items():
@@ -49,36 +50,45 @@ def test_finish_answers_every_decision_on_its_own(system: LocalSystem) -> None:
                 ppb.PrepareRequest(transaction_id=txid, statements=[ledger_row(f"fin-{name}")])
             )
             assert vote.vote == ppb.YES
-        agent.Execute(
-            ppb.BranchExecuteRequest(transaction_id=open_branch, statements=[ledger_row("fin-d")])
-        )
+        for txid, tag in ((open_branch, "fin-d"), (still_open, "fin-e")):
+            agent.Execute(
+                ppb.BranchExecuteRequest(transaction_id=txid, statements=[ledger_row(tag)])
+            )
         decisions = [
             (prepared["a"], True),
             (prepared["b"], False),
             (prepared["c"], True),
-            (prepared["a"], True),  # a repeat: unchanged, still OK
+            (prepared["a"], True),  # a repeat
             ("not-a-transaction-id", True),
             (never_seen, True),  # never prepared: cannot commit
             (open_branch, False),  # still open: rolled back without a phase-2 connection
             (prepared["b"], True),  # aborted above: the other final state
+            (prepared["c"], False),  # committed above: the other final state
+            (still_open, True),  # still open, never prepared: refused
         ]
         reply = agent.Finish(
             ppb.FinishRequest(
                 decisions=[ppb.Decision(transaction_id=t, commit=c) for t, c in decisions]
             )
         )
-    answers = [(f.code, f.changed) for f in reply.finished]
+        agent.Abort(ppb.BranchRef(transaction_id=still_open))
+    answers = [(f.code, f.outcome) for f in reply.finished]
     assert answers == [
-        (OK, True),
-        (OK, True),
-        (OK, True),
-        (OK, False),
-        (INVALID_ARGUMENT, False),
-        (FAILED_PRECONDITION, False),
-        (OK, True),
-        (FAILED_PRECONDITION, False),
+        (OK, ppb.PHASE2_COMMITTED),
+        (OK, ppb.PHASE2_ROLLED_BACK),
+        (OK, ppb.PHASE2_COMMITTED),
+        (OK, ppb.PHASE2_ALREADY_COMMITTED),
+        (INVALID_ARGUMENT, ppb.PHASE2_OUTCOME_UNSPECIFIED),
+        (OK, ppb.PHASE2_NOT_PREPARED),
+        (OK, ppb.PHASE2_ROLLED_BACK),
+        (OK, ppb.PHASE2_NOT_PREPARED),  # its ROLLBACK PREPARED left no fence
+        (OK, ppb.PHASE2_ALREADY_COMMITTED),
+        (FAILED_PRECONDITION, ppb.PHASE2_OUTCOME_UNSPECIFIED),
     ]
-    assert "did not commit" in reply.finished[7].message
+    changed = [True, True, True, False, False, False, True, False, False, False]
+    assert [f.changed for f in reply.finished] == changed  # as older coordinators read it
+    assert "malformed transaction id" in reply.finished[4].message
+    assert "not prepared" in reply.finished[9].message
     assert ledger_ids(system, "fin-") == {"fin-a", "fin-c"}
     assert not any(system.prepared_transactions().values())
 
@@ -116,13 +126,22 @@ def test_concurrent_decisions_share_finish_calls(system: LocalSystem) -> None:
                 )
             )
             assert all(v.ballot.vote.value == "yes" for v in votes), votes
-            changed = await asyncio.gather(*(client.finish(t, True) for t in txids))
-            assert changed == [True] * count
+            outcomes = await asyncio.gather(*(client.finish(t, True) for t in txids))
+            assert outcomes == [Phase2Outcome.COMMITTED] * count
             # Decisions that arrive while a Finish is in flight ride the next one.
             assert client.stats["phase2_decisions"] == count
             assert client.stats["phase2_calls"] < count
-            with pytest.raises(FailedPrecondition):
-                await client.finish(txids[0], False)  # committed: cannot abort
+            # The other final state is an answer, which phase 2 must not take for done.
+            assert await client.finish(txids[0], False) is Phase2Outcome.ALREADY_COMMITTED
+            assert await client.finish(txids[0], True) is Phase2Outcome.ALREADY_COMMITTED
+            assert await client.abort(txids[0]) is Phase2Outcome.ALREADY_COMMITTED
+            assert await client.commit(txids[0]) is Phase2Outcome.ALREADY_COMMITTED
+            never = f"batching6.1.{count + 1}"
+            assert await client.commit(never) is Phase2Outcome.NOT_PREPARED
+            assert await client.abort(never) is Phase2Outcome.ALREADY_ROLLED_BACK
+            assert await client.finish(never, True) is Phase2Outcome.ALREADY_ROLLED_BACK
+            with pytest.raises(InvalidArgument):
+                await client.commit("not-a-transaction-id")
         finally:
             await client.close()
 

@@ -15,10 +15,13 @@ from coordinator.protocol import (
     TxState,
     Vote,
     decide,
+    delivered,
+    fence_found_commit,
     transition,
 )
 from participant.branch_state import BranchState, check_transition, plan_phase2
 from twopc_common.errors import FailedPrecondition
+from twopc_common.phase2_outcome import Phase2Outcome
 
 P = ("a", "b", "c")
 
@@ -136,3 +139,23 @@ def test_phase2_plan_refuses_commits_of_open_branches_and_routes_the_rest() -> N
     assert isinstance(plan.refused[1], FailedPrecondition)
     assert "not prepared" in str(plan.refused[1])
     assert "malformed transaction id" in str(plan.refused[3])
+
+
+def test_phase2_takes_only_the_decided_state_for_delivered() -> None:
+    """The other final state is an answer, and never an acknowledgement: a Commit that
+    finds its branch rolled back (or without a trace) is a heuristic hazard, an Abort
+    that finds it committed likewise."""
+    acknowledges = {
+        (commit, outcome): delivered(commit, outcome)
+        for commit, outcome in itertools.product((True, False), Phase2Outcome)
+    }
+    assert {k for k, ok in acknowledges.items() if ok} == {
+        (True, Phase2Outcome.COMMITTED),
+        (True, Phase2Outcome.ALREADY_COMMITTED),
+        (False, Phase2Outcome.ROLLED_BACK),
+        (False, Phase2Outcome.ALREADY_ROLLED_BACK),
+        (False, Phase2Outcome.NOT_PREPARED),
+    }
+    assert fence_found_commit(Phase2Outcome.ALREADY_COMMITTED)
+    assert not fence_found_commit(Phase2Outcome.ALREADY_ROLLED_BACK)
+    assert not fence_found_commit(Phase2Outcome.ROLLED_BACK)

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from participant.agent import Agent
+from participant.branches import BranchTable
 from tests.sim.__main__ import report
 from tests.sim.log import SimDecisionLog
 from tests.sim.many import failing_seeds
@@ -84,10 +84,10 @@ def test_the_simulator_catches_an_agent_that_forgets_incarnations(
     """Hole 1 of issue 12 put back: the agent ignores the incarnation a Prepare or an
     Execute names, so after a restart it votes READ_ONLY for the branch it lost, and
     the transaction commits on the other shards only. The simulation must notice."""
-    opened = Agent._open
+    opened = BranchTable.open
 
     def forgetful(
-        self: Agent,
+        self: BranchTable,
         txid: str,
         incarnation: str = "",
         interactive: bool = False,
@@ -95,7 +95,7 @@ def test_the_simulator_catches_an_agent_that_forgets_incarnations(
     ) -> Any:
         return opened(self, txid, "", interactive, isolation)
 
-    monkeypatch.setattr(Agent, "_open", forgetful)
+    monkeypatch.setattr(BranchTable, "open", forgetful)
     caught = [r for r in map(run, range(300)) if r.violations]
     assert caught, "300 schedules with a forgetful agent and no violation: the simulator is blind"
     assert any("partial commit" in v.what for r in caught for v in r.violations)

@@ -16,7 +16,7 @@ import pytest
 
 from bank_demo import bank
 from coordinator.client import CoordinatorClient, Statement, TransactionAborted
-from participant.store import MARKER_TABLE
+from participant.schema import MARKER_TABLE
 from tests.conftest import dsns
 from twopc_common.errors import InvalidArgument
 from twopc_common.statements import (

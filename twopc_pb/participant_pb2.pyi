@@ -15,11 +15,26 @@ class Vote(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     NO: _ClassVar[Vote]
     READ_ONLY: _ClassVar[Vote]
     COMMITTED_ONE_PHASE: _ClassVar[Vote]
+
+class Phase2Outcome(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PHASE2_OUTCOME_UNSPECIFIED: _ClassVar[Phase2Outcome]
+    PHASE2_COMMITTED: _ClassVar[Phase2Outcome]
+    PHASE2_ALREADY_COMMITTED: _ClassVar[Phase2Outcome]
+    PHASE2_ROLLED_BACK: _ClassVar[Phase2Outcome]
+    PHASE2_ALREADY_ROLLED_BACK: _ClassVar[Phase2Outcome]
+    PHASE2_NOT_PREPARED: _ClassVar[Phase2Outcome]
 VOTE_UNSPECIFIED: Vote
 YES: Vote
 NO: Vote
 READ_ONLY: Vote
 COMMITTED_ONE_PHASE: Vote
+PHASE2_OUTCOME_UNSPECIFIED: Phase2Outcome
+PHASE2_COMMITTED: Phase2Outcome
+PHASE2_ALREADY_COMMITTED: Phase2Outcome
+PHASE2_ROLLED_BACK: Phase2Outcome
+PHASE2_ALREADY_ROLLED_BACK: Phase2Outcome
+PHASE2_NOT_PREPARED: Phase2Outcome
 
 class BranchRef(_message.Message):
     __slots__ = ("transaction_id",)
@@ -74,10 +89,12 @@ class PrepareResponse(_message.Message):
     def __init__(self, vote: _Optional[_Union[Vote, str]] = ..., reason: _Optional[str] = ..., sqlstate: _Optional[str] = ..., results: _Optional[_Iterable[_Union[_types_pb2.StatementResult, _Mapping]]] = ...) -> None: ...
 
 class Ack(_message.Message):
-    __slots__ = ("changed",)
+    __slots__ = ("outcome", "changed")
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
     CHANGED_FIELD_NUMBER: _ClassVar[int]
+    outcome: Phase2Outcome
     changed: bool
-    def __init__(self, changed: _Optional[bool] = ...) -> None: ...
+    def __init__(self, outcome: _Optional[_Union[Phase2Outcome, str]] = ..., changed: _Optional[bool] = ...) -> None: ...
 
 class Decision(_message.Message):
     __slots__ = ("transaction_id", "commit")
@@ -94,14 +111,16 @@ class FinishRequest(_message.Message):
     def __init__(self, decisions: _Optional[_Iterable[_Union[Decision, _Mapping]]] = ...) -> None: ...
 
 class Finished(_message.Message):
-    __slots__ = ("code", "message", "changed")
+    __slots__ = ("code", "message", "changed", "outcome")
     CODE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     CHANGED_FIELD_NUMBER: _ClassVar[int]
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
     code: int
     message: str
     changed: bool
-    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ..., changed: _Optional[bool] = ...) -> None: ...
+    outcome: Phase2Outcome
+    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ..., changed: _Optional[bool] = ..., outcome: _Optional[_Union[Phase2Outcome, str]] = ...) -> None: ...
 
 class FinishResponse(_message.Message):
     __slots__ = ("finished",)

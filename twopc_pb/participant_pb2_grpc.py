@@ -105,8 +105,9 @@ class ParticipantServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Commit(self, request, context):
-        """Phase 2. Both are idempotent; Commit of a branch that was never prepared is
-        FAILED_PRECONDITION, Abort of one that committed likewise.
+        """Phase 2. Both are idempotent, and answer the state they left the branch in
+        (Phase2Outcome), including the other final state: that is an answer, not an
+        error. Status codes are for errors only (see Phase2Outcome).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

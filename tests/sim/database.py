@@ -6,7 +6,7 @@ What it models is what the protocol depends on, with PostgreSQL's semantics:
   session and survive, holding their locks, until COMMIT/ROLLBACK PREPARED;
 - a statement that fails puts its transaction in the failed state, and PREPARE
   TRANSACTION on a failed transaction silently rolls it back (command tag ROLLBACK),
-  which the store checks, as `participant.store` does;
+  which the store checks, as `participant.branch_sql` does;
 - the branch marker is written inside the branch, so it exists exactly when the
   branch committed; an Abort that finds no prepared branch fences the gid ('aborted'
   marker), and a branch whose marker insert meets a fence fails (unique violation);
@@ -38,12 +38,14 @@ from dataclasses import dataclass, field
 
 from psycopg import Xid
 
-from participant.store import BranchFailed, LockWait, OutcomeUnknown, PreparedBranch, PreparedScan
+from participant.branch_sql import BranchFailed, OutcomeUnknown
+from participant.control_sql import LockWait, PreparedBranch, PreparedScan
 from tests.sim.loop import Process, SimClock
 from tests.sim.trace import Trace
 from twopc_common import ids
-from twopc_common.errors import FailedPrecondition, Unavailable
+from twopc_common.errors import Unavailable
 from twopc_common.isolation import Isolation
+from twopc_common.phase2_outcome import Phase2Outcome, finished
 from twopc_common.values import Statement, StatementResult
 
 
@@ -268,7 +270,9 @@ class StoreFaults:
 
 
 class SimStore:
-    """`participant.ports.AgentStore` on a `SimDatabase`, for one agent process."""
+    """`participant.ports.AgentStore` on a `SimDatabase`, for one agent process: one
+    object plays the three parts (`branches`, `phase2`, `control`) that
+    `participant.store.Store` has as three."""
 
     def __init__(
         self,
@@ -287,6 +291,18 @@ class SimStore:
         self._lock_timeout = lock_timeout
         self._marker_retention = marker_retention
         self._faults = faults
+
+    @property
+    def branches(self) -> SimStore:
+        return self
+
+    @property
+    def phase2(self) -> SimStore:
+        return self
+
+    @property
+    def control(self) -> SimStore:
+        return self
 
     async def _round_trip(self) -> None:
         if not self._owner.alive:
@@ -484,25 +500,22 @@ class SimStore:
 
     async def finish_prepared(
         self, conn: SimConn, transaction_id: str, participant_id: str, commit: bool
-    ) -> bool:
+    ) -> Phase2Outcome:
         gid = str(ids.branch_xid(transaction_id, participant_id))
         await self._round_trip()
         self._check_up(conn)
         if gid in self._db.prepared:
             self._db.finish_prepared(gid, commit)
-            return True
+            return finished(commit)
         if not commit and gid not in self._db.markers:
             self._db.markers[gid] = (transaction_id, "aborted", _now())
             self._trace_add("fence (aborted marker)", transaction_id)
         marker = self._db.markers.get(gid)
-        committed = marker is not None and marker[1] == "committed"
-        if commit and not committed:
-            raise FailedPrecondition(
-                f"branch of {transaction_id} is not prepared and did not commit"
-            )
-        if not commit and committed:
-            raise FailedPrecondition(f"branch of {transaction_id} has committed")
-        return False
+        if marker is None:
+            return Phase2Outcome.NOT_PREPARED
+        if marker[1] == "committed":
+            return Phase2Outcome.ALREADY_COMMITTED
+        return Phase2Outcome.ALREADY_ROLLED_BACK
 
     # -- recovery, deadlocks, epochs --------------------------------------------------
 

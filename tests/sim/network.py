@@ -9,7 +9,8 @@ runs as a task of the receiving process, to completion (the daemons' servicers s
 engine and agent calls from the caller's deadline), unless that process crashes.
 
 `SimParticipantClient` is the coordinator's `ParticipantTransport` and maps answers
-exactly as `coordinator.participants.ParticipantClient` maps gRPC status codes;
+exactly as `coordinator.participants.ParticipantClient` does: phase-2 outcomes pass
+as they are, errors as the gRPC status codes they would travel as;
 `SimCoordinators` is the agents' recovery port.
 """
 
@@ -41,6 +42,7 @@ from tests.sim.trace import Trace
 from twopc_common.errors import TwoPCError, Unavailable
 from twopc_common.grpc_errors import error_for, status_for
 from twopc_common.isolation import Isolation
+from twopc_common.phase2_outcome import Phase2Outcome
 from twopc_common.values import Statement, StatementResult
 
 if TYPE_CHECKING:
@@ -154,7 +156,9 @@ _VOTES = {v.value: v for v in Vote}
 _BATCH = 16
 
 
-async def _finish(agent: Agent, decisions: list[tuple[str, bool]]) -> list[bool | Exception]:
+async def _finish(
+    agent: Agent, decisions: list[tuple[str, bool]]
+) -> list[Phase2Outcome | Exception]:
     return await agent.finish(decisions)
 
 
@@ -171,7 +175,7 @@ class SimParticipantClient:
         self._clock = clock
         self.last_answer = 0.0
         self.stats: collections.Counter[str] = collections.Counter()
-        self._decisions: list[tuple[str, bool, asyncio.Future[bool]]] = []
+        self._decisions: list[tuple[str, bool, asyncio.Future[Phase2Outcome]]] = []
         self._sender: asyncio.Future[None] | None = None
 
     @property
@@ -250,10 +254,10 @@ class SimParticipantClient:
 
         return await self._checked(run, self._world.rpc_timeout, "execute", txid)
 
-    async def finish(self, txid: str, commit: bool) -> bool:
+    async def finish(self, txid: str, commit: bool) -> Phase2Outcome:
         """Batched as `ParticipantClient.finish` batches: decisions queue while one
         Finish call is in flight and all go in the next."""
-        answer: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        answer: asyncio.Future[Phase2Outcome] = asyncio.get_running_loop().create_future()
         self._decisions.append((txid, commit, answer))
         if self._sender is None or self._sender.done():
             self._sender = asyncio.ensure_future(self._send_decisions())
@@ -268,7 +272,7 @@ class SimParticipantClient:
             self.stats["phase2_calls"] += 1
             self.stats["phase2_decisions"] += len(batch)
             decisions = [(t, c) for t, c, _ in batch]
-            answers: list[bool | Exception]
+            answers: list[Phase2Outcome | Exception]
             try:
                 answers = await self._checked(
                     functools.partial(_finish, decisions=decisions),
@@ -287,12 +291,12 @@ class SimParticipantClient:
                 else:
                     future.set_result(outcome)
 
-    async def commit(self, txid: str) -> bool:
+    async def commit(self, txid: str) -> Phase2Outcome:
         return await self._checked(
             lambda agent: agent.commit(txid), self._world.rpc_timeout, "commit", txid
         )
 
-    async def abort(self, txid: str) -> bool:
+    async def abort(self, txid: str) -> Phase2Outcome:
         return await self._checked(
             lambda agent: agent.abort(txid), self._world.rpc_timeout, "abort", txid
         )

@@ -1,0 +1,163 @@
+"""The agent's phase 2: Commit, Abort and Finish (a batch of decisions), each
+answered on its own with the branch's `Phase2Outcome` or the error Commit or Abort
+alone would have raised.
+
+Guarantees: a prepared branch is finished only here (by the coordinator's word, or by
+recovery asking it); an Abort of a branch still open interrupts the statement it
+waits on and rolls it back; the other final state is an answer, not an error, and
+changes nothing here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from collections.abc import Sequence
+from typing import Any
+
+from participant.branch_state import BranchState, plan_phase2
+from participant.branches import Branch, BranchTable
+from participant.ports import BranchConn, Phase2Store
+from twopc_common import failpoints
+from twopc_common.errors import TwoPCError, Unavailable
+from twopc_common.log import EventLogger
+from twopc_common.phase2_outcome import Phase2Outcome, finished
+
+_PHASE2_FAILPOINTS = {
+    True: ("participant.before_commit_prepared", "participant.after_commit_prepared"),
+    False: ("participant.before_rollback_prepared", "participant.after_rollback_prepared"),
+}
+
+
+def _unwrap(answer: Phase2Outcome | Exception) -> Phase2Outcome:
+    if isinstance(answer, Exception):
+        raise answer
+    return answer
+
+
+class Phase2:
+    def __init__(
+        self,
+        participant_id: str,
+        table: BranchTable,
+        store: Phase2Store[Any],
+        counters: collections.Counter[str],
+        log: EventLogger,
+    ) -> None:
+        self._id = participant_id
+        self._table = table
+        self._store = store
+        self._counters = counters
+        self._log = log
+
+    async def commit(self, txid: str) -> Phase2Outcome:
+        return _unwrap((await self.finish([(txid, True)]))[0])
+
+    async def abort(self, txid: str, reason: str = "coordinator abort") -> Phase2Outcome:
+        return _unwrap((await self.finish([(txid, False)], reason))[0])
+
+    async def finish(
+        self, decisions: Sequence[tuple[str, bool]], reason: str = "coordinator abort"
+    ) -> list[Phase2Outcome | Exception]:
+        """Phase 2 for a batch of (txid, commit) decisions, each answered on its own:
+        the branch's outcome (the other final state included), or the error Commit or
+        Abort alone would have raised. Prepared branches are finished together, in
+        one round trip on a single pooled connection, taken only if one needs it (an
+        Abort of open branches must not wait for a connection they may all be
+        holding); open branches are rolled back meanwhile, each on its own (one may
+        first have to interrupt a statement waiting on a lock)."""
+        plan = plan_phase2(decisions, {t: b.state for t, b in self._table.live.items()})
+        answers: dict[int, Phase2Outcome | Exception] = dict(plan.refused)
+        still_open = [(i, self._table.live[decisions[i][0]]) for i in plan.still_open]
+        prepared = list(plan.prepared)
+
+        async def finish_prepared(indexes: list[int]) -> None:
+            try:
+                async with self._store.phase2_connection() as conn:
+                    batch = {i: decisions[i] for i in indexes}
+                    answers.update(await self._finish_on(conn, batch, reason))
+            except Unavailable as exc:  # no (working) connection for the batch
+                for i in indexes:
+                    answers.setdefault(i, exc)
+
+        async def abort_open(i: int, branch: Branch) -> None:
+            try:
+                outcome = await self._abort_open(branch, reason)
+            except Exception as exc:
+                self._log.error("abort_failed", txid=branch.transaction_id, error=repr(exc))
+                answers[i] = exc
+                return
+            if outcome is None:  # it got prepared while the Abort waited
+                await finish_prepared([i])
+            else:
+                answers[i] = outcome
+
+        await asyncio.gather(
+            *([finish_prepared(prepared)] if prepared else []),
+            *(abort_open(i, branch) for i, branch in still_open),
+        )
+        return [answers[i] for i in range(len(decisions))]
+
+    async def _abort_open(self, branch: Branch, reason: str) -> Phase2Outcome | None:
+        """Roll back a branch that is still open; None if it is prepared by now."""
+        branch.abort_reason = reason
+        if branch.lock.locked() and branch.conn is not None:
+            # Interrupt a statement waiting on a lock rather than wait behind it.
+            await branch.conn.cancel_safe(timeout=2.0)
+        async with branch.lock:
+            if branch.state is not BranchState.ACTIVE:
+                return None
+            await self._table.close(branch, BranchState.ABORTED, reason)
+        self._counters["aborted_active"] += 1
+        self._log.info("aborted", txid=branch.transaction_id, prepared=False, reason=reason)
+        return Phase2Outcome.ROLLED_BACK
+
+    async def _finish_on(
+        self, conn: BranchConn, batch: dict[int, tuple[str, bool]], reason: str
+    ) -> dict[int, Phase2Outcome | Exception]:
+        """Prepared branches: all in one round trip; what PostgreSQL skipped after a
+        failure goes again one by one. Unavailable if the connection breaks."""
+        answers: dict[int, Phase2Outcome | Exception] = {}
+        ready: dict[int, tuple[str, bool]] = {}
+        for i, (txid, commit) in batch.items():
+            try:
+                await failpoints.hit(_PHASE2_FAILPOINTS[commit][0])
+            except TwoPCError as exc:
+                answers[i] = exc
+                continue
+            ready[i] = (txid, commit)
+        ran = await self._store.finish_many(conn, list(ready.values()), self._id)
+        for (i, (txid, commit)), done in zip(ready.items(), ran, strict=True):
+            try:
+                outcome = (
+                    finished(commit)
+                    if done
+                    else await self._store.finish_prepared(conn, txid, self._id, commit)
+                )
+                if outcome.committed is not commit:
+                    # The other final state (or, for a Commit, nothing to commit): the
+                    # answer, and nothing for this agent to remember or count.
+                    self._log.info(
+                        "phase2_other_state", txid=txid, commit=commit, outcome=outcome.value
+                    )
+                    answers[i] = outcome
+                    continue
+                await failpoints.hit(_PHASE2_FAILPOINTS[commit][1])
+            except TwoPCError as exc:
+                answers[i] = exc
+                continue
+            except Exception as exc:
+                self._log.error("phase2_failed", txid=txid, commit=commit, error=repr(exc))
+                await self._store.rollback(conn)  # leave the connection usable for the rest
+                answers[i] = exc
+                continue
+            answers[i] = outcome
+            if commit:
+                self._table.remember(txid, BranchState.COMMITTED)
+                self._counters["committed" if outcome.changed else "commit_repeats"] += 1
+                self._log.debug("committed", txid=txid, changed=outcome.changed)
+            else:
+                self._table.remember(txid, BranchState.ABORTED, reason)
+                self._counters["aborted" if outcome.changed else "abort_repeats"] += 1
+                self._log.info("aborted", txid=txid, prepared=outcome.changed, reason=reason)
+        return answers
