@@ -9,6 +9,7 @@ import os
 import sys
 import threading
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,29 +25,30 @@ from coordinator.participants import ParticipantClient
 from coordinator.pg_log import PostgresDecisionLog, is_postgres_log
 from coordinator.service import CoordinatorService
 from coordinator.standby import StandbyGate, gated
-from twopc_common.auth import Authenticator, TokenFile, TokenFileError, guard, token_main
+from twopc_common.auth import Authenticator, TokenFile, TokenFileError, token_main
 from twopc_common.cli import (
+    DAEMON_FLAG_NAMES,
     HelpFormatter,
     LogSettings,
     add_daemon_flags,
     add_statement_policy_flags,
+    daemon_values,
     listen_address,
     log_level,
     named_addresses,
     non_negative,
     positive,
     run_daemon,
-    wait_for_termination,
 )
 from twopc_common.dsn import read_dsn_file, refuse_password
 from twopc_common.errors import TwoPCError, Unavailable
+from twopc_common.flags import Flag, add_field_flags, field_values, flag_error
 from twopc_common.health import Health
 from twopc_common.ids import check_name
 from twopc_common.log import EventLogger
-from twopc_common.metrics import RpcMetrics, serve_metrics
-from twopc_common.server import ListenError, bind_grpc_server
+from twopc_common.server import ListenError
+from twopc_common.serving import Service, Serving, serve_grpc
 from twopc_common.settings import describe_dsn
-from twopc_common.statements import policy_kinds
 from twopc_common.tls import TlsError, daemon_tls
 from twopc_pb import coordinator_pb2 as pb
 from twopc_pb import coordinator_pb2_grpc as cgrpc
@@ -88,10 +90,29 @@ def describe_log(decision_log: DecisionLog | PostgresDecisionLog, config: Coordi
     return os.path.abspath(config.log_path)
 
 
-async def serve(config: CoordinatorConfig) -> None:
+@dataclass(frozen=True)
+class Daemon:
+    """What one coordinator process is made of, before it serves."""
+
+    config: CoordinatorConfig
+    decision_log: DecisionLog | PostgresDecisionLog
+    clients: dict[str, ParticipantClient]
+    engine: Coordinator
+    gate: StandbyGate
+    health: Health
+    heuristics: HeuristicWatch
+    registry: CollectorRegistry
+    service: Service
+
+    @property
+    def pg_log(self) -> PostgresDecisionLog | None:
+        return self.decision_log if isinstance(self.decision_log, PostgresDecisionLog) else None
+
+
+def assemble(config: CoordinatorConfig) -> Daemon:
+    """Every part, connected; nothing bound, opened or started yet."""
     log = EventLogger("coordinator", config.id)
     tokens = TokenFile(config.tokens_file, log) if config.tokens_file else None
-    authenticator = Authenticator(not config.tls.insecure, config.admins, tokens)
     decision_log = open_decision_log(config)
     pg_log = decision_log if isinstance(decision_log, PostgresDecisionLog) else None
     gate = StandbyGate(config.id, lambda: pg_log.active_address if pg_log else None)
@@ -103,7 +124,7 @@ async def serve(config: CoordinatorConfig) -> None:
             config.limits.max_message_bytes,
             config.limits.max_phase2_batch,
             config.connect_probe_timeout,
-            prepare_stream=config.prepare_stream,
+            prepare_stream=config.prepare_calls == "stream",
             prepare_batch=config.limits.max_stream_batch,
             tls=config.tls,
             tls_reload_interval=config.tls_reload_interval,
@@ -114,114 +135,143 @@ async def serve(config: CoordinatorConfig) -> None:
         for name, address in config.participants.items()
     }
     engine = Coordinator(config, decision_log, clients)
-    health = Health(pb.DESCRIPTOR.services_by_name["Coordinator"].full_name, engine.log)
-    registry = CollectorRegistry()
-    # Both ports are bound before the log is touched: a daemon that cannot get its
-    # ports must leave no trace (no new log file, no epoch bumped).
-    try:
-        server = bind_grpc_server(
-            config.listen,
-            config.limits.max_message_bytes,
-            lambda s: cgrpc.add_CoordinatorServicer_to_server(
-                guard(
-                    gated(
-                        CoordinatorService(
-                            engine,
-                            access.Owners(config.owners_remembered, engine.owner_of),
-                            gate,
-                        ),
-                        pb.DESCRIPTOR.services_by_name["Coordinator"],
-                        gate,
-                    ),
-                    pb.DESCRIPTOR.services_by_name["Coordinator"],
-                    authenticator,
-                    access.rules(config),
-                    log,
-                ),
-                s,
-            ),
-            health,
-            config.tls,
-            log,
-            [RpcMetrics(registry)],
-            config.token_listen,
-        )
-    except ListenError:
-        await engine.close()
-        raise
+    descriptor = pb.DESCRIPTOR.services_by_name["Coordinator"]
+    health = Health(descriptor.full_name, engine.log)
+    servicer = CoordinatorService(
+        engine, access.Owners(config.owners_remembered, engine.owner_of), gate
+    )
+    service = Service(
+        gated(servicer, descriptor, gate),
+        cgrpc.add_CoordinatorServicer_to_server,
+        descriptor,
+        Authenticator(not config.tls.insecure, config.admins, tokens),
+        access.rules(config),
+    )
     heuristics = HeuristicWatch(engine)
+    registry = CollectorRegistry()
     metrics.register(registry, engine, health, heuristics)
-    metrics_server = (
-        await serve_metrics(config.metrics_listen, registry, engine.log)
-        if config.metrics_listen
-        else None
+    return Daemon(
+        config, decision_log, clients, engine, gate, health, heuristics, registry, service
     )
 
-    async def give_up(exc: Exception) -> StartupError:
-        if metrics_server is not None:
-            metrics_server.close()
-        await server.stop(None)
-        await engine.close()
-        decision_log.close()
-        return exc if isinstance(exc, StartupError) else StartupError(str(exc))
 
-    # A PostgreSQL log may be held by another process of this id: then this one is a
-    # standby, listening (UNAVAILABLE with the active's address, NOT_SERVING) while it
-    # waits for the lease. A SQLite log is taken at once or refused.
-    loop = asyncio.get_running_loop()
-    terminated = asyncio.create_task(
-        wait_for_termination(lambda: reload_tls(engine.log, clients.values()))
-    )
+async def serve(config: CoordinatorConfig) -> None:
+    daemon = assemble(config)
+    engine = daemon.engine
+    async with contextlib.AsyncExitStack() as stack:
+        # Closed after the server stopped; also when its ports cannot be bound, which
+        # happens before the log is touched: such a daemon leaves no trace (no new log
+        # file, no epoch bumped).
+        stack.callback(daemon.decision_log.close)
+        stack.push_async_callback(engine.close)
+        serving = await stack.enter_async_context(
+            serve_grpc(
+                config,
+                daemon.service,
+                daemon.health,
+                engine.log,
+                daemon.registry,
+                token_listen=config.token_listen,
+                on_hangup=lambda: reload_tls(engine.log, daemon.clients.values()),
+            )
+        )
+        fenced = await take_log(daemon, serving)
+        if fenced is None:
+            return
+        await recover(daemon, serving)
+        run_background(daemon, serving)
+        engine.log.info("serving", listen=config.listen, epoch=daemon.decision_log.epoch)
+        ends: list[asyncio.Future[Any]] = [serving.terminated, fenced]
+        await asyncio.wait(ends, return_when=asyncio.FIRST_COMPLETED)
+    if fenced.done():
+        engine.log.error("stepped_down", reason=fenced.result())
+        raise SteppedDown(f"stepped down: {fenced.result()} (start it again to run as a standby)")
+
+
+def _give_up(serving: Serving, exc: Exception) -> StartupError:
+    serving.abandon()
+    return exc if isinstance(exc, StartupError) else StartupError(str(exc))
+
+
+async def take_log(daemon: Daemon, serving: Serving) -> asyncio.Future[str] | None:
+    """Take the decision log and begin a new epoch: the future that is set if another
+    process fences this one later, or None if the daemon was told to stop first.
+
+    A PostgreSQL log may be held by another process of this id: then this one is a
+    standby, listening (UNAVAILABLE with the active's address, NOT_SERVING) while it
+    waits for the lease. A SQLite log is taken at once or refused."""
+    config, pg_log, decision_log = daemon.config, daemon.pg_log, daemon.decision_log
     stopping = threading.Event()
     if pg_log is not None:
-        await health.update(False, "standby: waiting for the decision log's lease")
-        await server.start()
-        engine.log.info("standby", listen=config.listen, log=describe_log(pg_log, config))
+        await daemon.health.update(False, "standby: waiting for the decision log's lease")
+        await serving.start()
+        daemon.engine.log.info("standby", listen=config.listen, log=describe_log(pg_log, config))
     acquiring = asyncio.create_task(
         asyncio.to_thread(pg_log.acquire, lambda: not stopping.is_set())
         if pg_log is not None
         else asyncio.to_thread(decision_log.acquire)
     )
-    await asyncio.wait({acquiring, terminated}, return_when=asyncio.FIRST_COMPLETED)
+    await asyncio.wait({acquiring, serving.terminated}, return_when=asyncio.FIRST_COMPLETED)
     if not acquiring.done():
         stopping.set()
         with contextlib.suppress(Exception):
             await acquiring
-        await give_up(StartupError("stopped"))
-        return
+        serving.abandon()
+        return None
     try:
         acquiring.result()
     except LogInUse as exc:
-        raise await give_up(exc) from exc
+        raise _give_up(serving, exc) from exc
     except Exception as exc:
-        folder = os.path.dirname(os.path.abspath(config.log_path))
-        hint = (
-            ""
-            if pg_log is not None or os.path.isdir(folder)
-            else f" (folder {folder} does not exist: create it)"
-        )
-        where = describe_log(decision_log, config)
-        raise await give_up(StartupError(f"cannot open decision log {where}: {exc}{hint}")) from exc
+        raise _give_up(serving, StartupError(cannot_open(daemon, exc))) from exc
     try:
-        await engine.check_log_is_current()
+        await daemon.engine.check_log_is_current()
     except LogBehind as exc:
-        raise await give_up(exc) from exc
-    fenced: asyncio.Future[str] = loop.create_future()
-    if pg_log is not None:
-
-        def on_fenced(why: str) -> None:
-            gate.stepped_down = why
-            loop.call_soon_threadsafe(_settle, fenced, why)
-
-        pg_log.on_fenced = on_fenced
+        raise _give_up(serving, exc) from exc
+    fenced = watch_fencing(daemon)
     try:
         await asyncio.to_thread(decision_log.begin_epoch)
     except Exception as exc:
-        raise await give_up(StartupError(f"cannot start epoch: {exc}")) from exc
+        raise _give_up(serving, StartupError(f"cannot start epoch: {exc}")) from exc
+    return fenced
+
+
+def cannot_open(daemon: Daemon, exc: Exception) -> str:
+    folder = os.path.dirname(os.path.abspath(daemon.config.log_path))
+    hint = (
+        ""
+        if daemon.pg_log is not None or os.path.isdir(folder)
+        else f" (folder {folder} does not exist: create it)"
+    )
+    where = describe_log(daemon.decision_log, daemon.config)
+    return f"cannot open decision log {where}: {exc}{hint}"
+
+
+def watch_fencing(daemon: Daemon) -> asyncio.Future[str]:
+    """A future set (with why) when another process takes the PostgreSQL log's lease
+    from this one; never set for a SQLite log."""
+    loop = asyncio.get_running_loop()
+    fenced: asyncio.Future[str] = loop.create_future()
+    if (pg_log := daemon.pg_log) is not None:
+
+        def on_fenced(why: str) -> None:
+            daemon.gate.stepped_down = why
+            loop.call_soon_threadsafe(_settle, fenced, why)
+
+        pg_log.on_fenced = on_fenced
+    return fenced
+
+
+async def recover(daemon: Daemon, serving: Serving) -> None:
+    """Start-up recovery, listening, NOT_SERVING until it is done: probes and
+    operators can tell "recovering" from "down". GetTransaction answers UNAVAILABLE
+    until recovery made "unknown" safe; new transactions cannot race it (it leaves
+    alone whatever is in memory)."""
+    config, engine, epoch = daemon.config, daemon.engine, daemon.decision_log.epoch
     engine.log.info(
         "starting",
-        epoch=decision_log.epoch,
-        log=describe_log(decision_log, config),
+        epoch=epoch,
+        log=describe_log(daemon.decision_log, config),
         listen=config.listen,
         participants=",".join(f"{n}={a}" for n, a in config.participants.items()) or "none",
     )
@@ -230,53 +280,32 @@ async def serve(config: CoordinatorConfig) -> None:
             "no_participants",
             hint="every transaction will fail: add --participant NAME=HOST:PORT per agent",
         )
-    # Listening during recovery, NOT_SERVING until it is done: probes and operators
-    # can tell "recovering" from "down". GetTransaction answers UNAVAILABLE until
-    # recovery made "unknown" safe; new transactions cannot race it (it leaves alone
-    # whatever is in memory).
-    await health.update(False, "start-up recovery")
-    if pg_log is None:
-        await server.start()
-    engine.log.info("listening", listen=config.listen, epoch=decision_log.epoch)
-    gate.active = True
+    await daemon.health.update(False, "start-up recovery")
+    await serving.start()
+    engine.log.info("listening", listen=config.listen, epoch=epoch)
+    daemon.gate.active = True
     await engine.recover()
+
+
+def run_background(daemon: Daemon, serving: Serving) -> None:
+    """The loops of a serving coordinator, until it stops."""
+    config, engine = daemon.config, daemon.engine
 
     async def healthy() -> None:
         """SERVING: it takes new transactions and its log can make a record durable."""
         if (why := engine.stopped) is not None:
             raise Unavailable(f"accepts no new transactions: {why}")
-        await decision_log.probe()
+        await daemon.decision_log.probe()
 
-    tasks = [
-        asyncio.create_task(check_participant_ids(engine, clients)),
-        asyncio.create_task(engine.recovery_loop()),
-        asyncio.create_task(engine.reap_idle_transactions()),
-        *(asyncio.create_task(engine.probe_loop(p)) for p in clients),
-        asyncio.create_task(health.watch(healthy, config.health_interval, config.health_timeout)),
-        asyncio.create_task(heuristics.run_forever(config.recovery_interval)),
-    ]
+    serving.spawn(check_participant_ids(engine, daemon.clients))
+    serving.spawn(engine.recovery_loop())
+    serving.spawn(engine.reap_idle_transactions())
+    for participant in daemon.clients:
+        serving.spawn(engine.probe_loop(participant))
+    serving.spawn(daemon.health.watch(healthy, config.health_interval, config.health_timeout))
+    serving.spawn(daemon.heuristics.run_forever(config.recovery_interval))
     if config.deadlock_interval > 0:
-        tasks.append(asyncio.create_task(engine.deadlock_loop()))
-    engine.log.info("serving", listen=config.listen, epoch=decision_log.epoch)
-    try:
-        ends: list[asyncio.Future[Any]] = [terminated, fenced]
-        await asyncio.wait(ends, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        engine.log.info("stopping")
-        await health.shutdown()
-        if metrics_server is not None:
-            metrics_server.close()
-        await server.stop(config.shutdown_grace)
-        for task in tasks:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        await engine.close()
-        decision_log.close()
-        terminated.cancel()
-    if fenced.done():
-        engine.log.error("stepped_down", reason=fenced.result())
-        raise SteppedDown(f"stepped down: {fenced.result()} (start it again to run as a standby)")
+        serving.spawn(engine.deadlock_loop())
 
 
 def _settle(future: asyncio.Future[str], value: str) -> None:
@@ -315,9 +344,40 @@ async def check_participant_ids(engine: Coordinator, clients: dict[str, Particip
     await asyncio.gather(*(one(n, c) for n, c in clients.items()))
 
 
+def prepare_calls(text: str) -> str:
+    if text not in ("stream", "unary"):
+        raise argparse.ArgumentTypeError(f"expected stream or unary, not {text!r}")
+    return text
+
+
+COORDINATOR_FLAGS = (
+    Flag("--listen", "listen", listen_address, "HOST:PORT"),
+    Flag("--advertise", "advertise", listen_address, "HOST:PORT"),
+    Flag("--log-dsn-file", "log_dsn_file", Path, "PATH"),
+    Flag("--prepare-timeout", "prepare_timeout", positive, "SECONDS"),
+    Flag("--rpc-timeout", "rpc_timeout", positive, "SECONDS"),
+    Flag("--phase2-backoff-max", "phase2_backoff_max", positive, "SECONDS"),
+    Flag("--transaction-idle-timeout", "transaction_idle_timeout", positive, "SECONDS"),
+    Flag("--transaction-max-lifetime", "transaction_max_lifetime", positive, "SECONDS"),
+    Flag("--max-in-flight", "max_in_flight", int, "N"),
+    Flag("--prepare-calls", "prepare_calls", prepare_calls, "stream|unary"),
+    Flag("--deadlock-interval", "deadlock_interval", non_negative, "SECONDS"),
+    Flag("--deadlock-retries", "deadlock_retries", int, "N"),
+    Flag("--probe-interval", "probe_interval", positive, "SECONDS"),
+    Flag("--recovery-interval", "recovery_interval", positive, "SECONDS"),
+    Flag("--token-listen", "token_listen", listen_address, "HOST:PORT"),
+    Flag("--tokens-file", "tokens_file", Path, "PATH"),
+)
+"""The flags that set one `CoordinatorConfig` field each, help and default from it."""
+LEASE_FLAGS = (
+    Flag("--lease-duration", "duration", positive, "SECONDS"),
+    Flag("--standby-poll-interval", "poll_interval", positive, "SECONDS"),
+)
+"""The same for `LeaseSettings` (a PostgreSQL decision log's lease)."""
+
+
 def parser() -> argparse.ArgumentParser:
     """The command line, with every flag's help and default."""
-    d = CoordinatorConfig(id="-", log_path="-")
     p = argparse.ArgumentParser(
         prog="twopc-coordinator",
         description="Two-phase-commit coordinator for PostgreSQL participant agents. "
@@ -325,6 +385,27 @@ def parser() -> argparse.ArgumentParser:
         "certificates), `token` (issue a bearer token); each has --help.",
         formatter_class=HelpFormatter,
     )
+    _add_own_flags(p)
+    defaults = CoordinatorConfig(id="-", log_path="-")
+    add_field_flags(p, defaults, COORDINATOR_FLAGS)
+    add_field_flags(p.add_argument_group("PostgreSQL log"), defaults.lease, LEASE_FLAGS, "lease_")
+    add_statement_policy_flags(p)
+    add_daemon_flags(p, defaults)
+    return p
+
+
+def flag_names() -> dict[str, str]:
+    """Config field -> the flag that sets it, for errors that name the field."""
+    return {
+        **{f.field: f.name for f in (*COORDINATOR_FLAGS, *LEASE_FLAGS)},
+        **DAEMON_FLAG_NAMES,
+        "participants": "--participant",
+        "log_path": "--log",
+    }
+
+
+def _add_own_flags(p: argparse.ArgumentParser) -> None:
+    """The flags whose values are parsed into more than one field's."""
     p.add_argument(
         "--id",
         required=True,
@@ -340,134 +421,11 @@ def parser() -> argparse.ArgumentParser:
         "(several coordinators of one --id share it: one is active, the others stand by)",
     )
     p.add_argument(
-        "--log-dsn-file",
-        type=Path,
-        metavar="PATH",
-        help="instead of --log: a file holding the PostgreSQL decision log's connection "
-        "string, which may carry a password (or put it in PGPASSFILE)",
-    )
-    p.add_argument(
-        "--advertise",
-        type=listen_address,
-        metavar="HOST:PORT",
-        help="the address clients are sent to while this process is the active one "
-        "(standbys name it in their answers; default: --listen)",
-    )
-    p.add_argument(
-        "--lease-duration",
-        type=positive,
-        default=d.lease.duration,
-        metavar="SECONDS",
-        help="PostgreSQL log: a paused or cut-off active is taken over after this long "
-        "without renewing its lease (a crashed one at once)",
-    )
-    p.add_argument(
-        "--standby-poll-interval",
-        type=positive,
-        default=d.lease.poll_interval,
-        metavar="SECONDS",
-        help="PostgreSQL log: how often a standby tries to take over",
-    )
-    p.add_argument(
-        "--listen", type=listen_address, default=d.listen, metavar="HOST:PORT", help="gRPC address"
-    )
-    p.add_argument(
         "--participant",
         action="append",
         default=[],
         metavar="NAME=HOST:PORT",
         help="a participant agent: its --id and its address (repeatable)",
-    )
-    p.add_argument(
-        "--prepare-timeout",
-        type=positive,
-        default=d.prepare_timeout,
-        metavar="SECONDS",
-        help="votes missing after it mean abort",
-    )
-    p.add_argument(
-        "--rpc-timeout",
-        type=positive,
-        default=d.rpc_timeout,
-        metavar="SECONDS",
-        help="deadline of every other call to a participant",
-    )
-    p.add_argument(
-        "--phase2-backoff-max",
-        type=positive,
-        default=d.phase2_backoff_max,
-        metavar="SECONDS",
-        help="cap of the phase-2 retry backoff (phase 2 is retried forever)",
-    )
-    p.add_argument(
-        "--transaction-idle-timeout",
-        type=positive,
-        default=d.transaction_idle_timeout,
-        metavar="SECONDS",
-        help="an interactive transaction idle this long is rolled back",
-    )
-    p.add_argument(
-        "--transaction-max-lifetime",
-        type=positive,
-        default=d.transaction_max_lifetime,
-        metavar="SECONDS",
-        help="an interactive transaction older than this is rolled back, busy or not",
-    )
-    p.add_argument(
-        "--max-in-flight",
-        type=int,
-        default=d.max_in_flight,
-        metavar="N",
-        help="transactions preparing at once; beyond it new ones are refused at once "
-        "(RESOURCE_EXHAUSTED with a retry hint)",
-    )
-    p.add_argument(
-        "--prepare-calls",
-        choices=("stream", "unary"),
-        default="stream" if d.prepare_stream else "unary",
-        help="stream: every Prepare to an agent over one long-lived call, several in one "
-        "message when they queue; unary: one call each",
-    )
-    p.add_argument(
-        "--deadlock-interval",
-        type=non_negative,
-        default=d.deadlock_interval,
-        metavar="SECONDS",
-        help="period of the cross-shard deadlock detector (0: off)",
-    )
-    p.add_argument(
-        "--deadlock-retries",
-        type=int,
-        default=d.deadlock_retries,
-        metavar="N",
-        help="times a one-shot transaction that lost a deadlock is run again before "
-        "its client is told DEADLOCK",
-    )
-    p.add_argument(
-        "--probe-interval",
-        type=positive,
-        default=d.probe_interval,
-        metavar="SECONDS",
-        help="period of each participant's health probe; two unanswered mark it down",
-    )
-    p.add_argument(
-        "--recovery-interval",
-        type=positive,
-        default=d.recovery_interval,
-        metavar="SECONDS",
-        help="period of the in-doubt branch scan",
-    )
-    p.add_argument(
-        "--token-listen",
-        type=listen_address,
-        metavar="HOST:PORT",
-        help="a second port, TLS without client certificates, for clients with bearer tokens",
-    )
-    p.add_argument(
-        "--tokens-file",
-        type=Path,
-        metavar="PATH",
-        help="hashed bearer tokens (`twopc-coordinator token --help` issues them)",
     )
     p.add_argument(
         "--client-participants",
@@ -477,9 +435,6 @@ def parser() -> argparse.ArgumentParser:
         help="client identity NAME may touch only these participants (repeatable; "
         "unnamed identities and admins may touch all)",
     )
-    add_statement_policy_flags(p)
-    add_daemon_flags(p)
-    return p
 
 
 def client_participants(items: list[str]) -> dict[str, frozenset[str]]:
@@ -513,42 +468,22 @@ def parse_args(argv: list[str] | None = None) -> tuple[CoordinatorConfig, LogSet
             refuse_password(
                 a.log, "--log", "put the URL in --log-dsn-file, or the password in PGPASSFILE"
             )
+        lease = field_values(a, LEASE_FLAGS, "lease_")
         config = CoordinatorConfig(
             id=check_name("coordinator", a.id),
             log_path=a.log or "",
-            log_dsn_file=a.log_dsn_file,
-            advertise=a.advertise,
             lease=LeaseSettings(
-                duration=a.lease_duration,
-                renew_interval=min(LeaseSettings().renew_interval, a.lease_duration / 3),
-                poll_interval=a.standby_poll_interval,
+                renew_interval=min(LeaseSettings().renew_interval, lease["duration"] / 3),
+                **lease,
             ),
-            listen=a.listen,
             participants=named_addresses(a.participant, "--participant"),
-            prepare_timeout=a.prepare_timeout,
-            rpc_timeout=a.rpc_timeout,
-            phase2_backoff_max=a.phase2_backoff_max,
-            transaction_idle_timeout=a.transaction_idle_timeout,
-            transaction_max_lifetime=a.transaction_max_lifetime,
-            max_in_flight=a.max_in_flight,
-            prepare_stream=a.prepare_calls == "stream",
-            deadlock_interval=a.deadlock_interval,
-            deadlock_retries=a.deadlock_retries,
-            probe_interval=a.probe_interval,
             probe_timeout=max(1.0, a.probe_interval),
-            recovery_interval=a.recovery_interval,
-            metrics_listen=a.metrics,
-            allow_failpoints=a.allow_failpoints,
-            tls=tls,
-            tls_reload_interval=a.tls_reload_interval,
-            token_listen=a.token_listen,
-            tokens_file=a.tokens_file,
-            admins=frozenset(a.admin),
             client_participants=client_participants(a.client_participants),
-            statement_kinds=policy_kinds(a.allow_statement, a.refuse_statement),
+            **daemon_values(a, tls),
+            **field_values(a, COORDINATOR_FLAGS),
         )
     except (TwoPCError, argparse.ArgumentTypeError) as exc:
-        p.error(str(exc))
+        p.error(flag_error(exc, flag_names()))
     return config, LogSettings(log_level(p, a.log_level), a.log_format)
 
 

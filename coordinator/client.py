@@ -33,6 +33,11 @@ because its work was wrong (see `RETRYABLE_CAUSES`); `run_with_retries` (and
 exponential backoff, applying it at most once; `transact_with_retries` (and
 `transact_with_retries_async`) does the same for an interactive transaction's work.
 
+One implementation: `AsyncCoordinatorClient` makes every call (its failover between a
+coordinator's processes, its deadline, its error mapping); `CoordinatorClient` runs
+those calls on a private event loop in a background thread (`coordinator.loop_thread`),
+so it may be shared by any number of threads, and closing it stops that thread.
+
 SQL uses psycopg placeholders (`%s`); values are sent typed and bound by PostgreSQL.
 An aborted transaction is an outcome, not an exception. Exceptions mean the request
 itself failed: `TransportError` (coordinator unreachable or deadline exceeded: the
@@ -50,6 +55,7 @@ import functools
 import itertools
 import random
 import time
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -58,13 +64,14 @@ from typing import Any, TypeVar
 import grpc
 
 from coordinator.failover import Endpoints, addresses_of, backoff, channel_options
+from coordinator.loop_thread import LoopThread
 from coordinator.protocol import RetryPolicy
 from coordinator.run_sharing import SharedRuns
 from twopc_common.errors import Aborted, ResourceExhausted, TwoPCError
 from twopc_common.grpc_errors import ABORT_CAUSE, RETRY_AFTER_MS, error_for
 from twopc_common.isolation import Isolation, isolation_to_pb, parse_isolation
 from twopc_common.limits import Limits
-from twopc_common.tls import TlsConfig, aio_channel, channel
+from twopc_common.tls import TlsConfig, aio_channel
 from twopc_common.values import (
     Expectation,
     SqlValue,
@@ -303,15 +310,6 @@ _CHANNEL_OPTIONS = [
 class _Connection:
     """A channel to one coordinator process, and its stub (made once)."""
 
-    channel: grpc.Channel
-
-    @functools.cached_property
-    def stub(self) -> cgrpc.CoordinatorStub:
-        return cgrpc.CoordinatorStub(self.channel)
-
-
-@dataclass(frozen=True)
-class _AsyncConnection:
     channel: grpc.aio.Channel
 
     @functools.cached_property
@@ -328,193 +326,28 @@ class _AsyncConnection:
         await self.channel.close()
 
 
-# -- blocking client -----------------------------------------------------------------
-
-
-class CoordinatorClient:
-    """A blocking client; thread-safe (one channel, shared)."""
+class _Calls:
+    """Every call of the client: failed over between the coordinator's processes
+    (`coordinator.failover`) within its deadline, its gRPC error mapped (`_raise`)."""
 
     def __init__(
         self,
         address: str | Sequence[str],
-        timeout: float = 30.0,
-        *,
-        tls: TlsConfig | None = None,
-        token: str | None = None,
-        server_name: str | None = None,
+        tls: TlsConfig | None,
+        token: str | None,
+        server_name: str | None,
+        share_calls: bool,
     ) -> None:
-        self.timeout = timeout
-        addresses = addresses_of(address)
-        options = _CHANNEL_OPTIONS + channel_options(addresses)
-        self._endpoints = Endpoints(
-            addresses,
-            lambda a: _Connection(channel(a, tls or TlsConfig(), options, server_name, token)),
-        )
-
-    def __enter__(self) -> CoordinatorClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        for connection in self._endpoints.connections():
-            connection.channel.close()
-
-    def _call(self, method: str, request: Any, timeout: float | None) -> Any:
-        """The call, failed over between the coordinator's processes (see
-        `coordinator.failover`) within its deadline."""
-        deadline = time.monotonic() + (timeout or self.timeout)
-        keyed = method == "Run" and bool(request.idempotency_key)
-        for attempt in itertools.count():
-            stub = self._endpoints.connection().stub
-            try:
-                return getattr(stub, method)(request, timeout=deadline - time.monotonic())
-            except grpc.RpcError as exc:
-                pause = backoff(attempt)
-                if (
-                    not self._endpoints.should_retry(exc, method, keyed)
-                    or time.monotonic() + pause >= deadline
-                ):
-                    raise _raise(exc) from None
-                time.sleep(pause)
-        raise AssertionError("unreachable")
-
-    def run(
-        self,
-        branches: Branches,
-        idempotency_key: str | None = None,
-        wait_for_completion: bool = False,
-        timeout: float | None = None,
-        isolation: IsolationArg = Isolation.READ_COMMITTED,
-    ) -> Outcome:
-        request = _run_request(branches, idempotency_key, wait_for_completion, isolation)
-        return _outcome(self._call("Run", request, timeout))
-
-    @contextlib.contextmanager
-    def transaction(
-        self,
-        wait_for_completion: bool = False,
-        isolation: IsolationArg = Isolation.READ_COMMITTED,
-    ) -> Iterator[Transaction]:
-        tx = self.begin(isolation)
-        try:
-            yield tx
-        except BaseException:
-            if tx.outcome is None:
-                with contextlib.suppress(TwoPCError):
-                    tx.rollback()
-            raise
-        if tx.outcome is None:
-            tx.commit(wait_for_completion)
-
-    def begin(self, isolation: IsolationArg = Isolation.READ_COMMITTED) -> Transaction:
-        reply = self._call("Begin", pb.BeginRequest(isolation=_isolation(isolation)), None)
-        return Transaction(self, reply.transaction_id)
-
-    def get_transaction(self, transaction_id: str) -> TransactionStatus:
-        reply = self._call(
-            "GetTransaction", pb.GetTransactionRequest(transaction_id=transaction_id), None
-        )
-        return _status(reply)
-
-    def list_transactions(self) -> list[TransactionStatus]:
-        reply = self._call("ListTransactions", pb.ListTransactionsRequest(), None)
-        return [_status(t) for t in reply.transactions]
-
-    def status(self, timeout: float | None = None) -> pb.CoordinatorStatus:
-        result: pb.CoordinatorStatus = self._call("Status", pb.StatusRequest(), timeout)
-        return result
-
-
-class Transaction:
-    """An interactive transaction; `outcome` is set once it committed or rolled back."""
-
-    def __init__(self, client: CoordinatorClient, transaction_id: str) -> None:
-        self._client = client
-        self.id = transaction_id
-        self.outcome: Outcome | None = None
-
-    def execute(
-        self,
-        participant: str,
-        sql: str | Statement,
-        params: Sequence[SqlValue] = (),
-        expect: Expectation | None = None,
-    ) -> StatementResult:
-        return self.execute_many(participant, [_statement(sql, params, expect)])[0]
-
-    def execute_many(
-        self, participant: str, statements: Sequence[Statement]
-    ) -> list[StatementResult]:
-        request = pb.ExecuteRequest(
-            transaction_id=self.id,
-            participant=participant,
-            statements=[statement_to_pb(s) for s in statements],
-        )
-        try:
-            reply = self._client._call("Execute", request, None)
-        except TransactionAborted as exc:
-            self.outcome = Outcome(self.id, False, exc.cause or "EXECUTE_FAILED", participant)
-            raise
-        return [result_from_pb(r) for r in reply.results]
-
-    def commit(self, wait_for_completion: bool = False) -> Outcome:
-        request = pb.CommitRequest(transaction_id=self.id, wait_for_completion=wait_for_completion)
-        self.outcome = _outcome(self._client._call("Commit", request, None))
-        return self.outcome
-
-    def rollback(self) -> Outcome:
-        request = pb.RollbackRequest(transaction_id=self.id)
-        self.outcome = _outcome(self._client._call("Rollback", request, None))
-        return self.outcome
-
-
-# -- asyncio client ------------------------------------------------------------------
-
-
-class AsyncCoordinatorClient:
-    """The same API for asyncio programs."""
-
-    def __init__(
-        self,
-        address: str | Sequence[str],
-        timeout: float = 30.0,
-        *,
-        tls: TlsConfig | None = None,
-        token: str | None = None,
-        server_name: str | None = None,
-        share_calls: bool = True,
-    ) -> None:
-        """`share_calls`: Runs go over one long-lived RunStream call per coordinator
-        process, several in a message when they queue (`coordinator.run_sharing`);
-        False: one unary Run call each."""
-        self.timeout = timeout
         self._share_calls = share_calls
         addresses = addresses_of(address)
         options = _CHANNEL_OPTIONS + channel_options(addresses)
         self._endpoints = Endpoints(
             addresses,
-            lambda a: _AsyncConnection(
-                aio_channel(a, tls or TlsConfig(), options, server_name, token)
-            ),
+            lambda a: _Connection(aio_channel(a, tls or TlsConfig(), options, server_name, token)),
         )
 
-    async def __aenter__(self) -> AsyncCoordinatorClient:
-        return self
-
-    async def __aexit__(
-        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.close()
-
-    async def close(self) -> None:
-        for connection in self._endpoints.connections():
-            await connection.close()
-
-    async def _call(self, method: str, request: Any, timeout: float | None) -> Any:
-        """`CoordinatorClient._call` for asyncio."""
-        deadline = time.monotonic() + (timeout or self.timeout)
+    async def call(self, method: str, request: Any, timeout: float) -> Any:
+        deadline = time.monotonic() + timeout
         keyed = method == "Run" and bool(request.idempotency_key)
         shared = method == "Run" and self._share_calls and request.ByteSize() < _SHARED_MAX
         for attempt in itertools.count():
@@ -534,6 +367,48 @@ class AsyncCoordinatorClient:
                 await asyncio.sleep(pause)
         raise AssertionError("unreachable")
 
+    async def close(self) -> None:
+        for connection in self._endpoints.connections():
+            await connection.close()
+
+
+# -- asyncio client: the one implementation -------------------------------------------
+
+
+class AsyncCoordinatorClient:
+    """A client for asyncio programs; `CoordinatorClient` runs its calls."""
+
+    def __init__(
+        self,
+        address: str | Sequence[str],
+        timeout: float = 30.0,
+        *,
+        tls: TlsConfig | None = None,
+        token: str | None = None,
+        server_name: str | None = None,
+        share_calls: bool = True,
+    ) -> None:
+        """`share_calls`: Runs go over one long-lived RunStream call per coordinator
+        process, several in a message when they queue (`coordinator.run_sharing`);
+        False: one unary Run call each."""
+        self.timeout = timeout
+        """Seconds a call may take, its failover attempts included."""
+        self._calls = _Calls(address, tls, token, server_name, share_calls)
+
+    async def __aenter__(self) -> AsyncCoordinatorClient:
+        return self
+
+    async def __aexit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._calls.close()
+
+    async def _call(self, method: str, request: Any, timeout: float | None) -> Any:
+        return await self._calls.call(method, request, timeout or self.timeout)
+
     async def run(
         self,
         branches: Branches,
@@ -551,6 +426,8 @@ class AsyncCoordinatorClient:
         wait_for_completion: bool = False,
         isolation: IsolationArg = Isolation.READ_COMMITTED,
     ) -> AsyncIterator[AsyncTransaction]:
+        """An interactive transaction that commits when the block ends and rolls back
+        when it raises (unless it already ended)."""
         tx = await self.begin(isolation)
         try:
             yield tx
@@ -573,12 +450,18 @@ class AsyncCoordinatorClient:
         )
         return _status(reply)
 
+    async def list_transactions(self) -> list[TransactionStatus]:
+        reply = await self._call("ListTransactions", pb.ListTransactionsRequest(), None)
+        return [_status(t) for t in reply.transactions]
+
     async def status(self, timeout: float | None = None) -> pb.CoordinatorStatus:
         result: pb.CoordinatorStatus = await self._call("Status", pb.StatusRequest(), timeout)
         return result
 
 
 class AsyncTransaction:
+    """An interactive transaction; `outcome` is set once it committed or rolled back."""
+
     def __init__(self, client: AsyncCoordinatorClient, transaction_id: str) -> None:
         self._client = client
         self.id = transaction_id
@@ -591,17 +474,22 @@ class AsyncTransaction:
         params: Sequence[SqlValue] = (),
         expect: Expectation | None = None,
     ) -> StatementResult:
+        return (await self.execute_many(participant, [_statement(sql, params, expect)]))[0]
+
+    async def execute_many(
+        self, participant: str, statements: Sequence[Statement]
+    ) -> list[StatementResult]:
         request = pb.ExecuteRequest(
             transaction_id=self.id,
             participant=participant,
-            statements=[statement_to_pb(_statement(sql, params, expect))],
+            statements=[statement_to_pb(s) for s in statements],
         )
         try:
             reply = await self._client._call("Execute", request, None)
         except TransactionAborted as exc:
             self.outcome = Outcome(self.id, False, exc.cause or "EXECUTE_FAILED", participant)
             raise
-        return result_from_pb(reply.results[0])
+        return [result_from_pb(r) for r in reply.results]
 
     async def commit(self, wait_for_completion: bool = False) -> Outcome:
         request = pb.CommitRequest(transaction_id=self.id, wait_for_completion=wait_for_completion)
@@ -612,6 +500,134 @@ class AsyncTransaction:
         request = pb.RollbackRequest(transaction_id=self.id)
         self.outcome = _outcome(await self._client._call("Rollback", request, None))
         return self.outcome
+
+
+# -- blocking client: the asyncio one, run on a private event loop --------------------
+
+
+class CoordinatorClient:
+    """A blocking client, thread-safe: each call is `AsyncCoordinatorClient`'s, run on
+    the client's own event loop in a background thread (`coordinator.loop_thread`)
+    while the calling thread waits. Close it (or use `with`); one that is garbage
+    collected unclosed, or still open at exit, is closed then."""
+
+    def __init__(
+        self,
+        address: str | Sequence[str],
+        timeout: float = 30.0,
+        *,
+        tls: TlsConfig | None = None,
+        token: str | None = None,
+        server_name: str | None = None,
+        share_calls: bool = True,
+    ) -> None:
+        self._aio = AsyncCoordinatorClient(
+            address,
+            timeout,
+            tls=tls,
+            token=token,
+            server_name=server_name,
+            share_calls=share_calls,
+        )
+        self._loop = LoopThread("twopc-client")
+        # Holds the loop and the asyncio client, never `self`: so it can close them.
+        self._finalizer = weakref.finalize(self, self._loop.close, self._aio.close)
+
+    @property
+    def timeout(self) -> float:
+        """Seconds a call may take, its failover attempts included."""
+        return self._aio.timeout
+
+    @timeout.setter
+    def timeout(self, value: float) -> None:
+        self._aio.timeout = value
+
+    def __enter__(self) -> CoordinatorClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._finalizer()
+
+    def run(
+        self,
+        branches: Branches,
+        idempotency_key: str | None = None,
+        wait_for_completion: bool = False,
+        timeout: float | None = None,
+        isolation: IsolationArg = Isolation.READ_COMMITTED,
+    ) -> Outcome:
+        return self._loop.run(
+            self._aio.run(branches, idempotency_key, wait_for_completion, timeout, isolation)
+        )
+
+    @contextlib.contextmanager
+    def transaction(
+        self,
+        wait_for_completion: bool = False,
+        isolation: IsolationArg = Isolation.READ_COMMITTED,
+    ) -> Iterator[Transaction]:
+        """`AsyncCoordinatorClient.transaction`, for a block of blocking code."""
+        tx = self.begin(isolation)
+        try:
+            yield tx
+        except BaseException:
+            if tx.outcome is None:
+                with contextlib.suppress(TwoPCError):
+                    tx.rollback()
+            raise
+        if tx.outcome is None:
+            tx.commit(wait_for_completion)
+
+    def begin(self, isolation: IsolationArg = Isolation.READ_COMMITTED) -> Transaction:
+        return Transaction(self, self._loop.run(self._aio.begin(isolation)).id)
+
+    def get_transaction(self, transaction_id: str) -> TransactionStatus:
+        return self._loop.run(self._aio.get_transaction(transaction_id))
+
+    def list_transactions(self) -> list[TransactionStatus]:
+        return self._loop.run(self._aio.list_transactions())
+
+    def status(self, timeout: float | None = None) -> pb.CoordinatorStatus:
+        return self._loop.run(self._aio.status(timeout))
+
+
+class Transaction:
+    """An interactive transaction; `outcome` is set once it committed or rolled back."""
+
+    def __init__(self, client: CoordinatorClient, transaction_id: str) -> None:
+        self._loop = client._loop
+        self._aio = AsyncTransaction(client._aio, transaction_id)
+
+    @property
+    def id(self) -> str:
+        return self._aio.id
+
+    @property
+    def outcome(self) -> Outcome | None:
+        return self._aio.outcome
+
+    def execute(
+        self,
+        participant: str,
+        sql: str | Statement,
+        params: Sequence[SqlValue] = (),
+        expect: Expectation | None = None,
+    ) -> StatementResult:
+        return self._loop.run(self._aio.execute(participant, sql, params, expect))
+
+    def execute_many(
+        self, participant: str, statements: Sequence[Statement]
+    ) -> list[StatementResult]:
+        return self._loop.run(self._aio.execute_many(participant, statements))
+
+    def commit(self, wait_for_completion: bool = False) -> Outcome:
+        return self._loop.run(self._aio.commit(wait_for_completion))
+
+    def rollback(self) -> Outcome:
+        return self._loop.run(self._aio.rollback())
 
 
 # -- retrying keyed work ---------------------------------------------------------------
@@ -692,6 +708,24 @@ class _Plan:
             self._attempt += 1
             self._branches = None
         return self._retry.delay(self.runs - 1)
+
+
+class _Reruns:
+    """The retry rule of `transact_with_retries`, shared by the blocking and the
+    asyncio helper: after each run's failure or outcome, stop or wait and run again."""
+
+    def __init__(self, retry: Retry) -> None:
+        self._retry = retry
+        self._run = 0
+
+    def after(self, answer: TransactionAborted | Outcome) -> float | None:
+        """None: the answer stands (raise the failure, return the outcome); else wait
+        that many seconds and run again. Only a lost conflict is run again, and not
+        after the last attempt."""
+        if not answer.retryable or self._run + 1 >= self._retry.attempts:
+            return None
+        self._run += 1
+        return self._retry.delay(self._run - 1)
 
 
 def run_with_retries(
@@ -783,14 +817,13 @@ def transact_with_retries(
     carry no idempotency key, so after a lost commit answer only
     `get_transaction(tx.id)` can tell whether the work was applied, and running it
     again could apply it twice."""
-    run = 0
+    reruns = _Reruns(retry)
     while True:
-        last = run + 1 >= retry.attempts
         tx = client.begin(isolation)
         try:
             value = work(tx)
         except TransactionAborted as exc:
-            if not exc.retryable or last:
+            if (wait := reruns.after(exc)) is None:
                 raise
         except BaseException:
             with contextlib.suppress(TwoPCError):
@@ -798,10 +831,9 @@ def transact_with_retries(
             raise
         else:
             outcome = tx.outcome or tx.commit()
-            if outcome.committed or not outcome.retryable or last:
+            if (wait := reruns.after(outcome)) is None:
                 return value, outcome
-        time.sleep(retry.delay(run))
-        run += 1
+        time.sleep(wait)
 
 
 async def transact_with_retries_async(
@@ -812,14 +844,13 @@ async def transact_with_retries_async(
     retry: Retry = Retry(),
 ) -> tuple[T, Outcome]:
     """`transact_with_retries` for the asyncio client."""
-    run = 0
+    reruns = _Reruns(retry)
     while True:
-        last = run + 1 >= retry.attempts
         tx = await client.begin(isolation)
         try:
             value = await work(tx)
         except TransactionAborted as exc:
-            if not exc.retryable or last:
+            if (wait := reruns.after(exc)) is None:
                 raise
         except BaseException:
             with contextlib.suppress(TwoPCError):
@@ -827,7 +858,6 @@ async def transact_with_retries_async(
             raise
         else:
             outcome = tx.outcome or await tx.commit()
-            if outcome.committed or not outcome.retryable or last:
+            if (wait := reruns.after(outcome)) is None:
                 return value, outcome
-        await asyncio.sleep(retry.delay(run))
-        run += 1
+        await asyncio.sleep(wait)

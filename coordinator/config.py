@@ -62,10 +62,9 @@ class CoordinatorConfig:
     answer). Beyond it a new one gets RESOURCE_EXHAUSTED at once with a retry hint
     (trailing metadata retry-after-ms), so that overload sheds work before doing it
     rather than after, when the prepare timeout would throw it away."""
-    prepare_stream: bool = True
-    """Send every Prepare to an agent over one long-lived PrepareStream call, several in
-    one message when they queue behind a write (`coordinator.prepare_stream`); False:
-    one unary Prepare call each."""
+    prepare_calls: str = "stream"
+    """stream: every Prepare to an agent over one long-lived PrepareStream call, several
+    in one message when they queue behind a write; unary: one Prepare call each."""
     deadlock_interval: float = 0.05
     """Seconds between looks for cross-shard deadlocks, taken only while some
     transaction has been at work (preparing, or in an Execute) for longer than this;
@@ -152,6 +151,8 @@ class CoordinatorConfig:
             "connect_probe_timeout",
             "log_reconnect_timeout",
             "tls_reload_interval",
+            "health_interval",
+            "health_timeout",
         ):
             settings.seconds(name, getattr(self, name))
         settings.seconds("shutdown_grace", self.shutdown_grace, zero_ok=True)
@@ -160,6 +161,19 @@ class CoordinatorConfig:
         settings.count("abort_attempts", self.abort_attempts)
         settings.count("recent_outcomes", self.recent_outcomes)
         settings.count("log_batch_max", self.log_batch_max)
+        settings.count("max_in_flight", self.max_in_flight)
+        settings.count("deadlock_retries", self.deadlock_retries, least=0)
+        settings.count("owners_remembered", self.owners_remembered)
+        if self.prepare_calls not in ("stream", "unary"):
+            raise settings.InvalidSetting(
+                "prepare_calls", f"must be stream or unary, not {self.prepare_calls!r}"
+            )
+        if self.phase2_backoff_initial > self.phase2_backoff_max:
+            raise settings.InvalidSetting(
+                "phase2_backoff_max",
+                f"({self.phase2_backoff_max}s) is below phase2_backoff_initial "
+                f"({self.phase2_backoff_initial}s), the first delay it caps",
+            )
         for client, allowed in self.client_participants.items():
             if unknown := sorted(allowed - set(self.participants)):
                 raise InvalidArgument(

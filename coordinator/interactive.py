@@ -25,7 +25,41 @@ from twopc_common.isolation import Isolation
 from twopc_common.values import Statement, StatementResult
 
 
-class Interactive(Part):
+class IdleReaper(Part):
+    """No interactive transaction outlives `transaction_max_lifetime`, nor stays idle
+    longer than `transaction_idle_timeout`: the reaper rolls it back."""
+
+    phase2: Phase2
+
+    async def reap_idle_transactions(self) -> None:
+        """Roll back interactive transactions idle too long or alive too long."""
+        period = min(1.0, self.config.transaction_idle_timeout / 4)
+        while True:
+            await self.clock.sleep(period)
+            now = self.clock.monotonic()
+            for tx in list(self.memory.live.values()):
+                if tx.state is not TxState.ACTIVE:
+                    continue
+                if now - tx.started > self.config.transaction_max_lifetime:
+                    self.phase2.abort(
+                        tx,
+                        AbortCause.LIFETIME_EXCEEDED,
+                        "",
+                        f"interactive transaction older than {self.config.transaction_max_lifetime}"
+                        " s (--transaction-max-lifetime)",
+                        tuple(tx.participants),
+                    )
+                elif not tx.busy and now - tx.last_used > self.config.transaction_idle_timeout:
+                    self.phase2.abort(
+                        tx,
+                        AbortCause.IDLE_TIMEOUT,
+                        "",
+                        "interactive transaction idle",
+                        tuple(tx.participants),
+                    )
+
+
+class Interactive(IdleReaper):
     """The interactive transactions' calls."""
 
     def __init__(self, memory: Memory, phase2: Phase2, runner: Runner) -> None:
@@ -138,30 +172,3 @@ class Interactive(Part):
         if outcome.committed:
             raise FailedPrecondition(f"transaction {txid} has committed")
         return outcome
-
-    async def reap_idle_transactions(self) -> None:
-        """Roll back interactive transactions idle too long or alive too long."""
-        period = min(1.0, self.config.transaction_idle_timeout / 4)
-        while True:
-            await self.clock.sleep(period)
-            now = self.clock.monotonic()
-            for tx in list(self.memory.live.values()):
-                if tx.state is not TxState.ACTIVE:
-                    continue
-                if now - tx.started > self.config.transaction_max_lifetime:
-                    self.phase2.abort(
-                        tx,
-                        AbortCause.LIFETIME_EXCEEDED,
-                        "",
-                        f"interactive transaction older than {self.config.transaction_max_lifetime}"
-                        " s (--transaction-max-lifetime)",
-                        tuple(tx.participants),
-                    )
-                elif not tx.busy and now - tx.last_used > self.config.transaction_idle_timeout:
-                    self.phase2.abort(
-                        tx,
-                        AbortCause.IDLE_TIMEOUT,
-                        "",
-                        "interactive transaction idle",
-                        tuple(tx.participants),
-                    )

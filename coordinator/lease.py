@@ -79,7 +79,9 @@ def _lock_key(coordinator_id: str) -> str:
     return f"twopc-coordinator:{coordinator_id}"
 
 
-class Lease:
+class _LeaseSession:
+    """The lease's own session (and its advisory lock), and what is known of the holder."""
+
     def __init__(self, dsn: str, coordinator_id: str, address: str, config: LeaseSettings) -> None:
         self._dsn = dsn
         self.coordinator_id = coordinator_id
@@ -130,7 +132,9 @@ class Lease:
             self._locked = bool(row and row[0])
         return self._locked
 
-    # -- standby: wait for the lease ---------------------------------------------------
+
+class _Takeover(_LeaseSession):
+    """A standby's side: wait for the lease, take it once its holder is gone."""
 
     def take(self, go_on: Callable[[], bool]) -> bool:
         """Poll until this process holds the lease (True) or `go_on()` says stop."""
@@ -173,8 +177,15 @@ class Lease:
             recent = self._reconnected_at
             if recent is not None and time.monotonic() - recent < self.config.duration:
                 return False
-        # The previous holder is gone (or silent past its lease). Take the row, waiting
-        # a bounded time for a batch of the old holder still in flight.
+        # The previous holder is gone (or silent past its lease).
+        if not self._take_row(conn, holder):
+            return False
+        self.active_address, self.holder_info = self.address, self._info
+        return True
+
+    def _take_row(self, conn: psycopg.Connection[Any], holder: str | None) -> bool:
+        """Name this process in the row, waiting a bounded time for a batch of the old
+        holder still in flight (whose sessions are ended if it does not finish)."""
         try:
             with conn.transaction():
                 conn.execute(
@@ -197,7 +208,6 @@ class Lease:
             if holder is not None:
                 self._terminate(conn, holder)
             return False
-        self.active_address, self.holder_info = self.address, self._info
         return True
 
     @staticmethod
@@ -216,7 +226,11 @@ class Lease:
             (f"twopc-coordinator % {holder}",),
         )
 
-    # -- active: renew ------------------------------------------------------------------
+
+class Lease(_Takeover):
+    """The lease of coordinator `coordinator_id` in the log database at `dsn`: `take`
+    it (a standby waits), then renew it while active (`start_renewing`) until `stop`
+    and `release`."""
 
     def start_renewing(self) -> None:
         self._renewer = threading.Thread(target=self._renew_loop, name="lease", daemon=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from coordinator.decision_log import LogRecord
+from coordinator.log_records import LogRecord
 
 
 class DecisionLogPort(Protocol):

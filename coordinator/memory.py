@@ -23,8 +23,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from coordinator.config import CoordinatorConfig
-from coordinator.decision_log import LogRecord, LogState
 from coordinator.log_port import DecisionLogPort
+from coordinator.log_records import LogRecord, LogState
 from coordinator.ports import ParticipantTransport
 from coordinator.protocol import AbortCause, Reported, TxState
 from twopc_common.errors import InvalidArgument, NotFound, Unavailable

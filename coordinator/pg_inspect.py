@@ -10,7 +10,7 @@ from typing import Any
 
 import psycopg
 
-from coordinator.pg_log import SCHEMA
+from coordinator.pg_schema import SCHEMA
 from coordinator.protocol import TxState, reported, reported_without_record
 from twopc_common.ids import TransactionId
 from twopc_common.settings import describe_dsn

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
-from coordinator.decision_log import LogRecord, LogState
+from coordinator.log_records import LogRecord, LogState
 from coordinator.memory import Memory, Outcome, Part
 from coordinator.phase2 import Phase2
 from coordinator.protocol import AbortCause, TxState, delivered
@@ -37,90 +37,13 @@ def _log_behind(coordinator: str, participant: str, seen: int, log_epoch: int) -
     )
 
 
-class Recovery(Part):
-    """Start-up and periodic recovery."""
-
-    def __init__(self, memory: Memory, phase2: Phase2) -> None:
-        super().__init__(memory)
-        self.phase2 = phase2
-
-    async def recover(self) -> None:
-        """Start-up recovery, before serving: re-drive logged commits, then resolve the
-        participants' in-doubt branches (bounded wait; the periodic scan finishes)."""
-        for record in self.decision_log.incomplete_commits():
-            tx = self.memory.tx(record.transaction_id, TxState.COMMITTING, record.created_at)
-            tx.participants = list(record.participants)
-            tx.owner = record.owner
-            tx.outcome.set_result(Outcome.from_record(record))
-            self.memory.live[tx.id] = tx
-            self.counters["recovered_commits"] += 1
-            self.log.info("recovering_commit", txid=tx.id)
-            self.memory.spawn(self.phase2.deliver(tx, record.participants, commit=True))
-        for record in self.decision_log.unresolved_one_phase():
-            self.memory.spawn(self._resolve_one_phase(record))
-        # Everything not logged as committed by now can never commit: safe to say so.
-        self.memory.recovered = True
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(
-                self.resolve_in_doubt(), timeout=self.config.startup_recovery_timeout
-            )
-
-    async def _resolve_one_phase(self, record: LogRecord) -> None:
-        """A keyed one-phase commit whose answer died with the previous incarnation:
-        the Abort fence tells whether it committed, and makes sure it never will if
-        it did not."""
-        (participant,) = record.participants
-        tx = self.memory.tx(record.transaction_id, TxState.PREPARING, record.created_at)
-        committed = await self.phase2.fence_one_phase(tx, participant)
-        if committed:
-            outcome = Outcome(tx.id, True, one_phase=True, completed=True)
-        else:
-            outcome = Outcome(
-                tx.id,
-                False,
-                AbortCause.COORDINATOR_RESTART,
-                participant,
-                "coordinator restarted before the answer",
-                one_phase=True,
-            )
-        await self.phase2.retry(
-            lambda _: self.decision_log.resolve_one_phase(tx.id, outcome.to_json()),
-            tx,
-            "resolve_one_phase",
-        )
-        self.log.info("one_phase_resolved", txid=tx.id, committed=committed)
+class InDoubt(Part):
+    """The participants' in-doubt branches of ours, resolved from the log: commit if
+    it says committing or committed, else roll back (presumed abort)."""
 
     async def resolve_in_doubt(self) -> None:
+        """One pass over every participant's in-doubt branches."""
         await asyncio.gather(*(self._resolve_on(p) for p in self.clients))
-
-    async def check_log_is_current(self) -> None:
-        """Before the epoch is bumped: refuse a decision log that is behind what the
-        participants have seen (a restored backup, a copy from another machine). Its
-        ids would repeat, and presumed abort would roll back branches committed under
-        the lost log. Participants that do not answer in time are checked by the
-        periodic scan, which then stops this coordinator from deciding."""
-        last = self.decision_log.last_epoch
-
-        async def highest(participant: str) -> int | None:
-            try:
-                listed = await self.clients[participant].list_prepared(self.id)
-            except TwoPCError as exc:
-                self.log.warning("log_check_unverified", participant=participant, error=str(exc))
-                return None
-            return listed.highest_epoch
-
-        names = list(self.clients)
-        try:
-            seen = await asyncio.wait_for(
-                asyncio.gather(*(highest(p) for p in names)),
-                timeout=self.config.startup_recovery_timeout,
-            )
-        except TimeoutError:
-            self.log.warning("log_check_unverified", participants=",".join(names))
-            return
-        for participant, epoch in zip(names, seen, strict=True):
-            if epoch is not None and epoch > last:
-                raise LogBehind(_log_behind(self.id, participant, epoch, last))
 
     async def _resolve_on(self, participant: str) -> None:
         client = self.clients[participant]
@@ -174,6 +97,89 @@ class Recovery(Part):
                 participant=participant,
                 outcome="commit" if commit else "abort",
             )
+
+
+class Recovery(InDoubt):
+    """Start-up and periodic recovery."""
+
+    def __init__(self, memory: Memory, phase2: Phase2) -> None:
+        super().__init__(memory)
+        self.phase2 = phase2
+
+    async def recover(self) -> None:
+        """Start-up recovery, before serving: re-drive logged commits, then resolve the
+        participants' in-doubt branches (bounded wait; the periodic scan finishes)."""
+        for record in self.decision_log.incomplete_commits():
+            tx = self.memory.tx(record.transaction_id, TxState.COMMITTING, record.created_at)
+            tx.participants = list(record.participants)
+            tx.owner = record.owner
+            tx.outcome.set_result(Outcome.from_record(record))
+            self.memory.live[tx.id] = tx
+            self.counters["recovered_commits"] += 1
+            self.log.info("recovering_commit", txid=tx.id)
+            self.memory.spawn(self.phase2.deliver(tx, record.participants, commit=True))
+        for record in self.decision_log.unresolved_one_phase():
+            self.memory.spawn(self._resolve_one_phase(record))
+        # Everything not logged as committed by now can never commit: safe to say so.
+        self.memory.recovered = True
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(
+                self.resolve_in_doubt(), timeout=self.config.startup_recovery_timeout
+            )
+
+    async def _resolve_one_phase(self, record: LogRecord) -> None:
+        """A keyed one-phase commit whose answer died with the previous incarnation:
+        the Abort fence tells whether it committed, and makes sure it never will if
+        it did not."""
+        (participant,) = record.participants
+        tx = self.memory.tx(record.transaction_id, TxState.PREPARING, record.created_at)
+        committed = await self.phase2.fence_one_phase(tx, participant)
+        if committed:
+            outcome = Outcome(tx.id, True, one_phase=True, completed=True)
+        else:
+            outcome = Outcome(
+                tx.id,
+                False,
+                AbortCause.COORDINATOR_RESTART,
+                participant,
+                "coordinator restarted before the answer",
+                one_phase=True,
+            )
+        await self.phase2.retry(
+            lambda _: self.decision_log.resolve_one_phase(tx.id, outcome.to_json()),
+            tx,
+            "resolve_one_phase",
+        )
+        self.log.info("one_phase_resolved", txid=tx.id, committed=committed)
+
+    async def check_log_is_current(self) -> None:
+        """Before the epoch is bumped: refuse a decision log that is behind what the
+        participants have seen (a restored backup, a copy from another machine). Its
+        ids would repeat, and presumed abort would roll back branches committed under
+        the lost log. Participants that do not answer in time are checked by the
+        periodic scan, which then stops this coordinator from deciding."""
+        last = self.decision_log.last_epoch
+
+        async def highest(participant: str) -> int | None:
+            try:
+                listed = await self.clients[participant].list_prepared(self.id)
+            except TwoPCError as exc:
+                self.log.warning("log_check_unverified", participant=participant, error=str(exc))
+                return None
+            return listed.highest_epoch
+
+        names = list(self.clients)
+        try:
+            seen = await asyncio.wait_for(
+                asyncio.gather(*(highest(p) for p in names)),
+                timeout=self.config.startup_recovery_timeout,
+            )
+        except TimeoutError:
+            self.log.warning("log_check_unverified", participants=",".join(names))
+            return
+        for participant, epoch in zip(names, seen, strict=True):
+            if epoch is not None and epoch > last:
+                raise LogBehind(_log_behind(self.id, participant, epoch, last))
 
     async def recovery_loop(self) -> None:
         while True:

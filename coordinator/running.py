@@ -2,8 +2,8 @@
 transaction (the interactive ones' Commit ends here too).
 
 Guarantees:
-- admission control: at most `max_in_flight` transactions prepare at once; beyond it a
-  new one is refused at once with a hint of when to retry;
+- admission control (`coordinator.admission`): at most `max_in_flight` transactions
+  prepare at once; beyond it a new one is refused at once with a hint of when to retry;
 - idempotency keys: a retry of a keyed Run joins the live transaction or returns the
   logged outcome; the key is in memory until its record is durable;
 - a one-shot deadlock victim is run again, up to `deadlock_retries` times, and its
@@ -18,13 +18,14 @@ import asyncio
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 
-from coordinator.decision_log import LogFailed, LogState
+from coordinator.admission import Admission
+from coordinator.log_records import LogFailed, LogRecord, LogState
 from coordinator.memory import Memory, Outcome, Part, Tx
 from coordinator.phase2 import Phase2
 from coordinator.protocol import AbortCause, TxEvent, TxState, transition
 from coordinator.voting import Voting
 from twopc_common import failpoints
-from twopc_common.errors import AlreadyExists, InvalidArgument, ResourceExhausted, Unavailable
+from twopc_common.errors import AlreadyExists, InvalidArgument, Unavailable
 from twopc_common.isolation import Isolation
 from twopc_common.values import Statement
 
@@ -36,8 +37,7 @@ class Runner(Part):
         super().__init__(memory)
         self.phase2 = phase2
         self.voting = voting
-        self._preparing = 0
-        self._prepare_seconds = 0.01
+        self.admission = Admission(memory)
 
     async def run(
         self,
@@ -54,40 +54,10 @@ class Runner(Part):
             tx = self.memory.new_tx()
             tx.owner = owner
         else:
-            if len(key.encode()) > self.config.limits.max_idempotency_key_bytes:
-                raise InvalidArgument(
-                    f"idempotency key longer than "
-                    f"{self.config.limits.max_idempotency_key_bytes} bytes"
-                )
-            joined = self.memory.keys.get(key)
-            if joined is not None:
-                if joined.request_hash != request_hash:
-                    raise AlreadyExists(f"idempotency key {key!r} was used for another request")
-                self.counters["idempotent_replays"] += 1
-                return await self.answer(joined, wait)
-            tx = self.memory.new_tx()
-            tx.key, tx.request_hash, tx.owner = key, request_hash, owner
-            self.memory.keys[key] = tx
-            record = await self.decision_log.by_key(key)
-            if record is not None:
-                self.memory.forget(tx)
-                if record.request_hash != request_hash:
-                    error = AlreadyExists(f"idempotency key {key!r} was used for another request")
-                    tx.outcome.set_exception(error)
-                    tx.outcome.exception()  # retrieved: waiters re-raise it themselves
-                    raise error
-                if record.state is LogState.ONE_PHASE:
-                    unresolved = Unavailable(
-                        f"the outcome of {record.transaction_id} (key {key!r}) is being "
-                        "resolved after a restart; retry"
-                    )
-                    tx.outcome.set_exception(unresolved)
-                    tx.outcome.exception()
-                    raise unresolved
-                outcome = Outcome.from_record(record)
-                tx.outcome.set_result(outcome)
-                self.counters["idempotent_replays"] += 1
-                return outcome
+            joined = await self._join(key, request_hash, owner, wait)
+            if isinstance(joined, Outcome):
+                return joined
+            tx = joined
         work = {p: tuple(s) for p, s in branches}
         tx.isolation = isolation
         # Only a two-phase victim is run again here: a one-phase branch's intent is
@@ -104,6 +74,29 @@ class Runner(Part):
             outcome = await self.finish(tx, work, wait)
         return outcome
 
+    async def _join(
+        self, key: str, request_hash: str | None, owner: str | None, wait: bool
+    ) -> Tx | Outcome:
+        """A new transaction under `key`, or the outcome of the one that already ran
+        under it (still in memory, or in the log)."""
+        if len(key.encode()) > self.config.limits.max_idempotency_key_bytes:
+            raise InvalidArgument(
+                f"idempotency key longer than {self.config.limits.max_idempotency_key_bytes} bytes"
+            )
+        joined = self.memory.keys.get(key)
+        if joined is not None:
+            if joined.request_hash != request_hash:
+                raise AlreadyExists(f"idempotency key {key!r} was used for another request")
+            self.counters["idempotent_replays"] += 1
+            return await self.answer(joined, wait)
+        tx = self.memory.new_tx()
+        tx.key, tx.request_hash, tx.owner = key, request_hash, owner
+        self.memory.keys[key] = tx
+        record = await self.decision_log.by_key(key)
+        if record is None:
+            return tx
+        return _replay(self.memory, tx, key, request_hash, record)
+
     async def answer(self, tx: Tx, wait: bool, follow: bool = True) -> Outcome:
         """The outcome of `tx`: with `follow`, of the last of its deadlock retries."""
         outcome = await asyncio.shield(tx.outcome)
@@ -116,31 +109,15 @@ class Runner(Part):
         return outcome
 
     def admit(self) -> None:
-        """Admission control: at most `max_in_flight` transactions prepare at once.
-        Beyond it a new one is refused at once, with a hint of when to retry, instead of
-        queueing behind the others until the prepare timeout throws its work away."""
-        if self._preparing < self.config.max_in_flight:
-            return
-        self.counters["refused_in_flight_limit"] += 1
-        retry_after = max(0.001, self._prepare_seconds) * self.memory.rng.uniform(0.5, 1.5)
-        raise ResourceExhausted(
-            f"coordinator {self.id} is preparing {self._preparing} transactions, its limit "
-            f"(--max-in-flight): retry in about {retry_after * 1000:.0f} ms",
-            retry_after,
-        )
+        """Refuse a new transaction at the `max_in_flight` limit (`Admission`)."""
+        self.admission.admit()
 
     async def finish(
         self, tx: Tx, work: Mapping[str, tuple[Statement, ...]], wait: bool
     ) -> Outcome:
         """Prepare, decide, log, start phase 2; answer once the decision is durable."""
-        self._preparing += 1
-        began = self.clock.monotonic()
-        try:
+        with self.admission.preparing():
             return await self._finish_admitted(tx, work, wait)
-        finally:
-            self._preparing -= 1
-            # A running mean of how long a transaction takes to its answer: the hint.
-            self._prepare_seconds += 0.05 * (self.clock.monotonic() - began - self._prepare_seconds)
 
     async def _finish_admitted(
         self, tx: Tx, work: Mapping[str, tuple[Statement, ...]], wait: bool
@@ -178,3 +155,29 @@ class Runner(Part):
                     raise Unavailable(f"transaction {tx.id} aborted: {exc}") from exc
                 raise
         return await self.answer(tx, wait, follow=False)
+
+
+def _replay(
+    memory: Memory, tx: Tx, key: str, request_hash: str | None, record: LogRecord
+) -> Outcome:
+    """The logged outcome of `key`'s transaction, for a retry that found it in the
+    log. `tx`, registered under the key meanwhile (later retries may be waiting
+    on it), is forgotten and answers the same."""
+    memory.forget(tx)
+    if record.request_hash != request_hash:
+        error = AlreadyExists(f"idempotency key {key!r} was used for another request")
+        tx.outcome.set_exception(error)
+        tx.outcome.exception()  # retrieved: waiters re-raise it themselves
+        raise error
+    if record.state is LogState.ONE_PHASE:
+        unresolved = Unavailable(
+            f"the outcome of {record.transaction_id} (key {key!r}) is being "
+            "resolved after a restart; retry"
+        )
+        tx.outcome.set_exception(unresolved)
+        tx.outcome.exception()
+        raise unresolved
+    outcome = Outcome.from_record(record)
+    tx.outcome.set_result(outcome)
+    memory.counters["idempotent_replays"] += 1
+    return outcome

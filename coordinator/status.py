@@ -9,7 +9,7 @@ Guarantees:
 
 from __future__ import annotations
 
-from coordinator.decision_log import LogState
+from coordinator.log_records import LogState
 from coordinator.memory import Part, TransactionInfo, Tx
 from coordinator.protocol import Reported, TxState, reported, reported_without_record
 from twopc_common.errors import NotFound, Unavailable

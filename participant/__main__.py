@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import dataclasses
 import sys
@@ -19,13 +18,15 @@ from participant.probe import DatabaseProbe
 from participant.recovery import Recovery
 from participant.service import ParticipantService
 from participant.store import ConfigurationError, Store
-from twopc_common.auth import Authenticator, guard
+from twopc_common.auth import Authenticator
 from twopc_common.cli import (
+    DAEMON_FLAG_NAMES,
     HelpFormatter,
     LogSettings,
     add_daemon_flags,
     add_statement_policy_flags,
     at_least_one,
+    daemon_values,
     dsn,
     listen_address,
     log_level,
@@ -33,15 +34,14 @@ from twopc_common.cli import (
     non_negative,
     positive,
     run_daemon,
-    wait_for_termination,
 )
 from twopc_common.errors import InvalidArgument, TwoPCError
+from twopc_common.flags import Flag, add_field_flags, field_values, flag_error
 from twopc_common.health import Health
 from twopc_common.ids import check_name
-from twopc_common.metrics import RpcMetrics, serve_metrics
-from twopc_common.server import ListenError, bind_grpc_server
+from twopc_common.server import ListenError
+from twopc_common.serving import Service, serve_grpc
 from twopc_common.settings import describe_dsn
-from twopc_common.statements import policy_kinds
 from twopc_common.tls import TlsError, daemon_tls
 from twopc_pb import participant_pb2 as pb
 from twopc_pb import participant_pb2_grpc as pgrpc
@@ -57,6 +57,37 @@ async def serve(config: ParticipantConfig) -> None:
     await store.open()
     agent = Agent(config, store)
     await agent.epochs.load()
+    log_start(agent)
+    recovery = Recovery(agent)
+    health = Health(pb.DESCRIPTOR.services_by_name["Participant"].full_name, agent.log)
+    probe = DatabaseProbe(config.dsn, config.id, config.health_timeout)
+    registry = CollectorRegistry()
+    metrics.register(registry, agent, recovery, probe, health, store)
+    service = Service(
+        ParticipantService(agent, recovery, store),
+        pgrpc.add_ParticipantServicer_to_server,
+        pb.DESCRIPTOR.services_by_name["Participant"],
+        Authenticator(not config.tls.insecure, config.admins),
+        access.rules(config),
+    )
+    async with contextlib.AsyncExitStack() as stack:
+        # Closed in this order once the server has stopped.
+        for close in (store.close, probe.close, recovery.close, agent.close):
+            stack.push_async_callback(close)
+        serving = await stack.enter_async_context(
+            serve_grpc(config, service, health, agent.log, registry, on_hangup=recovery.reload_tls)
+        )
+        await health.update(False, "first database probe")
+        await serving.start()
+        agent.log.info("serving", listen=config.listen)
+        serving.spawn(agent.reap_idle_branches())
+        serving.spawn(recovery.run_forever())
+        serving.spawn(health.watch(probe.check, config.health_interval, config.health_timeout))
+        await serving.terminated
+
+
+def log_start(agent: Agent) -> None:
+    config = agent.config
     agent.log.info(
         "starting",
         database=describe_dsn(config.dsn),
@@ -70,79 +101,51 @@ async def serve(config: ParticipantConfig) -> None:
             hint="in-doubt branches cannot be resolved: add --coordinator NAME=HOST:PORT "
             "for every coordinator that uses this agent",
         )
-    recovery = Recovery(agent)
-    health = Health(pb.DESCRIPTOR.services_by_name["Participant"].full_name, agent.log)
-    probe = DatabaseProbe(config.dsn, config.id, config.health_timeout)
-    registry = CollectorRegistry()
-    server = bind_grpc_server(
-        config.listen,
-        config.limits.max_message_bytes,
-        lambda s: pgrpc.add_ParticipantServicer_to_server(
-            guard(
-                ParticipantService(agent, recovery, store),
-                pb.DESCRIPTOR.services_by_name["Participant"],
-                Authenticator(not config.tls.insecure, config.admins),
-                access.rules(config),
-                agent.log,
-            ),
-            s,
-        ),
-        health,
-        config.tls,
-        agent.log,
-        [RpcMetrics(registry)],
-    )
-    metrics.register(registry, agent, recovery, probe, health, store)
-    metrics_server = (
-        await serve_metrics(config.metrics_listen, registry, agent.log)
-        if config.metrics_listen
-        else None
-    )
-    await health.update(False, "first database probe")
-    await server.start()
-    agent.log.info("serving", listen=config.listen)
-    tasks = [
-        asyncio.create_task(agent.reap_idle_branches()),
-        asyncio.create_task(recovery.run_forever()),
-        asyncio.create_task(
-            health.watch(probe.check, config.health_interval, config.health_timeout)
-        ),
-    ]
-    try:
-        await wait_for_termination(recovery.reload_tls)
-    finally:
-        agent.log.info("stopping")
-        await health.shutdown()
-        if metrics_server is not None:
-            metrics_server.close()
-        await server.stop(config.shutdown_grace)
-        for task in tasks:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        await agent.close()
-        await recovery.close()
-        await probe.close()
-        await store.close()
+
+
+PARTICIPANT_FLAGS = (
+    Flag("--dsn-file", "dsn_file", Path, "PATH"),
+    Flag("--listen", "listen", listen_address, "HOST:PORT"),
+    Flag("--pool-min-size", "pool_min_size", at_least_one, "N"),
+    Flag("--pool-max-size", "pool_max_size", at_least_one, "N"),
+    Flag("--interactive-reserve", "interactive_reserve", int, "N"),
+    Flag("--lock-timeout", "lock_timeout", positive, "SECONDS"),
+    Flag("--statement-timeout", "statement_timeout", positive, "SECONDS"),
+    Flag("--idle-branch-timeout", "idle_branch_timeout", positive, "SECONDS"),
+    Flag("--recovery-interval", "recovery_interval", positive, "SECONDS"),
+    Flag("--recovery-grace", "recovery_grace", non_negative, "SECONDS"),
+    Flag("--branch-role", "branch_role", str, "ROLE"),
+)
+"""The flags that set one `ParticipantConfig` field each, help and default from it."""
 
 
 def parser() -> argparse.ArgumentParser:
     """The command line, with every flag's help and default."""
-    d = ParticipantConfig(id="-", dsn="")
     p = argparse.ArgumentParser(
         prog="twopc-participant",
         description="Participant agent: wraps one PostgreSQL database for the coordinator.",
         formatter_class=HelpFormatter,
     )
-    _add_identity_flags(p, d)
-    _add_tuning_flags(p, d)
+    _add_own_flags(p)
+    defaults = ParticipantConfig(id="-", dsn="")
+    add_field_flags(p, defaults, PARTICIPANT_FLAGS)
     add_statement_policy_flags(p)
-    add_daemon_flags(p)
+    add_daemon_flags(p, defaults)
     return p
 
 
-def _add_identity_flags(p: argparse.ArgumentParser, d: ParticipantConfig) -> None:
-    """Who the agent is, its database, its address and its coordinators."""
+def flag_names() -> dict[str, str]:
+    """Config field -> the flag that sets it, for errors that name the field."""
+    return {
+        **{f.field: f.name for f in PARTICIPANT_FLAGS},
+        **DAEMON_FLAG_NAMES,
+        "dsn": "--dsn",
+        "coordinators": "--coordinator",
+    }
+
+
+def _add_own_flags(p: argparse.ArgumentParser) -> None:
+    """The flags whose values are parsed before they are a field's."""
     p.add_argument(
         "--id",
         required=True,
@@ -160,15 +163,6 @@ def _add_identity_flags(p: argparse.ArgumentParser, d: ParticipantConfig) -> Non
         "twopc (created if the role may CREATE on the database)",
     )
     p.add_argument(
-        "--dsn-file",
-        type=Path,
-        metavar="PATH",
-        help="file holding the connection string (may carry the password)",
-    )
-    p.add_argument(
-        "--listen", type=listen_address, default=d.listen, metavar="HOST:PORT", help="gRPC address"
-    )
-    p.add_argument(
         "--coordinator",
         action="append",
         default=[],
@@ -176,75 +170,6 @@ def _add_identity_flags(p: argparse.ArgumentParser, d: ParticipantConfig) -> Non
         help="a coordinator (its --id and the addresses of its processes: the active one "
         "and its standbys) to ask about in-doubt branches; without one, in-doubt branches "
         "wait for an operator (repeatable)",
-    )
-
-
-def _add_tuning_flags(p: argparse.ArgumentParser, d: ParticipantConfig) -> None:
-    """The pool, the branches' timeouts and roles, and recovery: each with its default."""
-    p.add_argument(
-        "--pool-min-size",
-        type=at_least_one,
-        default=d.pool_min_size,
-        metavar="N",
-        help="database connections kept open",
-    )
-    p.add_argument(
-        "--pool-max-size",
-        type=at_least_one,
-        default=d.pool_max_size,
-        metavar="N",
-        help="most database connections: one per branch at work",
-    )
-    p.add_argument(
-        "--interactive-reserve",
-        type=int,
-        default=d.interactive_reserve,
-        metavar="N",
-        help="pool connections interactive branches may never take (kept for one-shot "
-        "work); one more interactive branch is refused at once",
-    )
-    p.add_argument(
-        "--lock-timeout",
-        type=positive,
-        default=d.lock_timeout,
-        metavar="SECONDS",
-        help="a statement waiting this long on a row lock fails: NO vote (a safety "
-        "net: the coordinator's detector breaks cross-shard deadlocks)",
-    )
-    p.add_argument(
-        "--statement-timeout",
-        type=positive,
-        default=d.statement_timeout,
-        metavar="SECONDS",
-        help="PostgreSQL statement_timeout for branch statements",
-    )
-    p.add_argument(
-        "--idle-branch-timeout",
-        type=positive,
-        default=d.idle_branch_timeout,
-        metavar="SECONDS",
-        help="an interactive branch idle this long before Prepare is rolled back",
-    )
-    p.add_argument(
-        "--recovery-interval",
-        type=positive,
-        default=d.recovery_interval,
-        metavar="SECONDS",
-        help="period of the scan for in-doubt prepared branches",
-    )
-    p.add_argument(
-        "--recovery-grace",
-        type=non_negative,
-        default=d.recovery_grace,
-        metavar="SECONDS",
-        help="a prepared branch younger than this is left to the live protocol",
-    )
-    p.add_argument(
-        "--branch-role",
-        default=d.branch_role,
-        metavar="ROLE",
-        help="PostgreSQL role branch statements run as (no superuser, no rights on "
-        "schema twopc); default: the agent's own role",
     )
 
 
@@ -256,27 +181,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[ParticipantConfig, LogSet
         config = ParticipantConfig(
             id=check_name("participant", a.id),
             dsn=inline_dsn(a.dsn, a.dsn_file),
-            dsn_file=a.dsn_file,
-            listen=a.listen,
             coordinators=named_address_lists(a.coordinator, "--coordinator"),
-            pool_min_size=a.pool_min_size,
-            pool_max_size=a.pool_max_size,
-            interactive_reserve=a.interactive_reserve,
-            lock_timeout=a.lock_timeout,
-            statement_timeout=a.statement_timeout,
-            idle_branch_timeout=a.idle_branch_timeout,
-            recovery_interval=a.recovery_interval,
-            recovery_grace=a.recovery_grace,
-            metrics_listen=a.metrics,
-            allow_failpoints=a.allow_failpoints,
-            tls=tls,
-            tls_reload_interval=a.tls_reload_interval,
-            admins=frozenset(a.admin),
-            branch_role=a.branch_role,
-            statement_kinds=policy_kinds(a.allow_statement, a.refuse_statement),
+            **daemon_values(a, tls),
+            **field_values(a, PARTICIPANT_FLAGS),
         )
     except (TwoPCError, argparse.ArgumentTypeError) as exc:
-        p.error(str(exc))
+        p.error(flag_error(exc, flag_names()))
     return config, LogSettings(log_level(p, a.log_level), a.log_format)
 
 

@@ -123,6 +123,8 @@ class ParticipantConfig:
             "marker_retention",
             "marker_prune_interval",
             "tls_reload_interval",
+            "health_interval",
+            "health_timeout",
         ):
             settings.seconds(name, getattr(self, name))
         settings.seconds("recovery_grace", self.recovery_grace, zero_ok=True)

@@ -10,13 +10,14 @@ decision, fixed pool statistics).
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from participant.agent import Agent
+from participant.control_sql import ForeignPrepared
 from participant.probe import DatabaseProbe
 from participant.recovery import Recovery
 from participant.store import Store
@@ -51,8 +52,8 @@ class _AgentCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         yield from self._counters()
         yield from self._branches()
-        yield from self._foreign()
-        yield from self._database()
+        yield from _foreign(self._recovery.foreign)
+        yield from _database(self._probe, self._health, self._store.pool.get_stats())
 
     def _counters(self) -> Iterator[Metric]:
         """The agent's counters: votes, phase 2, recovery, refusals."""
@@ -113,58 +114,61 @@ class _AgentCollector(Collector):
             value=self._recovery.waiting,
         )
 
-    def _foreign(self) -> Iterator[Metric]:
-        """Prepared transactions in the database that are not this agent's."""
-        foreign = self._recovery.foreign
-        now = dt.datetime.now(dt.UTC)
-        yield GaugeMetricFamily(
-            "twopc_participant_foreign_prepared_transactions",
-            "Prepared transactions in this database that are not this participant's "
-            "branches (as of the last recovery scan); nothing here resolves them",
-            value=len(foreign),
-        )
-        yield GaugeMetricFamily(
-            "twopc_participant_oldest_foreign_prepared_seconds",
-            "Age of the oldest foreign prepared transaction",
-            value=max(
-                ((now - f.prepared_at).total_seconds() for f in foreign if f.prepared_at),
-                default=0.0,
-            ),
-        )
-        yield GaugeMetricFamily(
-            "twopc_participant_foreign_prepared_locks",
-            "Locks the foreign prepared transactions hold",
-            value=sum(f.locks for f in foreign),
-        )
 
-    def _database(self) -> Iterator[Metric]:
-        """The database, the gRPC health status and the connection pool."""
-        yield GaugeMetricFamily(
-            "twopc_participant_database_up",
-            "1 if the last health probe reached the database",
-            value=int(self._probe.up),
-        )
-        yield GaugeMetricFamily(
-            "twopc_serving", "1 while the gRPC health status is SERVING", value=self._health.serving
-        )
-        stats = self._store.pool.get_stats()
-        for key, name, doc in (
-            ("pool_size", "pool_connections", "Connections the pool holds"),
-            ("pool_available", "pool_idle_connections", "Idle connections in the pool"),
-            ("pool_max", "pool_max_connections", "Most connections the pool may open"),
-            ("requests_waiting", "pool_waiting_requests", "Requests waiting for a connection"),
-        ):
-            yield GaugeMetricFamily(f"twopc_participant_{name}", doc, value=stats.get(key, 0))
-        for key, name, doc, scale in (
-            ("requests_num", "pool_requests", "Connections asked of the pool", 1.0),
-            ("requests_queued", "pool_queued_requests", "Requests that had to wait", 1.0),
-            ("requests_errors", "pool_request_errors", "Requests that failed (timeout)", 1.0),
-            ("requests_wait_ms", "pool_wait_seconds", "Time spent waiting for connections", 1e-3),
-            ("connections_lost", "pool_connections_lost", "Connections found broken", 1.0),
-        ):
-            yield CounterMetricFamily(
-                f"twopc_participant_{name}", doc, value=stats.get(key, 0) * scale
-            )
+def _foreign(foreign: Sequence[ForeignPrepared]) -> Iterator[Metric]:
+    """Prepared transactions in the database that are not this agent's."""
+    now = dt.datetime.now(dt.UTC)
+    yield GaugeMetricFamily(
+        "twopc_participant_foreign_prepared_transactions",
+        "Prepared transactions in this database that are not this participant's "
+        "branches (as of the last recovery scan); nothing here resolves them",
+        value=len(foreign),
+    )
+    yield GaugeMetricFamily(
+        "twopc_participant_oldest_foreign_prepared_seconds",
+        "Age of the oldest foreign prepared transaction",
+        value=max(
+            ((now - f.prepared_at).total_seconds() for f in foreign if f.prepared_at),
+            default=0.0,
+        ),
+    )
+    yield GaugeMetricFamily(
+        "twopc_participant_foreign_prepared_locks",
+        "Locks the foreign prepared transactions hold",
+        value=sum(f.locks for f in foreign),
+    )
+
+
+# pool statistic -> (metric name, help): gauges, then counters with their unit's scale
+_POOL_GAUGES = (
+    ("pool_size", "pool_connections", "Connections the pool holds"),
+    ("pool_available", "pool_idle_connections", "Idle connections in the pool"),
+    ("pool_max", "pool_max_connections", "Most connections the pool may open"),
+    ("requests_waiting", "pool_waiting_requests", "Requests waiting for a connection"),
+)
+_POOL_COUNTERS = (
+    ("requests_num", "pool_requests", "Connections asked of the pool", 1.0),
+    ("requests_queued", "pool_queued_requests", "Requests that had to wait", 1.0),
+    ("requests_errors", "pool_request_errors", "Requests that failed (timeout)", 1.0),
+    ("requests_wait_ms", "pool_wait_seconds", "Time spent waiting for connections", 1e-3),
+    ("connections_lost", "pool_connections_lost", "Connections found broken", 1.0),
+)
+
+
+def _database(probe: DatabaseProbe, health: Health, stats: Mapping[str, int]) -> Iterator[Metric]:
+    """The database, the gRPC health status and the connection pool."""
+    yield GaugeMetricFamily(
+        "twopc_participant_database_up",
+        "1 if the last health probe reached the database",
+        value=int(probe.up),
+    )
+    yield GaugeMetricFamily(
+        "twopc_serving", "1 while the gRPC health status is SERVING", value=health.serving
+    )
+    for key, name, doc in _POOL_GAUGES:
+        yield GaugeMetricFamily(f"twopc_participant_{name}", doc, value=stats.get(key, 0))
+    for key, name, doc, scale in _POOL_COUNTERS:
+        yield CounterMetricFamily(f"twopc_participant_{name}", doc, value=stats.get(key, 0) * scale)
 
 
 def register(

@@ -9,26 +9,24 @@ branch as rolled back. Shielded, the operation finishes and its result stands.
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
-from collections.abc import AsyncIterator, Coroutine
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator
 
 from participant import heuristic, prepare_stream
 from participant.agent import Agent
 from participant.prepare_path import Vote
 from participant.recovery import Recovery
 from participant.store import Store
-from twopc_common import failpoints
 from twopc_common.errors import InvalidArgument
+from twopc_common.failpoints_rpc import FailpointsAdmin
 from twopc_common.grpc_errors import Context, status_for, translate_errors
 from twopc_common.isolation import isolation_from_pb
 from twopc_common.phase2_outcome import Phase2Outcome
+from twopc_common.shielding import shielded
 from twopc_common.statements import StatementPolicy
 from twopc_common.values import results_to_pb, statements_from_pb
 from twopc_pb import participant_pb2 as pb
 from twopc_pb import participant_pb2_grpc as pgrpc
-from twopc_pb import types_pb2
 
 _VOTES = {
     Vote.YES: pb.YES,
@@ -36,9 +34,6 @@ _VOTES = {
     Vote.READ_ONLY: pb.READ_ONLY,
     Vote.COMMITTED_ONE_PHASE: pb.COMMITTED_ONE_PHASE,
 }
-
-
-T = TypeVar("T")
 
 
 _OUTCOMES = {
@@ -60,12 +55,9 @@ def _finished(answer: Phase2Outcome | Exception) -> pb.Finished:
     return pb.Finished(outcome=_OUTCOMES[answer], changed=answer.changed)
 
 
-async def _shielded(call: Coroutine[Any, Any, T]) -> T:
-    return await asyncio.shield(asyncio.ensure_future(call))
-
-
-class ParticipantService(pgrpc.ParticipantServicer):
+class ParticipantService(FailpointsAdmin, pgrpc.ParticipantServicer):
     def __init__(self, agent: Agent, recovery: Recovery, store: Store) -> None:
+        self._allow_failpoints = agent.config.allow_failpoints
         self._agent = agent
         self._store = store
         self._recovery = recovery
@@ -79,7 +71,7 @@ class ParticipantService(pgrpc.ParticipantServicer):
         statements = statements_from_pb(request.statements, self._limits, "Execute")
         self._policy.check(statements, "Execute")
         isolation = isolation_from_pb(request.isolation)
-        results = await _shielded(
+        results = await shielded(
             self._agent.execute(request.transaction_id, statements, request.incarnation, isolation)
         )
         return pb.BranchExecuteResponse(
@@ -102,7 +94,7 @@ class ParticipantService(pgrpc.ParticipantServicer):
 
     @translate_errors
     async def Prepare(self, request: pb.PrepareRequest, context: Context) -> pb.PrepareResponse:
-        return await _shielded(self._prepare(request))
+        return await shielded(self._prepare(request))
 
     @translate_errors
     async def PrepareStream(
@@ -119,11 +111,11 @@ class ParticipantService(pgrpc.ParticipantServicer):
 
     @translate_errors
     async def Commit(self, request: pb.BranchRef, context: Context) -> pb.Ack:
-        return _ack(await _shielded(self._agent.commit(request.transaction_id)))
+        return _ack(await shielded(self._agent.commit(request.transaction_id)))
 
     @translate_errors
     async def Abort(self, request: pb.BranchRef, context: Context) -> pb.Ack:
-        return _ack(await _shielded(self._agent.abort(request.transaction_id)))
+        return _ack(await shielded(self._agent.abort(request.transaction_id)))
 
     @translate_errors
     async def Finish(self, request: pb.FinishRequest, context: Context) -> pb.FinishResponse:
@@ -131,7 +123,7 @@ class ParticipantService(pgrpc.ParticipantServicer):
             raise InvalidArgument(
                 f"{len(request.decisions)} decisions, the limit is {self._limits.max_phase2_batch}"
             )
-        answers = await _shielded(
+        answers = await shielded(
             self._agent.finish([(d.transaction_id, d.commit) for d in request.decisions])
         )
         return pb.FinishResponse(finished=[_finished(a) for a in answers])
@@ -212,13 +204,4 @@ class ParticipantService(pgrpc.ParticipantServicer):
                 )
                 for e in await self._agent.waits_for()
             ]
-        )
-
-    @translate_errors
-    async def SetFailpoints(
-        self, request: types_pb2.FailpointsRequest, context: Context
-    ) -> types_pb2.FailpointsResponse:
-        allowed = self._agent.config.allow_failpoints
-        return types_pb2.FailpointsResponse(
-            active=failpoints.configure_remotely(allowed, request.spec)
         )

@@ -5,6 +5,7 @@ says why in one line, nothing prints a traceback, and --help and --version answe
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import re
 import socket
@@ -22,6 +23,7 @@ from participant.config import ParticipantConfig
 from tests.fix_cli import PROGRAMS, VALID_DSN, assert_one_line_error, cli
 from twopc_common import settings
 from twopc_common.errors import InvalidArgument
+from twopc_common.limits import Limits
 from twopc_common.log import RateLimit
 from twopc_harness.postgres import PostgresCluster, free_port
 from twopc_harness.system import issue_credentials
@@ -45,6 +47,9 @@ def coordinator_args(*extra: str, log: str = "/tmp/unused-decisions.sqlite") -> 
         (["--recovery-interval", "soon"], {}, "'soon' is not a number of seconds"),
         (["--log-level", "bogus"], {}, "invalid choice: 'BOGUS'"),
         ([], {"TWOPC_LOG_LEVEL": "bogus"}, "log level 'BOGUS' (from TWOPC_LOG_LEVEL)"),
+        (["--max-in-flight", "0"], {}, "--max-in-flight must be at least 1, not 0"),
+        (["--deadlock-retries", "-1"], {}, "--deadlock-retries must be at least 0, not -1"),
+        (["--phase2-backoff-max", "0.01"], {}, "--phase2-backoff-max (0.01s) is below"),
     ],
     ids=[
         "listen-no-port",
@@ -56,6 +61,9 @@ def coordinator_args(*extra: str, log: str = "/tmp/unused-decisions.sqlite") -> 
         "not-a-number",
         "log-level",
         "log-level-env",
+        "max-in-flight-zero",
+        "negative-deadlock-retries",
+        "backoff-cap-below-first-delay",
     ],
 )
 def test_coordinator_usage_errors(args: list[str], env: dict[str, str], message: str) -> None:
@@ -75,6 +83,7 @@ def test_coordinator_usage_errors(args: list[str], env: dict[str, str], message:
         (["--coordinator", "c1=:7000"], {}, "expected HOST:PORT"),
         (["--log-level", "bogus"], {}, "invalid choice: 'BOGUS'"),
         ([], {"TWOPC_LOG_LEVEL": "loud"}, "log level 'LOUD' (from TWOPC_LOG_LEVEL)"),
+        (["--interactive-reserve", "-1"], {}, "--interactive-reserve must be at least 0, not -1"),
     ],
     ids=[
         "dsn",
@@ -86,6 +95,7 @@ def test_coordinator_usage_errors(args: list[str], env: dict[str, str], message:
         "coordinator-address",
         "log-level",
         "log-level-env",
+        "negative-reserve",
     ],
 )
 def test_participant_usage_errors(args: list[str], env: dict[str, str], message: str) -> None:
@@ -105,6 +115,21 @@ def test_config_dataclasses_refuse_what_the_command_lines_refuse() -> None:
         CoordinatorConfig(id="c1", log_path="x", prepare_timeout=math.nan)
     with pytest.raises(InvalidArgument, match="listen"):
         CoordinatorConfig(id="c1", log_path="x", listen="localhost")
+
+
+def test_config_dataclasses_refuse_contradictory_settings() -> None:
+    with pytest.raises(InvalidArgument, match="health_timeout must be a finite number"):
+        CoordinatorConfig(id="c1", log_path="x", health_timeout=0)
+    with pytest.raises(InvalidArgument, match="health_interval must be a finite number"):
+        ParticipantConfig(id="p1", dsn="", health_interval=-1)
+    with pytest.raises(InvalidArgument, match="below phase2_backoff_initial"):
+        CoordinatorConfig(id="c1", log_path="x", phase2_backoff_initial=2, phase2_backoff_max=1)
+    with pytest.raises(InvalidArgument, match="max_in_flight must be at least 1"):
+        CoordinatorConfig(id="c1", log_path="x", max_in_flight=0)
+    with pytest.raises(InvalidArgument, match=r"max_message_bytes \(65536\) leaves no room"):
+        Limits(max_message_bytes=64 * 1024)
+    with pytest.raises(InvalidArgument, match="max_phase2_batch must be at least 1"):
+        Limits(max_phase2_batch=0)
 
 
 @pytest.fixture
@@ -244,3 +269,68 @@ def test_coordinator_with_its_log_in_a_missing_folder_says_which(tmp_path: Path)
         *coordinator_args("--listen", f"127.0.0.1:{free_port()}", log=str(log)),
     )
     assert_one_line_error(done, "twopc-coordinator", f"folder {log.parent} does not exist", 1)
+
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+_EMPTY_DEFAULTS: tuple[object, ...] = (None, False, [], "", argparse.SUPPRESS)
+
+
+def _readme_table(header: str) -> dict[str, tuple[str, str]]:
+    """README's flags table headed `| {header} | default | meaning |`: each flag's
+    default cell and meaning cell (a row may list several flags, with one default
+    each, `2 / 20`, or one for all)."""
+    lines = README.read_text().splitlines()
+    start = lines.index(f"| {header} | default | meaning |") + 2
+    table: dict[str, tuple[str, str]] = {}
+    for line in lines[start:]:
+        if not line.startswith("|"):
+            break
+        first, default, meaning = (c.strip() for c in re.split(r"(?<!\\)\|", line)[1:4])
+        flags = re.findall(r"`(--[a-z0-9-]+)", first)
+        defaults = [d.strip() for d in default.split(" / ")]
+        if len(defaults) != len(flags):
+            defaults = [default] * len(flags)
+        for flag, value in zip(flags, defaults, strict=True):
+            assert flag not in table, f"README lists {flag} twice in the {header} table"
+            table[flag] = (value, meaning)
+    return table
+
+
+def _same_default(action: argparse.Action, cell: str) -> bool:
+    if action.required:
+        return cell.startswith("required")
+    if action.default in _EMPTY_DEFAULTS:
+        return True  # the cell says in words what leaving the flag out means
+    if isinstance(action.default, int | float) and not isinstance(action.default, bool):
+        with contextlib.suppress(ValueError):
+            return float(cell) == float(action.default)
+        return False
+    return cell == str(action.default)
+
+
+@pytest.mark.parametrize(
+    ("prog", "header"),
+    [("twopc-coordinator", "coordinator flag"), ("twopc-participant", "agent flag")],
+)
+def test_the_readme_flag_tables_list_every_flag_with_its_default(
+    prog: str, header: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for variable in ("TWOPC_LOG_FORMAT", "TWOPC_LOG_LEVEL"):
+        monkeypatch.delenv(variable, raising=False)
+    table = _readme_table(header)
+    shared = _readme_table("coordinator flag")
+    parser = _parsers()[prog]
+    flags = {
+        action.option_strings[-1]: action
+        for action in parser._actions
+        if action.option_strings and not isinstance(action, argparse._HelpAction)
+    }
+    assert sorted(set(flags) - set(table)) == [], f"{prog} flags missing from README"
+    assert sorted(set(table) - set(flags)) == [], f"README lists flags {prog} does not have"
+    for flag, action in flags.items():
+        default, meaning = table[flag]
+        if "as for the coordinator" in meaning:
+            default, _ = shared[flag]
+        assert _same_default(action, default), (
+            f"README says {flag} defaults to {default!r}, {prog} to {action.default!r}"
+        )

@@ -20,7 +20,8 @@ from coordinator.config import CoordinatorConfig
 from coordinator.decision_log import LogFailed, LogInUse
 from coordinator.engine import Coordinator
 from coordinator.lease import LeaseSettings
-from coordinator.pg_log import MIGRATIONS, SCHEMA, Fenced, PostgresDecisionLog
+from coordinator.pg_log import Fenced, PostgresDecisionLog
+from coordinator.pg_schema import MIGRATIONS, SCHEMA
 from tests.conftest import log_url
 from tests.fix_cli import assert_one_line_error, cli
 from twopc_common.errors import Unavailable

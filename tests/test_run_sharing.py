@@ -19,7 +19,7 @@ PAIR = ("shard1", "shard2")
 def _runs(client: AsyncCoordinatorClient) -> dict[str, int]:
     """The client's RunStream counters, summed over its connections."""
     total: dict[str, int] = {}
-    for connection in client._endpoints.connections():
+    for connection in client._calls._endpoints.connections():
         if "runs" in connection.__dict__:
             for name, value in connection.runs.stats.items():
                 total[name] = total.get(name, 0) + value

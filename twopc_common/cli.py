@@ -19,10 +19,11 @@ from typing import Any
 
 from twopc_common import failpoints, log, settings
 from twopc_common.errors import InvalidArgument
+from twopc_common.flags import Flag, add_field_flags
 from twopc_common.ids import check_name
 from twopc_common.metrics import parse_listen
-from twopc_common.statements import StatementKind
-from twopc_common.tls import add_tls_flags
+from twopc_common.statements import StatementKind, policy_kinds
+from twopc_common.tls import TlsConfig, add_tls_flags
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
@@ -133,16 +134,6 @@ def add_version_flag(p: argparse.ArgumentParser) -> None:
     )
 
 
-async def wait_for_termination(on_hangup: Callable[[], None] = lambda: None) -> None:
-    """Return on SIGTERM or SIGINT; call `on_hangup` on each SIGHUP (reload)."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, on_hangup)
-    await stop.wait()
-
-
 def add_statement_policy_flags(p: argparse.ArgumentParser) -> None:
     """--allow-statement / --refuse-statement: the statement policy (see README)."""
     p.add_argument(
@@ -178,8 +169,8 @@ def metrics_address(text: str) -> str:
     return text
 
 
-def add_daemon_flags(p: argparse.ArgumentParser) -> None:
-    """The flags every daemon has."""
+def add_daemon_flags(p: argparse.ArgumentParser, defaults: object) -> None:
+    """The flags every daemon has; `defaults` is its config with default values."""
     p.add_argument(
         "--metrics",
         type=metrics_address,
@@ -206,13 +197,8 @@ def add_daemon_flags(p: argparse.ArgumentParser) -> None:
         help="a client identity with the admin role (repeatable)",
     )
     add_tls_flags(p, daemon=True)
-    p.add_argument(
-        "--tls-reload-interval",
-        type=positive,
-        default=5.0,
-        metavar="SECONDS",
-        help="how often outbound channels check the TLS files (SIGHUP: at once); "
-        "the server checks them at every handshake",
+    add_field_flags(
+        p, defaults, [Flag("--tls-reload-interval", "tls_reload_interval", positive, "SECONDS")]
     )
     p.add_argument(
         "--log-level",
@@ -223,6 +209,27 @@ def add_daemon_flags(p: argparse.ArgumentParser) -> None:
         help="DEBUG, INFO, WARNING or ERROR; TWOPC_LOG_LEVEL in the environment sets the default",
     )
     add_version_flag(p)
+
+
+DAEMON_FLAG_NAMES = {
+    "metrics_listen": "--metrics",
+    "tls_reload_interval": "--tls-reload-interval",
+    "admins": "--admin",
+}
+"""Config field -> flag, for the fields `add_daemon_flags` sets."""
+
+
+def daemon_values(args: argparse.Namespace, tls: TlsConfig) -> dict[str, Any]:
+    """The config fields of the flags every daemon has (`add_daemon_flags`,
+    `add_statement_policy_flags`), by name."""
+    return {
+        "metrics_listen": args.metrics,
+        "allow_failpoints": args.allow_failpoints,
+        "tls": tls,
+        "tls_reload_interval": args.tls_reload_interval,
+        "admins": frozenset(args.admin),
+        "statement_kinds": policy_kinds(args.allow_statement, args.refuse_statement),
+    }
 
 
 def log_settings(args: argparse.Namespace) -> LogSettings:

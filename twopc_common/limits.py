@@ -6,7 +6,12 @@ a request over the gRPC message size is refused by gRPC with RESOURCE_EXHAUSTED.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+
+from twopc_common.errors import InvalidArgument
+
+RESULT_RESERVE = 64 * 1024
+"""Bytes of a message kept for the rest of an answer besides its result rows."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,4 +39,17 @@ class Limits:
         carry, counted as the agent reads them: the message limit less room for the
         rest of the answer, so that work whose results cannot be delivered is failed
         before it commits."""
-        return self.max_message_bytes - 64 * 1024
+        return self.max_message_bytes - RESULT_RESERVE
+
+    def __post_init__(self) -> None:
+        for field in fields(self):
+            if getattr(self, field.name) < 1:
+                raise InvalidArgument(
+                    f"limit {field.name} must be at least 1, not {getattr(self, field.name)}"
+                )
+        if self.max_message_bytes <= RESULT_RESERVE + self.max_sql_bytes:
+            raise InvalidArgument(
+                f"limit max_message_bytes ({self.max_message_bytes}) leaves no room: a "
+                f"message must hold a statement of max_sql_bytes ({self.max_sql_bytes}) "
+                f"and result rows besides the {RESULT_RESERVE} bytes kept for the rest"
+            )

@@ -1,4 +1,5 @@
-"""The one way both daemons build, bind and start their gRPC server.
+"""The one way both daemons build and bind their gRPC server (`twopc_common.serving`
+starts and stops it).
 
 Binding happens in `bind_grpc_server`, before the daemon does anything durable (the
 coordinator bumps its epoch only after its port is secured); `start` follows once the

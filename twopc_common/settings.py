@@ -21,13 +21,24 @@ _HOST_PORT = re.compile(r"^(?P<host>\[[0-9A-Fa-f:.]+\]|[^\s:\[\]]+):(?P<port>[0-
 _SECRET_KEYS = ("password",)
 
 
+class InvalidSetting(InvalidArgument):
+    """One setting's value is refused: `setting` names it (a config field), `problem`
+    says what is wrong, so that a command line can name its flag instead."""
+
+    def __init__(self, setting: str, problem: str) -> None:
+        super().__init__(f"{setting} {problem}")
+        self.setting = setting
+        self.problem = problem
+
+
 def host_port(name: str, address: str) -> str:
     """`address` if it is HOST:PORT with a port 1-65535 (IPv6 hosts in brackets)."""
     match = _HOST_PORT.match(address)
     if match is None or not 1 <= int(match["port"]) <= 65535:
-        raise InvalidArgument(
-            f"{name} {address!r}: expected HOST:PORT with a port 1-65535 "
-            "(for example 127.0.0.1:7000 or [::1]:7000)"
+        raise InvalidSetting(
+            name,
+            f"{address!r}: expected HOST:PORT with a port 1-65535 "
+            "(for example 127.0.0.1:7000 or [::1]:7000)",
         )
     return address
 
@@ -36,13 +47,14 @@ def seconds(name: str, value: float, *, zero_ok: bool = False) -> float:
     """A finite, positive (or, with `zero_ok`, non-negative) number of seconds."""
     if not math.isfinite(value) or value < 0 or (value == 0 and not zero_ok):
         wanted = "a finite number of seconds >= 0" if zero_ok else "a finite number of seconds > 0"
-        raise InvalidArgument(f"{name} must be {wanted}, not {value}")
+        raise InvalidSetting(name, f"must be {wanted}, not {value}")
     return value
 
 
 def count(name: str, value: int, *, least: int = 1) -> int:
+    """A whole number >= `least`."""
     if value < least:
-        raise InvalidArgument(f"{name} must be at least {least}, not {value}")
+        raise InvalidSetting(name, f"must be at least {least}, not {value}")
     return value
 
 
