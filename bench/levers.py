@@ -6,8 +6,12 @@ a noisy neighbour hurts all of them alike. The workload is the bank's debit+ledg
 credit+ledger transfer through the async client library; CPU comes from /proc for
 the coordinator, each agent, the client (this process) and the clusters' backends.
 
-    python bench/levers.py --variant stream= --variant unary="--prepare-calls unary" \
-        [--concurrency 16 64] [--duration 5] [--rounds 2]
+    python bench/levers.py --variant now= \
+        --variant before="--prepare-calls unary --unshared-runs" \
+        [--concurrency 1 16 64] [--duration 5] [--rounds 2]
+
+A variant's ARGS are the coordinator's flags, except `--unshared-runs`: the client
+then sends one unary Run call each (`share_calls=False`).
 """
 
 from __future__ import annotations
@@ -26,15 +30,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cpu_split import cpu_seconds, processes
 from transfers import Picker, drive, prepare_bank, through_system
 
+from coordinator.client import AsyncCoordinatorClient
 from twopc_harness.postgres import start_clusters, stop_clusters
 from twopc_harness.system import LocalSystem, start_system
 
 
 async def measure(
-    system: LocalSystem, concurrency: int, seconds: float, tag: str
+    system: LocalSystem, concurrency: int, seconds: float, tag: str, share_calls: bool
 ) -> dict[str, Any]:
     shards = system.shard_names
-    async with system.async_client(timeout=60) as client:
+    async with AsyncCoordinatorClient(
+        system.client_addresses, timeout=60, tls=system.tls("app"), share_calls=share_calls
+    ) as client:
         transfer = through_system(client, shards)
         await drive(transfer, Picker(shards, 1), concurrency, 1.0, f"warm-{tag}")
         groups = processes(system)
@@ -54,6 +61,9 @@ async def measure(
     }
 
 
+UNSHARED = "--unshared-runs"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
@@ -64,6 +74,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2)
     a = p.parse_args()
     variants = dict(v.split("=", 1) for v in a.variant)
+    # `--unshared-runs` in a variant's arguments is the client's: unary Run calls.
+    shared = {name: UNSHARED not in shlex.split(args) for name, args in variants.items()}
     workdir = Path(tempfile.mkdtemp(prefix="twopc-levers-"))
     clusters = start_clusters(2, workdir / "pg")
     systems: dict[str, LocalSystem] = {}
@@ -74,7 +86,11 @@ def main() -> None:
                 workdir=workdir / name,
                 clusters=clusters,
                 coordinator_id=f"lever{i}",
-                coordinator_args=["--prepare-timeout", "10", *shlex.split(args)],
+                coordinator_args=[
+                    "--prepare-timeout",
+                    "10",
+                    *(x for x in shlex.split(args) if x != UNSHARED),
+                ],
                 participant_args=["--pool-max-size", "70", "--lock-timeout", "5"],
             )
         first = next(iter(systems.values()))
@@ -82,12 +98,13 @@ def main() -> None:
         for c in a.concurrency:
             for r in range(a.rounds):
                 for name, system in systems.items():
-                    row = asyncio.run(measure(system, c, a.duration, f"{name}-{c}-{r}"))
+                    row = asyncio.run(
+                        measure(system, c, a.duration, f"{name}-{c}-{r}", shared[name])
+                    )
                     batching = {
                         k: v
                         for k, v in row["counters"].items()
-                        if k.split(".")[0]
-                        in ("prepare_messages", "prepare_items", "phase2_calls", "phase2_decisions")
+                        if k.split(".")[0] in ("prepare_messages", "prepare_items", "phase2_calls")
                     }
                     print(
                         f"c={c:<3} round {r} {name:<10} {row['transfers_per_s']:>7}/s "

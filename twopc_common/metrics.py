@@ -22,6 +22,7 @@ from typing import Any
 import grpc
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
 
+from twopc_common import multiplex
 from twopc_common.log import EventLogger
 from twopc_common.server import ListenError
 
@@ -34,9 +35,17 @@ REQUEST_TIMEOUT = 5.0
 """Seconds a scraper gets to send its request head."""
 
 
+MULTIPLEXED = {"PrepareStream": "Prepare", "RunStream": "Run"}
+"""Streams that carry many unary requests (`twopc_common.multiplex`) -> the unary method
+each item is timed as, so that a request counts the same whichever way it came."""
+
+_CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
+
+
 class RpcMetrics(grpc.aio.ServerInterceptor):
     """Times every unary call by method and status code
-    (`twopc_rpc_duration_seconds`). Streaming calls (health Watch, reflection) are
+    (`twopc_rpc_duration_seconds`), and every item of a multiplexed stream as its
+    unary method (`MULTIPLEXED`). Other streaming calls (health Watch, reflection) are
     long-lived by design and not timed."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
@@ -56,6 +65,8 @@ class RpcMetrics(grpc.aio.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = await continuation(handler_call_details)
+        if handler is not None and handler.stream_stream is not None:
+            return self._items_timed(handler, handler_call_details.method.lstrip("/"))
         if handler is None or handler.unary_unary is None:
             return handler
         inner: Callable[..., Awaitable[Any]] = handler.unary_unary
@@ -81,6 +92,29 @@ class RpcMetrics(grpc.aio.ServerInterceptor):
                 duration.labels(method, name).observe(time.perf_counter() - started)
 
         return grpc.unary_unary_rpc_method_handler(
+            timed,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+    def _items_timed(
+        self, handler: grpc.RpcMethodHandler[Any, Any], method: str
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        service, _, name = method.rpartition("/")
+        if name not in MULTIPLEXED:
+            return handler
+        unary = f"{service}/{MULTIPLEXED[name]}"
+        inner: Callable[..., Awaitable[Any]] = handler.stream_stream  # type: ignore[assignment]
+        duration = self.duration
+
+        def observe(code: int, seconds: float) -> None:
+            duration.labels(unary, _CODE_NAMES.get(code, "UNKNOWN")).observe(seconds)
+
+        async def timed(requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            multiplex.item_observer.set(observe)  # this call's context only
+            return await inner(requests, context)
+
+        return grpc.stream_stream_rpc_method_handler(
             timed,
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,

@@ -36,7 +36,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextvars
 import itertools
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -55,6 +57,7 @@ class Message(Protocol):
 
 class Answer(Message, Protocol):
     ref: int
+    code: int
 
 
 Req = TypeVar("Req", bound=Message)
@@ -173,7 +176,14 @@ class Multiplexer(Generic[Req, Item, Ans]):
             batch = self._take()
             if not batch:
                 continue
-            call = self._current()
+            try:
+                call = self._current()
+            except Exception as exc:  # the channel is closed or unusable: nothing was sent
+                broken = CallBroken(grpc.StatusCode.UNAVAILABLE, f"cannot start a call: {exc!r}")
+                for _, _, answer in batch:
+                    if not answer.done():
+                        answer.set_exception(broken)
+                continue
             for ref, _, answer in batch:
                 self._waiting[ref] = (call, answer)
             self.stats[self._names[1]] += 1
@@ -216,21 +226,34 @@ async def _why(call: Any, exc: BaseException) -> CallBroken:
     unknown, as for a unary call cut off."""
     try:
         code = await asyncio.wait_for(call.code(), _STATUS_WAIT)
-        if code != grpc.StatusCode.OK:
+        if code != grpc.StatusCode.OK and not _from_core(code, await call.details()):
             trailers = tuple((str(k), str(v)) for k, v in await call.trailing_metadata() or ())
             return CallBroken(code, await call.details() or "", trailers)
     except asyncio.CancelledError:
         raise
     except Exception:  # no status within the wait (TimeoutError), or none to read
         pass
-    if isinstance(exc, grpc.aio.AioRpcError) and exc.code() != grpc.StatusCode.INTERNAL:
+    if isinstance(exc, grpc.aio.AioRpcError) and not _from_core(exc.code(), exc.details()):
         trailers = tuple((str(k), str(v)) for k, v in exc.trailing_metadata() or ())
         return CallBroken(exc.code(), exc.details() or "", trailers)
     return CallBroken(grpc.StatusCode.UNAVAILABLE, f"the call broke: {exc!r}")
 
 
+def _from_core(code: grpc.StatusCode, details: str | None) -> bool:
+    """gRPC's own INTERNAL for a stream whose connection broke (a unary call cut off
+    the same way gets UNAVAILABLE); the peer's INTERNAL answers say more."""
+    return code == grpc.StatusCode.INTERNAL and (details or "") == "Internal error from Core"
+
+
 # How long a broken call gets to report its final status.
 _STATUS_WAIT = 2.0
+
+
+item_observer: contextvars.ContextVar[Callable[[int, float], None] | None] = contextvars.ContextVar(
+    "item_observer", default=None
+)
+"""Set by the RPC metrics for the call being served: told each item's answer code and
+how long it took (`twopc_common.metrics.RpcMetrics`)."""
 
 
 async def serve(
@@ -247,10 +270,15 @@ async def serve(
     done: list[Ans] = []
     wake = asyncio.Event()
     running: set[asyncio.Task[Any]] = set()
+    observe = item_observer.get()
 
     async def run(item: Any) -> None:
+        started = time.perf_counter()
         try:
-            done.append(await answer(item))
+            reply = await answer(item)
+            done.append(reply)
+            if observe is not None:
+                observe(reply.code, time.perf_counter() - started)
         finally:
             if (me := asyncio.current_task()) is not None:
                 running.discard(me)
