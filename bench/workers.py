@@ -48,13 +48,16 @@ def processes(system: LocalSystem) -> dict[str, list[int]]:
     return groups
 
 
-async def measure(system: LocalSystem, concurrency: int, seconds: float) -> dict[str, Any]:
+async def measure(
+    system: LocalSystem, concurrency: int, seconds: float, tag: str
+) -> dict[str, Any]:
+    """`tag` makes the transfer ids unique (the ledger refuses one used before)."""
     shards = system.shard_names
     async with system.group_client(timeout=60) as group:
         transfer = through_system(group, shards)  # type: ignore[arg-type]
-        await drive(transfer, Picker(shards, 1), concurrency, 1.0, "warm")
+        await drive(transfer, Picker(shards, 1), concurrency, 1.0, f"warm-{tag}")
         before = {g: sum(map(cpu_seconds, p)) for g, p in processes(system).items()}
-        result = await drive(transfer, Picker(shards, 2), concurrency, seconds, "run")
+        result = await drive(transfer, Picker(shards, 2), concurrency, seconds, tag)
         after = {g: sum(map(cpu_seconds, p)) for g, p in processes(system).items()}
     committed = result["committed"] or 1
     cpu = {g: 1000 * (after[g] - before.get(g, 0.0)) / committed for g in after}
@@ -81,12 +84,13 @@ def main() -> None:
     p.add_argument("--duration", type=float, default=8.0)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--cores", type=int, default=8)
+    p.add_argument("--workers-first", action="store_true", help="measure the group first")
     a = p.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="twopc-workers-"))
     clusters = start_clusters(2, workdir / "pg")
     systems: dict[int, LocalSystem] = {}
     try:
-        for n in (1, a.workers):
+        for n in (a.workers, 1) if a.workers_first else (1, a.workers):
             systems[n] = start_system(
                 2,
                 workdir=workdir / f"w{n}",
@@ -99,12 +103,12 @@ def main() -> None:
         prepare_bank(systems[1], systems[1].shard_names)
         for r in range(a.rounds):
             for n, system in systems.items():
-                row = asyncio.run(measure(system, a.concurrency, a.duration))
+                row = asyncio.run(measure(system, a.concurrency, a.duration, f"w{n}r{r}"))
                 ceiling, bound = projection(row["cpu_ms"], a.cores)
                 cpu = ", ".join(f"{g} {ms:.2f}" for g, ms in sorted(row["cpu_ms"].items()))
                 print(
                     f"round {r} coordinators={n}: {row['transfers_per_s']}/s"
-                    f" p50 {row['p50_ms']} ms;"
+                    f" p50 {row['p50_ms']} ms, {row['aborted']} aborted;"
                     f" CPU ms/transfer {sum(row['cpu_ms'].values()):.2f} ({cpu});"
                     f" on {a.cores} cores at most {ceiling:.0f}/s, bound by {bound}",
                     flush=True,
