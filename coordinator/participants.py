@@ -37,7 +37,7 @@ from coordinator.deadlock import Wait
 from coordinator.prepare_stream import CallBroken, PrepareStream
 from coordinator.protocol import Ballot, Vote
 from twopc_common.errors import Unavailable
-from twopc_common.grpc_errors import error_for
+from twopc_common.grpc_errors import error_for, status_of
 from twopc_common.isolation import Isolation, isolation_to_pb
 from twopc_common.limits import Limits
 from twopc_common.log import EventLogger
@@ -72,8 +72,6 @@ _REFUSED = (
     grpc.StatusCode.UNAUTHENTICATED,
     grpc.StatusCode.UNIMPLEMENTED,
 )
-
-_STATUS = {code.value[0]: code for code in grpc.StatusCode}
 
 _OUTCOMES: dict[int, Phase2Outcome] = {
     pb.PHASE2_COMMITTED: Phase2Outcome.COMMITTED,
@@ -369,7 +367,7 @@ class ParticipantClient:
                 return await self.prepare_unary(request, timeout)
             return PrepareReply(self._failed_vote(exc.code, exc.details))
         if answer.code != 0:
-            code = _STATUS.get(answer.code, grpc.StatusCode.UNKNOWN)
+            code = status_of(answer.code)
             return PrepareReply(self._failed_vote(code, answer.message))
         return _reply(answer.response)
 
@@ -466,7 +464,7 @@ class ParticipantClient:
         """One decision's answer in a FinishResponse: its outcome, or its error."""
         if answer.code != 0:
             return error_for(
-                _STATUS.get(answer.code, grpc.StatusCode.UNKNOWN),
+                status_of(answer.code),
                 f"participant {self.name}: {answer.message}",
             )
         return self._decoded(answer.outcome, answer.changed, commit)

@@ -15,12 +15,11 @@ import asyncio
 
 import grpc
 
+from twopc_common.grpc_errors import status_of
 from twopc_common.limits import Limits
 from twopc_common.multiplex import CallBroken, Multiplexer
 from twopc_pb import coordinator_pb2 as pb
 from twopc_pb import coordinator_pb2_grpc as cgrpc
-
-_STATUS = {code.value[0]: code for code in grpc.StatusCode}
 
 
 class SharedRuns(Multiplexer[pb.RunRequest, pb.RunItem, pb.OutcomeItem]):
@@ -46,8 +45,7 @@ class SharedRuns(Multiplexer[pb.RunRequest, pb.RunItem, pb.OutcomeItem]):
         except CallBroken as exc:
             raise _error(exc.code, exc.details, exc.trailers) from None
         if answer.code:
-            code = _STATUS.get(answer.code, grpc.StatusCode.UNKNOWN)
-            raise _error(code, answer.message, tuple(answer.trailers.items()))
+            raise _error(status_of(answer.code), answer.message, tuple(answer.trailers.items()))
         return answer.outcome
 
 

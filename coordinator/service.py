@@ -7,7 +7,6 @@ its log record; the transaction finishes either way and a retry learns its outco
 
 from __future__ import annotations
 
-import logging
 from collections.abc import AsyncIterator
 
 import grpc
@@ -24,9 +23,9 @@ from coordinator.wire import (
 )
 from twopc_common import multiplex
 from twopc_common.auth import caller
-from twopc_common.errors import Aborted, TwoPCError
+from twopc_common.errors import Aborted
 from twopc_common.failpoints_rpc import FailpointsAdmin
-from twopc_common.grpc_errors import ACTIVE_ADDRESS, Context, answer_for, translate_errors
+from twopc_common.grpc_errors import ACTIVE_ADDRESS, Context, answer_item, translate_errors
 from twopc_common.isolation import isolation_from_pb
 from twopc_common.shielding import shielded
 from twopc_common.statements import StatementPolicy
@@ -68,7 +67,7 @@ class CoordinatorService(FailpointsAdmin, cgrpc.CoordinatorServicer):
     async def _run_item(self, item: pb.RunItem) -> pb.OutcomeItem:
         """One RunStream item, answered as Run would be (a standby's refusal too: the
         process may have stepped down since the call began)."""
-        if self._gate is not None and not (self._gate.active and self._gate.stepped_down is None):
+        if self._gate is not None and not self._gate.serving:
             message, address = self._gate.refusal()
             return pb.OutcomeItem(
                 ref=item.ref,
@@ -76,20 +75,14 @@ class CoordinatorService(FailpointsAdmin, cgrpc.CoordinatorServicer):
                 message=message,
                 trailers={ACTIVE_ADDRESS: address or ""},
             )
-        try:
-            return pb.OutcomeItem(ref=item.ref, outcome=await self._run(item.request))
-        except TwoPCError as exc:
-            code, message, trailers = answer_for(exc)
-            return pb.OutcomeItem(
-                ref=item.ref, code=code.value[0], message=message, trailers=trailers
-            )
-        except Exception as exc:
-            logging.getLogger("twopc").exception("internal error in RunStream")
-            return pb.OutcomeItem(
-                ref=item.ref,
-                code=grpc.StatusCode.INTERNAL.value[0],
-                message=f"internal error: {exc!r}",
-            )
+        return await answer_item(
+            self._run(item.request),
+            lambda outcome: pb.OutcomeItem(ref=item.ref, outcome=outcome),
+            lambda code, message, trailers: pb.OutcomeItem(
+                ref=item.ref, code=code, message=message, trailers=trailers
+            ),
+            "RunStream",
+        )
 
     async def _run(self, request: pb.RunRequest) -> pb.TransactionOutcome:
         branches = branches_from_pb(request, self._limits)

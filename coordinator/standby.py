@@ -28,6 +28,11 @@ class StandbyGate:
         self.stepped_down: str | None = None
         """Why this process stopped being the active one, once it did."""
 
+    @property
+    def serving(self) -> bool:
+        """Whether this process answers calls (it is the active one, not stepped down)."""
+        return self.active and self.stepped_down is None
+
     def refusal(self) -> tuple[str, str | None]:
         """What a standby answers: the message and the active's address, if known."""
         address = self._active_address()
@@ -58,7 +63,7 @@ def _gate(
 ) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]:
     @functools.wraps(method)
     async def call(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        if gate.active and gate.stepped_down is None:
+        if gate.serving:
             return await method(request, context)
         message, address = gate.refusal()
         # Always present (empty while the active one is unknown): it tells the client

@@ -9,14 +9,10 @@ its own, so a call that breaks never cancels a branch halfway.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 
-import grpc
-
 from twopc_common import multiplex
-from twopc_common.errors import TwoPCError
-from twopc_common.grpc_errors import Context, status_for
+from twopc_common.grpc_errors import Context, answer_item
 from twopc_pb import participant_pb2 as pb
 
 PrepareOne = Callable[[pb.PrepareRequest], Awaitable[pb.PrepareResponse]]
@@ -24,17 +20,13 @@ PrepareOne = Callable[[pb.PrepareRequest], Awaitable[pb.PrepareResponse]]
 
 async def answer(item: pb.PrepareItem, prepare: PrepareOne) -> pb.VoteItem:
     """One item's answer: its vote, or the status Prepare would have failed with."""
-    try:
-        return pb.VoteItem(ref=item.ref, response=await prepare(item.request))
-    except TwoPCError as exc:
-        return pb.VoteItem(ref=item.ref, code=status_for(exc).value[0], message=str(exc))
-    except Exception as exc:
-        logging.getLogger("twopc").exception("internal error in PrepareStream")
-        return pb.VoteItem(
-            ref=item.ref,
-            code=grpc.StatusCode.INTERNAL.value[0],
-            message=f"internal error: {exc!r}",
-        )
+    return await answer_item(
+        prepare(item.request),
+        lambda response: pb.VoteItem(ref=item.ref, response=response),
+        # Prepare's errors carry no trailers the coordinator reads.
+        lambda code, message, _: pb.VoteItem(ref=item.ref, code=code, message=message),
+        "PrepareStream",
+    )
 
 
 async def serve(

@@ -58,6 +58,14 @@ R = TypeVar("R")
 Context = grpc.aio.ServicerContext[Any, Any]
 
 
+_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def status_of(number: int) -> grpc.StatusCode:
+    """The status code a number on the wire stands for (UNKNOWN if none)."""
+    return _BY_NUMBER.get(number, grpc.StatusCode.UNKNOWN)
+
+
 def status_for(exc: BaseException) -> grpc.StatusCode:
     for cls, code in _CODES:
         if isinstance(exc, cls):
@@ -85,6 +93,28 @@ def answer_for(exc: errors.TwoPCError) -> tuple[grpc.StatusCode, str, dict[str, 
     """What a call failing with `exc` answers: its status code, message and trailing
     metadata (for one item of a multiplexed stream, `twopc_common.multiplex`)."""
     return status_for(exc), str(exc), dict(_trailers(exc))
+
+
+A = TypeVar("A")
+
+
+async def answer_item(
+    work: Awaitable[R],
+    ok: Callable[[R], A],
+    failed: Callable[[int, str, dict[str, str]], A],
+    what: str,
+) -> A:
+    """One item of a multiplexed stream (`twopc_common.multiplex`), answered as its
+    unary call would be: `ok(result)`, or `failed(code, message, trailers)` with what
+    `translate_errors` would have answered (INTERNAL, logged, for the unexpected)."""
+    try:
+        return ok(await work)
+    except errors.TwoPCError as exc:
+        code, message, trailers = answer_for(exc)
+        return failed(code.value[0], message, trailers)
+    except Exception as exc:
+        logging.getLogger("twopc").exception("internal error in %s", what)
+        return failed(grpc.StatusCode.INTERNAL.value[0], f"internal error: {exc!r}", {})
 
 
 def _trailers(exc: errors.TwoPCError) -> tuple[tuple[str, str], ...]:

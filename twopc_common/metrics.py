@@ -23,6 +23,7 @@ import grpc
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
 
 from twopc_common import multiplex
+from twopc_common.grpc_errors import status_of
 from twopc_common.log import EventLogger
 from twopc_common.server import ListenError
 
@@ -38,8 +39,6 @@ REQUEST_TIMEOUT = 5.0
 MULTIPLEXED = {"PrepareStream": "Prepare", "RunStream": "Run"}
 """Streams that carry many unary requests (`twopc_common.multiplex`) -> the unary method
 each item is timed as, so that a request counts the same whichever way it came."""
-
-_CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
 
 
 class RpcMetrics(grpc.aio.ServerInterceptor):
@@ -108,7 +107,7 @@ class RpcMetrics(grpc.aio.ServerInterceptor):
         duration = self.duration
 
         def observe(code: int, seconds: float) -> None:
-            duration.labels(unary, _CODE_NAMES.get(code, "UNKNOWN")).observe(seconds)
+            duration.labels(unary, status_of(code).name).observe(seconds)
 
         async def timed(requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             multiplex.item_observer.set(observe)  # this call's context only
