@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -70,13 +72,45 @@ class HeldAnswers(pgrpc.ParticipantServicer):
             reader.cancel()
 
 
-async def _serve(servicer: HeldAnswers) -> tuple[grpc.aio.Server, str]:
-    server = grpc.aio.server()
-    pgrpc.add_ParticipantServicer_to_server(servicer, server)
+@dataclass
+class Rig:
+    """A held-answer servicer on a loopback port, and a PrepareStream to it."""
+
+    servicer: HeldAnswers
+    address: str
+    channel: grpc.aio.Channel
+    stream: PrepareStream
+    server: grpc.aio.Server | None = None
+
+    async def start_server(self) -> None:
+        """Serve on the rig's address (again, after `server.stop`)."""
+        self.server = grpc.aio.server()
+        pgrpc.add_ParticipantServicer_to_server(self.servicer, self.server)
+        self.server.add_insecure_port(self.address)
+        await self.server.start()
+
+
+@contextlib.asynccontextmanager
+async def rig(
+    max_items: int = 100, max_bytes: int = 1 << 20, serving: bool = True
+) -> AsyncIterator[Rig]:
     address = f"127.0.0.1:{free_port()}"
-    server.add_insecure_port(address)
-    await server.start()
-    return server, address
+    channel = grpc.aio.insecure_channel(address)
+    stream = PrepareStream(
+        lambda: pgrpc.ParticipantStub(channel).PrepareStream(wait_for_ready=True),
+        max_items,
+        max_bytes,
+    )
+    r = Rig(HeldAnswers(), address, channel, stream)
+    if serving:
+        await r.start_server()
+    try:
+        yield r
+    finally:
+        await stream.close()
+        await channel.close()
+        if r.server is not None:
+            await r.server.stop(None)
 
 
 def _request(txid: str, sql_bytes: int = 10) -> pb.PrepareRequest:
@@ -89,13 +123,8 @@ def run(test: Callable[[], Any]) -> None:
 
 def test_answers_reach_their_own_callers_in_any_order() -> None:
     async def test() -> None:
-        servicer = HeldAnswers()
-        server, address = await _serve(servicer)
-        channel = grpc.aio.insecure_channel(address)
-        stream = PrepareStream(
-            lambda: pgrpc.ParticipantStub(channel).PrepareStream(wait_for_ready=True), 100, 1 << 20
-        )
-        try:
+        async with rig() as r:
+            servicer, stream = r.servicer, r.stream
             calls = [asyncio.ensure_future(stream.prepare(_request(f"t{i}"))) for i in range(6)]
             wait = 0.0
             while sum(map(len, servicer.messages)) < 6 and wait < 30:
@@ -109,23 +138,14 @@ def test_answers_reach_their_own_callers_in_any_order() -> None:
             assert len(servicer.messages) < 6, servicer.messages
             assert servicer.calls == 1
             assert stream.stats["prepare_items"] == 6
-        finally:
-            await stream.close()
-            await channel.close()
-            await server.stop(None)
 
     run(test)
 
 
 def test_a_prepare_given_up_leaves_nothing_behind_and_its_late_answer_is_dropped() -> None:
     async def test() -> None:
-        servicer = HeldAnswers()
-        server, address = await _serve(servicer)
-        channel = grpc.aio.insecure_channel(address)
-        stream = PrepareStream(
-            lambda: pgrpc.ParticipantStub(channel).PrepareStream(wait_for_ready=True), 100, 1 << 20
-        )
-        try:
+        async with rig() as r:
+            servicer, stream = r.servicer, r.stream
             with pytest.raises(TimeoutError):
                 await asyncio.wait_for(stream.prepare(_request("slow")), 0.2)
             servicer.gate("slow").set()  # its answer comes now, and nobody waits for it
@@ -133,29 +153,21 @@ def test_a_prepare_given_up_leaves_nothing_behind_and_its_late_answer_is_dropped
             answer = await stream.prepare(_request("next"))
             assert answer.response.reason == "next"
             assert not stream._waiting  # nothing left behind
-        finally:
-            await stream.close()
-            await channel.close()
-            await server.stop(None)
 
     run(test)
 
 
 def test_a_broken_call_fails_every_prepare_on_it_and_the_next_opens_a_new_one() -> None:
     async def test() -> None:
-        servicer = HeldAnswers()
-        server, address = await _serve(servicer)
-        channel = grpc.aio.insecure_channel(address)
-        stream = PrepareStream(
-            lambda: pgrpc.ParticipantStub(channel).PrepareStream(wait_for_ready=True), 100, 1 << 20
-        )
-        try:
+        async with rig() as r:
+            servicer, stream = r.servicer, r.stream
             calls = [asyncio.ensure_future(stream.prepare(_request(f"b{i}"))) for i in range(4)]
             wait = 0.0
             while sum(map(len, servicer.messages)) < 4 and wait < 30:
                 await asyncio.sleep(0.01)
                 wait += 0.01
-            await server.stop(None)  # the agent goes away with four Prepares unanswered
+            assert r.server is not None
+            await r.server.stop(None)  # the agent goes away with four Prepares unanswered
             for call in calls:
                 with pytest.raises(CallBroken) as broken:
                     await call
@@ -163,37 +175,20 @@ def test_a_broken_call_fails_every_prepare_on_it_and_the_next_opens_a_new_one() 
                     grpc.StatusCode.UNAVAILABLE,
                     grpc.StatusCode.CANCELLED,
                 ), broken.value
-            server, _ = await _restart(servicer, address)
+            await r.start_server()
             servicer.gate("after").set()
             answer = await stream.prepare(_request("after"))
             assert answer.response.reason == "after"
             assert servicer.calls == 2
-        finally:
-            await stream.close()
-            await channel.close()
-            await server.stop(None)
 
     run(test)
 
 
-async def _restart(servicer: HeldAnswers, address: str) -> tuple[grpc.aio.Server, str]:
-    server = grpc.aio.server()
-    pgrpc.add_ParticipantServicer_to_server(servicer, server)
-    server.add_insecure_port(address)
-    await server.start()
-    return server, address
-
-
 def test_messages_stay_within_the_size_limit_and_an_oversized_prepare_fails_alone() -> None:
     async def test() -> None:
-        servicer = HeldAnswers()
-        server, address = await _serve(servicer)
-        channel = grpc.aio.insecure_channel(address)
         limit = 64 * 1024
-        stream = PrepareStream(
-            lambda: pgrpc.ParticipantStub(channel).PrepareStream(wait_for_ready=True), 3, limit
-        )
-        try:
+        async with rig(3, limit) as r:
+            servicer, stream = r.servicer, r.stream
             with pytest.raises(CallBroken) as too_big:
                 await stream.prepare(_request("huge", limit))
             assert too_big.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -206,10 +201,6 @@ def test_messages_stay_within_the_size_limit_and_an_oversized_prepare_fails_alon
             # 20 kB each under a 64 kB limit and at most 3 a message: never more than 3.
             assert all(len(m) <= 3 for m in servicer.messages), servicer.messages
             assert "huge" not in {t for m in servicer.messages for t in m}
-        finally:
-            await stream.close()
-            await channel.close()
-            await server.stop(None)
 
     run(test)
 
@@ -283,27 +274,16 @@ def test_a_prepare_given_up_before_it_was_written_is_never_written() -> None:
     Prepare queued behind it and given up is dropped, not sent once the agent is up."""
 
     async def test() -> None:
-        servicer = HeldAnswers()
-        address = f"127.0.0.1:{free_port()}"
-        channel = grpc.aio.insecure_channel(address)
-        stream = PrepareStream(
-            lambda: pgrpc.ParticipantStub(channel).PrepareStream(wait_for_ready=True), 100, 1 << 20
-        )
-        server = None
-        try:
+        async with rig(serving=False) as r:
+            servicer, stream = r.servicer, r.stream
             for txid in ("first", "given-up"):
                 with pytest.raises(TimeoutError):
                     await asyncio.wait_for(stream.prepare(_request(txid)), 0.3)
-            server, _ = await _restart(servicer, address)
+            await r.start_server()
             servicer.gate("later").set()
             assert (await stream.prepare(_request("later"))).response.reason == "later"
             sent = {t for m in servicer.messages for t in m}
             assert "given-up" not in sent and "later" in sent, servicer.messages
-        finally:
-            await stream.close()
-            await channel.close()
-            if server is not None:
-                await server.stop(None)
 
     run(test)
 
