@@ -40,6 +40,7 @@ import contextvars
 import itertools
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
 import grpc
@@ -78,6 +79,17 @@ class CallBroken(Exception):
         self.trailers = trailers
 
 
+@dataclass(frozen=True, slots=True)
+class _Queued(Generic[Item, Ans]):
+    """A request waiting to be written: its item, its caller's answer, its size on the
+    wire (measured once)."""
+
+    ref: int
+    item: Item
+    answer: asyncio.Future[Ans]
+    size: int
+
+
 class Multiplexer(Generic[Req, Item, Ans]):
     """The sending end. `open_call` starts the call (a `grpc.aio.StreamStreamCall`) on
     the current channel; `item(ref, request)` and `batch(items)` build its messages."""
@@ -101,7 +113,7 @@ class Multiplexer(Generic[Req, Item, Ans]):
         self._max_bytes = max_bytes
         self._on_answer = on_answer
         self._call: Any = None
-        self._queue: list[tuple[int, Item, asyncio.Future[Ans]]] = []
+        self._queue: collections.deque[_Queued[Item, Ans]] = collections.deque()
         self._waiting: dict[int, tuple[Any, asyncio.Future[Ans]]] = {}
         self._refs = itertools.count(1)
         self._writer: asyncio.Task[None] | None = None
@@ -115,13 +127,13 @@ class Multiplexer(Generic[Req, Item, Ans]):
         answer: asyncio.Future[Ans] = asyncio.get_running_loop().create_future()
         ref = next(self._refs)
         item = self._item(ref, request)
-        if item.ByteSize() + _FRAMING > self._max_bytes:
+        size = item.ByteSize()
+        if size + _FRAMING > self._max_bytes:
             raise CallBroken(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"a request of {item.ByteSize()} bytes exceeds the {self._max_bytes}-byte "
-                "message limit",
+                f"a request of {size} bytes exceeds the {self._max_bytes}-byte message limit",
             )
-        self._queue.append((ref, item, answer))
+        self._queue.append(_Queued(ref, item, answer, size + _PER_ITEM))
         if self._writer is None or self._writer.done():
             self._writer = asyncio.create_task(self._write())
         try:
@@ -155,20 +167,19 @@ class Multiplexer(Generic[Req, Item, Ans]):
             self._spawn(self._read(self._call))
         return self._call
 
-    def _take(self) -> list[tuple[int, Item, asyncio.Future[Ans]]]:
+    def _take(self) -> list[_Queued[Item, Ans]]:
         """The next message's items: queued ones still awaited, within the limits."""
-        batch: list[tuple[int, Item, asyncio.Future[Ans]]] = []
+        batch: list[_Queued[Item, Ans]] = []
         size = _FRAMING
         while self._queue and len(batch) < self._max_items:
-            _, item, answer = self._queue[0]
-            if answer.done():  # its caller stopped waiting
-                self._queue.pop(0)
+            head = self._queue[0]
+            if head.answer.done():  # its caller stopped waiting
+                self._queue.popleft()
                 continue
-            n = item.ByteSize() + _PER_ITEM
-            if batch and size + n > self._max_bytes:
+            if batch and size + head.size > self._max_bytes:
                 break
-            batch.append(self._queue.pop(0))
-            size += n
+            batch.append(self._queue.popleft())
+            size += head.size
         return batch
 
     async def _write(self) -> None:
@@ -180,16 +191,16 @@ class Multiplexer(Generic[Req, Item, Ans]):
                 call = self._current()
             except Exception as exc:  # the channel is closed or unusable: nothing was sent
                 broken = CallBroken(grpc.StatusCode.UNAVAILABLE, f"cannot start a call: {exc!r}")
-                for _, _, answer in batch:
-                    if not answer.done():
-                        answer.set_exception(broken)
+                for queued in batch:
+                    if not queued.answer.done():
+                        queued.answer.set_exception(broken)
                 continue
-            for ref, _, answer in batch:
-                self._waiting[ref] = (call, answer)
+            for queued in batch:
+                self._waiting[queued.ref] = (call, queued.answer)
             self.stats[self._names[1]] += 1
             self.stats[self._names[2]] += len(batch)
             try:
-                await call.write(self._batch([item for _, item, _ in batch]))
+                await call.write(self._batch([queued.item for queued in batch]))
             except Exception as exc:
                 self._broken(call, await _why(call, exc))
 
