@@ -32,8 +32,8 @@ from transfers import Picker, prepare_bank, raw_2pc, start_bench_system
 
 from bank_demo import bank
 from coordinator.participants import ParticipantClient
-from coordinator.protocol import Vote
 from twopc_common.values import Statement
+from twopc_common.votes import Vote
 from twopc_harness.system import LocalSystem
 
 

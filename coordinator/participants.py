@@ -35,7 +35,7 @@ import grpc
 
 from coordinator.deadlock import Wait
 from coordinator.prepare_stream import CallBroken, PrepareStream
-from coordinator.protocol import Ballot, Vote
+from coordinator.protocol import Ballot, NoVote
 from twopc_common.errors import Unavailable
 from twopc_common.grpc_errors import error_for, status_of
 from twopc_common.isolation import Isolation, isolation_to_pb
@@ -44,6 +44,7 @@ from twopc_common.log import EventLogger
 from twopc_common.phase2_outcome import Phase2Outcome, finished
 from twopc_common.tls import ReloadingChannel, TlsConfig
 from twopc_common.values import Statement, StatementResult, result_from_pb, statement_to_pb
+from twopc_common.votes import Vote
 from twopc_pb import participant_pb2 as pb
 from twopc_pb import participant_pb2_grpc as pgrpc
 
@@ -294,7 +295,7 @@ class ParticipantClient:
         """What a vote that did not come is, if the agent cannot be reached at all."""
         if self.unreachable is None:
             return None
-        return Ballot(Vote.UNAVAILABLE, self.unreachable)
+        return Ballot(NoVote.UNAVAILABLE, self.unreachable)
 
     def _error(self, exc: grpc.aio.AioRpcError) -> Exception:
         if exc.code() in _UNREACHABLE:
@@ -376,15 +377,15 @@ class ParticipantClient:
         if code in _UNREACHABLE and (missing := self.missing_vote()) is not None:
             return missing
         if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-            return Ballot(Vote.TIMEOUT, "no vote before the prepare timeout")
+            return Ballot(NoVote.TIMEOUT, "no vote before the prepare timeout")
         if code in _UNREACHABLE:
-            return Ballot(Vote.UNAVAILABLE, details or "unreachable")
+            return Ballot(NoVote.UNAVAILABLE, details or "unreachable")
         reason = f"{code.name}: {details}"
         if code in _REFUSED:
             return Ballot(Vote.NO, reason)
         # The call failed after the agent may have prepared (an answer too large to
         # deliver, an internal error): no vote, and the participant must hear the Abort.
-        return Ballot(Vote.LOST, reason)
+        return Ballot(NoVote.LOST, reason)
 
     async def execute(
         self,

@@ -27,6 +27,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from twopc_common.phase2_outcome import Phase2Outcome
+from twopc_common.votes import Vote
 
 
 class TxState(enum.Enum):
@@ -113,15 +114,13 @@ def transition(current: TxState, event: TxEvent) -> TxState:
     return new
 
 
-class Vote(enum.Enum):
-    YES = "yes"
-    NO = "no"
-    READ_ONLY = "read_only"
-    COMMITTED_ONE_PHASE = "committed_one_phase"
-    # No vote: the prepare timeout expired, the participant could not be reached, or
-    # the call failed some other way (an answer too large, an internal error). The
-    # branch may be prepared (or, one-phase, committed): such a participant is sent
-    # the Abort, and a one-phase outcome is settled by the Abort fence.
+class NoVote(enum.Enum):
+    """A vote that never came: the prepare timeout expired, the participant could
+    not be reached, or the call failed some other way (an answer too large, an
+    internal error). The branch may be prepared (or, one-phase, committed): such a
+    participant is sent the Abort, and a one-phase outcome is settled by the Abort
+    fence."""
+
     TIMEOUT = "timeout"
     UNAVAILABLE = "unavailable"
     LOST = "lost"
@@ -155,16 +154,16 @@ def cause_of_failure(sqlstate: str, otherwise: AbortCause) -> AbortCause:
     return _CAUSE_OF_SQLSTATE.get(sqlstate, otherwise)
 
 
-_CAUSE_OF_MISSING_VOTE = {
-    Vote.TIMEOUT: AbortCause.PREPARE_TIMEOUT,
-    Vote.UNAVAILABLE: AbortCause.PARTICIPANT_UNAVAILABLE,
-    Vote.LOST: AbortCause.PARTICIPANT_UNAVAILABLE,
+_CAUSE_OF_NO_VOTE = {
+    NoVote.TIMEOUT: AbortCause.PREPARE_TIMEOUT,
+    NoVote.UNAVAILABLE: AbortCause.PARTICIPANT_UNAVAILABLE,
+    NoVote.LOST: AbortCause.PARTICIPANT_UNAVAILABLE,
 }
 
 
 @dataclass(frozen=True, slots=True)
 class Ballot:
-    vote: Vote
+    vote: Vote | NoVote
     reason: str = ""
     sqlstate: str = ""
     """For a NO caused by a PostgreSQL error: its SQLSTATE."""
@@ -181,7 +180,7 @@ class Decision:
     reason: str = ""
 
 
-def one_phase_committed(vote: Vote) -> bool | None:
+def one_phase_committed(vote: Vote | NoVote) -> bool | None:
     """What the reply to a one-phase Prepare proves: True committed (or wrote nothing),
     False rolled back, None unknown: only the Abort fence can tell, and it also makes
     sure that a commit still in flight never lands."""
@@ -217,9 +216,9 @@ def fence_found_commit(outcome: Phase2Outcome) -> bool:
     return not delivered(False, outcome)
 
 
-def abort_cause(vote: Vote) -> AbortCause:
+def abort_cause(vote: Vote | NoVote) -> AbortCause:
     """Why a transaction aborted, from the vote of the participant that made it."""
-    return _CAUSE_OF_MISSING_VOTE.get(vote, AbortCause.VOTE_NO)
+    return _CAUSE_OF_NO_VOTE[vote] if isinstance(vote, NoVote) else AbortCause.VOTE_NO
 
 
 def decide(
@@ -234,16 +233,16 @@ def decide(
     deadlock victim); unless every vote was in by then, that is the abort's cause.
     """
     votes = {
-        p: ballots.get(p, Ballot(Vote.TIMEOUT, "no vote before the prepare timeout"))
+        p: ballots.get(p, Ballot(NoVote.TIMEOUT, "no vote before the prepare timeout"))
         for p in participants
     }
     no = [p for p in participants if votes[p].vote is Vote.NO]
-    missing = [p for p in participants if votes[p].vote in _CAUSE_OF_MISSING_VOTE]
+    missing = [p for p in participants if isinstance(votes[p].vote, NoVote)]
     if not no and not missing:
         return Decision(
             commit=True, phase2=tuple(p for p in participants if votes[p].vote is Vote.YES)
         )
-    phase2 = tuple(p for p in participants if votes[p].vote in (Vote.YES, *_CAUSE_OF_MISSING_VOTE))
+    phase2 = tuple(p for p in participants if votes[p].vote is Vote.YES or p in missing)
     if interrupted is not None:
         cause, culprit, reason = interrupted
         return Decision(False, phase2, cause, culprit, reason)
@@ -255,7 +254,7 @@ def decide(
     if no:
         cause = cause_of_failure(votes[culprit].sqlstate, AbortCause.VOTE_NO)
     else:
-        cause = _CAUSE_OF_MISSING_VOTE[votes[culprit].vote]
+        cause = abort_cause(votes[culprit].vote)
     return Decision(False, phase2, cause, culprit, votes[culprit].reason)
 
 

@@ -23,8 +23,8 @@ from coordinator.phase2 import Phase2
 from coordinator.protocol import (
     AbortCause,
     Ballot,
+    NoVote,
     TxEvent,
-    Vote,
     abort_cause,
     bound_results,
     cause_of_failure,
@@ -34,6 +34,7 @@ from coordinator.protocol import (
 )
 from twopc_common import failpoints
 from twopc_common.values import Statement, StatementResult, result_bytes
+from twopc_common.votes import Vote
 
 
 class Voting(Part):
@@ -182,7 +183,7 @@ class Voting(Part):
                 tx.isolation,
             )
         except Exception as exc:  # it was sent: it may have committed
-            reply = PrepareReply(Ballot(Vote.LOST, f"coordinator error: {exc!r}"))
+            reply = PrepareReply(Ballot(NoVote.LOST, f"coordinator error: {exc!r}"))
         try:
             await failpoints.hit("coordinator.after_one_phase_reply")
         except Exception as exc:  # the answer stands: only forward

@@ -12,7 +12,6 @@ from __future__ import annotations
 import collections
 from collections.abc import Sequence
 from dataclasses import dataclass
-from enum import Enum
 from typing import Any
 
 from participant.branch_sql import BranchFailed, OutcomeUnknown
@@ -28,13 +27,7 @@ from twopc_common.isolation import Isolation
 from twopc_common.log import EventLogger
 from twopc_common.ports import Clock
 from twopc_common.values import Statement, StatementResult
-
-
-class Vote(Enum):
-    YES = "yes"
-    NO = "no"
-    READ_ONLY = "read_only"
-    COMMITTED_ONE_PHASE = "committed_one_phase"
+from twopc_common.votes import Vote
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,7 +14,6 @@ from collections.abc import AsyncIterator
 
 from participant import heuristic, prepare_stream
 from participant.agent import Agent
-from participant.prepare_path import Vote
 from participant.recovery import Recovery
 from participant.store import Store
 from twopc_common.errors import InvalidArgument
@@ -25,6 +24,7 @@ from twopc_common.phase2_outcome import Phase2Outcome
 from twopc_common.shielding import shielded
 from twopc_common.statements import StatementPolicy
 from twopc_common.values import results_to_pb, statements_from_pb
+from twopc_common.votes import Vote
 from twopc_pb import participant_pb2 as pb
 from twopc_pb import participant_pb2_grpc as pgrpc
 

@@ -38,9 +38,10 @@ from coordinator.client import (
     transact_with_retries,
     transact_with_retries_async,
 )
-from coordinator.protocol import AbortCause, Ballot, RetryPolicy, Vote, decide
+from coordinator.protocol import AbortCause, Ballot, RetryPolicy, decide
 from tests.conftest import SystemFactory, reset_bank, wait_no_prepared
 from twopc_common.errors import AlreadyExists, InvalidArgument, ResourceExhausted
+from twopc_common.votes import Vote
 from twopc_harness.daemons import wait_until
 from twopc_harness.postgres import PostgresCluster
 from twopc_harness.system import LocalSystem

@@ -21,9 +21,9 @@ import pytest
 from coordinator.client import Outcome
 from coordinator.participants import ParticipantClient
 from coordinator.prepare_stream import CallBroken, PrepareStream
-from coordinator.protocol import Vote
 from tests.conftest import SystemFactory, create_tagged_rows, rows, tagged_inserts
 from twopc_common.tls import TlsConfig
+from twopc_common.votes import Vote
 from twopc_harness.daemons import wait_until
 from twopc_harness.postgres import free_port
 from twopc_pb import participant_pb2 as pb

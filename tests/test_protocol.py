@@ -10,10 +10,10 @@ from coordinator.protocol import (
     AbortCause,
     Ballot,
     IllegalTransition,
+    NoVote,
     RetryPolicy,
     TxEvent,
     TxState,
-    Vote,
     decide,
     delivered,
     fence_found_commit,
@@ -22,6 +22,7 @@ from coordinator.protocol import (
 from participant.branch_state import BranchState, check_transition, plan_phase2
 from twopc_common.errors import FailedPrecondition
 from twopc_common.phase2_outcome import Phase2Outcome
+from twopc_common.votes import Vote
 
 P = ("a", "b", "c")
 
@@ -44,7 +45,7 @@ def test_missing_vote_aborts_and_the_silent_one_still_hears_abort() -> None:
 
 
 def test_a_no_is_reported_before_a_missing_vote() -> None:
-    ballots = {"a": Ballot(Vote.UNAVAILABLE, "down"), "b": Ballot(Vote.NO, "not enough money")}
+    ballots = {"a": Ballot(NoVote.UNAVAILABLE, "down"), "b": Ballot(Vote.NO, "not enough money")}
     decision = decide(P, ballots)
     assert decision.cause is AbortCause.VOTE_NO and decision.culprit == "b"
     assert decision.reason == "not enough money"
@@ -53,7 +54,7 @@ def test_a_no_is_reported_before_a_missing_vote() -> None:
 
 def test_decision_is_commit_exactly_when_no_vote_is_no_or_missing() -> None:
     """Exhaustively over every combination of votes for three participants."""
-    options = [None, *Vote]
+    options = [None, *Vote, *NoVote]
     for combo in itertools.product(options, repeat=3):
         ballots = {p: Ballot(v) for p, v in zip(P, combo, strict=True) if v is not None}
         decision = decide(P, ballots)
@@ -70,7 +71,7 @@ def test_decision_is_commit_exactly_when_no_vote_is_no_or_missing() -> None:
             might_be_prepared = {
                 p
                 for p, v in zip(P, combo, strict=True)
-                if v in (None, Vote.YES, Vote.TIMEOUT, Vote.UNAVAILABLE, Vote.LOST)
+                if v in (None, Vote.YES, NoVote.TIMEOUT, NoVote.UNAVAILABLE, NoVote.LOST)
             }
             assert set(decision.phase2) == might_be_prepared
 

@@ -35,7 +35,7 @@ from coordinator.participants import (
     InDoubtList,
     PrepareReply,
 )
-from coordinator.protocol import Ballot, Reported, Vote
+from coordinator.protocol import Ballot, NoVote, Reported
 from participant.ports import CoordinatorUnreachable
 from tests.sim.loop import Process, SimClock
 from tests.sim.trace import Trace
@@ -44,6 +44,7 @@ from twopc_common.grpc_errors import error_for, status_for
 from twopc_common.isolation import Isolation
 from twopc_common.phase2_outcome import Phase2Outcome
 from twopc_common.values import Statement, StatementResult
+from twopc_common.votes import Vote
 
 if TYPE_CHECKING:
     from coordinator.engine import Coordinator
@@ -186,7 +187,7 @@ class SimParticipantClient:
 
     def missing_vote(self) -> Ballot | None:
         why = self.unreachable
-        return None if why is None else Ballot(Vote.UNAVAILABLE, why)
+        return None if why is None else Ballot(NoVote.UNAVAILABLE, why)
 
     async def _call(
         self, handler: Callable[[Agent], Awaitable[T]], timeout: float, what: str, txid: str = ""
@@ -222,12 +223,12 @@ class SimParticipantClient:
             if exc.code in _UNREACHABLE and (missing := self.missing_vote()) is not None:
                 return PrepareReply(missing)
             if exc.code == grpc.StatusCode.DEADLINE_EXCEEDED:
-                return PrepareReply(Ballot(Vote.TIMEOUT, "no vote before the prepare timeout"))
+                return PrepareReply(Ballot(NoVote.TIMEOUT, "no vote before the prepare timeout"))
             if exc.code in _UNREACHABLE:
-                return PrepareReply(Ballot(Vote.UNAVAILABLE, exc.message))
+                return PrepareReply(Ballot(NoVote.UNAVAILABLE, exc.message))
             if exc.code in _REFUSED:
                 return PrepareReply(Ballot(Vote.NO, str(exc)))
-            return PrepareReply(Ballot(Vote.LOST, str(exc)))
+            return PrepareReply(Ballot(NoVote.LOST, str(exc)))
         ballot = Ballot(_VOTES[vote.vote.value], vote.reason, vote.sqlstate)
         return PrepareReply(ballot, vote.results)
 
