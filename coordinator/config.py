@@ -1,4 +1,10 @@
-"""The coordinator's configuration: every timeout, limit and retry policy, named."""
+"""The coordinator's configuration: every timeout, limit and retry policy, named.
+
+`CoordinatorConfig` is one flat dataclass (`config.prepare_timeout`), assembled from
+a few groups of related fields, each checking its own in `__post_init__`. The groups
+carry no `slots`: several slotted bases cannot be combined; the assembled class has
+them.
+"""
 
 from __future__ import annotations
 
@@ -14,8 +20,10 @@ from twopc_common.statements import DEFAULT_ALLOWED, StatementKind
 from twopc_common.tls import TlsConfig
 
 
-@dataclass(frozen=True, slots=True)
-class CoordinatorConfig:
+@dataclass(frozen=True)
+class Placement:
+    """Who this coordinator is, where it listens, its decision log, its participants."""
+
     id: str
     """This coordinator's name; it is part of every transaction id it assigns."""
     log_path: str
@@ -36,6 +44,28 @@ class CoordinatorConfig:
     """HOST:PORT the gRPC server binds."""
     participants: dict[str, str] = field(default_factory=dict)
     """Participant name -> HOST:PORT of its agent."""
+    retention: float = 7 * 24 * 3600.0
+    """Seconds completed transactions (and their idempotency keys) stay in the log."""
+    log_batch_max: int = 512
+    """Most decision-log records written under one fsync (group commit)."""
+
+    def __post_init__(self) -> None:
+        # The id is checked where it is parsed (check_name); these would otherwise be
+        # found only when the first transaction needs them.
+        settings.host_port("listen", self.listen)
+        if self.advertise is not None:
+            settings.host_port("advertise", self.advertise)
+        for name, address in self.participants.items():
+            settings.host_port(f"participant {name}", address)
+        settings.seconds("log_reconnect_timeout", self.log_reconnect_timeout)
+        settings.seconds("retention", self.retention)
+        settings.count("log_batch_max", self.log_batch_max)
+
+
+@dataclass(frozen=True)
+class ProtocolTimeouts:
+    """How long the protocol waits, and how it retries, at each step."""
+
     prepare_timeout: float = 5.0
     """Seconds to collect every vote; a vote missing after it means ABORT."""
     rpc_timeout: float = 3.0
@@ -57,6 +87,45 @@ class CoordinatorConfig:
     startup_recovery_timeout: float = 5.0
     """How long start-up waits for participants to list their in-doubt branches before
     serving anyway (unreachable ones are resolved by the periodic scan)."""
+    deadlock_interval: float = 0.05
+    """Seconds between looks for cross-shard deadlocks, taken only while some
+    transaction has been at work (preparing, or in an Execute) for longer than this;
+    a cycle is broken within about two periods. 0 turns it off."""
+    deadlock_retries: int = 3
+    """Times a one-shot transaction (Run) chosen as a deadlock victim is run again as
+    a new transaction before its client is told DEADLOCK: all its work is known."""
+
+    @property
+    def phase2_retry(self) -> RetryPolicy:
+        return RetryPolicy(self.phase2_backoff_initial, self.phase2_backoff_max)
+
+    def __post_init__(self) -> None:
+        for name in (
+            "prepare_timeout",
+            "rpc_timeout",
+            "phase2_backoff_initial",
+            "phase2_backoff_max",
+            "transaction_idle_timeout",
+            "transaction_max_lifetime",
+            "recovery_interval",
+            "startup_recovery_timeout",
+        ):
+            settings.seconds(name, getattr(self, name))
+        settings.seconds("deadlock_interval", self.deadlock_interval, zero_ok=True)
+        settings.count("abort_attempts", self.abort_attempts)
+        settings.count("deadlock_retries", self.deadlock_retries, least=0)
+        if self.phase2_backoff_initial > self.phase2_backoff_max:
+            raise settings.InvalidSetting(
+                "phase2_backoff_max",
+                f"({self.phase2_backoff_max}s) is below phase2_backoff_initial "
+                f"({self.phase2_backoff_initial}s), the first delay it caps",
+            )
+
+
+@dataclass(frozen=True)
+class Load:
+    """How much work is let in, and how much finished work is remembered."""
+
     max_in_flight: int = 256
     """Transactions preparing at once (Runs and Commits between their start and their
     answer). Beyond it a new one gets RESOURCE_EXHAUSTED at once with a retry hint
@@ -65,13 +134,30 @@ class CoordinatorConfig:
     prepare_calls: str = "stream"
     """stream: every Prepare to an agent over one long-lived PrepareStream call, several
     in one message when they queue behind a write; unary: one Prepare call each."""
-    deadlock_interval: float = 0.05
-    """Seconds between looks for cross-shard deadlocks, taken only while some
-    transaction has been at work (preparing, or in an Execute) for longer than this;
-    a cycle is broken within about two periods. 0 turns it off."""
-    deadlock_retries: int = 3
-    """Times a one-shot transaction (Run) chosen as a deadlock victim is run again as
-    a new transaction before its client is told DEADLOCK: all its work is known."""
+    recent_outcomes: int = 10_000
+    """Finished transactions whose outcome a late Commit or Rollback still gets."""
+    owners_remembered: int = 20_000
+    """Finished transactions whose owning client is remembered in memory (about 200
+    bytes each; twice `recent_outcomes`, whose answers need it). Beyond them (and after
+    a restart) the owner comes from the transaction's log record; one without a record
+    is then NOT_FOUND to every client but an admin."""
+    limits: Limits = field(default_factory=Limits)
+    """Request limits."""
+
+    def __post_init__(self) -> None:
+        settings.count("recent_outcomes", self.recent_outcomes)
+        settings.count("max_in_flight", self.max_in_flight)
+        settings.count("owners_remembered", self.owners_remembered)
+        if self.prepare_calls not in ("stream", "unary"):
+            raise settings.InvalidSetting(
+                "prepare_calls", f"must be stream or unary, not {self.prepare_calls!r}"
+            )
+
+
+@dataclass(frozen=True)
+class Watching:
+    """Probes of the participants, this daemon's own health, metrics and shutdown."""
+
     probe_interval: float = 0.5
     """Seconds between health probes of each participant."""
     probe_timeout: float = 1.0
@@ -79,12 +165,10 @@ class CoordinatorConfig:
     probe_failures: int = 2
     """Consecutive failed probes that mark a participant down: new transactions that
     touch it then abort at once (PARTICIPANT_UNAVAILABLE) until a probe succeeds."""
-    retention: float = 7 * 24 * 3600.0
-    """Seconds completed transactions (and their idempotency keys) stay in the log."""
-    recent_outcomes: int = 10_000
-    """Finished transactions whose outcome a late Commit or Rollback still gets."""
-    log_batch_max: int = 512
-    """Most decision-log records written under one fsync (group commit)."""
+    connect_probe_timeout: float = 1.0
+    """When a participant cannot be reached, seconds a plain TCP connect to its address
+    may take to find out why (connection refused, timed out, ...) for the abort reason
+    and the log."""
     shutdown_grace: float = 2.0
     """Seconds in-flight RPCs get to finish on SIGTERM."""
     metrics_listen: str | None = None
@@ -93,12 +177,26 @@ class CoordinatorConfig:
     """Seconds between the health probes behind the gRPC health service."""
     health_timeout: float = 2.0
     """A health probe not answered within this many seconds means NOT_SERVING."""
+
+    def __post_init__(self) -> None:
+        for name in (
+            "probe_interval",
+            "probe_timeout",
+            "connect_probe_timeout",
+            "health_interval",
+            "health_timeout",
+        ):
+            settings.seconds(name, getattr(self, name))
+        settings.seconds("shutdown_grace", self.shutdown_grace, zero_ok=True)
+        settings.count("probe_failures", self.probe_failures)
+
+
+@dataclass(frozen=True)
+class Security:
+    """Who may connect, over what, and what they may do."""
+
     allow_failpoints: bool = False
     """Accept the SetFailpoints admin call (a test hook that can crash the daemon)."""
-    connect_probe_timeout: float = 1.0
-    """When a participant cannot be reached, seconds a plain TCP connect to its address
-    may take to find out why (connection refused, timed out, ...) for the abort reason
-    and the log."""
     statement_kinds: frozenset[StatementKind] = DEFAULT_ALLOWED
     """Kinds of statement a branch may run (`twopc_common.statements`); the default
     widened and narrowed by --allow-statement / --refuse-statement."""
@@ -116,64 +214,23 @@ class CoordinatorConfig:
     client_participants: dict[str, frozenset[str]] = field(default_factory=dict)
     """Client identity -> the participants its transactions may touch
     (--client-participants); an identity not named here, or an admin, may touch all."""
-    owners_remembered: int = 20_000
-    """Finished transactions whose owning client is remembered in memory (about 200
-    bytes each; twice `recent_outcomes`, whose answers need it). Beyond them (and after
-    a restart) the owner comes from the transaction's log record; one without a record
-    is then NOT_FOUND to every client but an admin."""
-    limits: Limits = field(default_factory=Limits)
-    """Request limits."""
-
-    @property
-    def phase2_retry(self) -> RetryPolicy:
-        return RetryPolicy(self.phase2_backoff_initial, self.phase2_backoff_max)
 
     def __post_init__(self) -> None:
-        # The id is checked where it is parsed (check_name); these would otherwise be
-        # found only when the first transaction needs them.
-        settings.host_port("listen", self.listen)
-        if self.advertise is not None:
-            settings.host_port("advertise", self.advertise)
-        for name, address in self.participants.items():
-            settings.host_port(f"participant {name}", address)
-        for name in (
-            "prepare_timeout",
-            "rpc_timeout",
-            "phase2_backoff_initial",
-            "phase2_backoff_max",
-            "transaction_idle_timeout",
-            "transaction_max_lifetime",
-            "recovery_interval",
-            "startup_recovery_timeout",
-            "probe_interval",
-            "probe_timeout",
-            "retention",
-            "connect_probe_timeout",
-            "log_reconnect_timeout",
-            "tls_reload_interval",
-            "health_interval",
-            "health_timeout",
-        ):
-            settings.seconds(name, getattr(self, name))
-        settings.seconds("shutdown_grace", self.shutdown_grace, zero_ok=True)
-        settings.seconds("deadlock_interval", self.deadlock_interval, zero_ok=True)
-        settings.count("probe_failures", self.probe_failures)
-        settings.count("abort_attempts", self.abort_attempts)
-        settings.count("recent_outcomes", self.recent_outcomes)
-        settings.count("log_batch_max", self.log_batch_max)
-        settings.count("max_in_flight", self.max_in_flight)
-        settings.count("deadlock_retries", self.deadlock_retries, least=0)
-        settings.count("owners_remembered", self.owners_remembered)
-        if self.prepare_calls not in ("stream", "unary"):
-            raise settings.InvalidSetting(
-                "prepare_calls", f"must be stream or unary, not {self.prepare_calls!r}"
-            )
-        if self.phase2_backoff_initial > self.phase2_backoff_max:
-            raise settings.InvalidSetting(
-                "phase2_backoff_max",
-                f"({self.phase2_backoff_max}s) is below phase2_backoff_initial "
-                f"({self.phase2_backoff_initial}s), the first delay it caps",
-            )
+        settings.seconds("tls_reload_interval", self.tls_reload_interval)
+
+
+@dataclass(frozen=True, slots=True)
+class CoordinatorConfig(Security, Watching, Load, ProtocolTimeouts, Placement):
+    """Every group's fields, flat; `Placement`'s come first (it has the two without
+    defaults: a dataclass orders its bases' fields from the last base to the first)."""
+
+    def __post_init__(self) -> None:
+        # A dataclass calls only the most derived __post_init__: each group's, in turn.
+        Placement.__post_init__(self)
+        ProtocolTimeouts.__post_init__(self)
+        Load.__post_init__(self)
+        Watching.__post_init__(self)
+        Security.__post_init__(self)
         for client, allowed in self.client_participants.items():
             if unknown := sorted(allowed - set(self.participants)):
                 raise InvalidArgument(

@@ -10,6 +10,7 @@ config raises name the field; `flag_error` names the flag instead.
 from __future__ import annotations
 
 import ast
+import dataclasses
 import functools
 import inspect
 import textwrap
@@ -21,8 +22,13 @@ from twopc_common.settings import InvalidSetting
 
 
 def field_docs(cls: type) -> Mapping[str, str]:
-    """Field name -> its docstring as one line, read from the class's source."""
-    return _docs(cls)
+    """Field name -> its docstring as one line, read from the source of the class and
+    of the dataclasses it is assembled from (`CoordinatorConfig`'s groups)."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if dataclasses.is_dataclass(klass):
+            docs.update(_docs(klass))
+    return docs
 
 
 @functools.cache
