@@ -1,4 +1,5 @@
-"""The coordinator's gRPC servicer: protobuf in, engine calls, protobuf out.
+"""The coordinator's gRPC servicer: protobuf in, engine calls, protobuf out. The
+transaction calls are here; the read-only ones in `coordinator.service_queries`.
 
 Engine calls are shielded from the caller's cancellation: a client that disconnects
 or whose deadline expires must not interrupt a transaction between its decision and
@@ -13,11 +14,11 @@ import grpc
 
 from coordinator.access import Owners, may_touch, owner_name, scoped_key
 from coordinator.engine import Coordinator
+from coordinator.service_queries import Queries
 from coordinator.standby import StandbyGate
 from coordinator.wire import (
     branches_from_pb,
     cause_name,
-    info_to_pb,
     outcome_to_pb,
     run_request_hash,
 )
@@ -34,7 +35,7 @@ from twopc_pb import coordinator_pb2 as pb
 from twopc_pb import coordinator_pb2_grpc as cgrpc
 
 
-class CoordinatorService(FailpointsAdmin, cgrpc.CoordinatorServicer):
+class CoordinatorService(Queries, FailpointsAdmin, cgrpc.CoordinatorServicer):
     def __init__(
         self, engine: Coordinator, owners: Owners, gate: StandbyGate | None = None
     ) -> None:
@@ -142,38 +143,3 @@ class CoordinatorService(FailpointsAdmin, cgrpc.CoordinatorServicer):
     ) -> pb.TransactionOutcome:
         await self._owners.check(request.transaction_id, caller())
         return outcome_to_pb(await shielded(self._engine.rollback(request.transaction_id)))
-
-    @translate_errors
-    async def GetTransaction(
-        self, request: pb.GetTransactionRequest, context: Context
-    ) -> pb.TransactionStatus:
-        await self._owners.check(request.transaction_id, caller())
-        return info_to_pb(await self._engine.get(request.transaction_id))
-
-    @translate_errors
-    async def ListTransactions(
-        self, request: pb.ListTransactionsRequest, context: Context
-    ) -> pb.ListTransactionsResponse:
-        who = caller()
-        return pb.ListTransactionsResponse(
-            transactions=[
-                info_to_pb(i)
-                for i in self._engine.in_flight()
-                if self._owners.visible(i.transaction_id, i.owner, who)
-            ]
-        )
-
-    @translate_errors
-    async def Status(self, request: pb.StatusRequest, context: Context) -> pb.CoordinatorStatus:
-        counters = dict(self._engine.counters)
-        counters.update(self._engine.decision_log.stats)
-        counters["live_transactions"] = len(self._engine.in_flight())
-        for client in self._engine.clients.values():
-            for name, value in client.stats.items():
-                counters[f"{name}.{client.name}"] = value
-        return pb.CoordinatorStatus(
-            coordinator_id=self._engine.id,
-            epoch=self._engine.decision_log.epoch,
-            recovered=self._engine.recovered,
-            counters=counters,
-        )
