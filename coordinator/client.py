@@ -63,10 +63,12 @@ from typing import Any, TypeVar
 
 import grpc
 
+from coordinator.answers import RETRYABLE_CAUSES, Outcome, TransactionStatus
 from coordinator.failover import Endpoints, addresses_of, backoff, channel_options
 from coordinator.loop_thread import LoopThread
 from coordinator.protocol import RetryPolicy
 from coordinator.run_sharing import SharedRuns
+from coordinator.wire import outcome_from_pb, run_request_to_pb, status_from_pb
 from twopc_common.errors import Aborted, ResourceExhausted, TwoPCError
 from twopc_common.grpc_errors import ABORT_CAUSE, RETRY_AFTER_MS, error_for
 from twopc_common.isolation import Isolation, isolation_to_pb, parse_isolation
@@ -114,32 +116,6 @@ Branches = Mapping[str, Sequence[Statement]]
 T = TypeVar("T")
 IsolationArg = Isolation | str
 
-# Abort causes after which running the same work again can succeed: the transaction
-# lost a conflict with another one, nothing of it was applied, and the conflict is
-# over once the other transaction finished. The one list the library consults.
-RETRYABLE_CAUSES: frozenset[str] = frozenset(
-    {
-        # PostgreSQL found that the branch could not be serialized with a concurrent
-        # transaction (40001, REPEATABLE READ or SERIALIZABLE): its documented remedy
-        # is to run the transaction again.
-        "SERIALIZATION_FAILURE",
-        # A victim of a deadlock: cross-shard (the coordinator's detector chose it;
-        # one-shot Runs are already run again by the coordinator a few times) or on
-        # one shard (PostgreSQL's 40P01). The survivor has gone ahead.
-        "DEADLOCK",
-        # A statement waited the agent's lock timeout for a row lock: contention (or
-        # a deadlock the detector could not see, e.g. through an outside session).
-        # Retried with backoff, bounded: a lock held for good makes every attempt fail.
-        "LOCK_TIMEOUT",
-    }
-)
-# Not retryable: VOTE_NO and EXECUTE_FAILED (the work itself failed: an error, a
-# broken expectation such as too little money; the same work fails again),
-# CLIENT_ROLLBACK, TRANSACTION_TIMEOUT (the client was too slow), PREPARE_TIMEOUT and
-# PARTICIPANT_UNAVAILABLE (a shard slow, down or cut off: the application decides
-# whether to wait, rather than a loop adding load to a struggling shard), and
-# COORDINATOR_RESTART (also the cause of internal errors).
-
 
 def _refusal_delay(exc: ResourceExhausted, attempt: int) -> float:
     """The coordinator's hint, or capped exponential backoff, with full jitter."""
@@ -185,74 +161,8 @@ class TransactionAborted(Aborted):
         return self.cause in RETRYABLE_CAUSES
 
 
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    transaction_id: str
-    committed: bool
-    abort_cause: str = ""
-    abort_participant: str = ""
-    abort_reason: str = ""
-    results: Mapping[str, tuple[StatementResult, ...]] | None = None
-    one_phase: bool = False
-    completed: bool = False
-
-    @property
-    def retryable(self) -> bool:
-        """Aborted because it lost a conflict (`RETRYABLE_CAUSES`): the same work may
-        commit if run again. Never true of a committed outcome."""
-        return not self.committed and self.abort_cause in RETRYABLE_CAUSES
-
-
-@dataclass(frozen=True, slots=True)
-class TransactionStatus:
-    transaction_id: str
-    outcome: str  # committed | aborted | in_progress | unknown
-    state: str
-    participants: tuple[str, ...]
-    age_seconds: float
-    pending_acks: tuple[str, ...]
-
-
-def _outcome(msg: pb.TransactionOutcome) -> Outcome:
-    return Outcome(
-        transaction_id=msg.transaction_id,
-        committed=msg.outcome == pb.COMMITTED,
-        abort_cause=pb.AbortCause.Name(msg.abort_cause) if msg.abort_cause else "",
-        abort_participant=msg.abort_participant,
-        abort_reason=msg.abort_reason,
-        results={b.participant: tuple(result_from_pb(r) for r in b.results) for b in msg.results},
-        one_phase=msg.one_phase,
-        completed=msg.completed,
-    )
-
-
-def _status(msg: pb.TransactionStatus) -> TransactionStatus:
-    return TransactionStatus(
-        transaction_id=msg.transaction_id,
-        outcome=pb.Outcome.Name(msg.outcome).lower(),
-        state=pb.TransactionState.Name(msg.state).removeprefix("STATE_").lower(),
-        participants=tuple(msg.participants),
-        age_seconds=msg.age_seconds,
-        pending_acks=tuple(msg.pending_acks),
-    )
-
-
-def _isolation(level: IsolationArg) -> Any:
-    return isolation_to_pb(level if isinstance(level, Isolation) else parse_isolation(level))
-
-
-def _run_request(
-    branches: Branches, key: str | None, wait: bool, isolation: IsolationArg
-) -> pb.RunRequest:
-    return pb.RunRequest(
-        branches=[
-            pb.Branch(participant=p, statements=[statement_to_pb(s) for s in stmts])
-            for p, stmts in branches.items()
-        ],
-        idempotency_key=key or "",
-        wait_for_completion=wait,
-        isolation=_isolation(isolation),
-    )
+def _isolation(level: IsolationArg) -> Isolation:
+    return level if isinstance(level, Isolation) else parse_isolation(level)
 
 
 def _statement(
@@ -417,8 +327,10 @@ class AsyncCoordinatorClient:
         timeout: float | None = None,
         isolation: IsolationArg = Isolation.READ_COMMITTED,
     ) -> Outcome:
-        request = _run_request(branches, idempotency_key, wait_for_completion, isolation)
-        return _outcome(await self._call("Run", request, timeout))
+        request = run_request_to_pb(
+            branches, idempotency_key, wait_for_completion, _isolation(isolation)
+        )
+        return outcome_from_pb(await self._call("Run", request, timeout))
 
     @contextlib.asynccontextmanager
     async def transaction(
@@ -440,7 +352,7 @@ class AsyncCoordinatorClient:
             await tx.commit(wait_for_completion)
 
     async def begin(self, isolation: IsolationArg = Isolation.READ_COMMITTED) -> AsyncTransaction:
-        request = pb.BeginRequest(isolation=_isolation(isolation))
+        request = pb.BeginRequest(isolation=isolation_to_pb(_isolation(isolation)))
         reply = await self._call("Begin", request, None)
         return AsyncTransaction(self, reply.transaction_id)
 
@@ -448,11 +360,11 @@ class AsyncCoordinatorClient:
         reply = await self._call(
             "GetTransaction", pb.GetTransactionRequest(transaction_id=transaction_id), None
         )
-        return _status(reply)
+        return status_from_pb(reply)
 
     async def list_transactions(self) -> list[TransactionStatus]:
         reply = await self._call("ListTransactions", pb.ListTransactionsRequest(), None)
-        return [_status(t) for t in reply.transactions]
+        return [status_from_pb(t) for t in reply.transactions]
 
     async def status(self, timeout: float | None = None) -> pb.CoordinatorStatus:
         result: pb.CoordinatorStatus = await self._call("Status", pb.StatusRequest(), timeout)
@@ -493,12 +405,12 @@ class AsyncTransaction:
 
     async def commit(self, wait_for_completion: bool = False) -> Outcome:
         request = pb.CommitRequest(transaction_id=self.id, wait_for_completion=wait_for_completion)
-        self.outcome = _outcome(await self._client._call("Commit", request, None))
+        self.outcome = outcome_from_pb(await self._client._call("Commit", request, None))
         return self.outcome
 
     async def rollback(self) -> Outcome:
         request = pb.RollbackRequest(transaction_id=self.id)
-        self.outcome = _outcome(await self._client._call("Rollback", request, None))
+        self.outcome = outcome_from_pb(await self._client._call("Rollback", request, None))
         return self.outcome
 
 

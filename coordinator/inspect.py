@@ -36,6 +36,7 @@ from coordinator.heuristics import is_hazard
 from coordinator.pg_inspect import PgLogUnreadable, PgLogView
 from coordinator.pg_log import is_postgres_log
 from coordinator.protocol import TxState, reported, reported_without_record
+from coordinator.wire import status_from_pb
 from twopc_common.auth import add_token_flag, read_token_file
 from twopc_common.cli import HelpFormatter, add_version_flag, named_addresses
 from twopc_common.dsn import refuse_password
@@ -111,12 +112,12 @@ def _from_coordinator(
     return [
         {
             "transaction_id": t.transaction_id,
-            "state": cpb.TransactionState.Name(t.state).removeprefix("STATE_").lower(),
+            "state": t.state,
             "participants": list(t.participants),
             "age_seconds": round(t.age_seconds, 1),
             "pending_acks": list(t.pending_acks),
         }
-        for t in reply.transactions
+        for t in map(status_from_pb, reply.transactions)
     ]
 
 

@@ -1,20 +1,34 @@
-"""The Coordinator service's one mapping between protobuf and the engine's domain
-types (`coordinator.protocol`, `coordinator.memory`): what the servicer
-(`coordinator.service`) reads from requests and writes into replies.
+"""The Coordinator service's one mapping between protobuf and domain types, both
+sides of the wire: what the servicer (`coordinator.service`) reads from requests and
+writes into replies, in the engine's types (`coordinator.protocol`,
+`coordinator.memory`), and what the client library (`coordinator.client`) writes
+into requests and reads from replies, in its own (`coordinator.answers`).
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
-from coordinator.memory import Outcome, TransactionInfo
+from coordinator import answers
 from coordinator.protocol import AbortCause, Reported, TxState
-from twopc_common.isolation import Isolation
+from twopc_common.isolation import Isolation, isolation_to_pb
 from twopc_common.limits import Limits
-from twopc_common.values import Statement, results_to_pb, statements_from_pb
+from twopc_common.values import (
+    Statement,
+    result_from_pb,
+    results_to_pb,
+    statement_to_pb,
+    statements_from_pb,
+)
 from twopc_pb import coordinator_pb2 as pb
 from twopc_pb import types_pb2
+
+if TYPE_CHECKING:
+    # Types of annotations only: the client library, which imports this module,
+    # need not load the engine's memory (and, through it, the engine's modules).
+    from coordinator.memory import Outcome, TransactionInfo
 
 _CAUSES = {
     AbortCause.VOTE_NO: pb.VOTE_NO,
@@ -99,3 +113,47 @@ def run_request_hash(request: pb.RunRequest, isolation: Isolation) -> str:
     if isolation is not Isolation.READ_COMMITTED:
         canonical.isolation = request.isolation
     return hashlib.sha256(canonical.SerializeToString(deterministic=True)).hexdigest()
+
+
+# -- the client library's side -------------------------------------------------------
+
+
+def run_request_to_pb(
+    branches: Mapping[str, Sequence[Statement]],
+    key: str | None,
+    wait: bool,
+    isolation: Isolation,
+) -> pb.RunRequest:
+    return pb.RunRequest(
+        branches=[
+            pb.Branch(participant=p, statements=[statement_to_pb(s) for s in stmts])
+            for p, stmts in branches.items()
+        ],
+        idempotency_key=key or "",
+        wait_for_completion=wait,
+        isolation=isolation_to_pb(isolation),
+    )
+
+
+def outcome_from_pb(msg: pb.TransactionOutcome) -> answers.Outcome:
+    return answers.Outcome(
+        transaction_id=msg.transaction_id,
+        committed=msg.outcome == pb.COMMITTED,
+        abort_cause=pb.AbortCause.Name(msg.abort_cause) if msg.abort_cause else "",
+        abort_participant=msg.abort_participant,
+        abort_reason=msg.abort_reason,
+        results={b.participant: tuple(result_from_pb(r) for r in b.results) for b in msg.results},
+        one_phase=msg.one_phase,
+        completed=msg.completed,
+    )
+
+
+def status_from_pb(msg: pb.TransactionStatus) -> answers.TransactionStatus:
+    return answers.TransactionStatus(
+        transaction_id=msg.transaction_id,
+        outcome=pb.Outcome.Name(msg.outcome).lower(),
+        state=pb.TransactionState.Name(msg.state).removeprefix("STATE_").lower(),
+        participants=tuple(msg.participants),
+        age_seconds=msg.age_seconds,
+        pending_acks=tuple(msg.pending_acks),
+    )
