@@ -57,8 +57,7 @@ class Placement:
             settings.host_port("advertise", self.advertise)
         for name, address in self.participants.items():
             settings.host_port(f"participant {name}", address)
-        settings.seconds("log_reconnect_timeout", self.log_reconnect_timeout)
-        settings.seconds("retention", self.retention)
+        settings.durations(self, "log_reconnect_timeout", "retention")
         settings.count("log_batch_max", self.log_batch_max)
 
 
@@ -100,7 +99,8 @@ class ProtocolTimeouts:
         return RetryPolicy(self.phase2_backoff_initial, self.phase2_backoff_max)
 
     def __post_init__(self) -> None:
-        for name in (
+        settings.durations(
+            self,
             "prepare_timeout",
             "rpc_timeout",
             "phase2_backoff_initial",
@@ -109,8 +109,7 @@ class ProtocolTimeouts:
             "transaction_max_lifetime",
             "recovery_interval",
             "startup_recovery_timeout",
-        ):
-            settings.seconds(name, getattr(self, name))
+        )
         settings.seconds("deadlock_interval", self.deadlock_interval, zero_ok=True)
         settings.count("abort_attempts", self.abort_attempts)
         settings.count("deadlock_retries", self.deadlock_retries, least=0)
@@ -179,14 +178,14 @@ class Watching:
     """A health probe not answered within this many seconds means NOT_SERVING."""
 
     def __post_init__(self) -> None:
-        for name in (
+        settings.durations(
+            self,
             "probe_interval",
             "probe_timeout",
             "connect_probe_timeout",
             "health_interval",
             "health_timeout",
-        ):
-            settings.seconds(name, getattr(self, name))
+        )
         settings.seconds("shutdown_grace", self.shutdown_grace, zero_ok=True)
         settings.count("probe_failures", self.probe_failures)
 

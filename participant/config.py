@@ -112,7 +112,8 @@ class ParticipantConfig:
                 f"pool_min_size ({self.pool_min_size}) is larger than pool_max_size "
                 f"({self.pool_max_size}): lower --pool-min-size or raise --pool-max-size"
             )
-        for name in (
+        settings.durations(
+            self,
             "pool_timeout",
             "lock_timeout",
             "statement_timeout",
@@ -125,8 +126,7 @@ class ParticipantConfig:
             "tls_reload_interval",
             "health_interval",
             "health_timeout",
-        ):
-            settings.seconds(name, getattr(self, name))
+        )
         settings.seconds("recovery_grace", self.recovery_grace, zero_ok=True)
         settings.seconds("shutdown_grace", self.shutdown_grace, zero_ok=True)
         settings.count("tombstones", self.tombstones)

@@ -51,6 +51,12 @@ def seconds(name: str, value: float, *, zero_ok: bool = False) -> float:
     return value
 
 
+def durations(config: object, *names: str) -> None:
+    """`seconds` of each of `config`'s fields `names`: positive and finite."""
+    for name in names:
+        seconds(name, getattr(config, name))
+
+
 def count(name: str, value: int, *, least: int = 1) -> int:
     """A whole number >= `least`."""
     if value < least:
