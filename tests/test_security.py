@@ -562,7 +562,10 @@ def test_a_client_cannot_roll_back_another_clients_run_in_flight(
     system.participants["shard2"].set_failpoints("participant.before_prepare=1*sleep(4000)")
     told: list[Outcome] = []
     work = tagged_inserts("in-flight", ("shard1", "shard2"))
-    runner = threading.Thread(target=lambda: told.append(system.client().run(work)))
+    # Waits for phase 2: the rows are counted as soon as the Run is answered.
+    runner = threading.Thread(
+        target=lambda: told.append(system.client().run(work, wait_for_completion=True))
+    )
     runner.start()
     try:
         with system.client(identity="admin") as admin:
