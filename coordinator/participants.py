@@ -41,19 +41,13 @@ from twopc_common.grpc_errors import error_for, status_of
 from twopc_common.isolation import Isolation, isolation_to_pb
 from twopc_common.limits import Limits
 from twopc_common.log import EventLogger
-from twopc_common.phase2_outcome import Phase2Outcome, finished
+from twopc_common.participant_wire import outcome_from_pb, vote_from_pb
+from twopc_common.phase2_outcome import Phase2Outcome
 from twopc_common.tls import ReloadingChannel, TlsConfig
 from twopc_common.values import Statement, StatementResult, result_from_pb, statement_to_pb
 from twopc_common.votes import Vote
 from twopc_pb import participant_pb2 as pb
 from twopc_pb import participant_pb2_grpc as pgrpc
-
-_VOTES = {
-    pb.YES: Vote.YES,
-    pb.NO: Vote.NO,
-    pb.READ_ONLY: Vote.READ_ONLY,
-    pb.COMMITTED_ONE_PHASE: Vote.COMMITTED_ONE_PHASE,
-}
 
 _UNREACHABLE = (
     grpc.StatusCode.UNAVAILABLE,
@@ -74,26 +68,6 @@ _REFUSED = (
     grpc.StatusCode.UNIMPLEMENTED,
 )
 
-_OUTCOMES: dict[int, Phase2Outcome] = {
-    pb.PHASE2_COMMITTED: Phase2Outcome.COMMITTED,
-    pb.PHASE2_ALREADY_COMMITTED: Phase2Outcome.ALREADY_COMMITTED,
-    pb.PHASE2_ROLLED_BACK: Phase2Outcome.ROLLED_BACK,
-    pb.PHASE2_ALREADY_ROLLED_BACK: Phase2Outcome.ALREADY_ROLLED_BACK,
-    pb.PHASE2_NOT_PREPARED: Phase2Outcome.NOT_PREPARED,
-}
-
-
-def _outcome(value: int, changed: bool, commit: bool) -> Phase2Outcome | None:
-    """A phase-2 answer with status OK (None: a value this coordinator does not know).
-    An agent older than the outcome field answers only `changed`: it said the other
-    final state with FAILED_PRECONDITION, which is an error here (retried), so its OK
-    answers are the asked state."""
-    if value == pb.PHASE2_OUTCOME_UNSPECIFIED:
-        if changed:
-            return finished(commit)
-        return Phase2Outcome.ALREADY_COMMITTED if commit else Phase2Outcome.ALREADY_ROLLED_BACK
-    return _OUTCOMES.get(value)
-
 
 @dataclass(frozen=True, slots=True)
 class PrepareReply:
@@ -102,7 +76,7 @@ class PrepareReply:
 
 
 def _reply(reply: pb.PrepareResponse) -> PrepareReply:
-    vote = _VOTES.get(reply.vote)
+    vote = vote_from_pb(reply.vote)
     if vote is None:
         return PrepareReply(Ballot(Vote.NO, f"unknown vote {reply.vote}"))
     return PrepareReply(
@@ -471,7 +445,7 @@ class ParticipantClient:
         return self._decoded(answer.outcome, answer.changed, commit)
 
     def _decoded(self, value: int, changed: bool, commit: bool) -> Phase2Outcome | Exception:
-        outcome = _outcome(value, changed, commit)
+        outcome = outcome_from_pb(value, changed, commit)
         if outcome is None:
             return Unavailable(f"participant {self.name}: unknown phase-2 outcome {value}")
         return outcome
