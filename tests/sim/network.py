@@ -27,14 +27,9 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import grpc
 
 from coordinator.deadlock import Wait
-from coordinator.participants import (
-    _REFUSED,
-    _UNREACHABLE,
-    HeuristicDecision,
-    InDoubtBranch,
-    InDoubtList,
-    PrepareReply,
-)
+from coordinator.participant_channel import UNREACHABLE
+from coordinator.participant_phase1 import REFUSED
+from coordinator.participants import HeuristicDecision, InDoubtBranch, InDoubtList, PrepareReply
 from coordinator.protocol import Ballot, NoVote, Reported
 from participant.ports import CoordinatorUnreachable
 from tests.sim.loop import Process, SimClock
@@ -199,7 +194,7 @@ class SimParticipantClient:
         return value
 
     def _error(self, status: Status) -> Exception:
-        if status.code in _UNREACHABLE:
+        if status.code in UNREACHABLE:
             return Unavailable(f"participant {self.name}: {self.unreachable or status.message}")
         return error_for(status.code, f"participant {self.name}: {status.message}")
 
@@ -220,13 +215,13 @@ class SimParticipantClient:
                 txid,
             )
         except Status as exc:
-            if exc.code in _UNREACHABLE and (missing := self.missing_vote()) is not None:
+            if exc.code in UNREACHABLE and (missing := self.missing_vote()) is not None:
                 return PrepareReply(missing)
             if exc.code == grpc.StatusCode.DEADLINE_EXCEEDED:
                 return PrepareReply(Ballot(NoVote.TIMEOUT, "no vote before the prepare timeout"))
-            if exc.code in _UNREACHABLE:
+            if exc.code in UNREACHABLE:
                 return PrepareReply(Ballot(NoVote.UNAVAILABLE, exc.message))
-            if exc.code in _REFUSED:
+            if exc.code in REFUSED:
                 return PrepareReply(Ballot(Vote.NO, str(exc)))
             return PrepareReply(Ballot(NoVote.LOST, str(exc)))
         ballot = Ballot(_VOTES[vote.vote.value], vote.reason, vote.sqlstate)
