@@ -5,9 +5,10 @@ counts as.
 
 Transport failures are part of the protocol here: a Prepare that times out or cannot
 reach its agent is a missing vote (Ballot TIMEOUT or UNAVAILABLE), not an exception
-(`failed_vote`). Calls wait for a reconnecting channel (wait_for_ready) within their
-deadline: a link that is back within the prepare timeout costs a delay, not an abort.
-An agent older than PrepareStream (UNIMPLEMENTED) is asked by unary calls from then on.
+(`failed_vote`, which the simulator's transport in `tests/sim` applies too). Calls
+wait for a reconnecting channel (wait_for_ready) within their deadline: a link that
+is back within the prepare timeout costs a delay, not an abort. An agent older than
+PrepareStream (UNIMPLEMENTED) is asked by unary calls from then on.
 """
 
 from __future__ import annotations

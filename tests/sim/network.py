@@ -9,8 +9,9 @@ runs as a task of the receiving process, to completion (the daemons' servicers s
 engine and agent calls from the caller's deadline), unless that process crashes.
 
 `SimParticipantClient` is the coordinator's `ParticipantTransport` and maps answers
-exactly as `coordinator.participants.ParticipantClient` does: phase-2 outcomes pass
-as they are, errors as the gRPC status codes they would travel as;
+exactly as `coordinator.participants.ParticipantClient` does: a failed Prepare by the
+same rule (`coordinator.participant_phase1.failed_vote`), phase-2 outcomes as they
+are, errors as the gRPC status codes they would travel as;
 `SimCoordinators` is the agents' recovery port.
 """
 
@@ -28,7 +29,7 @@ import grpc
 
 from coordinator.deadlock import Wait
 from coordinator.participant_channel import UNREACHABLE
-from coordinator.participant_phase1 import REFUSED
+from coordinator.participant_phase1 import failed_vote
 from coordinator.participants import HeuristicDecision, InDoubtBranch, InDoubtList, PrepareReply
 from coordinator.protocol import Ballot, NoVote, Reported
 from participant.ports import CoordinatorUnreachable
@@ -215,15 +216,7 @@ class SimParticipantClient:
                 txid,
             )
         except Status as exc:
-            if exc.code in UNREACHABLE and (missing := self.missing_vote()) is not None:
-                return PrepareReply(missing)
-            if exc.code == grpc.StatusCode.DEADLINE_EXCEEDED:
-                return PrepareReply(Ballot(NoVote.TIMEOUT, "no vote before the prepare timeout"))
-            if exc.code in UNREACHABLE:
-                return PrepareReply(Ballot(NoVote.UNAVAILABLE, exc.message))
-            if exc.code in REFUSED:
-                return PrepareReply(Ballot(Vote.NO, str(exc)))
-            return PrepareReply(Ballot(NoVote.LOST, str(exc)))
+            return PrepareReply(failed_vote(exc.code, exc.message, self.missing_vote()))
         ballot = Ballot(_VOTES[vote.vote.value], vote.reason, vote.sqlstate)
         return PrepareReply(ballot, vote.results)
 
