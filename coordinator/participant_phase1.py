@@ -127,22 +127,7 @@ class Phase1Calls:
         reply = await self._channel.call("Execute", request, self._rpc_timeout)
         return [result_from_pb(r) for r in reply.results], reply.incarnation
 
-    async def prepare(
-        self,
-        txid: str,
-        statements: Sequence[Statement],
-        one_phase: bool,
-        timeout: float,
-        incarnation: str,
-        isolation: Isolation,
-    ) -> PrepareReply:
-        request = pb.PrepareRequest(
-            transaction_id=txid,
-            statements=[statement_to_pb(s) for s in statements],
-            one_phase=one_phase,
-            incarnation=incarnation,
-            isolation=isolation_to_pb(isolation),
-        )
+    async def prepare(self, request: pb.PrepareRequest, timeout: float) -> PrepareReply:
         self._channel.watch()
         if self._stream is not None:
             return await self._streamed(request, timeout)

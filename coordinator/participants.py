@@ -28,12 +28,13 @@ from coordinator.participant_queries import (
     Queries,
 )
 from coordinator.protocol import Ballot
-from twopc_common.isolation import Isolation
+from twopc_common.isolation import Isolation, isolation_to_pb
 from twopc_common.limits import Limits
 from twopc_common.log import EventLogger
 from twopc_common.phase2_outcome import Phase2Outcome
 from twopc_common.tls import TlsConfig
-from twopc_common.values import Statement, StatementResult
+from twopc_common.values import Statement, StatementResult, statement_to_pb
+from twopc_pb import participant_pb2 as pb
 
 __all__ = [
     "HeuristicDecision",
@@ -117,9 +118,14 @@ class ParticipantClient:
         incarnation: str = "",
         isolation: Isolation = Isolation.READ_COMMITTED,
     ) -> PrepareReply:
-        return await self._phase1.prepare(
-            txid, statements, one_phase, timeout, incarnation, isolation
+        request = pb.PrepareRequest(
+            transaction_id=txid,
+            statements=[statement_to_pb(s) for s in statements],
+            one_phase=one_phase,
+            incarnation=incarnation,
+            isolation=isolation_to_pb(isolation),
         )
+        return await self._phase1.prepare(request, timeout)
 
     async def execute(
         self,
