@@ -40,7 +40,6 @@ from twopc_common.grpc_errors import error_for, status_for
 from twopc_common.isolation import Isolation
 from twopc_common.phase2_outcome import Phase2Outcome
 from twopc_common.values import Statement, StatementResult
-from twopc_common.votes import Vote
 
 if TYPE_CHECKING:
     from coordinator.engine import Coordinator
@@ -149,7 +148,6 @@ class Network:
             raise Status(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded") from None
 
 
-_VOTES = {v.value: v for v in Vote}
 _BATCH = 16
 
 
@@ -217,7 +215,7 @@ class SimParticipantClient:
             )
         except Status as exc:
             return PrepareReply(failed_vote(exc.code, exc.message, self.missing_vote()))
-        ballot = Ballot(_VOTES[vote.vote.value], vote.reason, vote.sqlstate)
+        ballot = Ballot(vote.vote, vote.reason, vote.sqlstate)
         return PrepareReply(ballot, vote.results)
 
     async def _checked(
