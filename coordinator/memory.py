@@ -174,6 +174,18 @@ class Memory:
         tx = self.live[txid] = self.tx(txid, state)
         return tx
 
+    def successor(self, tx: Tx) -> Tx:
+        """A new transaction to run a deadlock victim's work again, with one retry
+        fewer; it takes over the victim's key."""
+        successor = self.new_tx()
+        successor.retries_left = tx.retries_left - 1
+        successor.key, successor.request_hash = tx.key, tx.request_hash
+        successor.isolation = tx.isolation
+        successor.owner = tx.owner
+        if tx.key is not None:
+            self.keys[tx.key] = successor
+        return successor
+
     def tx(self, txid: str, state: TxState, created: float | None = None) -> Tx:
         """A transaction's memory, started now (`created`: logged earlier)."""
         wall = self.clock.time() if created is None else created
