@@ -6,6 +6,7 @@ is done by its collaborators, one concern each, over the shared `coordinator.mem
 - `coordinator.running`: one-shot Run, admission, idempotency keys, deadlock retries;
 - `coordinator.interactive`: Begin, Execute, Commit, Rollback, the idle reaper;
 - `coordinator.voting`: phase 1, the decision, and logging it;
+- `coordinator.one_phase`: a single branch committed without PREPARE, its fence;
 - `coordinator.phase2`: announcing a decision and delivering it;
 - `coordinator.recovery`: start-up and periodic recovery;
 - `coordinator.contention`: deadlocks, participants marked down;
@@ -33,6 +34,7 @@ from coordinator.deadlock import Victim
 from coordinator.interactive import Interactive
 from coordinator.log_port import DecisionLogPort
 from coordinator.memory import BranchResults, Memory, Outcome, TransactionInfo
+from coordinator.one_phase import OnePhase
 from coordinator.phase2 import Phase2
 from coordinator.ports import ParticipantTransport
 from coordinator.recovery import LogBehind, Recovery
@@ -66,11 +68,12 @@ class Coordinator:
         self.log = memory.log
         self.counters = memory.counters
         phase2 = Phase2(memory)
-        self._runner = Runner(memory, phase2, Voting(memory, phase2))
+        one_phase = OnePhase(memory, phase2)
+        self._runner = Runner(memory, phase2, Voting(memory, phase2), one_phase)
         self._interactive = Interactive(memory, phase2, self._runner)
         self._contention = Contention(memory, phase2)
         self._status = Status(memory)
-        self._recovery = Recovery(memory, phase2)
+        self._recovery = Recovery(memory, phase2, one_phase)
 
     @property
     def stopped(self) -> str | None:

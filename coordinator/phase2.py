@@ -20,7 +20,7 @@ from dataclasses import replace
 
 from coordinator.delivery import Delivery
 from coordinator.memory import BranchResults, Memory, Outcome, Part, Tx
-from coordinator.protocol import AbortCause, TxEvent, fence_found_commit, transition
+from coordinator.protocol import AbortCause, TxEvent, transition
 from twopc_common import failpoints
 
 
@@ -39,18 +39,6 @@ class Phase2(Part):
         self.log.debug(
             "decided", txid=tx.id, key=tx.key, decision="commit", participants=",".join(tx.phase2)
         )
-
-    async def fence_one_phase(self, tx: Tx, participant: str) -> bool:
-        """The Abort fence of a one-phase branch: True if it had committed."""
-        for attempt in itertools.count():
-            try:
-                return fence_found_commit(await self.clients[participant].abort(tx.id))
-            except Exception as exc:
-                self.log.warning(
-                    "one_phase_fence_retry", txid=tx.id, participant=participant, error=str(exc)
-                )
-                await self.clock.sleep(self.config.phase2_retry.delay(attempt))
-        raise AssertionError("unreachable")
 
     async def complete_without_phase2(self, tx: Tx, outcome: Outcome, logged: bool = False) -> None:
         """Committed with nothing left to deliver: every branch read-only, none at all,

@@ -8,6 +8,8 @@ Guarantees:
   logged outcome; the key is in memory until its record is durable;
 - a one-shot deadlock victim is run again, up to `deadlock_retries` times, and its
   client gets the last run's outcome;
+- a single branch commits in one phase (`coordinator.one_phase`), more than one in two
+  (`coordinator.voting`);
 - an error before the decision aborts the transaction; an error after it only ever
   moves it forward.
 """
@@ -21,6 +23,7 @@ from dataclasses import replace
 from coordinator.admission import Admission
 from coordinator.log_records import LogFailed, LogRecord, LogState
 from coordinator.memory import Memory, Outcome, Part, Tx
+from coordinator.one_phase import OnePhase
 from coordinator.phase2 import Phase2
 from coordinator.protocol import AbortCause, TxEvent, TxState, transition
 from coordinator.voting import Voting
@@ -33,10 +36,11 @@ from twopc_common.values import Statement
 class Runner(Part):
     """One-shot transactions, and the prepare-to-answer path of every commit."""
 
-    def __init__(self, memory: Memory, phase2: Phase2, voting: Voting) -> None:
+    def __init__(self, memory: Memory, phase2: Phase2, voting: Voting, one_phase: OnePhase) -> None:
         super().__init__(memory)
         self.phase2 = phase2
         self.voting = voting
+        self.one_phase = one_phase
         self.admission = Admission(memory)
 
     async def run(
@@ -132,7 +136,7 @@ class Runner(Part):
         try:
             await failpoints.hit("coordinator.before_prepare")
             if len(participants) == 1:
-                await self.voting.one_phase(tx, participants[0], work[participants[0]])
+                await self.one_phase.commit(tx, participants[0], work[participants[0]])
             else:
                 await self.voting.two_phase(tx, work)
         except Exception as exc:

@@ -6,9 +6,9 @@ Guarantees:
   participant marked down interrupts it), whichever is first;
 - a COMMIT decision is durable in the decision log before any Commit is sent, and
   after it is logged no error turns it into an abort;
-- a single branch commits in one phase, its intent logged first, so that no
-  transaction commits without a record;
 - a keyed abort is durable before its outcome is announced.
+
+A single branch commits in one phase instead: `coordinator.one_phase`.
 """
 
 from __future__ import annotations
@@ -20,18 +20,7 @@ from typing import Any
 from coordinator.memory import BranchResults, Memory, Outcome, Part, Tx
 from coordinator.participants import PrepareReply
 from coordinator.phase2 import Phase2
-from coordinator.protocol import (
-    AbortCause,
-    Ballot,
-    NoVote,
-    TxEvent,
-    abort_cause,
-    bound_results,
-    cause_of_failure,
-    decide,
-    one_phase_committed,
-    transition,
-)
+from coordinator.protocol import AbortCause, Ballot, TxEvent, bound_results, decide, transition
 from twopc_common import failpoints
 from twopc_common.values import Statement, StatementResult, result_bytes
 from twopc_common.votes import Vote
@@ -162,53 +151,3 @@ class Voting(Part):
                 if missing is not None:
                     ballots[calls[task]] = missing
         return ballots, tuple((p, results[p]) for p in work if p in results)
-
-    async def one_phase(self, tx: Tx, participant: str, statements: tuple[Statement, ...]) -> None:
-        """A single branch commits without PREPARE. Its intent is forced first, so that
-        no transaction can commit without a record (GetTransaction never has to guess,
-        and a keyed retry after a crash finds it); recovery settles an intent whose
-        answer was lost. If the answer is lost, an Abort fences the branch: rolled
-        back means it did not commit (and never will), ALREADY_COMMITTED means it had
-        committed (`coordinator.protocol.fence_found_commit`)."""
-        await self.decision_log.record_one_phase_intent(
-            tx.id, participant, tx.created, tx.key, tx.request_hash, owner=tx.owner
-        )
-        try:
-            reply = await self.clients[participant].prepare(
-                tx.id,
-                statements,
-                True,
-                self.config.prepare_timeout,
-                tx.incarnations.get(participant, ""),
-                tx.isolation,
-            )
-        except Exception as exc:  # it was sent: it may have committed
-            reply = PrepareReply(Ballot(NoVote.LOST, f"coordinator error: {exc!r}"))
-        try:
-            await failpoints.hit("coordinator.after_one_phase_reply")
-        except Exception as exc:  # the answer stands: only forward
-            self.log.error("error_after_one_phase_reply", txid=tx.id, error=repr(exc))
-        ballot = reply.ballot
-        results = ((participant, reply.results),) if reply.results else ()
-        committed = one_phase_committed(ballot.vote)
-        if committed is None:
-            committed = await self.phase2.fence_one_phase(tx, participant)
-        cause = cause_of_failure(ballot.sqlstate, abort_cause(ballot.vote))
-        outcome = (
-            Outcome(tx.id, True, results=results, one_phase=True)
-            if committed
-            else Outcome(tx.id, False, cause, participant, ballot.reason, results, one_phase=True)
-        )
-        # Resolved before the transaction leaves memory, so that a retry or a
-        # GetTransaction finds either the live transaction or its outcome.
-        await self.phase2.retry(
-            lambda _: self.decision_log.resolve_one_phase(tx.id, outcome.to_json()),
-            tx,
-            "resolve_one_phase",
-        )
-        if committed:
-            self.counters["committed_one_phase"] += 1
-            self.log.debug("committed_one_phase", txid=tx.id, key=tx.key, participant=participant)
-            await self.phase2.complete_without_phase2(tx, outcome, logged=True)
-        else:
-            self.phase2.abort(tx, cause, participant, ballot.reason, (), results)
