@@ -5,7 +5,8 @@
 is done by its collaborators, one concern each, over the shared `coordinator.memory`:
 - `coordinator.running`: one-shot Run, admission, idempotency keys, deadlock retries;
 - `coordinator.interactive`: Begin, Execute, Commit, Rollback, the idle reaper;
-- `coordinator.voting`: phase 1, the decision, and logging it;
+- `coordinator.voting`: phase 1, the decision, and logging it
+  (`coordinator.vote_collection`: Prepares out, votes in);
 - `coordinator.one_phase`: a single branch committed without PREPARE, its fence;
 - `coordinator.phase2`: announcing a decision and delivering it;
 - `coordinator.recovery`: start-up and periodic recovery;
