@@ -3,12 +3,14 @@
 
 `Coordinator` is the facade the service, the daemon and the simulator use; the work
 is done by its collaborators, one concern each, over the shared `coordinator.memory`:
-- `coordinator.running`: one-shot Run, admission, idempotency keys, deadlock retries;
+- `coordinator.running`: one-shot Run, admission, deadlock retries, and the
+  prepare-to-answer path of every commit (`coordinator.idempotency`: keyed Runs);
 - `coordinator.interactive`: Begin, Execute, Commit, Rollback, the idle reaper;
 - `coordinator.voting`: phase 1, the decision, and logging it
   (`coordinator.vote_collection`: Prepares out, votes in);
 - `coordinator.one_phase`: a single branch committed without PREPARE, its fence;
-- `coordinator.phase2`: announcing a decision and delivering it;
+- `coordinator.phase2`: announcing a decision and completing its phase 2
+  (`coordinator.delivery`: to one participant);
 - `coordinator.recovery`: start-up and periodic recovery;
 - `coordinator.contention`: deadlocks, participants marked down;
 - `coordinator.status`: GetTransaction, owners, what is in flight.

@@ -143,7 +143,7 @@ class Interactive(IdleReaper):
             return recent  # a repeated Commit, or after an abort
         tx = self._live_tx(txid)
         if tx.state is not TxState.ACTIVE:
-            return await self.runner.answer(tx, wait)  # a repeated Commit, or after an abort
+            return await tx.answer(wait)  # a repeated Commit, or after an abort
         if tx.busy:
             raise FailedPrecondition(f"transaction {txid} has an Execute in progress")
         self.runner.admit()
@@ -151,7 +151,7 @@ class Interactive(IdleReaper):
         enlisted = [p for p in tx.participants if p in tx.incarnations]
         if not enlisted:
             await self.phase2.complete_without_phase2(tx, Outcome(tx.id, True, one_phase=True))
-            return await self.runner.answer(tx, wait)
+            return await tx.answer(wait)
         return await self.runner.finish(tx, {p: () for p in enlisted}, wait)
 
     async def rollback(self, txid: str) -> Outcome:

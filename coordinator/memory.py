@@ -1,7 +1,5 @@
 """What the coordinator holds in memory about its transactions, shared by the
-engine's collaborators (`coordinator.running`, `coordinator.voting`,
-`coordinator.phase2`, `coordinator.recovery`, `coordinator.contention`,
-`coordinator.status`).
+engine's collaborators (`coordinator.engine` lists them).
 
 Guarantees:
 - a transaction stays in `Memory.live` from its first id to its completion, so
@@ -125,6 +123,19 @@ class Tx:
 
     def __post_init__(self) -> None:
         self.last_used = self.work_started = self.started
+
+    async def answer(self, wait: bool, follow: bool = True) -> Outcome:
+        """Its outcome once decided: with `follow`, of the last of its deadlock
+        retries; with `wait`, once phase 2 has completed too."""
+        tx = self
+        outcome = await asyncio.shield(tx.outcome)
+        while follow and tx.successor is not None:
+            tx = tx.successor
+            outcome = await asyncio.shield(tx.outcome)
+        if wait and not outcome.completed:
+            await tx.completed.wait()
+            outcome = replace(outcome, completed=True)
+        return outcome
 
 
 class Memory:
