@@ -248,7 +248,7 @@ class Memory:
 
 
 class Part:
-    """One of the engine's collaborators: its shortcuts to the shared memory."""
+    """One of the engine's collaborators (or its facade): shortcuts to the shared memory."""
 
     def __init__(self, memory: Memory) -> None:
         self.memory = memory
