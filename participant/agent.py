@@ -1,8 +1,8 @@
 """The agent: open branches, votes, phase 2 and the idle-branch reaper, in parts that
 share one table of branches (`participant.branches`): Execute
 (`participant.execute_path`), the prepare path (`participant.prepare_path`), phase 2
-(`participant.phase2`) and housekeeping (`participant.housekeeping`). `Agent` assembles them and is what the servicer,
-recovery and the simulator call.
+(`participant.phase2`) and housekeeping (`participant.housekeeping`). `Agent`
+assembles them and is what the servicer, recovery and the simulator call.
 
 Guarantees:
 - one branch per transaction id at a time; its operations are serialised by its lock;
