@@ -7,7 +7,12 @@ would. Prints committed transfers per second (goodput), aborts by cause (a prepa
 timeout means work done and thrown away), refusals retried, and p50, against the
 best goodput of the run.
 
-    python bench/overload.py [--concurrency 16 64 256 1024] [--duration 8]
+    python bench/overload.py [--concurrency 16 64 256 1024] [--duration 8] \
+        [--variant queue= --variant refuse="--admission-queue 0"]
+
+Each variant (NAME=the coordinator's extra flags) runs every concurrency in turn on
+the same clusters and agents, its coordinator restarted with its flags; the default
+is one variant with the defaults.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -83,21 +89,29 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--concurrency", type=int, nargs="+", default=[16, 64, 256, 1024])
     p.add_argument("--duration", type=float, default=8.0)
+    p.add_argument("--variant", action="append", metavar="NAME=ARGS", default=[])
     a = p.parse_args()
+    variants = dict(v.split("=", 1) for v in a.variant) or {"defaults": ""}
     system = start_bench_system(2)
+    assert system.coordinator is not None
+    base = list(system.coordinator.argv)
     try:
-        prepare_bank(system, system.shard_names)
-        rows = []
-        for c in a.concurrency:
-            row = asyncio.run(measure(system, c, a.duration))
-            rows.append(row)
-            peak = max(r["goodput"] for r in rows)
-            print(
-                f"c={c:<5} goodput {row['goodput']:>7}/s ({row['goodput'] / peak:.0%} of the "
-                f"best so far) p50 {row['p50_ms']} ms, refused and retried {row['refused']}, "
-                f"aborted {row['aborted'] or 'none'}",
-                flush=True,
-            )
+        for name, args in variants.items():
+            prepare_bank(system, system.shard_names)  # every variant from full accounts
+            system.coordinator.stop()
+            system.coordinator.argv = base + shlex.split(args)
+            system.coordinator.start()
+            rows = []
+            for c in a.concurrency:
+                row = asyncio.run(measure(system, c, a.duration))
+                rows.append(row)
+                peak = max(r["goodput"] for r in rows)
+                print(
+                    f"{name}: c={c:<5} goodput {row['goodput']:>7}/s ({row['goodput'] / peak:.0%} "
+                    f"of the best so far) p50 {row['p50_ms']} ms, refused and retried "
+                    f"{row['refused']}, aborted {row['aborted'] or 'none'}",
+                    flush=True,
+                )
     finally:
         system.stop()
 

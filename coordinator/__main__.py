@@ -360,6 +360,8 @@ COORDINATOR_FLAGS = (
     Flag("--transaction-idle-timeout", "transaction_idle_timeout", positive, "SECONDS"),
     Flag("--transaction-max-lifetime", "transaction_max_lifetime", positive, "SECONDS"),
     Flag("--max-in-flight", "max_in_flight", int, "N"),
+    Flag("--admission-queue", "admission_queue", int, "N"),
+    Flag("--admission-wait", "admission_wait", positive, "SECONDS"),
     Flag("--prepare-calls", "prepare_calls", prepare_calls, "stream|unary"),
     Flag("--deadlock-interval", "deadlock_interval", non_negative, "SECONDS"),
     Flag("--deadlock-retries", "deadlock_retries", int, "N"),

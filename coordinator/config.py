@@ -58,10 +58,17 @@ class CoordinatorConfig:
     """How long start-up waits for participants to list their in-doubt branches before
     serving anyway (unreachable ones are resolved by the periodic scan)."""
     max_in_flight: int = 256
-    """Transactions preparing at once (Runs and Commits between their start and their
-    answer). Beyond it a new one gets RESOURCE_EXHAUSTED at once with a retry hint
-    (trailing metadata retry-after-ms), so that overload sheds work before doing it
-    rather than after, when the prepare timeout would throw it away."""
+    """Transactions in flight at once (Runs and Commits between their start and their
+    answer). Beyond it a new one waits its turn, before any of its work is done, so
+    that overload sheds work before doing it rather than after, when the prepare
+    timeout would throw it away."""
+    admission_queue: int = 1024
+    """Transactions that may wait for a turn beyond --max-in-flight (each holds its
+    request in memory). Beyond it a new one gets RESOURCE_EXHAUSTED at once with a
+    retry hint (trailing metadata retry-after-ms); 0 refuses at once at the limit."""
+    admission_wait: float = 4.0
+    """Seconds a transaction waits for a turn before it is refused with the retry hint;
+    keep it below the clients' deadlines (the client library's default is 30 s)."""
     prepare_calls: str = "stream"
     """stream: every Prepare to an agent over one long-lived PrepareStream call, several
     in one message when they queue behind a write; unary: one Prepare call each."""
@@ -162,6 +169,8 @@ class CoordinatorConfig:
         settings.count("recent_outcomes", self.recent_outcomes)
         settings.count("log_batch_max", self.log_batch_max)
         settings.count("max_in_flight", self.max_in_flight)
+        settings.count("admission_queue", self.admission_queue, least=0)
+        settings.seconds("admission_wait", self.admission_wait)
         settings.count("deadlock_retries", self.deadlock_retries, least=0)
         settings.count("owners_remembered", self.owners_remembered)
         if self.prepare_calls not in ("stream", "unary"):

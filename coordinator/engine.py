@@ -97,8 +97,14 @@ class Coordinator:
         wait: bool = False,
         owner: str | None = None,
         isolation: Isolation = Isolation.READ_COMMITTED,
+        *,
+        patience: float | None = None,
     ) -> Outcome:
-        return await self._runner.run(branches, key, request_hash, wait, owner, isolation)
+        """`patience`: how long the caller waits for the answer (its deadline), which
+        bounds a wait for an admission turn (`coordinator.admission`)."""
+        return await self._runner.run(
+            branches, key, request_hash, wait, owner, isolation, patience=patience
+        )
 
     def begin(
         self, owner: str | None = None, isolation: Isolation = Isolation.READ_COMMITTED
@@ -110,8 +116,8 @@ class Coordinator:
     ) -> list[StatementResult]:
         return await self._interactive.execute(txid, participant, statements)
 
-    async def commit(self, txid: str, wait: bool) -> Outcome:
-        return await self._interactive.commit(txid, wait)
+    async def commit(self, txid: str, wait: bool, *, patience: float | None = None) -> Outcome:
+        return await self._interactive.commit(txid, wait, patience=patience)
 
     async def rollback(self, txid: str) -> Outcome:
         return await self._interactive.rollback(txid)

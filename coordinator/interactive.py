@@ -138,21 +138,34 @@ class Interactive(IdleReaper):
             tx.busy -= 1
             tx.last_used = self.clock.monotonic()
 
-    async def commit(self, txid: str, wait: bool) -> Outcome:
+    async def commit(self, txid: str, wait: bool, *, patience: float | None = None) -> Outcome:
+        if (answered := await self._settled(txid, wait)) is not None:
+            return answered
+        async with self.runner.admission.slot(patience):
+            # Asked again: another Commit, a Rollback or the reaper may have come while
+            # this one waited for its turn.
+            if (answered := await self._settled(txid, wait)) is not None:
+                return answered
+            tx = self._live_tx(txid)
+            if tx.busy:
+                raise FailedPrecondition(f"transaction {txid} has an Execute in progress")
+            # A participant whose every Execute was refused before it ran holds no branch.
+            enlisted = [p for p in tx.participants if p in tx.incarnations]
+            if not enlisted:
+                outcome = Outcome(tx.id, True, one_phase=True)
+                await self.phase2.complete_without_phase2(tx, outcome)
+                return await self.runner.answer(tx, wait)
+            return await self.runner.finish(tx, {p: () for p in enlisted}, wait)
+
+    async def _settled(self, txid: str, wait: bool) -> Outcome | None:
+        """The answer to a Commit of a transaction no longer active (a repeated
+        Commit, or after an abort); None while it is."""
         if (recent := self.memory.recent.get(txid)) is not None:
-            return recent  # a repeated Commit, or after an abort
+            return recent
         tx = self._live_tx(txid)
         if tx.state is not TxState.ACTIVE:
-            return await self.runner.answer(tx, wait)  # a repeated Commit, or after an abort
-        if tx.busy:
-            raise FailedPrecondition(f"transaction {txid} has an Execute in progress")
-        self.runner.admit()
-        # A participant whose every Execute was refused before it ran holds no branch.
-        enlisted = [p for p in tx.participants if p in tx.incarnations]
-        if not enlisted:
-            await self.phase2.complete_without_phase2(tx, Outcome(tx.id, True, one_phase=True))
             return await self.runner.answer(tx, wait)
-        return await self.runner.finish(tx, {p: () for p in enlisted}, wait)
+        return None
 
     async def rollback(self, txid: str) -> Outcome:
         if (recent := self.memory.recent.get(txid)) is not None:

@@ -81,6 +81,11 @@ _EVENTS = (
         "New transactions refused at the --max-in-flight limit (admission control)",
     ),
     (
+        "admission_queued",
+        "admission_queued",
+        "New transactions that waited for a turn at the --max-in-flight limit",
+    ),
+    (
         "participants_marked_down",
         "participants_marked_down",
         "Times a participant was marked down by the probes",

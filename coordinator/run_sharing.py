@@ -22,14 +22,16 @@ from twopc_pb import coordinator_pb2 as pb
 from twopc_pb import coordinator_pb2_grpc as cgrpc
 
 
-class SharedRuns(Multiplexer[pb.RunRequest, pb.RunItem, pb.OutcomeItem]):
+class SharedRuns(Multiplexer[tuple[pb.RunRequest, float], pb.RunItem, pb.OutcomeItem]):
     """Runs to one coordinator process over one RunStream call."""
 
     def __init__(self, stub: cgrpc.CoordinatorStub, limits: Limits | None = None) -> None:
         limits = limits or Limits()
         super().__init__(
             lambda: stub.RunStream(),
-            lambda ref, request: pb.RunItem(ref=ref, request=request),
+            lambda ref, run: pb.RunItem(
+                ref=ref, request=run[0], timeout_ms=min(2**32 - 1, max(1, int(run[1] * 1000)))
+            ),
             lambda items: pb.RunBatch(items=items),
             limits.max_stream_batch,
             limits.max_message_bytes,
@@ -39,7 +41,7 @@ class SharedRuns(Multiplexer[pb.RunRequest, pb.RunItem, pb.OutcomeItem]):
     async def run(self, request: pb.RunRequest, timeout: float) -> pb.TransactionOutcome:
         """Run's answer, or the AioRpcError Run would have raised."""
         try:
-            answer = await asyncio.wait_for(self.call(request), timeout)
+            answer = await asyncio.wait_for(self.call((request, timeout)), timeout)
         except TimeoutError:
             raise _error(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded") from None
         except CallBroken as exc:

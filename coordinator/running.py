@@ -3,7 +3,8 @@ transaction (the interactive ones' Commit ends here too).
 
 Guarantees:
 - admission control (`coordinator.admission`): at most `max_in_flight` transactions
-  prepare at once; beyond it a new one is refused at once with a hint of when to retry;
+  in flight at once; beyond it a new one waits its turn (a bounded queue, a bounded
+  wait) before any of its work is done, or is refused with a hint of when to retry;
 - idempotency keys: a retry of a keyed Run joins the live transaction or returns the
   logged outcome; the key is in memory until its record is durable;
 - a one-shot deadlock victim is run again, up to `deadlock_retries` times, and its
@@ -47,9 +48,22 @@ class Runner(Part):
         wait: bool = False,
         owner: str | None = None,
         isolation: Isolation = Isolation.READ_COMMITTED,
+        *,
+        patience: float | None = None,
     ) -> Outcome:
         self.memory.check_branches(branches)
-        self.admit()
+        async with self.admission.slot(patience):
+            return await self._run_admitted(branches, key, request_hash, wait, owner, isolation)
+
+    async def _run_admitted(
+        self,
+        branches: Sequence[tuple[str, Sequence[Statement]]],
+        key: str | None,
+        request_hash: str | None,
+        wait: bool,
+        owner: str | None,
+        isolation: Isolation,
+    ) -> Outcome:
         if key is None:
             tx = self.memory.new_tx()
             tx.owner = owner
@@ -108,20 +122,11 @@ class Runner(Part):
             outcome = replace(outcome, completed=True)
         return outcome
 
-    def admit(self) -> None:
-        """Refuse a new transaction at the `max_in_flight` limit (`Admission`)."""
-        self.admission.admit()
-
     async def finish(
         self, tx: Tx, work: Mapping[str, tuple[Statement, ...]], wait: bool
     ) -> Outcome:
-        """Prepare, decide, log, start phase 2; answer once the decision is durable."""
-        with self.admission.preparing():
-            return await self._finish_admitted(tx, work, wait)
-
-    async def _finish_admitted(
-        self, tx: Tx, work: Mapping[str, tuple[Statement, ...]], wait: bool
-    ) -> Outcome:
+        """Prepare, decide, log, start phase 2; answer once the decision is durable.
+        The caller holds an admission slot (`Admission.slot`)."""
         participants = tuple(work)
         tx.participants = list(participants)
         tx.state = transition(tx.state, TxEvent.PREPARE)

@@ -49,7 +49,7 @@ class CoordinatorService(FailpointsAdmin, cgrpc.CoordinatorServicer):
 
     @translate_errors
     async def Run(self, request: pb.RunRequest, context: Context) -> pb.TransactionOutcome:
-        return await self._run(request)
+        return await self._run(request, context.time_remaining())
 
     @translate_errors
     async def RunStream(self, requests: AsyncIterator[pb.RunBatch], context: Context) -> None:
@@ -76,7 +76,7 @@ class CoordinatorService(FailpointsAdmin, cgrpc.CoordinatorServicer):
                 trailers={ACTIVE_ADDRESS: address or ""},
             )
         return await answer_item(
-            self._run(item.request),
+            self._run(item.request, item.timeout_ms / 1000 if item.timeout_ms else None),
             lambda outcome: pb.OutcomeItem(ref=item.ref, outcome=outcome),
             lambda code, message, trailers: pb.OutcomeItem(
                 ref=item.ref, code=code, message=message, trailers=trailers
@@ -84,7 +84,7 @@ class CoordinatorService(FailpointsAdmin, cgrpc.CoordinatorServicer):
             "RunStream",
         )
 
-    async def _run(self, request: pb.RunRequest) -> pb.TransactionOutcome:
+    async def _run(self, request: pb.RunRequest, patience: float | None) -> pb.TransactionOutcome:
         branches = branches_from_pb(request, self._limits)
         for participant, statements in branches:
             self._policy.check(statements, f"branch {participant!r}")
@@ -101,6 +101,7 @@ class CoordinatorService(FailpointsAdmin, cgrpc.CoordinatorServicer):
                 request.wait_for_completion,
                 owner_name(who),
                 isolation,
+                patience=patience,
             )
         )
         self._owners.claim(outcome.transaction_id, who)
@@ -132,7 +133,11 @@ class CoordinatorService(FailpointsAdmin, cgrpc.CoordinatorServicer):
     async def Commit(self, request: pb.CommitRequest, context: Context) -> pb.TransactionOutcome:
         await self._owners.check(request.transaction_id, caller())
         outcome = await shielded(
-            self._engine.commit(request.transaction_id, request.wait_for_completion)
+            self._engine.commit(
+                request.transaction_id,
+                request.wait_for_completion,
+                patience=context.time_remaining(),
+            )
         )
         return outcome_to_pb(outcome)
 

@@ -82,7 +82,7 @@ def test_a_shared_run_belongs_to_the_streams_caller(system: LocalSystem) -> None
 
 
 def test_admission_refuses_shared_runs_with_the_retry_hint(make_system: SystemFactory) -> None:
-    system = make_system(["--max-in-flight", "2"])
+    system = make_system(["--max-in-flight", "2", "--admission-queue", "0"])
     create_tagged_rows(system)
 
     def slow(i: int) -> dict[str, list[Statement]]:

@@ -61,7 +61,7 @@ class Answer(Message, Protocol):
     code: int
 
 
-Req = TypeVar("Req", bound=Message)
+Req = TypeVar("Req")  # what a caller asks; only its Item is measured
 Item = TypeVar("Item", bound=Message)
 Ans = TypeVar("Ans", bound=Answer)
 

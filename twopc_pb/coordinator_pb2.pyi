@@ -88,12 +88,14 @@ class RunRequest(_message.Message):
     def __init__(self, branches: _Optional[_Iterable[_Union[Branch, _Mapping]]] = ..., idempotency_key: _Optional[str] = ..., wait_for_completion: _Optional[bool] = ..., isolation: _Optional[_Union[_types_pb2.IsolationLevel, str]] = ...) -> None: ...
 
 class RunItem(_message.Message):
-    __slots__ = ("ref", "request")
+    __slots__ = ("ref", "request", "timeout_ms")
     REF_FIELD_NUMBER: _ClassVar[int]
     REQUEST_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
     ref: int
     request: RunRequest
-    def __init__(self, ref: _Optional[int] = ..., request: _Optional[_Union[RunRequest, _Mapping]] = ...) -> None: ...
+    timeout_ms: int
+    def __init__(self, ref: _Optional[int] = ..., request: _Optional[_Union[RunRequest, _Mapping]] = ..., timeout_ms: _Optional[int] = ...) -> None: ...
 
 class RunBatch(_message.Message):
     __slots__ = ("items",)

@@ -117,16 +117,21 @@ class Shape:
     failpoint: str
     failpoint_action: str
     crash_after_execute: float
-    restore_backup: bool
-    disk_fills: bool
-    database_crashes: int
-    """Crashes of a shard's PostgreSQL (the agent stays up)."""
-    """The decision log's disk fills up: the coordinator must stop deciding (and is
-    restarted, with room, when the faults heal)."""
-    """An operator restarts the coordinator on a backup of its log taken earlier:
-    it must refuse to start (its agents have seen later epochs) rather than decide."""
     """Probability that an agent crashes right after it answered an Execute: inside
     an interactive transaction, where atomicity broke before (issue 12)."""
+    restore_backup: bool
+    """An operator restarts the coordinator on a backup of its log taken earlier:
+    it must refuse to start (its agents have seen later epochs) rather than decide."""
+    disk_fills: bool
+    """The decision log's disk fills up: the coordinator must stop deciding (and is
+    restarted, with room, when the faults heal)."""
+    database_crashes: int
+    """Crashes of a shard's PostgreSQL (the agent stays up)."""
+    max_in_flight: int
+    """Admission control's limit: low in some schedules, so that transactions wait
+    for a turn, run out of waiting or are refused while the faults go on."""
+    admission_queue: int
+    admission_wait: float
 
     @classmethod
     def draw(cls, rng: random.Random) -> Shape:
@@ -150,6 +155,9 @@ class Shape:
             restore_backup=rng.random() < 0.3,
             disk_fills=rng.random() < 0.1,
             database_crashes=some(0.2, 2),
+            max_in_flight=rng.choice((1, 2, 256, 256)),
+            admission_queue=rng.choice((0, 1, 4)),
+            admission_wait=rng.uniform(0.05, 1.5),
         )
 
 
@@ -194,6 +202,9 @@ class World:
             startup_recovery_timeout=1.0,
             probe_interval=0.25,
             probe_timeout=0.2,
+            max_in_flight=self.shape.max_in_flight,
+            admission_queue=self.shape.admission_queue,
+            admission_wait=self.shape.admission_wait,
         )
         self.rpc_timeout = self.config.rpc_timeout
         self.pconfigs = {
