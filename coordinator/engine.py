@@ -3,10 +3,15 @@
 
 `Coordinator` is the facade the service, the daemon and the simulator use; the work
 is done by its collaborators, one concern each, over the shared `coordinator.memory`:
-- `coordinator.running`: one-shot Run, admission, idempotency keys, deadlock retries;
-- `coordinator.interactive`: Begin, Execute, Commit, Rollback, the idle reaper;
-- `coordinator.voting`: phase 1, the decision, and logging it;
-- `coordinator.phase2`: announcing a decision and delivering it;
+- `coordinator.running`: one-shot Run, admission, deadlock retries, and the
+  prepare-to-answer path of every commit (`coordinator.idempotency`: keyed Runs);
+- `coordinator.interactive`: Begin, Execute, Commit, Rollback, the idle reaper
+  (`coordinator.branches`: Execute on one branch);
+- `coordinator.voting`: phase 1, the decision, and logging it
+  (`coordinator.vote_collection`: Prepares out, votes in);
+- `coordinator.one_phase`: a single branch committed without PREPARE, its fence;
+- `coordinator.phase2`: announcing a decision and completing its phase 2
+  (`coordinator.delivery`: to one participant);
 - `coordinator.recovery`: start-up and periodic recovery;
 - `coordinator.contention`: deadlocks, participants marked down;
 - `coordinator.status`: GetTransaction, owners, what is in flight.
@@ -32,7 +37,8 @@ from coordinator.contention import Contention
 from coordinator.deadlock import Victim
 from coordinator.interactive import Interactive
 from coordinator.log_port import DecisionLogPort
-from coordinator.memory import BranchResults, Memory, Outcome, TransactionInfo
+from coordinator.memory import BranchResults, Memory, Outcome, Part, TransactionInfo
+from coordinator.one_phase import OnePhase
 from coordinator.phase2 import Phase2
 from coordinator.ports import ParticipantTransport
 from coordinator.recovery import LogBehind, Recovery
@@ -46,7 +52,9 @@ from twopc_common.values import Statement, StatementResult
 __all__ = ["BranchResults", "Coordinator", "LogBehind", "Outcome", "TransactionInfo"]
 
 
-class Coordinator:
+class Coordinator(Part):
+    """The engine's one entry point; its shortcuts (`Part`) are the daemon's too."""
+
     def __init__(
         self,
         config: CoordinatorConfig,
@@ -57,35 +65,29 @@ class Coordinator:
         rng: Random | None = None,
     ) -> None:
         memory = Memory(config, log, clients, clock, rng if rng is not None else system_random())
-        self._memory = memory
-        self.config = config
-        self.clock = clock
-        self.id = config.id
-        self.decision_log = log
-        self.clients = memory.clients
-        self.log = memory.log
-        self.counters = memory.counters
+        super().__init__(memory)
         phase2 = Phase2(memory)
-        self._runner = Runner(memory, phase2, Voting(memory, phase2))
+        one_phase = OnePhase(memory, phase2)
+        self._runner = Runner(memory, phase2, Voting(memory, phase2), one_phase)
         self._interactive = Interactive(memory, phase2, self._runner)
         self._contention = Contention(memory, phase2)
         self._status = Status(memory)
-        self._recovery = Recovery(memory, phase2)
+        self._recovery = Recovery(memory, phase2, one_phase)
 
     @property
     def stopped(self) -> str | None:
         """Why this coordinator accepts no new transactions (fail-stop), if it does not."""
-        return self._memory.stopped
+        return self.memory.stopped
 
     @property
     def recovered(self) -> bool:
         """Whether start-up recovery has re-driven the logged commits (from then on,
         what is not logged as committed can never commit)."""
-        return self._memory.recovered
+        return self.memory.recovered
 
     @recovered.setter
     def recovered(self, value: bool) -> None:
-        self._memory.recovered = value
+        self.memory.recovered = value
 
     # -- transactions ---------------------------------------------------------------
 
@@ -137,7 +139,7 @@ class Coordinator:
         await self._contention.probe_loop(participant)
 
     def down(self, participants: Sequence[str]) -> tuple[str, str] | None:
-        return self._memory.down(participants)
+        return self.memory.down(participants)
 
     # -- status ---------------------------------------------------------------------
 
@@ -165,8 +167,8 @@ class Coordinator:
         await self._recovery.recovery_loop()
 
     async def close(self) -> None:
-        for task in list(self._memory.background):
+        for task in list(self.memory.background):
             task.cancel()
-        await asyncio.gather(*self._memory.background, return_exceptions=True)
+        await asyncio.gather(*self.memory.background, return_exceptions=True)
         for client in self.clients.values():
             await client.close()

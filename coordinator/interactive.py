@@ -2,9 +2,8 @@
 idle and overlived ones.
 
 Guarantees:
-- a transaction's branch is bound to the agent incarnation that opened it: a restart
-  of the agent between two Executes aborts the transaction;
-- a failed Execute aborts the whole transaction, and says why;
+- an Execute runs on a branch of the transaction (`coordinator.branches`: bound to
+  the agent incarnation that opened it; a failed Execute aborts the transaction);
 - Commit and Rollback after the transaction ended answer its outcome, not NOT_FOUND;
 - no interactive transaction outlives `transaction_max_lifetime`, nor stays idle longer
   than `transaction_idle_timeout`.
@@ -15,11 +14,12 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 
+from coordinator.branches import Branches
 from coordinator.memory import Memory, Outcome, Part, Tx
 from coordinator.phase2 import Phase2
-from coordinator.protocol import AbortCause, TxState, cause_of_failure
+from coordinator.protocol import AbortCause, TxState
 from coordinator.running import Runner
-from twopc_common.errors import Aborted, FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from twopc_common.errors import Aborted, FailedPrecondition, NotFound
 from twopc_common.ids import TransactionId
 from twopc_common.isolation import Isolation
 from twopc_common.values import Statement, StatementResult
@@ -66,6 +66,7 @@ class Interactive(IdleReaper):
         super().__init__(memory)
         self.phase2 = phase2
         self.runner = runner
+        self.branches = Branches(memory, phase2)
 
     def begin(
         self, owner: str | None = None, isolation: Isolation = Isolation.READ_COMMITTED
@@ -90,53 +91,7 @@ class Interactive(IdleReaper):
             if recent.committed:
                 raise FailedPrecondition(f"transaction {txid} has committed")
             raise Aborted(f"transaction {txid} has aborted: {recent.reason}")
-        tx = self._live_tx(txid)
-        client = self.memory.client(participant)
-        if not statements:
-            raise InvalidArgument("Execute needs at least one statement")
-        if tx.state is not TxState.ACTIVE:
-            raise FailedPrecondition(f"transaction {txid} is {tx.state.value}")
-        if (down := self.memory.down([participant])) is not None:
-            self.phase2.abort(
-                tx, AbortCause.PARTICIPANT_UNAVAILABLE, participant, down[1], tuple(tx.participants)
-            )
-            raise Aborted(f"transaction {txid} aborted: {down[1]}")
-        if participant not in tx.participants:
-            if len(tx.participants) >= self.config.limits.max_branches:
-                raise InvalidArgument(f"the limit is {self.config.limits.max_branches} branches")
-            tx.participants.append(participant)
-        tx.busy += 1
-        tx.work_started = self.clock.monotonic()
-        try:
-            results, incarnation = await client.execute(
-                txid, statements, tx.incarnations.get(participant, ""), tx.isolation
-            )
-            opened = tx.incarnations.setdefault(participant, incarnation)
-            if opened != incarnation:  # two first Executes, and a restart between them
-                raise Aborted(
-                    f"agent {participant} restarted during the transaction "
-                    f"(incarnation {opened}, then {incarnation})"
-                )
-            return results
-        except (Aborted, Unavailable, FailedPrecondition) as exc:
-            if tx.outcome.done() and not tx.outcome.result().committed:
-                # Aborted meanwhile (a deadlock victim, a timeout): that is the reason.
-                ended = tx.outcome.result()
-                raise Aborted(
-                    f"transaction {txid} aborted: {ended.reason}",
-                    cause=ended.cause.value if ended.cause else "",
-                ) from exc
-            cause = AbortCause.EXECUTE_FAILED
-            if isinstance(exc, Unavailable):
-                cause = AbortCause.PARTICIPANT_UNAVAILABLE
-            elif isinstance(exc, Aborted):
-                cause = cause_of_failure(exc.sqlstate, cause)
-            if tx.state is TxState.ACTIVE:
-                self.phase2.abort(tx, cause, participant, str(exc), tuple(tx.participants))
-            raise Aborted(f"transaction {txid} aborted: {exc}", cause=cause.value) from exc
-        finally:
-            tx.busy -= 1
-            tx.last_used = self.clock.monotonic()
+        return await self.branches.execute(self._live_tx(txid), participant, statements)
 
     async def commit(self, txid: str, wait: bool, *, patience: float | None = None) -> Outcome:
         if (answered := await self._settled(txid, wait)) is not None:
@@ -154,7 +109,7 @@ class Interactive(IdleReaper):
             if not enlisted:
                 outcome = Outcome(tx.id, True, one_phase=True)
                 await self.phase2.complete_without_phase2(tx, outcome)
-                return await self.runner.answer(tx, wait)
+                return await tx.answer(wait)
             return await self.runner.finish(tx, {p: () for p in enlisted}, wait)
 
     async def _settled(self, txid: str, wait: bool) -> Outcome | None:
@@ -164,7 +119,7 @@ class Interactive(IdleReaper):
             return recent
         tx = self._live_tx(txid)
         if tx.state is not TxState.ACTIVE:
-            return await self.runner.answer(tx, wait)
+            return await tx.answer(wait)
         return None
 
     async def rollback(self, txid: str) -> Outcome:

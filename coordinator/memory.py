@@ -1,7 +1,5 @@
 """What the coordinator holds in memory about its transactions, shared by the
-engine's collaborators (`coordinator.running`, `coordinator.voting`,
-`coordinator.phase2`, `coordinator.recovery`, `coordinator.contention`,
-`coordinator.status`).
+engine's collaborators (`coordinator.engine` lists them).
 
 Guarantees:
 - a transaction stays in `Memory.live` from its first id to its completion, so
@@ -126,6 +124,19 @@ class Tx:
     def __post_init__(self) -> None:
         self.last_used = self.work_started = self.started
 
+    async def answer(self, wait: bool, follow: bool = True) -> Outcome:
+        """Its outcome once decided: with `follow`, of the last of its deadlock
+        retries; with `wait`, once phase 2 has completed too."""
+        tx = self
+        outcome = await asyncio.shield(tx.outcome)
+        while follow and tx.successor is not None:
+            tx = tx.successor
+            outcome = await asyncio.shield(tx.outcome)
+        if wait and not outcome.completed:
+            await tx.completed.wait()
+            outcome = replace(outcome, completed=True)
+        return outcome
+
 
 class Memory:
     """The engine's shared state and its bookkeeping."""
@@ -173,6 +184,18 @@ class Memory:
         txid = str(TransactionId(self.id, self.decision_log.epoch, next(self.sequence)))
         tx = self.live[txid] = self.tx(txid, state)
         return tx
+
+    def successor(self, tx: Tx) -> Tx:
+        """A new transaction to run a deadlock victim's work again, with one retry
+        fewer; it takes over the victim's key."""
+        successor = self.new_tx()
+        successor.retries_left = tx.retries_left - 1
+        successor.key, successor.request_hash = tx.key, tx.request_hash
+        successor.isolation = tx.isolation
+        successor.owner = tx.owner
+        if tx.key is not None:
+            self.keys[tx.key] = successor
+        return successor
 
     def tx(self, txid: str, state: TxState, created: float | None = None) -> Tx:
         """A transaction's memory, started now (`created`: logged earlier)."""
@@ -225,7 +248,7 @@ class Memory:
 
 
 class Part:
-    """One of the engine's collaborators: its shortcuts to the shared memory."""
+    """One of the engine's collaborators (or its facade): shortcuts to the shared memory."""
 
     def __init__(self, memory: Memory) -> None:
         self.memory = memory

@@ -17,6 +17,7 @@ import contextlib
 
 from coordinator.log_records import LogRecord, LogState
 from coordinator.memory import Memory, Outcome, Part
+from coordinator.one_phase import OnePhase
 from coordinator.phase2 import Phase2
 from coordinator.protocol import AbortCause, TxState, delivered
 from twopc_common.errors import TwoPCError
@@ -102,9 +103,10 @@ class InDoubt(Part):
 class Recovery(InDoubt):
     """Start-up and periodic recovery."""
 
-    def __init__(self, memory: Memory, phase2: Phase2) -> None:
+    def __init__(self, memory: Memory, phase2: Phase2, one_phase: OnePhase) -> None:
         super().__init__(memory)
         self.phase2 = phase2
+        self.one_phase = one_phase
 
     async def recover(self) -> None:
         """Start-up recovery, before serving: re-drive logged commits, then resolve the
@@ -133,7 +135,7 @@ class Recovery(InDoubt):
         it did not."""
         (participant,) = record.participants
         tx = self.memory.tx(record.transaction_id, TxState.PREPARING, record.created_at)
-        committed = await self.phase2.fence_one_phase(tx, participant)
+        committed = await self.one_phase.fence(tx, participant)
         if committed:
             outcome = Outcome(tx.id, True, one_phase=True, completed=True)
         else:
@@ -145,11 +147,7 @@ class Recovery(InDoubt):
                 "coordinator restarted before the answer",
                 one_phase=True,
             )
-        await self.phase2.retry(
-            lambda _: self.decision_log.resolve_one_phase(tx.id, outcome.to_json()),
-            tx,
-            "resolve_one_phase",
-        )
+        await self.one_phase.resolve(tx, outcome)
         self.log.info("one_phase_resolved", txid=tx.id, committed=committed)
 
     async def check_log_is_current(self) -> None:

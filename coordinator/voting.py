@@ -1,40 +1,34 @@
 """Phase 1 of the coordinator's engine: prepare and decide.
 
 Guarantees:
-- prepare goes to every participant in parallel and the decision is taken when every
-  vote is in, on the first NO, or when the prepare timeout expires (or a deadlock or a
-  participant marked down interrupts it), whichever is first;
+- the decision is taken on the votes `coordinator.vote_collection` gathered (every
+  vote in, the first NO, the prepare timeout, or an interruption), by
+  `coordinator.protocol.decide`, and a COMMIT whose answer would exceed
+  `max_result_bytes` becomes an ABORT (`coordinator.protocol.bound_results`);
 - a COMMIT decision is durable in the decision log before any Commit is sent, and
   after it is logged no error turns it into an abort;
-- a single branch commits in one phase, its intent logged first, so that no
-  transaction commits without a record;
 - a keyed abort is durable before its outcome is announced.
+
+A single branch commits in one phase instead: `coordinator.one_phase`.
 """
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Mapping
-from typing import Any
 
 from coordinator.memory import BranchResults, Memory, Outcome, Part, Tx
-from coordinator.participants import PrepareReply
 from coordinator.phase2 import Phase2
 from coordinator.protocol import (
     AbortCause,
-    Ballot,
-    NoVote,
+    Decision,
     TxEvent,
-    abort_cause,
     bound_results,
-    cause_of_failure,
     decide,
-    one_phase_committed,
     transition,
 )
+from coordinator.vote_collection import VoteCollector
 from twopc_common import failpoints
-from twopc_common.values import Statement, StatementResult, result_bytes
-from twopc_common.votes import Vote
+from twopc_common.values import Statement, result_bytes
 
 
 class Voting(Part):
@@ -43,31 +37,20 @@ class Voting(Part):
     def __init__(self, memory: Memory, phase2: Phase2) -> None:
         super().__init__(memory)
         self.phase2 = phase2
+        self.collector = VoteCollector(memory)
 
     async def fail_fast(self, tx: Tx, culprit: str, reason: str) -> None:
         """Abort before anything is sent: a participant is down."""
         if tx.key is not None:
-            aborted = Outcome(tx.id, False, AbortCause.PARTICIPANT_UNAVAILABLE, culprit, reason)
-            await self.decision_log.record_abort(
-                tx.id,
-                tuple(tx.participants),
-                tx.created,
-                aborted.to_json(),
-                tx.key,
-                tx.request_hash or "",
-                owner=tx.owner,
+            await self._record_keyed_abort(
+                tx, tuple(tx.participants), AbortCause.PARTICIPANT_UNAVAILABLE, culprit, reason
             )
         opened = tuple(p for p in tx.participants if p in tx.incarnations)  # interactive
         self.phase2.abort(tx, AbortCause.PARTICIPANT_UNAVAILABLE, culprit, reason, opened)
 
     async def two_phase(self, tx: Tx, work: Mapping[str, tuple[Statement, ...]]) -> None:
         participants = tuple(work)
-        ballots, results = await self._collect_votes(tx, work)
-        sizes = {p: sum(map(result_bytes, r)) for p, r in results}
-        limit = self.config.limits.max_result_bytes
-        decision = bound_results(decide(participants, ballots, tx.interruption), sizes, limit)
-        if sum(sizes.values()) > limit:
-            results = ()  # an abort's answer must be deliverable too
+        decision, results = await self._decide(tx, work)
         await failpoints.hit("coordinator.after_votes_before_decision")
         if not decision.commit:
             assert decision.cause is not None
@@ -77,15 +60,8 @@ class Voting(Part):
                 # Durable before the outcome is announced: once the aborts are
                 # delivered the key leaves memory, and a retry must then find it here.
                 # (A deadlock victim about to be retried hands its key on instead.)
-                aborted = Outcome(tx.id, False, decision.cause, decision.culprit, decision.reason)
-                await self.decision_log.record_abort(
-                    tx.id,
-                    participants,
-                    tx.created,
-                    aborted.to_json(),
-                    tx.key,
-                    tx.request_hash or "",
-                    owner=tx.owner,
+                await self._record_keyed_abort(
+                    tx, participants, decision.cause, decision.culprit, decision.reason
                 )
             self.phase2.abort(
                 tx, decision.cause, decision.culprit, decision.reason, decision.phase2, results
@@ -116,99 +92,30 @@ class Voting(Part):
             self.log.error("error_after_decision", txid=tx.id, error=repr(exc))
         self.phase2.commit_decided(tx, outcome)
 
-    async def _collect_votes(
+    async def _decide(
         self, tx: Tx, work: Mapping[str, tuple[Statement, ...]]
-    ) -> tuple[dict[str, Ballot], BranchResults]:
-        timeout = self.config.prepare_timeout
-        calls = {
-            asyncio.create_task(
-                self.clients[p].prepare(
-                    tx.id, work[p], False, timeout, tx.incarnations.get(p, ""), tx.isolation
-                )
-            ): p
-            for p in work
-        }
-        ballots: dict[str, Ballot] = {}
-        results: dict[str, tuple[StatementResult, ...]] = {}
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        pending: set[asyncio.Task[PrepareReply]] = set(calls)
-        interrupted: asyncio.Future[bool] = asyncio.ensure_future(tx.interrupted.wait())
-        try:
-            while pending and (remaining := deadline - loop.time()) > 0:
-                tx.awaiting = frozenset(calls[t] for t in pending)
-                waiting: set[asyncio.Future[Any]] = {*pending, interrupted}
-                done, _ = await asyncio.wait(
-                    waiting, timeout=remaining, return_when=asyncio.FIRST_COMPLETED
-                )
-                for task in pending & done:
-                    reply = task.result()
-                    ballots[calls[task]] = reply.ballot
-                    results[calls[task]] = reply.results
-                pending -= done
-                if interrupted.done():
-                    break  # a deadlock victim, or a participant went down
-                if any(b.vote is Vote.NO for b in ballots.values()):
-                    break  # the outcome is known: do not wait for the slow ones
-                if pending and ballots:
-                    await failpoints.hit("coordinator.after_some_votes")
-        finally:
-            tx.awaiting = frozenset()
-            interrupted.cancel()
-            for task in pending:
-                task.cancel()
-                # A vote missing because the agent cannot be reached says why.
-                missing = self.clients[calls[task]].missing_vote()
-                if missing is not None:
-                    ballots[calls[task]] = missing
-        return ballots, tuple((p, results[p]) for p in work if p in results)
+    ) -> tuple[Decision, BranchResults]:
+        """The decision on the votes, and the read results the answer carries."""
+        ballots, results = await self.collector.collect(tx, work)
+        sizes = {p: sum(map(result_bytes, r)) for p, r in results}
+        limit = self.config.limits.max_result_bytes
+        decision = bound_results(decide(tuple(work), ballots, tx.interruption), sizes, limit)
+        if sum(sizes.values()) > limit:
+            results = ()  # an abort's answer must be deliverable too
+        return decision, results
 
-    async def one_phase(self, tx: Tx, participant: str, statements: tuple[Statement, ...]) -> None:
-        """A single branch commits without PREPARE. Its intent is forced first, so that
-        no transaction can commit without a record (GetTransaction never has to guess,
-        and a keyed retry after a crash finds it); recovery settles an intent whose
-        answer was lost. If the answer is lost, an Abort fences the branch: rolled
-        back means it did not commit (and never will), ALREADY_COMMITTED means it had
-        committed (`coordinator.protocol.fence_found_commit`)."""
-        await self.decision_log.record_one_phase_intent(
-            tx.id, participant, tx.created, tx.key, tx.request_hash, owner=tx.owner
+    async def _record_keyed_abort(
+        self, tx: Tx, participants: tuple[str, ...], cause: AbortCause, culprit: str, reason: str
+    ) -> None:
+        """For a retry of the key to find once the transaction has left memory."""
+        assert tx.key is not None
+        aborted = Outcome(tx.id, False, cause, culprit, reason)
+        await self.decision_log.record_abort(
+            tx.id,
+            participants,
+            tx.created,
+            aborted.to_json(),
+            tx.key,
+            tx.request_hash or "",
+            owner=tx.owner,
         )
-        try:
-            reply = await self.clients[participant].prepare(
-                tx.id,
-                statements,
-                True,
-                self.config.prepare_timeout,
-                tx.incarnations.get(participant, ""),
-                tx.isolation,
-            )
-        except Exception as exc:  # it was sent: it may have committed
-            reply = PrepareReply(Ballot(NoVote.LOST, f"coordinator error: {exc!r}"))
-        try:
-            await failpoints.hit("coordinator.after_one_phase_reply")
-        except Exception as exc:  # the answer stands: only forward
-            self.log.error("error_after_one_phase_reply", txid=tx.id, error=repr(exc))
-        ballot = reply.ballot
-        results = ((participant, reply.results),) if reply.results else ()
-        committed = one_phase_committed(ballot.vote)
-        if committed is None:
-            committed = await self.phase2.fence_one_phase(tx, participant)
-        cause = cause_of_failure(ballot.sqlstate, abort_cause(ballot.vote))
-        outcome = (
-            Outcome(tx.id, True, results=results, one_phase=True)
-            if committed
-            else Outcome(tx.id, False, cause, participant, ballot.reason, results, one_phase=True)
-        )
-        # Resolved before the transaction leaves memory, so that a retry or a
-        # GetTransaction finds either the live transaction or its outcome.
-        await self.phase2.retry(
-            lambda _: self.decision_log.resolve_one_phase(tx.id, outcome.to_json()),
-            tx,
-            "resolve_one_phase",
-        )
-        if committed:
-            self.counters["committed_one_phase"] += 1
-            self.log.debug("committed_one_phase", txid=tx.id, key=tx.key, participant=participant)
-            await self.phase2.complete_without_phase2(tx, outcome, logged=True)
-        else:
-            self.phase2.abort(tx, cause, participant, ballot.reason, (), results)

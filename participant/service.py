@@ -21,41 +21,14 @@ from participant.recovery import Recovery
 from participant.store import Store
 from twopc_common.errors import InvalidArgument
 from twopc_common.failpoints_rpc import FailpointsAdmin
-from twopc_common.grpc_errors import Context, status_for, translate_errors
+from twopc_common.grpc_errors import Context, translate_errors
 from twopc_common.isolation import isolation_from_pb
-from twopc_common.phase2_outcome import Phase2Outcome
+from twopc_common.participant_wire import ack_to_pb, finished_to_pb, vote_to_pb
 from twopc_common.shielding import shielded
 from twopc_common.statements import StatementPolicy
 from twopc_common.values import results_to_pb, statements_from_pb
-from twopc_common.votes import Vote
 from twopc_pb import participant_pb2 as pb
 from twopc_pb import participant_pb2_grpc as pgrpc
-
-_VOTES = {
-    Vote.YES: pb.YES,
-    Vote.NO: pb.NO,
-    Vote.READ_ONLY: pb.READ_ONLY,
-    Vote.COMMITTED_ONE_PHASE: pb.COMMITTED_ONE_PHASE,
-}
-
-
-_OUTCOMES = {
-    Phase2Outcome.COMMITTED: pb.PHASE2_COMMITTED,
-    Phase2Outcome.ALREADY_COMMITTED: pb.PHASE2_ALREADY_COMMITTED,
-    Phase2Outcome.ROLLED_BACK: pb.PHASE2_ROLLED_BACK,
-    Phase2Outcome.ALREADY_ROLLED_BACK: pb.PHASE2_ALREADY_ROLLED_BACK,
-    Phase2Outcome.NOT_PREPARED: pb.PHASE2_NOT_PREPARED,
-}
-
-
-def _ack(outcome: Phase2Outcome) -> pb.Ack:
-    return pb.Ack(outcome=_OUTCOMES[outcome], changed=outcome.changed)
-
-
-def _finished(answer: Phase2Outcome | Exception) -> pb.Finished:
-    if isinstance(answer, Exception):
-        return pb.Finished(code=status_for(answer).value[0], message=str(answer))
-    return pb.Finished(outcome=_OUTCOMES[answer], changed=answer.changed)
 
 
 class ParticipantService(InspectionRpcs, FailpointsAdmin, pgrpc.ParticipantServicer):
@@ -89,7 +62,7 @@ class ParticipantService(InspectionRpcs, FailpointsAdmin, pgrpc.ParticipantServi
             request.transaction_id, statements, request.one_phase, request.incarnation, isolation
         )
         return pb.PrepareResponse(
-            vote=_VOTES[vote.vote],
+            vote=vote_to_pb(vote.vote),
             reason=vote.reason,
             sqlstate=vote.sqlstate,
             results=results_to_pb(vote.results),
@@ -114,11 +87,11 @@ class ParticipantService(InspectionRpcs, FailpointsAdmin, pgrpc.ParticipantServi
 
     @translate_errors
     async def Commit(self, request: pb.BranchRef, context: Context) -> pb.Ack:
-        return _ack(await shielded(self._agent.commit(request.transaction_id)))
+        return ack_to_pb(await shielded(self._agent.commit(request.transaction_id)))
 
     @translate_errors
     async def Abort(self, request: pb.BranchRef, context: Context) -> pb.Ack:
-        return _ack(await shielded(self._agent.abort(request.transaction_id)))
+        return ack_to_pb(await shielded(self._agent.abort(request.transaction_id)))
 
     @translate_errors
     async def Finish(self, request: pb.FinishRequest, context: Context) -> pb.FinishResponse:
@@ -129,4 +102,4 @@ class ParticipantService(InspectionRpcs, FailpointsAdmin, pgrpc.ParticipantServi
         answers = await shielded(
             self._agent.finish([(d.transaction_id, d.commit) for d in request.decisions])
         )
-        return pb.FinishResponse(finished=[_finished(a) for a in answers])
+        return pb.FinishResponse(finished=[finished_to_pb(a) for a in answers])

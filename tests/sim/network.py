@@ -9,8 +9,9 @@ runs as a task of the receiving process, to completion (the daemons' servicers s
 engine and agent calls from the caller's deadline), unless that process crashes.
 
 `SimParticipantClient` is the coordinator's `ParticipantTransport` and maps answers
-exactly as `coordinator.participants.ParticipantClient` does: phase-2 outcomes pass
-as they are, errors as the gRPC status codes they would travel as;
+exactly as `coordinator.participants.ParticipantClient` does: a failed Prepare by the
+same rule (`coordinator.participant_phase1.failed_vote`), phase-2 outcomes as they
+are, errors as the gRPC status codes they would travel as;
 `SimCoordinators` is the agents' recovery port.
 """
 
@@ -27,14 +28,9 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import grpc
 
 from coordinator.deadlock import Wait
-from coordinator.participants import (
-    _REFUSED,
-    _UNREACHABLE,
-    HeuristicDecision,
-    InDoubtBranch,
-    InDoubtList,
-    PrepareReply,
-)
+from coordinator.participant_channel import UNREACHABLE
+from coordinator.participant_phase1 import failed_vote
+from coordinator.participants import HeuristicDecision, InDoubtBranch, InDoubtList, PrepareReply
 from coordinator.protocol import Ballot, NoVote, Reported
 from participant.ports import CoordinatorUnreachable
 from tests.sim.loop import Process, SimClock
@@ -44,7 +40,6 @@ from twopc_common.grpc_errors import error_for, status_for
 from twopc_common.isolation import Isolation
 from twopc_common.phase2_outcome import Phase2Outcome
 from twopc_common.values import Statement, StatementResult
-from twopc_common.votes import Vote
 
 if TYPE_CHECKING:
     from coordinator.engine import Coordinator
@@ -153,7 +148,6 @@ class Network:
             raise Status(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded") from None
 
 
-_VOTES = {v.value: v for v in Vote}
 _BATCH = 16
 
 
@@ -199,7 +193,7 @@ class SimParticipantClient:
         return value
 
     def _error(self, status: Status) -> Exception:
-        if status.code in _UNREACHABLE:
+        if status.code in UNREACHABLE:
             return Unavailable(f"participant {self.name}: {self.unreachable or status.message}")
         return error_for(status.code, f"participant {self.name}: {status.message}")
 
@@ -220,16 +214,8 @@ class SimParticipantClient:
                 txid,
             )
         except Status as exc:
-            if exc.code in _UNREACHABLE and (missing := self.missing_vote()) is not None:
-                return PrepareReply(missing)
-            if exc.code == grpc.StatusCode.DEADLINE_EXCEEDED:
-                return PrepareReply(Ballot(NoVote.TIMEOUT, "no vote before the prepare timeout"))
-            if exc.code in _UNREACHABLE:
-                return PrepareReply(Ballot(NoVote.UNAVAILABLE, exc.message))
-            if exc.code in _REFUSED:
-                return PrepareReply(Ballot(Vote.NO, str(exc)))
-            return PrepareReply(Ballot(NoVote.LOST, str(exc)))
-        ballot = Ballot(_VOTES[vote.vote.value], vote.reason, vote.sqlstate)
+            return PrepareReply(failed_vote(exc.code, exc.message, self.missing_vote()))
+        ballot = Ballot(vote.vote, vote.reason, vote.sqlstate)
         return PrepareReply(ballot, vote.results)
 
     async def _checked(
