@@ -1,8 +1,8 @@
 """The agent: open branches, votes, phase 2 and the idle-branch reaper, in parts that
-share one table of branches (`participant.branches`): the prepare path
-(`participant.prepare_path`), phase 2 (`participant.phase2`) and housekeeping
-(`participant.housekeeping`). `Agent` assembles them and is what the servicer,
-recovery and the simulator call.
+share one table of branches (`participant.branches`): Execute
+(`participant.execute_path`), the prepare path (`participant.prepare_path`), phase 2
+(`participant.phase2`) and housekeeping (`participant.housekeeping`). `Agent`
+assembles them and is what the servicer, recovery and the simulator call.
 
 Guarantees:
 - one branch per transaction id at a time; its operations are serialised by its lock;
@@ -31,6 +31,7 @@ from participant.branches import BranchTable
 from participant.config import ParticipantConfig
 from participant.control_sql import PreparedBranch
 from participant.epochs import EpochFence
+from participant.execute_path import ExecutePath
 from participant.housekeeping import Housekeeping, WaitEdge
 from participant.phase2 import Phase2
 from participant.ports import AgentStore
@@ -61,8 +62,9 @@ class Agent:
         """Fresh at every start: names the branches this process opened."""
         table = BranchTable(config, store.branches, clock, self.counters, self.incarnation)
         self._table = table
+        self._execute = ExecutePath(config, table, store.branches, self.epochs, clock, self.log)
         self._prepare = PreparePath(
-            config, table, store.branches, self.epochs, clock, self.counters, self.log
+            config, table, store.branches, self.epochs, self.counters, self.log
         )
         self._phase2 = Phase2(config.id, table, store.phase2, self.counters, self.log)
         self._housekeeping = Housekeeping(
@@ -76,7 +78,7 @@ class Agent:
         incarnation: str = "",
         isolation: Isolation = Isolation.READ_COMMITTED,
     ) -> list[StatementResult]:
-        return await self._prepare.execute(txid, statements, incarnation, isolation)
+        return await self._execute.execute(txid, statements, incarnation, isolation)
 
     async def prepare(
         self,

@@ -1,6 +1,6 @@
 """The branches open on one agent, and tombstones of the ones it finished: the state
-the agent's parts (`participant.prepare_path`, `participant.phase2`,
-`participant.housekeeping`) share.
+the agent's parts (`participant.execute_path`, `participant.prepare_path`,
+`participant.phase2`, `participant.phase2_prepared`, `participant.housekeeping`) share.
 
 Guarantees: one live branch per transaction id; a finished branch is remembered
 (within `tombstones`), so that a late Prepare or Execute is refused instead of

@@ -1,11 +1,13 @@
 """The agent's phase 2: Commit, Abort and Finish (a batch of decisions), each
 answered on its own with the branch's `Phase2Outcome` or the error Commit or Abort
-alone would have raised.
+alone would have raised. Here the batch is classified (the pure
+`participant.branch_state.plan_phase2`) and open branches are rolled back; prepared
+branches are finished by `participant.phase2_prepared`.
 
-Guarantees: a prepared branch is finished only here (by the coordinator's word, or by
-recovery asking it); an Abort of a branch still open interrupts the statement it
-waits on and rolls it back; the other final state is an answer, not an error, and
-changes nothing here.
+Guarantees: a prepared branch is finished only through here (by the coordinator's
+word, or by recovery asking it); an Abort of a branch still open interrupts the
+statement it waits on and rolls it back; the other final state is an answer, not an
+error, and changes nothing here.
 """
 
 from __future__ import annotations
@@ -17,16 +19,11 @@ from typing import Any
 
 from participant.branch_state import BranchState, plan_phase2
 from participant.branches import Branch, BranchTable
-from participant.ports import BranchConn, Phase2Store
-from twopc_common import failpoints
-from twopc_common.errors import TwoPCError, Unavailable
+from participant.phase2_prepared import PreparedPhase2
+from participant.ports import Phase2Store
+from twopc_common.errors import Unavailable
 from twopc_common.log import EventLogger
-from twopc_common.phase2_outcome import Phase2Outcome, finished
-
-_PHASE2_FAILPOINTS = {
-    True: ("participant.before_commit_prepared", "participant.after_commit_prepared"),
-    False: ("participant.before_rollback_prepared", "participant.after_rollback_prepared"),
-}
+from twopc_common.phase2_outcome import Phase2Outcome
 
 
 def _unwrap(answer: Phase2Outcome | Exception) -> Phase2Outcome:
@@ -44,11 +41,11 @@ class Phase2:
         counters: collections.Counter[str],
         log: EventLogger,
     ) -> None:
-        self._id = participant_id
         self._table = table
         self._store = store
         self._counters = counters
         self._log = log
+        self._prepared = PreparedPhase2(participant_id, table, store, counters, log)
 
     async def commit(self, txid: str) -> Phase2Outcome:
         return _unwrap((await self.finish([(txid, True)]))[0])
@@ -75,7 +72,7 @@ class Phase2:
             try:
                 async with self._store.phase2_connection() as conn:
                     batch = {i: decisions[i] for i in indexes}
-                    answers.update(await self._finish_on(conn, batch, reason))
+                    answers.update(await self._prepared.finish_on(conn, batch, reason))
             except Unavailable as exc:  # no (working) connection for the batch
                 for i in indexes:
                     answers.setdefault(i, exc)
@@ -111,53 +108,3 @@ class Phase2:
         self._counters["aborted_active"] += 1
         self._log.info("aborted", txid=branch.transaction_id, prepared=False, reason=reason)
         return Phase2Outcome.ROLLED_BACK
-
-    async def _finish_on(
-        self, conn: BranchConn, batch: dict[int, tuple[str, bool]], reason: str
-    ) -> dict[int, Phase2Outcome | Exception]:
-        """Prepared branches: all in one round trip; what PostgreSQL skipped after a
-        failure goes again one by one. Unavailable if the connection breaks."""
-        answers: dict[int, Phase2Outcome | Exception] = {}
-        ready: dict[int, tuple[str, bool]] = {}
-        for i, (txid, commit) in batch.items():
-            try:
-                await failpoints.hit(_PHASE2_FAILPOINTS[commit][0])
-            except TwoPCError as exc:
-                answers[i] = exc
-                continue
-            ready[i] = (txid, commit)
-        ran = await self._store.finish_many(conn, list(ready.values()), self._id)
-        for (i, (txid, commit)), done in zip(ready.items(), ran, strict=True):
-            try:
-                outcome = (
-                    finished(commit)
-                    if done
-                    else await self._store.finish_prepared(conn, txid, self._id, commit)
-                )
-                if outcome.committed is not commit:
-                    # The other final state (or, for a Commit, nothing to commit): the
-                    # answer, and nothing for this agent to remember or count.
-                    self._log.info(
-                        "phase2_other_state", txid=txid, commit=commit, outcome=outcome.value
-                    )
-                    answers[i] = outcome
-                    continue
-                await failpoints.hit(_PHASE2_FAILPOINTS[commit][1])
-            except TwoPCError as exc:
-                answers[i] = exc
-                continue
-            except Exception as exc:
-                self._log.error("phase2_failed", txid=txid, commit=commit, error=repr(exc))
-                await self._store.rollback(conn)  # leave the connection usable for the rest
-                answers[i] = exc
-                continue
-            answers[i] = outcome
-            if commit:
-                self._table.remember(txid, BranchState.COMMITTED)
-                self._counters["committed" if outcome.changed else "commit_repeats"] += 1
-                self._log.debug("committed", txid=txid, changed=outcome.changed)
-            else:
-                self._table.remember(txid, BranchState.ABORTED, reason)
-                self._counters["aborted" if outcome.changed else "abort_repeats"] += 1
-                self._log.info("aborted", txid=txid, prepared=outcome.changed, reason=reason)
-        return answers

@@ -1,5 +1,7 @@
-"""The agent's prepare path: Execute runs statements in a branch, Prepare finishes its
-work and votes.
+"""The agent's prepare path: Prepare finishes a branch's work (the statements riding
+along, after what Execute, `participant.execute_path`, ran) and votes, by the one-phase
+path (the work and COMMIT at once) or the two-phase one (PREPARE TRANSACTION); a
+Prepare repeated after its branch was settled is answered by `_repeated_vote`.
 
 Guarantees: a YES vote only for a branch PostgreSQL confirmed as prepared; a branch
 at work gives way to an Abort that came first (`abort_reason`); a repeated Prepare of
@@ -19,13 +21,12 @@ from participant.branch_state import BranchState
 from participant.branches import Branch, BranchLost, BranchTable
 from participant.config import ParticipantConfig
 from participant.epochs import EpochFence
-from participant.ports import BranchStore
+from participant.ports import BranchConn, BranchStore
 from twopc_common import failpoints
-from twopc_common.errors import Aborted, FailedPrecondition, InvalidArgument
+from twopc_common.errors import FailedPrecondition
 from twopc_common.ids import TransactionId
 from twopc_common.isolation import Isolation
 from twopc_common.log import EventLogger
-from twopc_common.ports import Clock
 from twopc_common.values import Statement, StatementResult
 from twopc_common.votes import Vote
 
@@ -64,7 +65,6 @@ class PreparePath:
         table: BranchTable,
         store: BranchStore[Any],
         epochs: EpochFence,
-        clock: Clock,
         counters: collections.Counter[str],
         log: EventLogger,
     ) -> None:
@@ -72,41 +72,8 @@ class PreparePath:
         self._table = table
         self._store = store
         self._epochs = epochs
-        self._clock = clock
         self._counters = counters
         self._log = log
-
-    async def execute(
-        self,
-        txid: str,
-        statements: Sequence[Statement],
-        incarnation: str = "",
-        isolation: Isolation = Isolation.READ_COMMITTED,
-    ) -> list[StatementResult]:
-        if not statements:
-            raise InvalidArgument("Execute needs at least one statement")
-        if not incarnation:
-            await self._epochs.admit(TransactionId.parse(txid))
-        try:
-            branch = self._table.open(txid, incarnation, interactive=True, isolation=isolation)
-        except BranchLost as exc:
-            raise Aborted(str(exc)) from exc
-        async with branch.lock:
-            if branch.state is not BranchState.ACTIVE:
-                raise FailedPrecondition(f"branch of {txid} is {branch.state.value}")
-            try:
-                conn = await self._table.connection(branch)
-                if branch.abort_reason:
-                    raise BranchFailed(f"aborted while waiting: {branch.abort_reason}")
-                results = await self._store.execute(conn, statements)
-            except BranchFailed as exc:
-                await self._table.close(branch, BranchState.ABORTED, exc.reason)
-                self._log.info("branch_failed", txid=txid, reason=exc.reason)
-                raise Aborted(
-                    f"branch on {self._config.id} failed: {exc.reason}", sqlstate=exc.sqlstate
-                ) from exc
-            branch.last_used = self._clock.monotonic()
-            return results
 
     async def prepare(
         self,
@@ -152,13 +119,7 @@ class PreparePath:
             # the same round trip as its PREPARE: this is the last point before.
             await failpoints.hit("participant.before_prepare")
             if one_phase:
-                results = tuple(
-                    await self._store.commit_one_phase(conn, statements, txid, self._config.id)
-                )
-                await self._table.close(branch, BranchState.COMMITTED)
-                self._counters["committed_one_phase"] += 1
-                self._log.debug("committed_one_phase", txid=txid)
-                return VoteResult(Vote.COMMITTED_ONE_PHASE, results=results)
+                return await self._commit_one_phase(branch, conn, statements)
             outcome = await self._store.prepare(conn, statements, txid, self._config.id)
             results, wrote = tuple(outcome[0]), outcome[1]
         except BranchFailed as exc:
@@ -173,6 +134,26 @@ class PreparePath:
             self._counters["outcome_unknown"] += 1
             self._log.warning("outcome_unknown", txid=txid, error=str(exc))
             raise
+        return await self._prepared_vote(branch, results, wrote)
+
+    async def _commit_one_phase(
+        self, branch: Branch, conn: BranchConn, statements: Sequence[Statement]
+    ) -> VoteResult:
+        """The one-phase path: the branch's work and its COMMIT in one go. A failure
+        is `_vote`'s to handle, as for PREPARE."""
+        txid = branch.transaction_id
+        results = tuple(await self._store.commit_one_phase(conn, statements, txid, self._config.id))
+        await self._table.close(branch, BranchState.COMMITTED)
+        self._counters["committed_one_phase"] += 1
+        self._log.debug("committed_one_phase", txid=txid)
+        return VoteResult(Vote.COMMITTED_ONE_PHASE, results=results)
+
+    async def _prepared_vote(
+        self, branch: Branch, results: tuple[StatementResult, ...], wrote: bool
+    ) -> VoteResult:
+        """The two-phase path once the store's prepare succeeded: YES for a prepared
+        branch, READ_ONLY for one that wrote nothing (committed at once, no phase 2)."""
+        txid = branch.transaction_id
         if not wrote:
             await self._table.close(branch, BranchState.COMMITTED)
             self._counters["votes_read_only"] += 1

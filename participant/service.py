@@ -1,4 +1,7 @@
-"""The participant's gRPC servicer: protobuf in, domain calls, protobuf out.
+"""The participant's gRPC servicer: protobuf in, domain calls, protobuf out. Here the
+transaction RPCs (Execute, Prepare, PrepareStream, Commit, Abort, Finish); the
+read-only ones are `participant.inspection_rpcs`, SetFailpoints is
+`twopc_common.failpoints_rpc`.
 
 Every call that touches a branch is shielded from the caller's cancellation. gRPC
 cancels a handler whose deadline expired (a Prepare that outlived the prepare
@@ -9,11 +12,11 @@ branch as rolled back. Shielded, the operation finishes and its result stands.
 
 from __future__ import annotations
 
-import datetime as dt
 from collections.abc import AsyncIterator
 
-from participant import heuristic, prepare_stream
+from participant import prepare_stream
 from participant.agent import Agent
+from participant.inspection_rpcs import InspectionRpcs
 from participant.recovery import Recovery
 from participant.store import Store
 from twopc_common.errors import InvalidArgument
@@ -28,7 +31,7 @@ from twopc_pb import participant_pb2 as pb
 from twopc_pb import participant_pb2_grpc as pgrpc
 
 
-class ParticipantService(FailpointsAdmin, pgrpc.ParticipantServicer):
+class ParticipantService(InspectionRpcs, FailpointsAdmin, pgrpc.ParticipantServicer):
     def __init__(self, agent: Agent, recovery: Recovery, store: Store) -> None:
         self._allow_failpoints = agent.config.allow_failpoints
         self._agent = agent
@@ -100,81 +103,3 @@ class ParticipantService(FailpointsAdmin, pgrpc.ParticipantServicer):
             self._agent.finish([(d.transaction_id, d.commit) for d in request.decisions])
         )
         return pb.FinishResponse(finished=[finished_to_pb(a) for a in answers])
-
-    @translate_errors
-    async def ListPrepared(
-        self, request: pb.ListPreparedRequest, context: Context
-    ) -> pb.ListPreparedResponse:
-        now = dt.datetime.now(dt.UTC)
-        branches = await self._agent.list_prepared(request.coordinator_id)
-        return pb.ListPreparedResponse(
-            branches=[
-                pb.PreparedBranch(
-                    transaction_id=b.transaction_id,
-                    gid=b.gid,
-                    age_seconds=(now - b.prepared_at).total_seconds() if b.prepared_at else 0.0,
-                )
-                for b in branches
-            ],
-            highest_epoch=self._agent.epochs.highest(request.coordinator_id),
-        )
-
-    @translate_errors
-    async def ListHeuristic(
-        self, request: pb.ListHeuristicRequest, context: Context
-    ) -> pb.ListHeuristicResponse:
-        decisions = await heuristic.list_applied(
-            self._store, request.coordinator_id, self._agent.config.id
-        )
-        return pb.ListHeuristicResponse(
-            decisions=[
-                pb.HeuristicDecision(
-                    transaction_id=d.transaction_id,
-                    commit=d.commit,
-                    reason=d.reason,
-                    operator=d.operator,
-                    decided_at=d.decided_at.timestamp(),
-                    coordinator_check=d.coordinator_check,
-                )
-                for d in decisions
-            ]
-        )
-
-    @translate_errors
-    async def Status(
-        self, request: pb.ParticipantStatusRequest, context: Context
-    ) -> pb.ParticipantStatus:
-        now = dt.datetime.now(dt.UTC)
-        return pb.ParticipantStatus(
-            participant_id=self._agent.config.id,
-            open_branches=self._agent.open_branches,
-            prepared_branches=self._recovery.prepared,
-            counters={**self._agent.counters, "in_doubt_waiting": self._recovery.waiting},
-            incarnation=self._agent.incarnation,
-            foreign_prepared=[
-                pb.ForeignPrepared(
-                    gid=f.gid,
-                    age_seconds=(now - f.prepared_at).total_seconds() if f.prepared_at else 0.0,
-                    owner=f.owner,
-                    database=f.database,
-                    locks=f.locks,
-                    why=f.why,
-                )
-                for f in self._recovery.foreign
-            ],
-        )
-
-    @translate_errors
-    async def WaitsFor(self, request: pb.WaitsForRequest, context: Context) -> pb.WaitsForResponse:
-        return pb.WaitsForResponse(
-            edges=[
-                pb.WaitEdge(
-                    waiter_transaction_id=e.waiter,
-                    holder_transaction_id=e.holder,
-                    holder_prepared=e.holder_prepared,
-                    holder_pid=e.holder_pid,
-                    wait_started=e.wait_started,
-                )
-                for e in await self._agent.waits_for()
-            ]
-        )
