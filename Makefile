@@ -14,6 +14,7 @@ demo: setup
 ## The test suite (fast, representative; what CI runs).
 test: setup
 	$(PY) scripts/gen_protos.py --check
+	$(PY) scripts/long_code.py --check
 	$(PYTEST) --timeout=600
 
 ## The deterministic simulation: `make sim SEEDS=N` runs seeds 0..N-1 (default 20000),
@@ -41,6 +42,7 @@ lint: setup
 	.venv/bin/ruff check .
 	.venv/bin/ruff format --check .
 	.venv/bin/mypy .
+	$(PY) scripts/long_code.py --check
 
 ## Classes over 120 lines and functions over 60 in coordinator/ and participant/
 ## (issue 13: each should fit in one screen).
