@@ -46,6 +46,12 @@ class Phase2:
         self._counters = counters
         self._log = log
         self._prepared = PreparedPhase2(participant_id, table, store, counters, log)
+        self._finishing: dict[tuple[str, bool], asyncio.Future[Phase2Outcome | Exception]] = {}
+        """Decisions on prepared branches being carried out: a repeated one (the
+        coordinator retrying a Commit that has not answered yet) waits for the first
+        instead of taking another connection. A branch stuck in COMMIT PREPARED
+        would otherwise take one more at every retry, until the scans that recovery
+        and operators rely on found the pool empty."""
 
     async def commit(self, txid: str) -> Phase2Outcome:
         return _unwrap((await self.finish([(txid, True)]))[0])
@@ -69,13 +75,14 @@ class Phase2:
         prepared = list(plan.prepared)
 
         async def finish_prepared(indexes: list[int]) -> None:
-            try:
-                async with self._store.phase2_connection() as conn:
-                    batch = {i: decisions[i] for i in indexes}
-                    answers.update(await self._prepared.finish_on(conn, batch, reason))
-            except Unavailable as exc:  # no (working) connection for the batch
-                for i in indexes:
-                    answers.setdefault(i, exc)
+            joined = {
+                i: self._finishing[decisions[i]] for i in indexes if decisions[i] in self._finishing
+            }
+            mine = [i for i in indexes if i not in joined]
+            if mine:
+                await self._finish_prepared(decisions, mine, reason, answers)
+            for i, first in joined.items():
+                answers[i] = await asyncio.shield(first)
 
         async def abort_open(i: int, branch: Branch) -> None:
             try:
@@ -94,6 +101,34 @@ class Phase2:
             *(abort_open(i, branch) for i, branch in still_open),
         )
         return [answers[i] for i in range(len(decisions))]
+
+    async def _finish_prepared(
+        self,
+        decisions: Sequence[tuple[str, bool]],
+        indexes: list[int],
+        reason: str,
+        answers: dict[int, Phase2Outcome | Exception],
+    ) -> None:
+        """Carry out these decisions on prepared branches, on one pooled connection,
+        letting repeats of them wait for their answers (`_finishing`)."""
+        loop = asyncio.get_running_loop()
+        mine = {decisions[i]: loop.create_future() for i in indexes}
+        self._finishing.update(mine)
+        try:
+            async with self._store.phase2_connection() as conn:
+                batch = {i: decisions[i] for i in indexes}
+                answers.update(await self._prepared.finish_on(conn, batch, reason))
+        except Unavailable as exc:  # no (working) connection for the batch
+            for i in indexes:
+                answers.setdefault(i, exc)
+        finally:
+            for i in indexes:
+                first = mine[decisions[i]]
+                if not first.done():
+                    first.set_result(
+                        answers.get(i, Unavailable("the first of these decisions was interrupted"))
+                    )
+                self._finishing.pop(decisions[i], None)
 
     async def _abort_open(self, branch: Branch, reason: str) -> Phase2Outcome | None:
         """Roll back a branch that is still open; None if it is prepared by now."""

@@ -60,6 +60,40 @@ def test_inspect_shows_a_commit_stuck_in_phase_two_everywhere(make_system: Syste
     wait_until(lambda: not any(system.prepared_transactions().values()), 20, "phase 2")
 
 
+def test_retries_of_a_stuck_commit_leave_the_agent_room_to_scan(make_system: SystemFactory) -> None:
+    """A branch hung in COMMIT PREPARED, and the coordinator retrying its Commit
+    (every call times out): each retry waits for the first attempt instead of taking
+    another of the agent's control connections (3), so the agent can still list its
+    in-doubt branches for the operator and for recovery."""
+    system = make_system(["--allow-failpoints", "--rpc-timeout", "0.5"], ["--allow-failpoints"])
+    assert system.coordinator is not None
+    shard1 = system.participants["shard1"]
+    shard1.set_failpoints("participant.before_commit_prepared=hang")
+    work = {s: [Statement("SELECT pg_current_xact_id()")] for s in ("shard1", "shard2")}
+    with system.client() as client:
+        outcome = client.run(work)
+        assert outcome.committed
+        wait_until(
+            lambda: client.status().counters["phase2_retries"] >= 5,
+            30,
+            "the coordinator to retry the stuck Commit more times than the agent has connections",
+        )
+    done = inspect(
+        "--log",
+        str(system.workdir / "decisions.sqlite"),
+        "--coordinator",
+        system.client_address,
+        f"--participant=shard1={shard1.address}",
+        *tls_args(system, system.coordinator_id),
+        "--json",
+    )
+    assert done.returncode == 0, done.stderr
+    in_doubt = json.loads(done.stdout)["in_doubt"]["shard1"]
+    assert [b["transaction_id"] for b in in_doubt] == [outcome.transaction_id]
+    shard1.set_failpoints("participant.before_commit_prepared=off")
+    wait_until(lambda: not any(system.prepared_transactions().values()), 20, "phase 2")
+
+
 def test_inspect_refuses_a_file_that_is_not_a_decision_log() -> None:
     done = inspect("--log", "/dev/null")
     assert done.returncode != 0
