@@ -46,6 +46,7 @@ class HeldAnswers(pgrpc.ParticipantServicer):
         self, requests: AsyncIterator[pb.PrepareBatch], context: Any
     ) -> AsyncIterator[pb.VoteBatch]:
         self.calls += 1
+        await context.send_initial_metadata(())  # accepted, as multiplex.serve does
         answers: asyncio.Queue[pb.VoteItem] = asyncio.Queue()
 
         async def one(item: pb.PrepareItem) -> None:

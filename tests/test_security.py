@@ -8,6 +8,8 @@ keys; bearer tokens are checked; --insecure is refused off loopback.
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import datetime as dt
 import functools
 import json
@@ -28,6 +30,7 @@ from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from coordinator.client import (
+    AsyncCoordinatorClient,
     CoordinatorClient,
     Outcome,
     TlsConfig,
@@ -36,7 +39,7 @@ from coordinator.client import (
 from tests.conftest import SystemFactory, create_tagged_rows, rows, tagged_inserts
 from twopc_common import certs
 from twopc_common.auth import hash_token
-from twopc_common.errors import NotFound, PermissionDenied, Unauthenticated
+from twopc_common.errors import NotFound, PermissionDenied, TwoPCError, Unauthenticated
 from twopc_common.tls import channel
 from twopc_harness.daemons import wait_until
 from twopc_harness.postgres import free_port
@@ -178,6 +181,30 @@ def token_system(make_system: SystemFactory, tmp_path: Path) -> tuple[LocalSyste
     system = make_system(["--token-listen", port, "--tokens-file", str(tokens)])
     create_tagged_rows(system)
     return system, port, token
+
+
+def test_a_refused_shared_run_gets_the_refusal_not_a_broken_call(
+    token_system: tuple[LocalSystem, str, str],
+) -> None:
+    """A Run over RunStream with a wrong token is UNAUTHENTICATED every time. The
+    first write on a new call used to race the coordinator's refusal: when it lost,
+    gRPC put its own INTERNAL in the refusal's place and the client read an
+    unavailable coordinator (Unavailable, a reason to retry or fail over)."""
+    system, token_port, token = token_system
+    ca_only = TlsConfig(ca=system.tls("app").ca)
+    answers: collections.Counter[str] = collections.Counter()
+
+    async def attempts() -> None:
+        for _ in range(40):  # a new client, so a new call, each time
+            async with AsyncCoordinatorClient(token_port, tls=ca_only, token=token + "x") as c:
+                try:
+                    await c.run(tagged_inserts("forged-shared", ("shard1",)))
+                except TwoPCError as exc:
+                    answers[type(exc).__name__] += 1
+
+    asyncio.run(attempts())
+    assert answers == {"Unauthenticated": 40}, answers
+    assert rows(system, "forged-shared")["shard1"] == 0
 
 
 def test_no_credentials_gets_nothing_from_any_rpc(

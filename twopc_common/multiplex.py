@@ -36,9 +36,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import contextvars
 import itertools
 import time
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
@@ -116,6 +118,8 @@ class Multiplexer(Generic[Req, Item, Ans]):
         self._queue: collections.deque[_Queued[Item, Ans]] = collections.deque()
         self._waiting: dict[int, tuple[Any, asyncio.Future[Ans]]] = {}
         self._refs = itertools.count(1)
+        self._accepted: weakref.WeakSet[Any] = weakref.WeakSet()
+        """Calls the receiver has accepted (`_opened`)."""
         self._writer: asyncio.Task[None] | None = None
         self._readers: set[asyncio.Future[Any]] = set()
         self.stats = collections.Counter[str]() if stats is None else stats
@@ -195,6 +199,8 @@ class Multiplexer(Generic[Req, Item, Ans]):
                     if not queued.answer.done():
                         queued.answer.set_exception(broken)
                 continue
+            if call not in self._accepted:
+                await self._opened(call)
             for queued in batch:
                 self._waiting[queued.ref] = (call, queued.answer)
             self.stats[self._names[1]] += 1
@@ -203,6 +209,17 @@ class Multiplexer(Generic[Req, Item, Ans]):
                 await call.write(self._batch([queued.item for queued in batch]))
             except Exception as exc:
                 self._broken(call, await _why(call, exc))
+
+    async def _opened(self, call: Any) -> None:
+        """Wait until the receiver has accepted `call` (its initial metadata came) or
+        ended it, before the first write. A write racing a refusal (a bad token, a
+        caller not allowed) fails with gRPC's own INTERNAL, which then replaces the
+        refusal as the call's status; unwritten, the requests get the real one.
+        A receiver that sends no initial metadata first (older than this) gets the
+        write after `_ACCEPT_WAIT`."""
+        with contextlib.suppress(Exception):  # the reader reports a broken call
+            await asyncio.wait_for(call.initial_metadata(), _ACCEPT_WAIT)
+        self._accepted.add(call)
 
     async def _read(self, call: Any) -> None:
         try:
@@ -258,6 +275,8 @@ def _from_core(code: grpc.StatusCode, details: str | None) -> bool:
 
 # How long a broken call gets to report its final status.
 _STATUS_WAIT = 2.0
+# How long a new call waits to be accepted before it is written anyway.
+_ACCEPT_WAIT = 5.0
 
 
 item_observer: contextvars.ContextVar[Callable[[int, float], None] | None] = contextvars.ContextVar(
@@ -277,7 +296,11 @@ async def serve(
 ) -> None:
     """The receiving end: run `answer(item)` for every item of every message read from
     `requests` (at most `max_items` a message, else INVALID_ARGUMENT ends the call),
-    and write the answers as they come, in messages of at most `max_bytes`."""
+    and write the answers as they come, in messages of at most `max_bytes`.
+
+    The call is accepted first with its (empty) initial metadata, which the sender
+    waits for: see `Multiplexer._opened`."""
+    await context.send_initial_metadata(())
     done: list[Ans] = []
     wake = asyncio.Event()
     running: set[asyncio.Task[Any]] = set()
