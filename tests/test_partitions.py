@@ -295,7 +295,9 @@ def test_a_phase_two_batch_costs_one_round_trip_on_a_slow_database_link(
 
 def test_client_cut_after_sending_gets_the_true_outcome_once_on_retry(net: LocalSystem) -> None:
     with net.client(timeout=PREPARE_TIMEOUT) as client:
-        client.status()  # connected before the cut: the request does leave
+        # Connected, and the client's RunStream call accepted, before the cut: the
+        # request does leave (a call not yet accepted is not written to at all).
+        client.run(tagged_inserts("deaf-warm"))
         network(net)["client_coordinator"].add_toxic(
             type="timeout", stream="downstream", attributes={"timeout": 0}, name="deaf"
         )
