@@ -1,8 +1,9 @@
 """The system against the strongest raw PostgreSQL 2PC driver we can write, side by side.
 
 The raw driver gets every trick the agent has: per shard, BEGIN, the statements and
-PREPARE TRANSACTION in one pipelined round trip (psycopg pipeline mode), both shards in
-parallel, then COMMIT PREPARED on both in parallel; pooled autocommit connections; and
+PREPARE TRANSACTION in one round trip (two drivers, the faster kept: psycopg pipeline
+mode, or one query string with client-bound parameters as the agent sends), both
+shards in parallel, then COMMIT PREPARED on both in parallel; pooled autocommit connections; and
 enough client processes that the client is not the bottleneck (1 and 2 are tried and
 the faster is kept, for the system's clients too). Two workloads: one statement per leg
 (debit with its enough-money rule / credit), and the bank's debit+ledger / credit+ledger.
@@ -70,29 +71,52 @@ def with_ledger(
 WORKLOADS = {"one statement per leg": single_statement, "debit+ledger / credit+ledger": with_ledger}
 
 
-def raw_pipelined(
+def raw_2pc(
     pools: dict[str, AsyncConnectionPool[Any]],
     shards: Sequence[str],
     workload: Callable[..., dict[str, list[Statement]]],
+    one_string: bool,
 ) -> Transfer:
+    """Raw 2PC; per shard one round trip for BEGIN, the statements and PREPARE, either
+    pipelined or (`one_string`, as the agent does) as one client-bound query string."""
+
+    async def pipelined(conn: Any, statements: list[Statement], gid: str) -> list[int]:
+        cursors = []
+        async with conn.pipeline():
+            await conn.execute("BEGIN")
+            for st in statements:
+                cur = conn.cursor()
+                await cur.execute(st.sql.encode(), st.params or None)
+                cursors.append(cur)
+            await conn.execute(sql.SQL("PREPARE TRANSACTION {}").format(gid))
+        return [c.rowcount for c in cursors]
+
+    async def string(conn: Any, statements: list[Statement], gid: str) -> list[int]:
+        cur = psycopg.AsyncClientCursor(conn)
+        text = "\n;\n".join(
+            ["BEGIN", *(cur.mogrify(st.sql, st.params or None) for st in statements)]
+        )
+        await cur.execute(f"{text}\n;\nPREPARE TRANSACTION '{gid}'".encode())
+        counts = []
+        for _ in statements:
+            cur.nextset()
+            counts.append(cur.rowcount)
+        return counts
+
+    send = string if one_string else pipelined
+
     async def transfer(tid: str, source: int, target: int) -> bool:
         branches = workload(tid, source, target, shards)
 
         async def prepare(shard: str) -> bool:
             gid = f"{tid}:{shard}"
             async with pools[shard].connection() as conn:
-                cursors = []
                 try:
-                    async with conn.pipeline():
-                        await conn.execute("BEGIN")
-                        for st in branches[shard]:
-                            cur = conn.cursor()
-                            await cur.execute(st.sql.encode(), st.params or None)
-                            cursors.append((st, cur))
-                        await conn.execute(sql.SQL("PREPARE TRANSACTION {}").format(gid))
+                    counts = await send(conn, branches[shard], gid)
                 except psycopg.Error:
                     return False
-                if any(st.expect and st.expect.violation(c.rowcount) for st, c in cursors):
+                pairs = zip(branches[shard], counts, strict=True)
+                if any(st.expect and st.expect.violation(n) for st, n in pairs):
                     await conn.execute(sql.SQL("ROLLBACK PREPARED {}").format(gid))
                     return False
                 return True
@@ -153,7 +177,7 @@ def _process(
     shards = list(dsns)
 
     async def run() -> list[float]:
-        if mode == "raw":
+        if mode.startswith("raw"):
             pools = {
                 s: AsyncConnectionPool(
                     d,
@@ -167,7 +191,7 @@ def _process(
             for pool in pools.values():
                 await pool.open(wait=True)
             try:
-                transfer = raw_pipelined(pools, shards, WORKLOADS[workload])
+                transfer = raw_2pc(pools, shards, WORKLOADS[workload], mode == "raw-string")
                 await drive(transfer, shards, concurrency, 1.0, f"w{tag}", seed)
                 return (await drive(transfer, shards, concurrency, seconds, tag, seed))[1]
             finally:
@@ -191,18 +215,22 @@ def measure(
     seconds: float,
     seed: int,
 ) -> dict[str, Any]:
-    """The faster of 1 and 2 client processes (concurrency split between them)."""
+    """The faster of 1 and 2 client processes (concurrency split between them); for
+    raw 2PC, also the faster of its two drivers (pipelined or one string)."""
     best: dict[str, Any] | None = None
-    for processes in (1, 2) if concurrency > 1 else (1,):
+    drivers = ("raw-pipeline", "raw-string") if mode == "raw" else (mode,)
+    layouts = [(d, n) for d in drivers for n in ((1, 2) if concurrency > 1 else (1,))]
+    for driver, processes in layouts:
         per = [concurrency // processes + (i < concurrency % processes) for i in range(processes)]
         tag = f"{mode}{concurrency}p{processes}{random.randrange(10**9)}"
         jobs = [
-            (mode, dsns, address, tls, workload, n, seconds, f"{tag}x{i}", seed + i)
+            (driver, dsns, address, tls, workload, n, seconds, f"{tag}x{i}", seed + i)
             for i, n in enumerate(per)
         ]
         with multiprocessing.get_context("spawn").Pool(processes) as pool:
             latencies = sorted(x for part in pool.map(_process, jobs) for x in part)
         row = {
+            "driver": driver,
             "processes": processes,
             "tps": round(len(latencies) / seconds, 1),
             "p50_ms": round(latencies[len(latencies) // 2] * 1000, 2) if latencies else None,
@@ -249,7 +277,8 @@ def main() -> None:
                 rows.append(row)
                 print(
                     f"{workload:<30} c={c:<3} raw {raw['tps']:>7}/s p50 {raw['p50_ms']} ms "
-                    f"({raw['processes']}p) | system {ours['tps']:>7}/s p50 {ours['p50_ms']} ms "
+                    f"({raw['driver']}, {raw['processes']}p) | "
+                    f"system {ours['tps']:>7}/s p50 {ours['p50_ms']} ms "
                     f"({ours['processes']}p) | ratio {row['ratio']}",
                     flush=True,
                 )

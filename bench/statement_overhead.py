@@ -10,7 +10,7 @@ Three measurements, on the same clusters, in one session:
                alternating blocks: "agent" is `Store.prepare` as the agent runs it (the
                isolation level, the settings and role every branch starts from, the
                role switch back for the marker, the marker, PREPARE); "bare" is the
-               same pipeline without the containment (BEGIN, the statements, the marker,
+               same round trip without the containment (BEGIN, the statements, the marker,
                PREPARE). CPU of this process and of the branch's PostgreSQL backend
                (its /proc schedstat, in nanoseconds) per branch; the difference is what
                containment costs: the median over pairs of neighbouring blocks, which
@@ -44,7 +44,7 @@ from psycopg import sql
 from transfers import ACCOUNTS, Picker, drive, prepare_bank, start_bench_system, through_system
 
 from bank_demo import bank
-from participant import branch_sql as store_module
+from participant import branch_batch
 from participant.config import ParticipantConfig
 from participant.schema import MARKER_TABLE
 from participant.store import Store
@@ -89,7 +89,7 @@ def debit(account: int, transfer_id: str) -> list[Statement]:
 
 async def containment_costs(system: LocalSystem, shard: str, branches: int) -> dict[str, Any]:
     """CPU per branch (µs, this process and the branch's backend) of the agent's
-    prepare and of the bare pipeline, in alternating blocks on one connection each."""
+    prepare and of the bare round trip, in alternating blocks on one connection each."""
     config = ParticipantConfig(
         id="bench-overhead",
         dsn=system.dsn(shard),
@@ -117,21 +117,21 @@ async def containment_costs(system: LocalSystem, shard: str, branches: int) -> d
 
     async def bare_branch(conn: Any, txid: str, statements: list[Statement]) -> None:
         gid = str(ids.branch_xid(txid, config.id))
-        cursors, tails = await store_module._pipelined(
-            conn,
-            [],
-            statements,
-            [
-                (
-                    f"INSERT INTO {MARKER_TABLE} (gid, transaction_id) SELECT %s, %s "
-                    "WHERE pg_current_xact_id_if_assigned() IS NOT NULL",
-                    (gid, txid),
-                ),
-                (sql.SQL("PREPARE TRANSACTION {}").format(gid), None),
-            ],
+        marker = (
+            f"INSERT INTO {MARKER_TABLE} (gid, transaction_id) SELECT %s, %s "
+            "WHERE pg_current_xact_id_if_assigned() IS NOT NULL"
         )
-        assert tails[-1].statusmessage == "PREPARE TRANSACTION"
-        await store_module._results(statements, cursors, config.limits.max_result_bytes)
+        parts: list[branch_batch.Part] = [
+            branch_batch.begin(conn),
+            *((st.sql, st.params or None) for st in statements),
+            (marker, (gid, txid)),
+            (sql.SQL("PREPARE TRANSACTION {}").format(gid), None),
+        ]
+        cur = await branch_batch.send(conn, parts)
+        done = await branch_batch.Results(cur, 1).read(
+            statements, config.limits.max_result_bytes, 2
+        )
+        assert done.tails[-1][0] == "PREPARE TRANSACTION"
 
     variants = {"agent": (store.branches, agent_branch), "bare": (bare_pool.branches, bare_branch)}
     try:

@@ -1,12 +1,14 @@
 """A branch's work on PostgreSQL: its pooled connection, its statements, PREPARE and
 the one-phase COMMIT.
 
-Branch transactions run on ordinary pooled connections and are prepared with an
-explicit `PREPARE TRANSACTION` whose command tag is checked: PostgreSQL answers it on
-an already-failed transaction with a silent `ROLLBACK`, and psycopg's `tpc_prepare()`
-neither reports the tag nor lets the connection go back to the pool before phase 2.
-Statements, settings, the marker and PREPARE go in one pipeline; a result too large to
-deliver, or a broken expectation, fails the branch before it can prepare or commit.
+Branch transactions run on ordinary pooled connections (autocommit: the branch's own
+BEGIN goes with its first statements) and are prepared with an explicit `PREPARE
+TRANSACTION` whose command tag is checked: PostgreSQL answers it on an already-failed
+transaction with a silent `ROLLBACK`, and psycopg's `tpc_prepare()` neither reports
+the tag nor lets the connection go back to the pool before phase 2. BEGIN, settings,
+statements, the marker and PREPARE go in one query string (`participant.branch_batch`);
+a result too large to deliver, or a broken expectation, fails the branch before it can
+prepare or commit.
 """
 
 from __future__ import annotations
@@ -20,14 +22,15 @@ from psycopg import sql
 from psycopg.pq import TransactionStatus
 from psycopg_pool import AsyncConnectionPool
 
-from participant import containment
+from participant import branch_batch, containment
+from participant.branch_batch import Part
 from participant.config import ParticipantConfig
-from participant.schema import MARKER_TABLE, AsyncConn, Cursor, Query, ms, rollback_quietly
+from participant.schema import MARKER_TABLE, AsyncConn, ms, rollback_quietly
 from twopc_common import ids
 from twopc_common.errors import TwoPCError, Unavailable
 from twopc_common.isolation import Isolation
 from twopc_common.statements import session_safe, writes
-from twopc_common.values import RESULT_OVERHEAD_BYTES, Statement, StatementResult, row_bytes
+from twopc_common.values import Statement, StatementResult
 
 T = TypeVar("T")
 
@@ -63,9 +66,10 @@ class BranchConnections:
             min_size=config.pool_min_size,
             max_size=config.pool_max_size,
             timeout=config.pool_timeout,
-            kwargs=kwargs,
+            kwargs={**kwargs, "autocommit": True},
             open=False,
             name=f"participant-{config.id}",
+            configure=branch_batch.configure,
             reset=self._reset_session,
         )
         # Connections whose branch may have changed session state (see
@@ -76,15 +80,15 @@ class BranchConnections:
             f"{ms(config.statement_timeout)}ms",
             config.branch_role or "none",
         )
-        self._branch_setup: tuple[Query, tuple[object, ...] | None] = (setup, None)
+        self._branch_setup: Part = (setup, None)
         self._marked_setup = containment.marked_branch_setup(setup, MARKER_TABLE)
-        self._as_agent: list[tuple[Query, tuple[object, ...] | None]] = (
+        self._as_agent: list[Part] = (
             [(containment.AGENT_ROLE_AGAIN, None)] if config.branch_role else []
         )
 
     async def connect_branch(self, isolation: Isolation) -> AsyncConn:
-        """A pooled connection whose next transaction begins at `isolation` (psycopg
-        sends BEGIN ISOLATION LEVEL ... with the branch's first statements)."""
+        """A pooled connection whose next transaction begins at `isolation` (its BEGIN
+        ISOLATION LEVEL ... goes with the branch's first statements)."""
         try:
             conn = await self.pool.getconn()
         except Exception as exc:
@@ -104,16 +108,16 @@ class BranchConnections:
         conn: AsyncConn,
         statements: Sequence[Statement],
         marker: tuple[str, str] | None = None,
-    ) -> list[tuple[Query, tuple[object, ...] | None]]:
-        """What goes before the statements: the branch's settings if it starts now,
-        with its marker (gid, transaction id) if given."""
+    ) -> list[Part]:
+        """What goes before the statements: BEGIN and the branch's settings if it
+        starts now, with its marker (gid, transaction id) if given."""
         if not session_safe(statements):
             self._dirty.add(conn)
         if conn.info.transaction_status != TransactionStatus.IDLE:
             return []
         if marker is not None:
-            return [(self._marked_setup, marker)]
-        return [self._branch_setup]
+            return [branch_batch.begin(conn), (self._marked_setup, marker)]
+        return [branch_batch.begin(conn), self._branch_setup]
 
     async def release(self, conn: AsyncConn) -> None:
         broken = conn.broken
@@ -132,13 +136,24 @@ class BranchSql(BranchConnections):
     async def execute(
         self, conn: AsyncConn, statements: Sequence[Statement]
     ) -> list[StatementResult]:
-        """Run statements in the branch, pipelined; a failure or broken expectation
-        raises (the branch must then be rolled back)."""
+        """Run statements in the branch, in one round trip; a failure or broken
+        expectation raises (the branch must then be rolled back)."""
         try:
-            cursors, _ = await _pipelined(conn, self._head(conn, statements), statements, [])
-            return await _results(statements, cursors, self._config.limits.max_result_bytes)
+            done = await self._run(conn, self._head(conn, statements), statements, [])
         except psycopg.Error as exc:
             raise BranchFailed(_describe(exc), exc.sqlstate or "") from exc
+        if done.broken:
+            raise BranchFailed(done.broken)
+        return done.statements
+
+    async def _run(
+        self, conn: AsyncConn, head: list[Part], statements: Sequence[Statement], tail: list[Part]
+    ) -> branch_batch.Results:
+        cur = await branch_batch.send(
+            conn, [*head, *((st.sql, st.params or None) for st in statements), *tail]
+        )
+        limit = self._config.limits.max_result_bytes
+        return await branch_batch.Results(cur, len(head)).read(statements, limit, len(tail))
 
     async def prepare(
         self,
@@ -149,7 +164,7 @@ class BranchSql(BranchConnections):
     ) -> tuple[list[StatementResult], bool]:
         """Run the statements, write the branch marker and PREPARE, in one round trip.
 
-        PostgreSQL skips everything after an error in a pipeline, so a failing statement
+        PostgreSQL stops at the first error in the string, so a failing statement
         leaves nothing prepared. A broken expectation is only seen once the results are
         in, when the branch is already prepared: it is rolled back with ROLLBACK
         PREPARED (the rare NO pays a round trip, the common YES saves several).
@@ -170,7 +185,7 @@ class BranchSql(BranchConnections):
         first = state == TransactionStatus.IDLE and writes(statements)
         # PREPARE runs as the agent's role: a prepared transaction belongs to the
         # role that prepared it, and only that role (or a superuser) may finish it.
-        tail: list[tuple[Query, tuple[object, ...] | None]] = [*self._as_agent]
+        tail: list[Part] = [*self._as_agent]
         if not first:
             tail.append(
                 (
@@ -182,24 +197,24 @@ class BranchSql(BranchConnections):
         tail.append((sql.SQL("PREPARE TRANSACTION {}").format(gid), None))
         head = self._head(conn, statements, (gid, transaction_id) if first else None)
         try:
-            cursors, tails = await _settle(conn, _pipelined(conn, head, statements, tail))
-            prepared = tails[-1]
-            if prepared.statusmessage != "PREPARE TRANSACTION":
+            done = await _settle(conn, self._run(conn, head, statements, tail))
+            tag = done.tails[-1][0]
+            if tag is None:
+                raise BranchFailed(f"not prepared: {done.broken}")
+            if tag != "PREPARE TRANSACTION":
                 raise BranchFailed(
-                    f"PREPARE TRANSACTION answered {prepared.statusmessage!r}: "
+                    f"PREPARE TRANSACTION answered {tag!r}: "
                     "the branch had already failed and was rolled back"
                 )
-            try:
-                results = await _results(statements, cursors, self._config.limits.max_result_bytes)
-            except BranchFailed:
+            if done.broken:
                 await _settle(conn, conn.tpc_rollback(xid))
-                raise
-            if not first and tails[-2].rowcount == 0:
+                raise BranchFailed(done.broken)
+            if not first and done.tails[-2][1] == 0:
                 await _settle(conn, conn.tpc_commit(xid))
-                return results, False
+                return done.statements, False
         except psycopg.Error as exc:
             raise BranchFailed(_describe(exc), exc.sqlstate or "") from exc
-        return results, True
+        return done.statements, True
 
     async def commit_one_phase(
         self,
@@ -216,7 +231,7 @@ class BranchSql(BranchConnections):
             raise BranchFailed("branch transaction already failed")
         gid = str(ids.branch_xid(transaction_id, participant_id))
         first = state == TransactionStatus.IDLE
-        tail: list[tuple[Query, tuple[object, ...] | None]] = []
+        tail: list[Part] = []
         if not first:
             tail += [
                 *self._as_agent,
@@ -227,71 +242,13 @@ class BranchSql(BranchConnections):
             ]
         head = self._head(conn, statements, (gid, transaction_id) if first else None)
         try:
-            cursors, _ = await _pipelined(conn, head, statements, tail)
-            results = await _results(statements, cursors, self._config.limits.max_result_bytes)
+            done = await self._run(conn, head, statements, tail)
+            if done.broken:
+                raise BranchFailed(done.broken)
             await _settle(conn, conn.commit())
         except psycopg.Error as exc:
             raise BranchFailed(_describe(exc), exc.sqlstate or "") from exc
-        return results
-
-
-async def _pipelined(
-    conn: AsyncConn,
-    head: Sequence[tuple[Query, tuple[object, ...] | None]],
-    statements: Sequence[Statement],
-    tail: Sequence[tuple[Query, tuple[object, ...] | None]],
-) -> tuple[list[Cursor], list[Cursor]]:
-    """Send `head`, the statements and then `tail` in one pipeline; one cursor each
-    for the statements and for `tail`."""
-    cursors: list[Cursor] = []
-    tails: list[Cursor] = []
-    async with conn.pipeline():
-        for query, params in head:
-            await conn.cursor().execute(query, params)  # type: ignore[arg-type]
-        for st in statements:
-            cur = conn.cursor()
-            await cur.execute(st.sql.encode(), st.params or None)
-            cursors.append(cur)
-        for query, params in tail:
-            cur = conn.cursor()
-            await cur.execute(query, params)  # type: ignore[arg-type]
-            tails.append(cur)
-    return cursors, tails
-
-
-async def _results(
-    statements: Sequence[Statement], cursors: Sequence[Cursor], max_bytes: int
-) -> list[StatementResult]:
-    """The statements' results, read in chunks and counted as they are read: results
-    larger than `max_bytes` (`Limits.max_result_bytes`) fail the branch before it can
-    prepare or commit, because its answer could not be delivered."""
-    results = []
-    size = 0
-    for i, (st, cur) in enumerate(zip(statements, cursors, strict=True), 1):
-        if st.expect is not None and (why := st.expect.violation(cur.rowcount)):
-            raise BranchFailed(f"statement {i}: {why}")
-        if cur.description is None:
-            results.append(StatementResult(cur.rowcount))
-            size += RESULT_OVERHEAD_BYTES
-            continue
-        columns = tuple(c.name for c in cur.description)
-        size += RESULT_OVERHEAD_BYTES + sum(len(c) + 2 for c in columns)
-        rows: list[tuple[object, ...]] = []
-        while chunk := await cur.fetchmany(_ROWS_PER_CHUNK):
-            size += sum(row_bytes(row) for row in chunk)
-            if size > max_bytes:
-                raise BranchFailed(
-                    f"statement {i}: results larger than {max_bytes} bytes (the "
-                    "max_result_bytes limit): the answer could not be delivered"
-                )
-            rows.extend(chunk)
-        results.append(StatementResult(cur.rowcount, columns, tuple(rows)))
-    if size > max_bytes:
-        raise BranchFailed(f"results larger than {max_bytes} bytes (the max_result_bytes limit)")
-    return results
-
-
-_ROWS_PER_CHUNK = 1000
+        return done.statements
 
 
 async def _settle(conn: AsyncConn, step: Awaitable[T]) -> T:

@@ -342,7 +342,7 @@ def run_behind_an_outside_update(
             with system.connect("shard1") as conn:
                 row = conn.execute(
                     "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                    "AND query LIKE 'UPDATE accounts SET balance = (SELECT%%'"
+                    "AND query LIKE '%%UPDATE accounts SET balance = (SELECT%%'"
                 ).fetchone()
             return row is not None and int(row[0]) > 0
 

@@ -17,6 +17,7 @@ from participant.schema import MARKER_TABLE
 from participant.store import Store
 from tests.conftest import SystemFactory
 from twopc_common.isolation import Isolation
+from twopc_common.values import Statement
 from twopc_harness.daemons import wait_until
 from twopc_harness.postgres import free_port, start_clusters, stop_clusters
 from twopc_harness.system import LocalSystem
@@ -76,8 +77,8 @@ def test_prepare_of_a_failed_transaction_is_refused_not_silently_rolled_back(
         await store.open()
         try:
             conn = await store.branches.connect_branch(Isolation.READ_COMMITTED)
-            with pytest.raises(psycopg.errors.DivisionByZero):
-                await conn.execute("SELECT 1 / 0")
+            with pytest.raises(BranchFailed, match="division by zero"):
+                await store.branches.execute(conn, [Statement("SELECT 1 / 0")])
             with pytest.raises(BranchFailed, match="already failed"):
                 await store.branches.prepare(conn, [], "trap.1.1", "trap")
             await store.branches.rollback(conn)
@@ -182,7 +183,9 @@ def test_an_abort_fences_a_branch_still_in_flight(system: LocalSystem) -> None:
         await store.open()
         try:
             conn = await store.branches.connect_branch(Isolation.READ_COMMITTED)
-            await conn.execute("INSERT INTO ledger VALUES ('orphan', 'debit', 1, 1)")
+            await store.branches.execute(
+                conn, [Statement("INSERT INTO ledger VALUES ('orphan', 'debit', 1, 1)")]
+            )
             with pytest.raises(BranchFailed, match="branch_marker_pkey"):
                 await store.branches.commit_one_phase(conn, [], txid, "shard1")
             await store.branches.rollback(conn)

@@ -185,3 +185,105 @@ def test_every_statement_result_comes_back_typed(system: LocalSystem) -> None:
     assert result.rows == (
         (7, decimal.Decimal("12.50"), "x", b"\x00\x01", True, None, 2.5, "2024-02-29"),
     )
+
+
+HOSTILE_TEXTS = (
+    "'); COMMIT; --",
+    "\\'; ROLLBACK; SELECT '",
+    "$$; COMMIT; $$",
+    "-- a comment\n; PREPARE TRANSACTION 'x'",
+    "/* unclosed",
+    "%s %% %(name)s",
+)
+
+
+def test_parameters_stay_values_of_their_own_type(system: LocalSystem) -> None:
+    """A branch's statements and PREPARE travel as one string with the parameters bound
+    by the client (participant.branch_batch): every value must stay one literal of the
+    type server-side binding would give it, whatever its text says."""
+    floats = (0.1, -2.5, float("inf"))
+    sql = (
+        "SELECT %s AS a, pg_typeof(%s)::text AS t, %s AS b, %s AS c, 5-%s AS d, "
+        "%s::bytea AS e, %s AS n"
+    )
+    params = (0.1, 0.1, -2.5, float("inf"), -3, b"'\\\x00;", None)
+    echo = [Statement(sql, params)]
+    echo += [Statement("SELECT %s AS s", (text,)) for text in HOSTILE_TEXTS]
+    ledger = [
+        Statement("INSERT INTO ledger VALUES (%s, 'credit', 1, 1)", (f"hostile-{i}:{text}",))
+        for i, text in enumerate(HOSTILE_TEXTS)
+    ]
+    with system.client() as client:
+        outcome = client.run({"shard1": echo, "shard2": ledger}, wait_for_completion=True)
+    assert outcome.committed and outcome.results is not None
+    first, *echoed = outcome.results["shard1"]
+    assert first.rows == ((0.1, "double precision", -2.5, float("inf"), 8, b"'\\\x00;", None),)
+    assert all(isinstance(v, float) for v in first.rows[0][:1]) and floats[0] == 0.1
+    assert [r.rows for r in echoed] == [((text,),) for text in HOSTILE_TEXTS]
+    with system.connect("shard2") as conn:
+        rows = conn.execute(
+            "SELECT transfer_id FROM ledger WHERE transfer_id LIKE 'hostile-%%' ORDER BY 1"
+        ).fetchall()
+    assert [r[0] for r in rows] == sorted(f"hostile-{i}:{t}" for i, t in enumerate(HOSTILE_TEXTS))
+
+
+def test_a_statement_ending_in_a_line_comment_does_not_swallow_the_next(
+    system: LocalSystem,
+) -> None:
+    """Each statement ends on a line of its own in the branch's query string: a trailing
+    `--` comment must not hide what follows (the next statement, the marker, PREPARE)."""
+    a, b = account_on(system, "shard1"), account_on(system, "shard2")
+    before = balance(system, "shard1", a), balance(system, "shard2", b)
+    branches = {
+        "shard1": [
+            Statement("UPDATE accounts SET balance = balance - 1 WHERE id = %s -- debit", (a,)),
+            Statement("UPDATE accounts SET balance = balance + 1 WHERE id = %s -- undo", (a,)),
+            Statement("UPDATE accounts SET balance = balance - 1 WHERE id = %s -- again", (a,)),
+        ],
+        "shard2": [
+            Statement(
+                "UPDATE accounts SET balance = balance + 1 WHERE id = %s -- credit",
+                (b,),
+                expect=exactly(1),
+            )
+        ],
+    }
+    with system.client() as client:
+        outcome = client.run(branches, wait_for_completion=True)
+    assert outcome.committed
+    assert outcome.results is not None
+    assert [r.rows_affected for r in outcome.results["shard1"]] == [1, 1, 1]
+    assert (balance(system, "shard1", a), balance(system, "shard2", b)) == (
+        before[0] - 1,
+        before[1] + 1,
+    )
+
+
+@pytest.mark.parametrize("interactive", [False, True], ids=["one-shot", "interactive"])
+def test_standard_conforming_strings_off_does_not_change_what_parameters_mean(
+    system: LocalSystem, interactive: bool
+) -> None:
+    """Branch SQL may turn standard_conforming_strings off for its transaction (a
+    function can do it where the policy cannot see). Client-bound parameters must
+    still be exactly their values, in the same string or a later Execute: a quote or a
+    backslash in one must never end its literal."""
+    texts = ("\\'; COMMIT; SELECT '", "a\\b", "''\\''")
+    blobs = (b"\\'x", b"\\x41", bytes(range(256)))
+    turn_off = Statement("SELECT set_config('standard_conforming_strings', 'off', true)")
+    echo = Statement(
+        "SELECT %s AS a, %s AS b, %s AS c, %s AS x, %s AS y, %s AS z, "
+        "current_setting('standard_conforming_strings') AS scs",
+        (*texts, *blobs),
+    )
+    with system.client() as client:
+        if interactive:
+            tx = client.begin()
+            tx.execute("shard1", turn_off)
+            rows = tx.execute("shard1", echo).rows
+            tx.execute("shard2", "SELECT 1")
+            assert tx.commit().committed
+        else:
+            outcome = client.run({"shard1": [turn_off, echo]})
+            assert outcome.committed and outcome.results is not None
+            rows = outcome.results["shard1"][1].rows
+    assert rows == ((*texts, *blobs, "off"),)

@@ -1,9 +1,9 @@
 """Isolation levels of global transactions, and their protobuf conversion.
 
 A global transaction has one level, chosen at Run or Begin; every branch runs at it.
-The agent applies it when the branch's PostgreSQL transaction begins (psycopg sends
-`BEGIN ISOLATION LEVEL ...` in the same pipeline as the branch's first statements, so
-it costs no round trip and no extra statement); branch SQL cannot change it (`SET
+The agent applies it when the branch's PostgreSQL transaction begins (`BEGIN
+ISOLATION LEVEL ...` in the same query string as the branch's first statements, so it
+costs no round trip: `participant.branch_batch`); branch SQL cannot change it (`SET
 TRANSACTION` is refused by the statement policy). READ COMMITTED is the default, set
 explicitly, so a database whose default_transaction_isolation differs does not change
 what a client asked for.
