@@ -40,7 +40,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from cpu_split import cpu_seconds, processes
-from psycopg import sql
 from transfers import ACCOUNTS, Picker, drive, prepare_bank, start_bench_system, through_system
 
 from bank_demo import bank
@@ -125,7 +124,7 @@ async def containment_costs(system: LocalSystem, shard: str, branches: int) -> d
             branch_batch.begin(conn),
             *((st.sql, st.params or None) for st in statements),
             (marker, (gid, txid)),
-            (sql.SQL("PREPARE TRANSACTION {}").format(gid), None),
+            ("PREPARE TRANSACTION %s", (gid,)),
         ]
         cur = await branch_batch.send(conn, parts)
         done = await branch_batch.Results(cur, 1).read(

@@ -27,13 +27,12 @@ from collections.abc import Sequence
 
 import psycopg
 from psycopg import IsolationLevel
-from psycopg.abc import Query
 from psycopg.types.numeric import FloatDumper
 
 from participant.schema import AsyncConn, Cursor
 from twopc_common.values import RESULT_OVERHEAD_BYTES, Statement, StatementResult, row_bytes
 
-Part = tuple[Query, tuple[object, ...] | None]
+Part = tuple[str, tuple[object, ...] | None]
 
 _SEPARATOR = "\n;\n"
 _ROWS_PER_CHUNK = 1000
@@ -62,11 +61,19 @@ def begin(conn: AsyncConn) -> Part:
 
 
 async def send(conn: AsyncConn, parts: Sequence[Part]) -> Cursor:
-    """Run `parts` as one query string; the cursor is on the first result."""
-    binder = psycopg.AsyncClientCursor(conn)
-    text = _SEPARATOR.join(binder.mogrify(query, params) for query, params in parts)
-    cur = conn.cursor()
-    await cur.execute(text.encode())
+    """Run `parts` as one query string; the cursor is on the first result. One
+    template (psycopg caches its parsing) and one list of parameters, bound at once; a
+    part without parameters keeps its `%` signs (they are doubled for the template)."""
+    texts: list[str] = []
+    params: list[object] = []
+    for query, args in parts:
+        if args is None:
+            texts.append(query.replace("%", "%%"))
+        else:
+            texts.append(query)
+            params.extend(args)
+    cur = psycopg.AsyncClientCursor(conn)
+    await cur.execute(_SEPARATOR.join(texts), params)
     return cur
 
 

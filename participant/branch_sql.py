@@ -18,7 +18,6 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
 import psycopg
-from psycopg import sql
 from psycopg.pq import TransactionStatus
 from psycopg_pool import AsyncConnectionPool
 
@@ -194,7 +193,7 @@ class BranchSql(BranchConnections):
                     (gid, transaction_id),
                 )
             )
-        tail.append((sql.SQL("PREPARE TRANSACTION {}").format(gid), None))
+        tail.append(("PREPARE TRANSACTION %s", (gid,)))
         head = self._head(conn, statements, (gid, transaction_id) if first else None)
         try:
             done = await _settle(conn, self._run(conn, head, statements, tail))
