@@ -125,6 +125,7 @@ def assemble(config: CoordinatorConfig) -> Daemon:
             config.limits.max_phase2_batch,
             config.connect_probe_timeout,
             prepare_stream=config.prepare_calls == "stream",
+            finish_stream=config.finish_calls == "stream",
             prepare_batch=config.limits.max_stream_batch,
             tls=config.tls,
             tls_reload_interval=config.tls_reload_interval,
@@ -344,7 +345,7 @@ async def check_participant_ids(engine: Coordinator, clients: dict[str, Particip
     await asyncio.gather(*(one(n, c) for n, c in clients.items()))
 
 
-def prepare_calls(text: str) -> str:
+def stream_or_unary(text: str) -> str:
     if text not in ("stream", "unary"):
         raise argparse.ArgumentTypeError(f"expected stream or unary, not {text!r}")
     return text
@@ -362,7 +363,8 @@ COORDINATOR_FLAGS = (
     Flag("--max-in-flight", "max_in_flight", int, "N"),
     Flag("--admission-queue", "admission_queue", int, "N"),
     Flag("--admission-wait", "admission_wait", positive, "SECONDS"),
-    Flag("--prepare-calls", "prepare_calls", prepare_calls, "stream|unary"),
+    Flag("--prepare-calls", "prepare_calls", stream_or_unary, "stream|unary"),
+    Flag("--finish-calls", "finish_calls", stream_or_unary, "stream|unary"),
     Flag("--deadlock-interval", "deadlock_interval", non_negative, "SECONDS"),
     Flag("--deadlock-retries", "deadlock_retries", int, "N"),
     Flag("--probe-interval", "probe_interval", positive, "SECONDS"),

@@ -140,6 +140,9 @@ class Load:
     prepare_calls: str = "stream"
     """stream: every Prepare to an agent over one long-lived PrepareStream call, several
     in one message when they queue behind a write; unary: one Prepare call each."""
+    finish_calls: str = "stream"
+    """stream: phase-2 decisions to an agent over one long-lived FinishStream call (a
+    batch of decisions per message); unary: a Finish call per batch."""
     recent_outcomes: int = 10_000
     """Finished transactions whose outcome a late Commit or Rollback still gets."""
     owners_remembered: int = 20_000
@@ -156,10 +159,9 @@ class Load:
         settings.count("admission_queue", self.admission_queue, least=0)
         settings.seconds("admission_wait", self.admission_wait)
         settings.count("owners_remembered", self.owners_remembered)
-        if self.prepare_calls not in ("stream", "unary"):
-            raise settings.InvalidSetting(
-                "prepare_calls", f"must be stream or unary, not {self.prepare_calls!r}"
-            )
+        for name in ("prepare_calls", "finish_calls"):
+            if (value := getattr(self, name)) not in ("stream", "unary"):
+                raise settings.InvalidSetting(name, f"must be stream or unary, not {value!r}")
 
 
 @dataclass(frozen=True)

@@ -134,6 +134,9 @@ class ParticipantChannel:
     def open_prepare_stream(self) -> Any:
         return pgrpc.ParticipantStub(self._channels.current()).PrepareStream(wait_for_ready=True)
 
+    def open_finish_stream(self) -> Any:
+        return pgrpc.ParticipantStub(self._channels.current()).FinishStream(wait_for_ready=True)
+
     async def call(
         self, method: str, request: Any, timeout: float, wait_for_ready: bool | None = True
     ) -> Any:
@@ -186,12 +189,12 @@ class ParticipantChannel:
     def error(self, exc: grpc.aio.AioRpcError) -> Exception:
         """A failed call as the project's error: `Unavailable` if it did not reach the
         agent (saying why, when the watcher knows), else the agent's own error."""
-        if exc.code() in UNREACHABLE:
+        return self.status_error(exc.code(), exc.details() or "", exc.trailing_metadata())
+
+    def status_error(self, code: grpc.StatusCode, details: str, trailers: Any = ()) -> Exception:
+        """A call that ended with `code` (a unary call's, or a stream's that broke)."""
+        if code in UNREACHABLE:
             return Unavailable(
-                f"participant {self.name}: {self.unreachable or exc.details() or exc.code().name}"
+                f"participant {self.name}: {self.unreachable or details or code.name}"
             )
-        return error_for(
-            exc.code(),
-            f"participant {self.name}: {exc.details() or exc.code().name}",
-            exc.trailing_metadata(),
-        )
+        return error_for(code, f"participant {self.name}: {details or code.name}", trailers)

@@ -1,26 +1,32 @@
 """Phase 2 from the coordinator to one agent (for `coordinator.participants`):
-decisions batched into Finish calls, a Commit or an Abort alone, and what a phase-2
+decisions batched into Finish requests, a Commit or an Abort alone, and what a phase-2
 answer means.
 
-Decisions for an agent queue up while one Finish call is in flight and all go in the
-next, like a group commit. Under load that turns one RPC per branch into a fraction of
-one, and the agent finishes a whole batch in one pipelined round trip to its database.
-Each decision gets its own answer: its outcome, or its own error (a call that failed
-as a whole fails every decision it carried, each with an error of its own). The engine
-sends aborts alone (`abort`): an abort may have to interrupt a branch waiting on a
-lock, and must not hold up the commits behind it.
+Decisions for an agent queue up while one Finish request is in flight and all go in
+the next, like a group commit. Under load that turns one RPC per branch into a
+fraction of one, and the agent finishes a whole batch in one pipelined round trip to
+its database. The requests travel on the agent's FinishStream
+(`coordinator.finish_stream`), or as unary Finish calls (`--finish-calls unary`, or an
+agent older than FinishStream). Each decision gets its own answer: its outcome, or its
+own error (a request that failed as a whole fails every decision it carried, each with
+an error of its own). The engine sends aborts alone (`abort`): an abort may have to
+interrupt a branch waiting on a lock, and must not hold up the commits behind it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import copy
 
 import grpc
 
+from coordinator.finish_stream import FinishCalls
 from coordinator.participant_channel import ParticipantChannel
-from twopc_common.errors import Unavailable
+from twopc_common.errors import TwoPCError, Unavailable
 from twopc_common.grpc_errors import error_for, status_of
+from twopc_common.limits import Limits
+from twopc_common.log import EventLogger
 from twopc_common.participant_wire import outcome_from_pb
 from twopc_common.phase2_outcome import Phase2Outcome
 from twopc_pb import participant_pb2 as pb
@@ -30,7 +36,8 @@ _Decision = tuple[str, bool, "asyncio.Future[Phase2Outcome]"]
 
 class Phase2Calls:
     """One agent's phase-2 calls: batched decisions (at most `max_batch` to a Finish
-    call), and Commit and Abort alone."""
+    request, on the agent's FinishStream when `streamed`, else a unary Finish call),
+    and Commit and Abort alone."""
 
     def __init__(
         self,
@@ -38,6 +45,9 @@ class Phase2Calls:
         rpc_timeout: float,
         max_batch: int,
         stats: collections.Counter[str],
+        streamed: bool = True,
+        max_message: int = Limits().max_message_bytes,
+        log: EventLogger | None = None,
     ) -> None:
         self._channel = channel
         self._rpc_timeout = rpc_timeout
@@ -45,10 +55,16 @@ class Phase2Calls:
         self._stats = stats
         self._decisions: list[_Decision] = []
         self._sender: asyncio.Task[None] | None = None
+        self._calls = FinishCalls(channel, rpc_timeout, streamed, max_message, stats, log)
 
-    def close(self) -> None:
+    def restart(self) -> None:
+        """The channel was replaced: the stream's next call goes on the new one."""
+        self._calls.restart()
+
+    async def close(self) -> None:
         if self._sender is not None:
             self._sender.cancel()
+        await self._calls.close()
 
     async def finish(self, txid: str, commit: bool) -> Phase2Outcome:
         """Commit or abort the branch in the next batched Finish call. Answers as
@@ -83,13 +99,10 @@ class Phase2Calls:
     async def _finish_call(
         self, decisions: list[tuple[str, bool]]
     ) -> list[Phase2Outcome | Exception]:
-        reply = await self._channel.stub.Finish(
-            pb.FinishRequest(
-                decisions=[pb.Decision(transaction_id=t, commit=c) for t, c in decisions]
-            ),
-            timeout=self._rpc_timeout,
-            wait_for_ready=True,
+        request = pb.FinishRequest(
+            decisions=[pb.Decision(transaction_id=t, commit=c) for t, c in decisions]
         )
+        reply = await self._calls.finish(request)
         if len(reply.finished) != len(decisions):
             raise Unavailable(
                 f"participant {self._channel.name}: {len(reply.finished)} answers "
@@ -135,6 +148,6 @@ class Phase2Calls:
         """A failed call, as the error of each decision it carried (retried by phase 2)."""
         if isinstance(exc, grpc.aio.AioRpcError):
             return self._channel.error(exc)
-        if isinstance(exc, Unavailable):
-            return Unavailable(str(exc))  # one instance per waiting decision
+        if isinstance(exc, TwoPCError):
+            return copy.copy(exc)  # one instance per waiting decision
         return Unavailable(f"participant {self._channel.name}: {exc!r}")

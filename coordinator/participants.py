@@ -6,8 +6,8 @@ a deadline, results as domain objects. `ParticipantClient` is the engine's
   whether the agent can be reached and why not, what a failed call's error is;
 - `coordinator.participant_phase1`: Execute, and Prepare on PrepareStream or unary,
   and what a failed Prepare counts as (a missing vote, not an exception);
-- `coordinator.participant_phase2`: phase-2 decisions batched into Finish calls, and
-  Commit and Abort alone;
+- `coordinator.participant_phase2`: phase-2 decisions batched into Finish requests
+  (on FinishStream or unary), and Commit and Abort alone;
 - `coordinator.participant_queries`: status, probe, lock waits, in-doubt branches,
   heuristic decisions.
 """
@@ -56,15 +56,15 @@ class ParticipantClient:
         probe_timeout: float = 1.0,
         *,
         prepare_stream: bool = True,
+        finish_stream: bool = True,
         prepare_batch: int = Limits().max_stream_batch,
         tls: TlsConfig,
         tls_reload_interval: float = 5.0,
         drain: float = 10.0,
         log: EventLogger | None = None,
     ) -> None:
-        """`drain`: seconds calls on a replaced channel get to finish (at least the
-        longest deadline this client gives a call, the prepare timeout's or the RPC
-        timeout's)."""
+        """`drain`: seconds calls on a replaced channel get to finish (at least the longest
+        deadline this client gives a call: the prepare timeout or the RPC timeout)."""
         self.name = name
         self.address = address
         self.stats: collections.Counter[str] = collections.Counter()
@@ -78,13 +78,19 @@ class ParticipantClient:
             drain=drain,
             probe_timeout=probe_timeout,
             log=log,
-            on_change=lambda: self._phase1.restart(),
+            on_change=self._restart_streams,
         )
         self._phase1 = Phase1Calls(
             self._channel, rpc_timeout, prepare_stream, prepare_batch, max_message, self.stats, log
         )
-        self._phase2 = Phase2Calls(self._channel, rpc_timeout, phase2_batch, self.stats)
+        self._phase2 = Phase2Calls(
+            self._channel, rpc_timeout, phase2_batch, self.stats, finish_stream, max_message, log
+        )
         self._queries = Queries(self._channel, rpc_timeout)
+
+    def _restart_streams(self) -> None:
+        self._phase1.restart()
+        self._phase2.restart()
 
     @property
     def unreachable(self) -> str | None:
@@ -102,7 +108,7 @@ class ParticipantClient:
 
     async def close(self) -> None:
         await self._phase1.close()
-        self._phase2.close()
+        await self._phase2.close()
         await self._channel.close()
 
     def missing_vote(self) -> Ballot | None:

@@ -1,8 +1,8 @@
 """Who may call what on a participant agent.
 
-Execute, Prepare, PrepareStream, Commit, Abort, Finish, ListPrepared and WaitsFor
-(the deadlock detector's lock graph, which names transactions) come only from the
-agent's configured coordinators (`--coordinator NAME=HOST:PORT`: the caller's certificate must
+Execute, Prepare, PrepareStream, Commit, Abort, Finish, FinishStream, ListPrepared and
+WaitsFor (the deadlock detector's lock graph, which names transactions) come only from
+the agent's configured coordinators (`--coordinator NAME=HOST:PORT`: the caller's certificate must
 name `twopc://coordinator/NAME`); anyone else gets PERMISSION_DENIED before the agent
 does anything. Configured coordinators trust each other: one is not held to the
 transaction ids that carry its own name. Status: anyone authenticated.
@@ -34,6 +34,7 @@ def rules(config: ParticipantConfig) -> dict[str, Rule]:
         "Commit": coordinator,
         "Abort": coordinator,
         "Finish": coordinator,
+        "FinishStream": coordinator,
         "ListPrepared": coordinator,
         "WaitsFor": coordinator,
         "ListHeuristic": lambda p: coordinator(p) or p.admin,

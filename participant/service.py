@@ -1,5 +1,6 @@
 """The participant's gRPC servicer: protobuf in, domain calls, protobuf out. Here the
-transaction RPCs (Execute, Prepare, PrepareStream, Commit, Abort, Finish); the
+transaction RPCs (Execute, Prepare, PrepareStream, Commit, Abort, Finish,
+FinishStream); the
 read-only ones are `participant.inspection_rpcs`, SetFailpoints is
 `twopc_common.failpoints_rpc`.
 
@@ -12,9 +13,10 @@ branch as rolled back. Shielded, the operation finishes and its result stands.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
-from participant import prepare_stream
+from participant import streams
 from participant.agent import Agent
 from participant.inspection_rpcs import InspectionRpcs
 from participant.recovery import Recovery
@@ -76,13 +78,8 @@ class ParticipantService(InspectionRpcs, FailpointsAdmin, pgrpc.ParticipantServi
     async def PrepareStream(
         self, requests: AsyncIterator[pb.PrepareBatch], context: Context
     ) -> None:
-        # Each item runs in a task of its own (see participant.prepare_stream): no shield needed.
-        await prepare_stream.serve(
-            requests,
-            context,
-            self._prepare,
-            self._limits.max_stream_batch,
-            self._limits.max_message_bytes,
+        await self._stream(
+            "PrepareStream", requests, context, self._prepare, (pb.VoteItem, pb.VoteBatch)
         )
 
     @translate_errors
@@ -93,13 +90,45 @@ class ParticipantService(InspectionRpcs, FailpointsAdmin, pgrpc.ParticipantServi
     async def Abort(self, request: pb.BranchRef, context: Context) -> pb.Ack:
         return ack_to_pb(await shielded(self._agent.abort(request.transaction_id)))
 
-    @translate_errors
-    async def Finish(self, request: pb.FinishRequest, context: Context) -> pb.FinishResponse:
+    async def _finish(self, request: pb.FinishRequest) -> pb.FinishResponse:
         if len(request.decisions) > self._limits.max_phase2_batch:
             raise InvalidArgument(
                 f"{len(request.decisions)} decisions, the limit is {self._limits.max_phase2_batch}"
             )
-        answers = await shielded(
-            self._agent.finish([(d.transaction_id, d.commit) for d in request.decisions])
+        answers = await self._agent.finish(
+            [(d.transaction_id, d.commit) for d in request.decisions]
         )
         return pb.FinishResponse(finished=[finished_to_pb(a) for a in answers])
+
+    @translate_errors
+    async def Finish(self, request: pb.FinishRequest, context: Context) -> pb.FinishResponse:
+        return await shielded(self._finish(request))
+
+    @translate_errors
+    async def FinishStream(self, requests: AsyncIterator[pb.FinishBatch], context: Context) -> None:
+        await self._stream(
+            "FinishStream", requests, context, self._finish, (pb.FinishedItem, pb.FinishedBatch)
+        )
+
+    async def _stream(
+        self,
+        method: str,
+        requests: AsyncIterator[Any],
+        context: Context,
+        run: Callable[[Any], Awaitable[Any]],
+        messages: tuple[Callable[..., Any], Callable[..., Any]],
+    ) -> None:
+        """`method`'s requests, each run by `run`; `messages`: (answer, batch) types."""
+        # Each item runs in a task of its own (see participant.streams): no shield needed.
+        reply, batch = messages
+        limits = self._limits
+        await streams.serve(
+            requests,
+            context,
+            run,
+            reply,
+            batch,
+            method,
+            limits.max_stream_batch,
+            limits.max_message_bytes,
+        )

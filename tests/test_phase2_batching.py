@@ -16,6 +16,7 @@ import pytest
 from coordinator.participants import ParticipantClient
 from twopc_common.errors import InvalidArgument, Unavailable
 from twopc_common.phase2_outcome import Phase2Outcome
+from twopc_common.tls import TlsConfig
 from twopc_common.values import Statement
 from twopc_harness.postgres import free_port
 from twopc_harness.system import LocalSystem
@@ -131,6 +132,9 @@ def test_concurrent_decisions_share_finish_calls(system: LocalSystem) -> None:
             # Decisions that arrive while a Finish is in flight ride the next one.
             assert client.stats["phase2_decisions"] == count
             assert client.stats["phase2_calls"] < count
+            # ... each a message on the agent's FinishStream (one call), not a unary call.
+            assert client.stats["finish_streams"] == 1
+            assert client.stats["finish_items"] == client.stats["phase2_calls"]
             # The other final state is an answer, which phase 2 must not take for done.
             assert await client.finish(txids[0], False) is Phase2Outcome.ALREADY_COMMITTED
             assert await client.finish(txids[0], True) is Phase2Outcome.ALREADY_COMMITTED
@@ -162,5 +166,63 @@ def test_an_unreachable_agent_fails_every_waiting_decision(system: LocalSystem) 
         finally:
             await client.close()
         assert all(isinstance(r, Unavailable) for r in results), results
+
+    asyncio.run(scenario())
+
+
+def test_finish_stream_answers_each_request_on_its_own(system: LocalSystem) -> None:
+    """One FinishStream message with a request over the decision limit and a good one:
+    the first is refused as a unary Finish would be, the second carried out."""
+    txid = "batching4.1.1"
+    with system.participant_channel("shard1") as channel:
+        agent = pgrpc.ParticipantStub(channel)
+        vote = agent.Prepare(
+            ppb.PrepareRequest(transaction_id=txid, statements=[ledger_row("finstream-a")])
+        )
+        assert vote.vote == ppb.YES
+        too_many = ppb.FinishRequest(
+            decisions=[ppb.Decision(transaction_id=f"batching4.1.{i}") for i in range(2, 1003)]
+        )
+        good = ppb.FinishRequest(decisions=[ppb.Decision(transaction_id=txid, commit=True)])
+        batch = ppb.FinishBatch(
+            items=[ppb.FinishItem(ref=7, request=too_many), ppb.FinishItem(ref=8, request=good)]
+        )
+        answers = {a.ref: a for m in agent.FinishStream(iter([batch]), timeout=30) for a in m.items}
+    assert answers[7].code == INVALID_ARGUMENT and "limit is 1000" in answers[7].message
+    assert answers[8].code == OK
+    assert [f.outcome for f in answers[8].response.finished] == [ppb.PHASE2_COMMITTED]
+    assert ledger_ids(system, "finstream-") == {"finstream-a"}
+
+
+class FinishOnly(pgrpc.ParticipantServicer):
+    """An agent from before FinishStream: the generated base answers UNIMPLEMENTED."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def Finish(self, request: ppb.FinishRequest, context: object) -> ppb.FinishResponse:
+        self.calls += 1
+        return ppb.FinishResponse(
+            finished=[ppb.Finished(outcome=ppb.PHASE2_COMMITTED) for _ in request.decisions]
+        )
+
+
+def test_an_agent_without_finish_stream_gets_unary_finish_calls() -> None:
+    async def scenario() -> None:
+        servicer = FinishOnly()
+        server = grpc.aio.server()
+        pgrpc.add_ParticipantServicer_to_server(servicer, server)
+        address = f"127.0.0.1:{free_port()}"
+        server.add_insecure_port(address)
+        await server.start()
+        client = ParticipantClient("old", address, 5.0, 1 << 20, tls=TlsConfig())
+        try:
+            for i in range(3):
+                assert await client.finish(f"old.1.{i}", True) is Phase2Outcome.COMMITTED
+            assert servicer.calls == 3
+            assert client.stats["finish_streams"] == 1  # tried once, then unary for good
+        finally:
+            await client.close()
+            await server.stop(None)
 
     asyncio.run(scenario())

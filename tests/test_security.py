@@ -110,6 +110,16 @@ PARTICIPANT_CALLS: dict[str, object] = {
     "Commit": ppb.BranchRef(transaction_id="x.1.1"),
     "Abort": ppb.BranchRef(transaction_id="x.1.1"),
     "Finish": ppb.FinishRequest(decisions=[ppb.Decision(transaction_id="x.1.1", commit=True)]),
+    "FinishStream": ppb.FinishBatch(
+        items=[
+            ppb.FinishItem(
+                ref=1,
+                request=ppb.FinishRequest(
+                    decisions=[ppb.Decision(transaction_id="x.1.1", commit=True)]
+                ),
+            )
+        ]
+    ),
     "ListPrepared": ppb.ListPreparedRequest(coordinator_id="x"),
     "WaitsFor": ppb.WaitsForRequest(),
     "ListHeuristic": ppb.ListHeuristicRequest(coordinator_id="x"),
@@ -142,7 +152,8 @@ def calls(ch: grpc.Channel, service: str) -> dict[str, Callable[[], object]]:
         table = PARTICIPANT_CALLS
 
     def call(method: Callable[..., Any], request: object) -> Callable[[], object]:
-        if method in (getattr(stub, "PrepareStream", None), getattr(stub, "RunStream", None)):
+        streams = ("PrepareStream", "FinishStream", "RunStream")
+        if method in (getattr(stub, name, None) for name in streams):
             # a stream: read it to its end
             return lambda: list(method(iter([request]), timeout=5))
         return lambda: method(request, timeout=5)

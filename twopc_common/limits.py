@@ -31,7 +31,8 @@ class Limits:
     max_phase2_batch: int = 1000
     """Decisions one Finish call (the coordinator's batched phase 2) may carry."""
     max_stream_batch: int = 1000
-    """Requests one message of a multiplexed stream (PrepareStream, RunStream) may carry."""
+    """Requests one message of a multiplexed stream (PrepareStream, FinishStream,
+    RunStream) may carry."""
 
     @property
     def max_result_bytes(self) -> int:

@@ -36,7 +36,7 @@ REQUEST_TIMEOUT = 5.0
 """Seconds a scraper gets to send its request head."""
 
 
-MULTIPLEXED = {"PrepareStream": "Prepare", "RunStream": "Run"}
+MULTIPLEXED = {"PrepareStream": "Prepare", "FinishStream": "Finish", "RunStream": "Run"}
 """Streams that carry many unary requests (`twopc_common.multiplex`) -> the unary method
 each item is timed as, so that a request counts the same whichever way it came."""
 

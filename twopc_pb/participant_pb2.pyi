@@ -160,6 +160,38 @@ class FinishResponse(_message.Message):
     finished: _containers.RepeatedCompositeFieldContainer[Finished]
     def __init__(self, finished: _Optional[_Iterable[_Union[Finished, _Mapping]]] = ...) -> None: ...
 
+class FinishItem(_message.Message):
+    __slots__ = ("ref", "request")
+    REF_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    ref: int
+    request: FinishRequest
+    def __init__(self, ref: _Optional[int] = ..., request: _Optional[_Union[FinishRequest, _Mapping]] = ...) -> None: ...
+
+class FinishBatch(_message.Message):
+    __slots__ = ("items",)
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[FinishItem]
+    def __init__(self, items: _Optional[_Iterable[_Union[FinishItem, _Mapping]]] = ...) -> None: ...
+
+class FinishedItem(_message.Message):
+    __slots__ = ("ref", "code", "message", "response")
+    REF_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    ref: int
+    code: int
+    message: str
+    response: FinishResponse
+    def __init__(self, ref: _Optional[int] = ..., code: _Optional[int] = ..., message: _Optional[str] = ..., response: _Optional[_Union[FinishResponse, _Mapping]] = ...) -> None: ...
+
+class FinishedBatch(_message.Message):
+    __slots__ = ("items",)
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[FinishedItem]
+    def __init__(self, items: _Optional[_Iterable[_Union[FinishedItem, _Mapping]]] = ...) -> None: ...
+
 class ListPreparedRequest(_message.Message):
     __slots__ = ("coordinator_id",)
     COORDINATOR_ID_FIELD_NUMBER: _ClassVar[int]

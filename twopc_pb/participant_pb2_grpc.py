@@ -65,6 +65,11 @@ class ParticipantStub:
                 request_serializer=twopc__pb_dot_participant__pb2.FinishRequest.SerializeToString,
                 response_deserializer=twopc__pb_dot_participant__pb2.FinishResponse.FromString,
                 _registered_method=True)
+        self.FinishStream = channel.stream_stream(
+                '/twopc.v1.Participant/FinishStream',
+                request_serializer=twopc__pb_dot_participant__pb2.FinishBatch.SerializeToString,
+                response_deserializer=twopc__pb_dot_participant__pb2.FinishedBatch.FromString,
+                _registered_method=True)
         self.ListPrepared = channel.unary_unary(
                 '/twopc.v1.Participant/ListPrepared',
                 request_serializer=twopc__pb_dot_participant__pb2.ListPreparedRequest.SerializeToString,
@@ -144,6 +149,15 @@ class ParticipantServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def FinishStream(self, request_iterator, context):
+        """Finish over one long-lived call per coordinator and agent, as PrepareStream is to
+        Prepare: each item is one Finish request, carried out and answered exactly as
+        Finish would be.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListPrepared(self, request, context):
         """This coordinator's prepared branches (in-doubt until it decides).
         """
@@ -212,6 +226,11 @@ def add_ParticipantServicer_to_server(servicer, server):
                     servicer.Finish,
                     request_deserializer=twopc__pb_dot_participant__pb2.FinishRequest.FromString,
                     response_serializer=twopc__pb_dot_participant__pb2.FinishResponse.SerializeToString,
+            ),
+            'FinishStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.FinishStream,
+                    request_deserializer=twopc__pb_dot_participant__pb2.FinishBatch.FromString,
+                    response_serializer=twopc__pb_dot_participant__pb2.FinishedBatch.SerializeToString,
             ),
             'ListPrepared': grpc.unary_unary_rpc_method_handler(
                     servicer.ListPrepared,
@@ -401,6 +420,33 @@ class Participant:
             '/twopc.v1.Participant/Finish',
             twopc__pb_dot_participant__pb2.FinishRequest.SerializeToString,
             twopc__pb_dot_participant__pb2.FinishResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FinishStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/twopc.v1.Participant/FinishStream',
+            twopc__pb_dot_participant__pb2.FinishBatch.SerializeToString,
+            twopc__pb_dot_participant__pb2.FinishedBatch.FromString,
             options,
             channel_credentials,
             insecure,
