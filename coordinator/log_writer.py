@@ -4,8 +4,9 @@ Guarantees:
 - one thread writes: a caller's record waits in a queue, and the thread takes every
   record queued while the previous batch was being written (up to `batch_max`) and
   commits them together, so concurrent records share one commit (and one fsync);
-- every caller is answered exactly once (`settle`), whatever happens to the thread
-  meanwhile: its record is durable when `_write` returns, or `_write` raises;
+- every caller is answered exactly once (`settle`: on the caller's own event loop,
+  one hand-off per batch), whatever happens to the thread meanwhile: its record is
+  durable when `_write` returns, or `_write` raises;
 - fail-stop: once the log cannot write, `failure` says why, the batch and every
   record still queued fail, and every later write fails at once; no caller ever
   waits forever.
@@ -22,7 +23,6 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, InvalidStateError
 from typing import Generic, NamedTuple, TypeVar
 
 from coordinator.log_records import LogFailed
@@ -33,22 +33,49 @@ Write = TypeVar("Write")
 """One queued write, in the form the log executes it."""
 
 
-def settle(fut: Future[None], error: BaseException | None = None) -> None:
-    """Answer a writer's caller exactly once, whatever happened to it meanwhile."""
-    if fut.done():
-        return
-    with contextlib.suppress(InvalidStateError):
+class Reply:
+    """Where a writer's caller waits: a future on the caller's event loop, answered
+    from the writer thread through `call_soon_threadsafe` (a batch's replies on one
+    loop take one hand-off between them, `settle_all`)."""
+
+    __slots__ = ("future", "loop")
+
+    def __init__(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.future: asyncio.Future[None] = self.loop.create_future()
+
+
+def _answer(replies: Sequence[Reply], error: BaseException | None) -> None:
+    """On the callers' loop: answer each reply not answered yet."""
+    for reply in replies:
+        if reply.future.done():
+            continue
         if error is None:
-            fut.set_result(None)
+            reply.future.set_result(None)
         else:
-            fut.set_exception(error)
+            reply.future.set_exception(error)
+
+
+def settle_all(replies: Sequence[Reply], error: BaseException | None = None) -> None:
+    """Answer writers' callers, exactly once each whatever happened to them meanwhile;
+    callable from any thread. A loop that is closed has nobody left to answer."""
+    loops: dict[asyncio.AbstractEventLoop, list[Reply]] = {}
+    for reply in replies:
+        loops.setdefault(reply.loop, []).append(reply)
+    for loop, waiting in loops.items():
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(_answer, waiting, error)
+
+
+def settle(reply: Reply, error: BaseException | None = None) -> None:
+    settle_all((reply,), error)
 
 
 class Queued(NamedTuple, Generic[Write]):
     write: Write
     forced: bool
     """Whether the record must be on disk (fsynced, replicated) before `done`."""
-    done: Future[None]
+    done: Reply
 
 
 class _Stop:
@@ -142,8 +169,7 @@ class GroupCommit(Generic[Conn, Write]):
         self.stats["log_records"] += len(batch)
         self.stats["log_fsync_batches"] += forced
         self.on_batch(len(batch), forced, time.perf_counter() - started)
-        for item in batch:
-            settle(item.done)
+        settle_all([item.done for item in batch])
 
     def _fail(self, why: str, batch: Sequence[Queued[Write]] = ()) -> None:
         """Fail-stop: remember why (the first reason), fail this batch and everything
@@ -179,10 +205,10 @@ class GroupCommit(Generic[Conn, Write]):
     async def _write(self, write: Write, forced: bool) -> None:
         """Queue one write; return once it is durable (raise if it cannot be)."""
         self._check_writable()
-        done: Future[None] = Future()
+        done = Reply()
         self._queue.put(Queued(write, forced, done))
         if self.failure is not None:  # the writer failed meanwhile: nobody else answers
             self._drain()
         # Shielded: a cancelled caller must not cancel the write under the writer (the
         # record may be durable already; the caller's caller decides what that means).
-        await asyncio.shield(asyncio.wrap_future(done))
+        await asyncio.shield(done.future)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import threading
 import time
 from pathlib import Path
 
@@ -65,6 +66,36 @@ def test_concurrent_commits_share_fsyncs(tmp_path: Path) -> None:
         assert log.stats["log_records"] == 200
         # Group commit: far fewer synced batches than records.
         assert log.stats["log_fsync_batches"] < 100, log.stats
+    finally:
+        log.close()
+
+
+def test_writers_on_several_event_loops_are_each_answered_on_their_own(
+    tmp_path: Path,
+) -> None:
+    """The writer thread answers a batch's callers with one hand-off per event loop:
+    callers on two loops (two threads) whose records share batches all return, and
+    each record is durable when its caller returns."""
+    log = DecisionLog(str(tmp_path / "log.sqlite"), "c")
+    log.open()
+    durable: dict[str, bool] = {}
+
+    async def writes(tag: str) -> None:
+        async def one(i: int) -> None:
+            txid = f"c.1.{tag}{i}"
+            await log.record_commit(txid, ("a",), 1.0, {"committed": True})
+            durable[txid] = (await log.get(txid)) is not None
+
+        await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(300))), timeout=60)
+
+    try:
+        threads = [threading.Thread(target=asyncio.run, args=(writes(t),)) for t in "xy"]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(90)
+        assert len(durable) == 600 and all(durable.values())
+        assert log.stats["log_batches"] < 600, log.stats  # the loops' records shared batches
     finally:
         log.close()
 
