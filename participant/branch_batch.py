@@ -83,6 +83,7 @@ class Results:
     def __init__(self, cur: Cursor, head: int) -> None:
         self._cur = cur
         self._at = 0  # the part whose result the cursor is on
+        self._missing = False  # a part had no result: none after it is read
         self._head = head
         self.statements: list[StatementResult] = []
         self.broken: str | None = None  # the first broken expectation or limit
@@ -92,13 +93,12 @@ class Results:
         """Move to `part`'s result; False if there is none. One missing means the
         string did not split into the parts sent: nothing after it may be trusted, and
         a tail (PREPARE) reads as not having run."""
-        while self._at < part:
+        while not self._missing and self._at < part:
             if not self._cur.nextset():
                 self.broken = self.broken or "the database answered fewer results than sent"
-                self._at = 1 << 62
-                return False
+                self._missing = True
             self._at += 1
-        return self._at == part
+        return not self._missing
 
     async def read(self, statements: Sequence[Statement], max_bytes: int, tail: int) -> Results:
         """Read the statements' results, counted as they are read: results larger than

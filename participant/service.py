@@ -1,7 +1,6 @@
 """The participant's gRPC servicer: protobuf in, domain calls, protobuf out. Here the
 transaction RPCs (Execute, Prepare, PrepareStream, Commit, Abort, Finish,
-FinishStream); the
-read-only ones are `participant.inspection_rpcs`, SetFailpoints is
+FinishStream); the read-only ones are `participant.inspection_rpcs`, SetFailpoints is
 `twopc_common.failpoints_rpc`.
 
 Every call that touches a branch is shielded from the caller's cancellation. gRPC
@@ -13,8 +12,7 @@ branch as rolled back. Shielded, the operation finishes and its result stands.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from collections.abc import AsyncIterator
 
 from participant import streams
 from participant.agent import Agent
@@ -78,8 +76,15 @@ class ParticipantService(InspectionRpcs, FailpointsAdmin, pgrpc.ParticipantServi
     async def PrepareStream(
         self, requests: AsyncIterator[pb.PrepareBatch], context: Context
     ) -> None:
-        await self._stream(
-            "PrepareStream", requests, context, self._prepare, (pb.VoteItem, pb.VoteBatch)
+        # Each item runs in a task of its own (see participant.streams): no shield needed.
+        await streams.serve(
+            requests,
+            context,
+            self._prepare,
+            pb.VoteItem,
+            pb.VoteBatch,
+            "PrepareStream",
+            self._limits,
         )
 
     @translate_errors
@@ -106,29 +111,12 @@ class ParticipantService(InspectionRpcs, FailpointsAdmin, pgrpc.ParticipantServi
 
     @translate_errors
     async def FinishStream(self, requests: AsyncIterator[pb.FinishBatch], context: Context) -> None:
-        await self._stream(
-            "FinishStream", requests, context, self._finish, (pb.FinishedItem, pb.FinishedBatch)
-        )
-
-    async def _stream(
-        self,
-        method: str,
-        requests: AsyncIterator[Any],
-        context: Context,
-        run: Callable[[Any], Awaitable[Any]],
-        messages: tuple[Callable[..., Any], Callable[..., Any]],
-    ) -> None:
-        """`method`'s requests, each run by `run`; `messages`: (answer, batch) types."""
-        # Each item runs in a task of its own (see participant.streams): no shield needed.
-        reply, batch = messages
-        limits = self._limits
         await streams.serve(
             requests,
             context,
-            run,
-            reply,
-            batch,
-            method,
-            limits.max_stream_batch,
-            limits.max_message_bytes,
+            self._finish,
+            pb.FinishedItem,
+            pb.FinishedBatch,
+            "FinishStream",
+            self._limits,
         )

@@ -14,6 +14,7 @@ from typing import Any
 
 from twopc_common import multiplex
 from twopc_common.grpc_errors import Context, answer_item
+from twopc_common.limits import Limits
 
 
 async def serve(
@@ -23,12 +24,12 @@ async def serve(
     reply: Callable[..., Any],
     batch: Callable[..., Any],
     method: str,
-    max_items: int,
-    max_bytes: int,
+    limits: Limits,
 ) -> None:
-    """Run `run(item.request)` for every item the coordinator writes and write each
-    answer as it comes: `reply(ref=, response=)`, or `reply(ref=, code=, message=)`
-    with the status the unary call would have failed with; `batch(items=)` a message."""
+    """Run `run(item.request)` for every item the coordinator writes (at most
+    `limits.max_stream_batch` a message) and write each answer as it comes:
+    `reply(ref=, response=)`, or `reply(ref=, code=, message=)` with the status the
+    unary call would have failed with; `batch(items=)` a message."""
 
     async def answer(item: Any) -> Any:
         return await answer_item(
@@ -40,5 +41,10 @@ async def serve(
         )
 
     await multiplex.serve(
-        requests, context, answer, lambda answers: batch(items=answers), max_items, max_bytes
+        requests,
+        context,
+        answer,
+        lambda answers: batch(items=answers),
+        limits.max_stream_batch,
+        limits.max_message_bytes,
     )
