@@ -100,7 +100,8 @@ class Contention(Part):
     def _interrupt(tx: Tx, cause: AbortCause, culprit: str, reason: str) -> None:
         if tx.interruption is None:
             tx.interruption = (cause, culprit, reason)
-            tx.interrupted.set()
+            if tx.on_interrupt is not None:
+                tx.on_interrupt()
 
     async def probe_loop(self, participant: str) -> None:
         """Mark a participant down after consecutive failed probes, up at the first

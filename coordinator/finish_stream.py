@@ -67,7 +67,8 @@ class FinishCalls:
         if self._stream is None:
             return await self._unary(request)
         try:
-            answer = await asyncio.wait_for(self._stream.call(request), self._rpc_timeout)
+            async with asyncio.timeout(self._rpc_timeout):  # no task of its own
+                answer = await self._stream.call(request)
         except TimeoutError:
             raise Unavailable(
                 f"participant {self._channel.name}: no Finish answer within {self._rpc_timeout:g}s"

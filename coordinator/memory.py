@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import itertools
-from collections.abc import Coroutine, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -103,7 +103,8 @@ class Tx:
     interruption: tuple[AbortCause, str, str] | None = None
     """Why vote collection was cut short (cause, culprit, reason): a deadlock victim,
     or a participant marked down while its vote was missing."""
-    interrupted: asyncio.Event = field(default_factory=asyncio.Event)
+    on_interrupt: Callable[[], None] | None = None
+    """While votes are collected: wakes the collection (`coordinator.vote_collection`)."""
     retries_left: int = 0
     """One-shot only: how many more times a deadlock victim is run again."""
     successor: Tx | None = None

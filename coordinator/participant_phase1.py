@@ -143,7 +143,8 @@ class Phase1Calls:
     async def _streamed(self, request: pb.PrepareRequest, timeout: float) -> PrepareReply:
         assert self._stream is not None
         try:
-            answer = await asyncio.wait_for(self._stream.prepare(request), timeout)
+            async with asyncio.timeout(timeout):  # no task of its own, as wait_for makes
+                answer = await self._stream.prepare(request)
         except TimeoutError:
             return PrepareReply(self._failed(grpc.StatusCode.DEADLINE_EXCEEDED, ""))
         except CallBroken as exc:

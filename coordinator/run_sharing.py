@@ -41,7 +41,8 @@ class SharedRuns(Multiplexer[tuple[pb.RunRequest, float], pb.RunItem, pb.Outcome
     async def run(self, request: pb.RunRequest, timeout: float) -> pb.TransactionOutcome:
         """Run's answer, or the AioRpcError Run would have raised."""
         try:
-            answer = await asyncio.wait_for(self.call((request, timeout)), timeout)
+            async with asyncio.timeout(timeout):  # no task of its own, as wait_for makes
+                answer = await self.call((request, timeout))
         except TimeoutError:
             raise _error(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded") from None
         except CallBroken as exc:
