@@ -54,6 +54,19 @@ def test_statements_round_trip_with_typed_parameters() -> None:
     assert back == original
 
 
+def test_a_decoded_statement_is_passed_on_as_it_came_and_a_changed_one_is_encoded() -> None:
+    """A coordinator forwards a client's statements without encoding them again; a
+    statement derived with `dataclasses.replace` must not carry the old message."""
+    import dataclasses
+
+    sent = statement_to_pb(Statement("UPDATE t SET v = %s", (decimal.Decimal("1e3"),)))
+    (decoded,) = statements_from_pb([sent], Limits(), "b")
+    assert statement_to_pb(decoded) is sent
+    changed = dataclasses.replace(decoded, sql="UPDATE u SET v = %s")
+    assert statement_to_pb(changed).sql == "UPDATE u SET v = %s"
+    assert statement_to_pb(changed).params[0].decimal_value == "1E+3"
+
+
 def test_result_round_trip() -> None:
     result = StatementResult(2, ("a", "b"), ((1, b"x"), (None, decimal.Decimal("2.5"))))
     assert result_from_pb(result_to_pb(result)) == result

@@ -12,8 +12,8 @@ import decimal
 import json
 import uuid
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import Literal, cast
 
 from twopc_common.errors import InvalidArgument
 from twopc_common.limits import Limits
@@ -47,6 +47,11 @@ class Statement:
     sql: str
     params: tuple[SqlValue, ...] = ()
     expect: Expectation | None = None
+    wire: object = field(default=None, init=False, compare=False, repr=False)
+    """The protobuf message it was decoded from (`statements_from_pb`), opaque to
+    everything but `statement_to_pb`, which passes it on as it came: a coordinator
+    forwards a client's statements to the agents without encoding them again. Not an
+    init field, so `dataclasses.replace` never carries it to a changed statement."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,7 +133,9 @@ def statements_from_pb(
             if rule is None:
                 raise InvalidArgument(f"{where} statement {i}: expectation has no rule")
             expect = Expectation(rule, getattr(st.expect, rule))
-        out.append(Statement(sql, params, expect))
+        decoded = Statement(sql, params, expect)
+        object.__setattr__(decoded, "wire", st)  # frozen: set once, here
+        out.append(decoded)
     return tuple(out)
 
 
@@ -204,6 +211,8 @@ def param_to_pb(value: SqlValue) -> pb.Value:
 
 
 def statement_to_pb(st: Statement) -> pb.Statement:
+    if st.wire is not None:  # validated as it came in, and unchanged since
+        return cast(pb.Statement, st.wire)
     msg = pb.Statement(sql=st.sql, params=[param_to_pb(p) for p in st.params])
     if st.expect is not None:
         setattr(msg.expect, st.expect.op, st.expect.count)
