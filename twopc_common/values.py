@@ -68,6 +68,10 @@ def exactly(n: int) -> Expectation:
 # -- protobuf -> domain -------------------------------------------------------------
 
 
+_PLAIN_KINDS = frozenset({"bool_value", "int_value", "float_value", "bytes_value"})
+"""Parameter kinds whose value needs no check: protobuf has already typed them."""
+
+
 def _param_from_pb(value: pb.Value, where: str, number: int) -> SqlValue:
     kind = value.WhichOneof("kind")
     if kind is None:
@@ -125,8 +129,7 @@ def statements_from_pb(
                 f"{where} statement {i}: {len(st.params)} parameters, the limit is "
                 f"{limits.max_params_per_statement}"
             )
-        label = f"{where} statement {i}"
-        params = tuple(_param_from_pb(p, label, j) for j, p in enumerate(st.params, 1))
+        params = tuple(_param(p, where, i, j) for j, p in enumerate(st.params, 1))
         expect = None
         if st.HasField("expect"):
             rule = st.expect.WhichOneof("rule")
@@ -137,6 +140,17 @@ def statements_from_pb(
         object.__setattr__(decoded, "wire", st)  # frozen: set once, here
         out.append(decoded)
     return tuple(out)
+
+
+def _param(value: pb.Value, where: str, statement: int, number: int) -> SqlValue:
+    """One parameter; the label of an error is formatted only if there is one."""
+    kind = value.WhichOneof("kind")
+    if kind in _PLAIN_KINDS:
+        result: SqlValue = getattr(value, kind)
+        return result
+    if kind == "text_value" and "\x00" not in value.text_value:
+        return value.text_value
+    return _param_from_pb(value, f"{where} statement {statement}", number)
 
 
 # -- sizes --------------------------------------------------------------------------
