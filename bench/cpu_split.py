@@ -179,7 +179,9 @@ async def main_async(
             )
             status = await client.status()
             batching = {
-                k: v for k, v in status.counters.items() if k.startswith(("phase2_", "log_", "prepare_", "finish_"))
+                k: v
+                for k, v in status.counters.items()
+                if k.startswith(("phase2_", "log_", "prepare_", "finish_"))
             }
             print("coordinator batching counters:", batching)
         await measure("raw", raw_2pc(pools, shards), system, concurrency, duration)
