@@ -60,7 +60,7 @@ class VoteCollector(Part):
         timeout = self.config.prepare_timeout
         loop = asyncio.get_running_loop()
         wake = _Wake(loop)
-        calls: dict[asyncio.Task[PrepareReply], str] = {}
+        pending: dict[asyncio.Task[PrepareReply], str] = {}  # the calls still out
         for p in work:
             call = asyncio.create_task(
                 self.clients[p].prepare(
@@ -68,10 +68,9 @@ class VoteCollector(Part):
                 )
             )
             call.add_done_callback(wake)
-            calls[call] = p
+            pending[call] = p
         ballots: dict[str, Ballot] = {}
         results: dict[str, tuple[StatementResult, ...]] = {}
-        pending = dict(calls)
         deadline = loop.call_later(timeout, wake.expire)
         tx.on_interrupt = wake
         try:
@@ -81,9 +80,8 @@ class VoteCollector(Part):
                 if idle and tx.interruption is None and not wake.expired:
                     await wake.wait()
                 for call in [c for c in pending if c.done()]:
-                    reply = call.result()
-                    ballots[pending.pop(call)] = reply.ballot
-                    results[calls[call]] = reply.results
+                    p, reply = pending.pop(call), call.result()
+                    ballots[p], results[p] = reply.ballot, reply.results
                 if tx.interruption is not None or wake.expired:
                     break  # a deadlock victim, a participant down, or the prepare timeout
                 if any(b.vote is Vote.NO for b in ballots.values()):

@@ -96,14 +96,10 @@ class Phase2:
             else:
                 answers[i] = outcome
 
-        if not still_open:  # the common batch: prepared branches only, no task needed
-            if prepared:
-                await finish_prepared(prepared)
-        else:
-            await asyncio.gather(
-                *([finish_prepared(prepared)] if prepared else []),
-                *(abort_open(i, branch) for i, branch in still_open),
-            )
+        await asyncio.gather(
+            *([finish_prepared(prepared)] if prepared else []),
+            *(abort_open(i, branch) for i, branch in still_open),
+        )
         return [answers[i] for i in range(len(decisions))]
 
     async def _finish_prepared(
