@@ -3,7 +3,8 @@
 Runs the system and the raw 2PC baseline of `bench/transfers.py` at one concurrency on
 2 shards, and reads each process's CPU time (utime + stime from /proc) before and after:
 the coordinator, each agent, the client (this process) and the PostgreSQL backends,
-told apart by application_name. Prints milliseconds of CPU per committed transfer.
+told apart by application_name. Prints milliseconds of CPU per committed transfer,
+and each daemon's by kind of thread (its event loop, gRPC's C threads, the others).
 
     python bench/cpu_split.py [--concurrency 16] [--duration 10] [--profile out/profile]
 
@@ -47,12 +48,33 @@ from twopc_harness.system import LocalSystem
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def cpu_seconds(pid: int) -> float:
+def cpu_seconds(pid: int, task: int | None = None) -> float:
+    path = f"/proc/{pid}/task/{task}/stat" if task else f"/proc/{pid}/stat"
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        fields = Path(path).read_text().rsplit(")", 1)[1].split()
     except FileNotFoundError:
         return 0.0
     return (int(fields[11]) + int(fields[12])) / TICKS
+
+
+def thread_cpu(pid: int) -> dict[str, float]:
+    """A daemon's CPU seconds by kind of thread: its event loop (the main thread),
+    gRPC's C threads (named event_engine), and its other Python threads (gRPC's
+    completion-queue poller, the decision log's writer)."""
+    kinds: dict[str, float] = collections.defaultdict(float)
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            comm = (task / "comm").read_text().strip()
+        except FileNotFoundError:
+            continue
+        tid = int(task.name)
+        kind = "other threads"
+        if tid == pid:
+            kind = "event loop"
+        elif comm == "event_engine":
+            kind = "gRPC C threads"
+        kinds[kind] += cpu_seconds(pid, tid)
+    return dict(kinds)
 
 
 def processes(system: LocalSystem) -> dict[str, list[int]]:
@@ -148,10 +170,15 @@ async def measure(
     await drive(transfer, Picker(shards, 1), concurrency, 2.0, f"warm-{name}")
     groups = processes(system)
     before = {g: sum(cpu_seconds(p) for p in pids) for g, pids in groups.items()}
+    daemons = {
+        g: pids[0] for g, pids in groups.items() if g == "coordinator" or g.startswith("agent")
+    }
+    threads_before = {g: thread_cpu(pid) for g, pid in daemons.items()}
     spies = start_profilers(system, profile, duration) if profile else {}
     result = await drive(transfer, Picker(shards, 2), concurrency, duration, name)
     groups = processes(system)  # the pool may have opened backends meanwhile
     after = {g: sum(cpu_seconds(p) for p in pids) for g, pids in groups.items()}
+    threads_after = {g: thread_cpu(pid) for g, pid in daemons.items()}
     committed = result["committed"] or 1
     print(f"{name}: {result['transfers_per_s']}/s committed; CPU ms per transfer:")
     total = 0.0
@@ -160,6 +187,17 @@ async def measure(
         total += ms
         if ms >= 0.01:
             print(f"  {group:<40} {ms:6.2f}")
+        if group in daemons:
+            # A thread that ended meanwhile (gRPC resizes its pool) is in the
+            # process's figure only: the remainder.
+            kinds = {
+                kind: 1000 * (secs - threads_before[group].get(kind, 0.0)) / committed
+                for kind, secs in threads_after[group].items()
+            }
+            kinds["threads that ended"] = ms - sum(kinds.values())
+            for kind, kind_ms in kinds.items():
+                if abs(kind_ms) >= 0.01:
+                    print(f"    {kind:<38} {kind_ms:6.2f}")
     print(f"  {'total':<40} {total:6.2f}")
     for spy_name, (spy, out) in spies.items():
         spy.wait()
