@@ -86,12 +86,24 @@ class Interactive(IdleReaper):
     async def execute(
         self, txid: str, participant: str, statements: Sequence[Statement]
     ) -> list[StatementResult]:
-        if (recent := self.memory.recent.get(txid)) is not None:
-            # Ended already (rolled back by a timeout, say): say so, not NOT_FOUND.
-            if recent.committed:
+        if (decided := self._decided(txid)) is not None:
+            # Ended (rolled back by a timeout, say), or its decision still being
+            # delivered: say so, not NOT_FOUND or FAILED_PRECONDITION.
+            if decided.committed:
                 raise FailedPrecondition(f"transaction {txid} has committed")
-            raise Aborted(f"transaction {txid} has aborted: {recent.reason}")
+            raise Aborted(
+                f"transaction {txid} has aborted: {decided.reason}",
+                cause=decided.cause.value if decided.cause else "",
+            )
         return await self.branches.execute(self._live_tx(txid), participant, statements)
+
+    def _decided(self, txid: str) -> Outcome | None:
+        """The outcome of a transaction decided already: ended (`recent`), or still in
+        memory while phase 2 is delivered; None while it is undecided or unknown."""
+        if (recent := self.memory.recent.get(txid)) is not None:
+            return recent
+        tx = self.memory.live.get(txid)
+        return tx.outcome.result() if tx is not None and tx.outcome.done() else None
 
     async def commit(self, txid: str, wait: bool, *, patience: float | None = None) -> Outcome:
         if (answered := await self._settled(txid, wait)) is not None:

@@ -301,6 +301,32 @@ def test_an_interactive_transaction_kept_busy_is_still_ended_at_its_maximum_life
     _nowhere(system, "long-lived")
 
 
+def test_an_execute_while_the_abort_is_being_delivered_is_told_aborted(
+    make_system: SystemFactory,
+) -> None:
+    """Between the abort decision and the last participant's acknowledgement the
+    transaction is still in memory (aborting): an Execute then is told ABORTED, as
+    after the abort was delivered, not FAILED_PRECONDITION (the reaper's abort of the
+    test above met this window one run in many)."""
+    system = make_system()
+    create_tagged_rows(system)
+    with system.client() as client:
+        tx = client.begin()
+        tx.execute_many("shard1", [_insert("decided")])
+        tx.execute_many("shard2", [_insert("decided")])
+        system.participants["shard2"].pause()  # its Abort waits out the RPC deadline
+        try:
+            assert not tx.rollback().committed
+            with pytest.raises(TransactionAborted, match="rolled back by the client"):
+                tx.execute_many("shard1", [_insert("decided")])
+            assert not tx.commit().committed  # a Commit answers the outcome, as before
+            assert client.get_transaction(tx.id).outcome == "aborted"
+        finally:
+            system.participants["shard2"].resume()
+    wait_no_prepared(system)
+    _nowhere(system, "decided")
+
+
 def test_aborts_to_a_dead_agent_do_not_pile_up_in_the_coordinator(
     make_system: SystemFactory,
 ) -> None:
